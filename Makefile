@@ -1,0 +1,40 @@
+# make sweep MATRIX=smoke   - run a matrix end to end and write reports/$(MATRIX)/report.md
+# make test                 - the test suite (what CI runs)
+MATRIX ?= smoke
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# A torch already importable by python3 (a GPU machine's CUDA build) is kept: the venv sees it
+# through --system-site-packages and pip's `torch>=` requirement is then already satisfied.
+# Otherwise install the pinned CPU build first, so no requirement pulls CUDA wheels.
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup sweep report test test-slow matrices clean-results
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@if python3 -c "import torch" 2>/dev/null; then \
+	  echo "keeping the existing torch $$(python3 -c 'import torch; print(torch.__version__)')"; \
+	  python3 -m venv --system-site-packages $(VENV); \
+	else \
+	  python3 -m venv $(VENV) && $(PY) -m pip install -q "$(TORCH)"; \
+	fi
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $@
+
+sweep: setup
+	$(VENV)/bin/harness sweep $(MATRIX)
+
+report: setup
+	$(VENV)/bin/harness report $(MATRIX)
+
+matrices: setup
+	$(VENV)/bin/harness matrices
+
+test: setup
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+clean-results:
+	rm -rf results/$(MATRIX)

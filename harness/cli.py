@@ -1,0 +1,212 @@
+"""`harness`: expand a matrix, run its cells, judge them, write the verified-configuration table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from harness.config import RunConfig
+from harness.matrix import Matrix, MatrixError, find_matrix, load_matrix
+from harness.registries import EXECUTORS, MODELS
+from harness.registry import UnknownName
+
+app = typer.Typer(
+    help="Benchmark RL post-training of LLMs under quantization.\n\n"
+    "A matrix (matrices/NAME.yaml) crosses quant formats, algorithms, models and colocation modes; "
+    "`harness sweep NAME` runs every cell into results/NAME/<run_id>/ and writes reports/NAME/report.md, "
+    "the convergence table with the evidence behind each verdict. Re-running a sweep skips finished "
+    "runs and resumes interrupted ones.\n\nStart with: harness matrices; harness sweep smoke --dry-run",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+models_app = typer.Typer(help="Built-in models (made locally, no download).", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console()
+
+RESULTS = typer.Option(Path("results"), help="Root of results/<matrix>/<run_id>/ folders.")
+REPORTS = typer.Option(Path("reports"), help="Root of reports/<matrix>/ folders.")
+DEVICE = typer.Option("auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ...")
+MATRICES = Path("matrices")
+
+
+def _matrices_dir() -> Path:
+    return MATRICES if MATRICES.is_dir() else Path(__file__).resolve().parents[1] / "matrices"
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/] {message}", markup=True, highlight=False)
+    return typer.Exit(2)
+
+
+def _load(matrix: str) -> Matrix:
+    try:
+        return load_matrix(find_matrix(matrix, _matrices_dir()))
+    except (MatrixError, FileNotFoundError) as e:
+        raise _fail(str(e)) from None
+
+
+def _prepare(m: Matrix, results: Path) -> list[tuple[RunConfig, Path]]:
+    from harness.results import write_json_atomic
+
+    root = results / m.name
+    write_json_atomic(root / "matrix.json", m.to_json())
+    return [(cfg, root / cfg.run_id) for cell in m.cells for cfg in cell.runs]
+
+
+def _build_models(jobs) -> None:
+    for name in sorted({cfg.model for cfg, _ in jobs if cfg.model.startswith("builtin:")}):
+        MODELS.get(name.removeprefix("builtin:"))()
+
+
+def _execute(m: Matrix, jobs, executor: str, device: str) -> None:
+    from harness.executor import execute, pending
+
+    todo = pending(jobs)
+    console.print(f"[bold]{m.name}[/]: {len(m.cells)} cells, {len(jobs)} runs, {len(jobs) - len(todo)} already finished, {len(todo)} to run")
+    if not todo:
+        return
+    _build_models(todo)
+    names = {cfg.run_id: cell.name for cell in m.cells for cfg in cell.runs}
+    try:
+        execute(todo, executor, device, console, names)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: finished runs are kept; run the same command again to resume.")
+        raise typer.Exit(130) from None
+
+
+def _judge_and_report(m_name: str, results: Path, reports: Path) -> None:
+    from harness.report import write_report
+    from harness.verdict import judge
+
+    root = results / m_name
+    if not (root / "matrix.json").exists():
+        raise _fail(f"no sweep at {root} (no matrix.json): run `harness sweep {m_name}` first")
+    verdicts = judge(root)
+    path = write_report(root, reports / m_name)
+    table = Table("cell", "status", "eval start → end", "why", title=f"{m_name}: convergence", title_justify="left")
+    for v in verdicts:
+        start = [r.eval_start for r in v.runs if r.eval_start is not None]
+        end = [r.eval_end for r in v.runs if r.eval_end is not None]
+        avg = lambda xs: f"{sum(xs) / len(xs):.3f}" if xs else "–"  # noqa: E731
+        table.add_row(v.name, v.status, f"{avg(start)} → {avg(end)}", v.reason)
+    console.print(table)
+    console.print(f"report: {path}")
+
+
+@app.command()
+def sweep(
+    matrix: str = typer.Argument("smoke", help="Matrix name (matrices/NAME.yaml) or a path to a YAML file."),
+    results: Path = RESULTS,
+    reports: Path = REPORTS,
+    executor: str = typer.Option("sequential", help="How runs are executed: " + ", ".join(EXECUTORS.names())),
+    device: str = DEVICE,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and list the cells and run ids; train nothing."),
+):
+    """Run every cell of a matrix (skipping finished runs), then judge and report."""
+    m = _load(matrix)
+    try:
+        EXECUTORS.canonical(executor)
+    except UnknownName as e:
+        raise _fail(f"--executor: {e}") from None
+    if dry_run:
+        table = Table("cell", "seeds", "run ids", "baseline", title=f"{m.name}: {len(m.cells)} cells (valid)", title_justify="left")
+        for cell in m.cells:
+            base = m.baseline_of(cell)
+            table.add_row(cell.name, ",".join(str(r.seed) for r in cell.runs), " ".join(r.run_id for r in cell.runs), base.name if base else "–")
+        console.print(table)
+        return
+    jobs = _prepare(m, results)
+    _execute(m, jobs, executor, device)
+    _judge_and_report(m.name, results, reports)
+
+
+@app.command()
+def run(
+    config: Optional[Path] = typer.Argument(None, help="A RunConfig YAML file (fields as in a matrix's `base`)."),
+    matrix: Optional[str] = typer.Option(None, help="Take the run from this matrix instead of a config file."),
+    cell: Optional[str] = typer.Option(None, help='With --matrix: the cell, as axis=value pairs, e.g. "quant=nf4".'),
+    seed: Optional[int] = typer.Option(None, help="Run only this seed of the cell (default: all its seeds)."),
+    results: Path = RESULTS,
+    device: str = DEVICE,
+):
+    """Run one config file, or one cell of a matrix, into results/ (resuming it if interrupted)."""
+    if (config is None) == (matrix is None):
+        raise _fail("give a config file or --matrix NAME --cell 'axis=value', not both")
+    if config is not None:
+        try:
+            cfg = RunConfig.model_validate(yaml.safe_load(config.read_text()) or {})
+        except (OSError, yaml.YAMLError) as e:
+            raise _fail(f"{config}: {e}") from None
+        except ValidationError as e:
+            raise _fail(f"{config}: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
+        m_name, jobs = config.stem, [(cfg, results / config.stem / cfg.run_id)]
+        names = {cfg.run_id: config.stem}
+    else:
+        m = _load(matrix)
+        try:
+            chosen = m.select(cell or "")
+        except ValueError as e:
+            raise _fail(f"--cell: {e}") from None
+        if len(chosen) != 1:
+            listing = "\n".join(f"  {c.name}" for c in m.cells)
+            raise _fail(f"--cell {cell!r} matches {len(chosen)} cells of {m.name}; choose one of:\n{listing}")
+        jobs = [(c, results / m.name / c.run_id) for c in chosen[0].runs if seed is None or c.seed == seed]
+        if not jobs:
+            raise _fail(f"--seed {seed}: the cell's seeds are {[c.seed for c in chosen[0].runs]}")
+        _prepare(m, results)
+        m_name, names = m.name, {c.run_id: chosen[0].name for c, _ in jobs}
+
+    from harness.executor import execute, pending
+
+    for cfg, d in jobs:
+        if not pending([(cfg, d)]):
+            console.print(f"already finished: {d} (delete the folder to run it again)")
+    todo = pending(jobs)
+    if todo:
+        _build_models(todo)
+        try:
+            execute(todo, "sequential", device, console, names)
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]: run the same command again to resume from the last checkpoint.")
+            raise typer.Exit(130) from None
+    for _, d in jobs:
+        console.print(f"results: {d}")
+
+
+@app.command()
+def report(matrix: str = typer.Argument(..., help="Matrix name whose results to judge."), results: Path = RESULTS, reports: Path = REPORTS):
+    """Re-judge a sweep's results and rewrite its report; trains nothing."""
+    _judge_and_report(Path(matrix).stem, results, reports)
+
+
+@app.command()
+def matrices():
+    """List the matrices in matrices/ with their size and description."""
+    table = Table("name", "cells", "runs", "description", title=str(_matrices_dir()), title_justify="left")
+    for path in sorted(_matrices_dir().glob("*.yaml")):
+        try:
+            m = load_matrix(path)
+            table.add_row(m.name, str(len(m.cells)), str(sum(len(c.runs) for c in m.cells)), m.spec.description)
+        except MatrixError as e:
+            table.add_row(path.stem, "–", "–", f"[red]invalid: {e.problems[0]}[/]")
+    console.print(table)
+
+
+@models_app.command("build")
+def models_build(name: str = typer.Argument("tiny-arith", help="Built-in model: " + ", ".join(MODELS.names()))):
+    """Build (or find in the cache) a built-in model and print its folder."""
+    try:
+        builder = MODELS.get(name.removeprefix("builtin:"))
+    except UnknownName as e:
+        raise _fail(str(e)) from None
+    console.print(str(builder()))
+
+
+if __name__ == "__main__":
+    app()

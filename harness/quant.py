@@ -1,0 +1,77 @@
+"""Trainer quantization formats (registries.QUANT): a frozen quantized base under BF16 LoRA.
+
+bitsandbytes formats quantize the base's linear layers at load; the LoRA adapters stay in the
+compute dtype and are the only trainable parameters (QLoRA).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+# bitsandbytes says this once per matmul on CPU; thousands of identical lines hide real output.
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+
+
+@dataclass(frozen=True)
+class BnbFormat:
+    name: str
+    kind: str | None  # None: not quantized; "int8"; or the 4-bit type "nf4"/"fp4"
+    double_quant: bool = True
+
+    @property
+    def quantized(self) -> bool:
+        return self.kind is not None
+
+    def hf_quantization_config(self, compute_dtype: torch.dtype):
+        if self.kind is None:
+            return None
+        from transformers import BitsAndBytesConfig
+
+        if self.kind == "int8":
+            return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.kind,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=torch.bfloat16,  # the QLoRA recipe's storage; also what FSDP needs
+        )
+
+
+BF16 = BnbFormat("bf16", None)
+INT8 = BnbFormat("int8", "int8")
+NF4 = BnbFormat("nf4", "nf4")
+FP4 = BnbFormat("fp4", "fp4")
+
+
+def quantized_linear_stats(model) -> dict:
+    """Bytes actually stored per base weight parameter across the quantized linear layers.
+
+    Counts the packed weights and every quantization constant (absmax, its own quantization
+    state under double quantization, int8 row scales), divided by the logical parameter count.
+    """
+    stored, logical = 0, 0
+    for module in model.modules():
+        if not type(module).__module__.startswith("bitsandbytes"):
+            continue  # peft's LoRA wrappers share the class names and expose the same weight
+        weight = getattr(module, "weight", None)
+        cls = type(module).__name__
+        if cls == "Linear4bit":
+            qs = weight.quant_state
+            stored += weight.numel() * weight.element_size() + _tensor_bytes(qs.absmax)
+            if qs.state2 is not None:
+                stored += _tensor_bytes(qs.state2.absmax) + _tensor_bytes(qs.state2.code) + _tensor_bytes(qs.offset)
+            logical += qs.shape.numel()
+        elif cls == "Linear8bitLt":
+            stored += weight.numel() * weight.element_size() + _tensor_bytes(getattr(weight, "SCB", None))
+            logical += weight.numel()
+    if logical == 0:
+        return {"quantized_linear_params": 0, "bytes_per_param": None}
+    return {"quantized_linear_params": logical, "bytes_per_param": stored / logical}
+
+
+def _tensor_bytes(t) -> int:
+    return 0 if t is None else t.numel() * t.element_size()

@@ -1,0 +1,80 @@
+"""The pieces every policy-gradient recipe shares: log-probs, advantages, KL, clipping, masking.
+
+Each is checked against hand-computed cases in tests/test_rl_math.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the positions where mask is 1 (prompt and padding positions carry 0)."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r - mean_group) / (std_group + eps) for consecutive groups of `group_size` completions.
+
+    std is the unbiased sample std (as in TRL). A group whose rewards are all equal gets zero
+    advantage: it carries no learning signal, and the second return value flags those groups.
+    """
+    r = rewards.view(-1, group_size).float()
+    mean, std = r.mean(1, keepdim=True), r.std(1, keepdim=True)
+    return ((r - mean) / (std + eps)).view(-1), (std.squeeze(1) == 0)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(policy || ref) from tokens sampled from the policy:
+    exp(ref - logp) - (ref - logp) - 1. Unbiased, always >= 0, and 0 where the two agree."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def clipped_surrogate(logp, old_logp, advantages, clip_low: float, clip_high: float):
+    """PPO's token-level clipped objective, as a loss: -min(rho*A, clip(rho, 1-low, 1+high)*A).
+
+    Returns (per-token loss, per-token bool: the clip bound was the active one).
+    """
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages.unsqueeze(-1)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv
+    is_clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
+    return -torch.minimum(unclipped, clipped), is_clipped
+
+
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0):
+    """(log-prob of each completion token, entropy of each position's distribution), both [N, C].
+
+    The logits at position t predict token t+1, so the completion's C tokens are scored by the
+    logits at positions P-1 .. P+C-2. Positions follow the attention mask, as in `generate`, so
+    left-padded prompts get the positions they were sampled with. Logits are divided by the
+    sampling temperature: the policy being trained is the one that was sampled from.
+    """
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention = torch.cat([prompt_mask, completion_mask], dim=1)
+    position_ids = (attention.cumsum(1) - 1).clamp(min=0)
+    n_completion = completion_ids.shape[1]
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, logits_to_keep=n_completion + 1).logits
+    logits = logits[:, :-1].float() / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def mismatch_metrics(train_logp, sampler_logp, mask) -> dict[str, float]:
+    """How far the trainer's log-probs are from the rollout engine's for the sampled tokens.
+
+    is_ratio = p_train / p_sampler; k3 here estimates KL(sampler || trainer) from the
+    sampler's own tokens (as verl's rollout_corr does).
+    """
+    log_ratio = train_logp - sampler_logp
+    ratio = torch.exp(log_ratio)
+    return {
+        "mismatch/logprob_diff_mean": masked_mean(log_ratio.abs(), mask).item(),
+        "mismatch/k3_kl": masked_mean(ratio - 1 - log_ratio, mask).item(),
+        "mismatch/is_ratio_mean": masked_mean(ratio, mask).item(),
+    }

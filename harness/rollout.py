@@ -1,0 +1,91 @@
+"""Rollout engines (the colocation axis) and the held-out evaluation that uses them.
+
+`in_process`: the trainer's own model generates with transformers `generate`. Later engines
+(vLLM colocated or as a server) return the same `Rollout`, so the recipe does not change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from harness.config import RolloutConfig
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # [N, P], left-padded
+    prompt_mask: torch.Tensor  # [N, P]
+    completion_ids: torch.Tensor  # [N, C], padded after the first eos
+    completion_mask: torch.Tensor  # [N, C], 1 up to and including the first eos
+    sampler_logprobs: torch.Tensor | None  # [N, C], log-prob of each token under the sampling distribution
+    texts: list[str]  # completions decoded up to eos
+
+
+def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    tokenizer.padding_side = "left"  # generation appends on the right, so prompts end together
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 for every token up to and including the first eos; 0 after it (padding)."""
+    is_eos = completion_ids == eos_id
+    eos_before = torch.cumsum(is_eos.int(), dim=1) - is_eos.int()  # eos tokens strictly before
+    return (eos_before == 0).long()
+
+
+class InProcessRollout:
+    def __init__(self, model, tokenizer, cfg: RolloutConfig):
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], greedy: bool = False) -> Rollout:
+        device = next(self.model.parameters()).device
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, device)
+        # top_k=0: no top-k truncation (transformers defaults to 50), so the sampler is the policy
+        sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=0)
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            max_new_tokens=self.cfg.max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            return_dict_in_generate=True,
+            output_scores=not greedy,
+            **sampling,
+        )
+        self.model.train(was_training)
+        completion = out.sequences[:, prompt_ids.shape[1] :]
+        mask = completion_mask(completion, self.tokenizer.eos_token_id)
+        completion = completion.masked_fill(mask == 0, self.tokenizer.pad_token_id)
+        logprobs = None
+        if not greedy:
+            # scores are the logits after temperature and top-p: exactly the distribution sampled from
+            scores = torch.stack(out.scores, dim=1).float()
+            logprobs = torch.log_softmax(scores, dim=-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1) * mask
+        return Rollout(prompt_ids, prompt_mask, completion, mask, logprobs, self._decode(completion, mask))
+
+    def _decode(self, completion: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        # Cut at eos rather than skipping special tokens: a pad sampled mid-answer must stay visible
+        # (as "<pad>") so it cannot be rewarded as if it were absent.
+        texts = []
+        for ids, n in zip(completion.tolist(), mask.sum(1).tolist()):
+            ids = ids[:n]
+            if ids and ids[-1] == self.tokenizer.eos_token_id:
+                ids = ids[:-1]
+            texts.append(self.tokenizer.decode(ids, skip_special_tokens=False))
+        return texts
+
+
+def evaluate(engine, task, problems, batch_size: int = 512) -> float:
+    """Held-out accuracy: greedy decoding, mean reward."""
+    total = 0.0
+    for i in range(0, len(problems), batch_size):
+        chunk = problems[i : i + batch_size]
+        rollout = engine.generate([p.prompt for p in chunk], greedy=True)
+        total += sum(task.reward(p, t) for p, t in zip(chunk, rollout.texts))
+    return total / len(problems)

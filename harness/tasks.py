@@ -1,0 +1,103 @@
+"""Tasks: prompts, a disjoint held-out set, and a reward. Looked up by name in registries.TASKS."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.config import TaskConfig
+
+SPLIT_SEED = 1234  # fixed: the held-out set must not move with the run's seed
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str
+    answer: str
+
+
+def _split(problems: list[Problem], eval_size: int) -> tuple[list[Problem], list[Problem]]:
+    if eval_size >= len(problems):
+        raise ValueError(f"task.eval_size={eval_size} leaves no training prompts ({len(problems)} problems)")
+    shuffled = problems[:]
+    random.Random(SPLIT_SEED).shuffle(shuffled)
+    return shuffled[eval_size:], shuffled[:eval_size]
+
+
+class ArithTask:
+    """`23+58=` -> `81`. Reward 1.0 for the exact answer (the completion up to end-of-sequence)."""
+
+    def __init__(self, cfg: TaskConfig = TaskConfig()):
+        problems = [Problem(f"{a}+{b}=", str(a + b)) for a in range(10, 100) for b in range(10, 100)]
+        self.train, self.eval = _split(problems, cfg.eval_size)
+
+    def reward(self, problem: Problem, completion: str) -> float:
+        return float(completion.strip() == problem.answer)
+
+
+BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+INSTRUCTION = "\nPut the final answer in \\boxed{}.\n"
+
+
+def normalize_number(text: str) -> str:
+    text = text.strip().replace(",", "").replace("$", "").rstrip(".")
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return str(int(value)) if value.is_integer() else str(value)
+
+
+class BoxedTask:
+    """GSM8K-style problems; the reward is 1.0 when the last \\boxed{...} equals the reference.
+
+    `task.source` is a local JSONL file (one {"question", "answer"} object per line, GSM8K's
+    "... #### 42" answers accepted) or, online, an HF dataset id loaded with `datasets`.
+    """
+
+    def __init__(self, cfg: TaskConfig):
+        if not cfg.source:
+            raise ValueError("task.source: the boxed task needs a JSONL file or an HF dataset id")
+        rows = self._load(cfg.source)
+        problems = [Problem(r["question"].strip() + INSTRUCTION, self.reference(r["answer"])) for r in rows]
+        self.train, self.eval = _split(problems, cfg.eval_size)
+
+    @staticmethod
+    def _load(source: str) -> list[dict]:
+        path = Path(source)
+        if path.exists():
+            rows = []
+            for i, line in enumerate(path.read_text().splitlines(), 1):
+                if line.strip():
+                    row = json.loads(line)
+                    if not {"question", "answer"} <= row.keys():
+                        raise ValueError(f"{path}:{i}: needs 'question' and 'answer' fields, has {sorted(row)}")
+                    rows.append(row)
+            return rows
+        try:
+            import datasets
+        except ImportError:
+            raise ValueError(f"task.source {source!r} is not a file; loading it from the HF hub needs `pip install quant-rl-harness[eval]`") from None
+        name, _, config = source.partition(":")  # "openai/gsm8k:main"
+        return list(datasets.load_dataset(name, config or None, split="train"))
+
+    @staticmethod
+    def reference(answer: str) -> str:
+        answer = str(answer)
+        if "####" in answer:
+            answer = answer.split("####")[-1]
+        boxed = BOXED.findall(answer)
+        return normalize_number(boxed[-1] if boxed else answer)
+
+    def reward(self, problem: Problem, completion: str) -> float:
+        found = BOXED.findall(completion)
+        return float(bool(found) and normalize_number(found[-1]) == problem.answer)
+
+
+def load_task(cfg: TaskConfig):
+    from harness.registries import TASKS
+
+    return TASKS.get(cfg.name)(cfg)
