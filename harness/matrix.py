@@ -82,9 +82,13 @@ class Matrix:
         return next((c for c in self.cells if not c.included and c.key == want), None)
 
     def select(self, expr: str) -> list[Cell]:
-        """Cells matching "quant=nf4,lora.r=8" (every given key equal)."""
+        """Cells matching "quant=nf4,lora.r=8": the cell whose key is exactly that if there is
+        one (so "quant=bf16" is the bf16 cell, not also a bf16 variant from `include`), else
+        every cell with those values."""
         want = parse_assignments(expr)
-        return [c for c in self.cells if all(c.key.get(k) == v for k, v in want.items())]
+        matching = [c for c in self.cells if all(c.key.get(k) == v for k, v in want.items())]
+        exact = [c for c in matching if set(c.key) == set(want)]
+        return exact or matching
 
     def to_json(self) -> dict:
         return {
@@ -142,7 +146,7 @@ def load_matrix(path: Path | str) -> Matrix:
     try:
         spec = MatrixSpec.model_validate(raw)
     except ValidationError as e:
-        raise MatrixError(path, [f"{_loc(err['loc'])}: {_msg(err)}" for err in e.errors()]) from None
+        raise MatrixError(path, [f"{_loc(err['loc'])}: {_msg(err, MatrixSpec)}" for err in e.errors()]) from None
     return Matrix(path.stem, path, spec, tuple(_expand(path, spec)))
 
 
@@ -188,7 +192,7 @@ def _expand(path: Path, spec: MatrixSpec) -> list[Cell]:
             try:
                 runs.append(RunConfig.model_validate(merged))
             except ValidationError as e:
-                problems += [f"cell {tag}: {_loc(err['loc'])}: {_msg(err)}" for err in e.errors()]
+                problems += [f"cell {tag}: {_loc(err['loc'])}: {_msg(err, RunConfig)}" for err in e.errors()]
                 break
         else:
             if runs[0].run_id in seen:
@@ -227,9 +231,9 @@ def _loc(loc: tuple) -> str:
     return ".".join(str(x) for x in loc) or "(top level)"
 
 
-def _msg(err: dict) -> str:
+def _msg(err: dict, root: type[BaseModel]) -> str:
     if err["type"] == "extra_forbidden":
-        fields = _fields_at(RunConfig if err["loc"][0] not in MatrixSpec.model_fields else MatrixSpec, err["loc"][:-1])
+        fields = _fields_at(root, err["loc"][:-1])
         return f"unknown field; valid: {', '.join(fields)}"
     return err["msg"].removeprefix("Value error, ")
 

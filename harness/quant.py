@@ -6,13 +6,19 @@ compute dtype and are the only trainable parameters (QLoRA).
 
 from __future__ import annotations
 
-import warnings
+import logging
 from dataclasses import dataclass
 
 import torch
 
-# bitsandbytes says this once per matmul on CPU; thousands of identical lines hide real output.
-warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+
+class _DropCastNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
+# bitsandbytes logs this on every int8 matmul (24k lines in one smoke sweep), burying real output.
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropCastNotice())
 
 
 @dataclass(frozen=True)

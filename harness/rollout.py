@@ -45,7 +45,11 @@ class InProcessRollout:
         device = next(self.model.parameters()).device
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, device)
         # top_k=0: no top-k truncation (transformers defaults to 50), so the sampler is the policy
-        sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=0)
+        # remove_invalid_values: a diverged policy's NaN logits would crash the sampler; let it
+        # sample so the training step can see the non-finite loss and stop the run as diverged.
+        sampling = dict(do_sample=False) if greedy else dict(
+            do_sample=True, temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=0, remove_invalid_values=True
+        )
         was_training = self.model.training
         self.model.eval()
         out = self.model.generate(

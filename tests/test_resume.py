@@ -1,0 +1,63 @@
+"""A sweep killed mid-way (SIGKILL, as a crash or a pre-empted node) and run again."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+from harness.matrix import load_matrix
+from harness.results import read_json, read_metrics
+
+from conftest import REPO
+
+MATRIX = """\
+# make sweep MATRIX=resume
+base:
+  task: {name: arith, eval_size: 50}
+  train: {steps: 40, prompts_per_step: 4, group_size: 4, eval_every: 10, checkpoint_every: 5}
+axes: {quant: [bf16]}
+seeds: [0, 1]
+"""
+
+
+def sweep(tmp_path):
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness", "sweep", str(tmp_path / "resume.yaml"), "--results", str(tmp_path / "results"),
+         "--reports", str(tmp_path / "reports")],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+
+
+def test_killed_sweep_resumes_without_rerunning_or_duplicating(tmp_path, tiny_model):
+    (tmp_path / "resume.yaml").write_text(MATRIX)
+    first, second = (tmp_path / "results" / "resume" / r.run_id for r in load_matrix(tmp_path / "resume.yaml").cells[0].runs)
+
+    proc = sweep(tmp_path)
+    deadline = time.time() + 300
+    while not ((first / "summary.json").exists() and len(read_metrics(second)) >= 12):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "the sweep did not get far enough in time"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    assert not (second / "summary.json").exists()
+    finished = (first / "summary.json").read_bytes(), (first / "metrics.jsonl").read_bytes()
+    killed_at = read_metrics(second)[-1]["step"]
+
+    proc = sweep(tmp_path)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "1 already finished, 1 to run" in out
+
+    # the finished run was not touched; the killed one continued from its checkpoint
+    assert ((first / "summary.json").read_bytes(), (first / "metrics.jsonl").read_bytes()) == finished
+    steps = [r["step"] for r in read_metrics(second)]
+    assert steps == list(range(41)), [s for s, n in Counter(steps).items() if n > 1]
+    env = read_json(second / "env.json")
+    assert len(env["resumed_at"]) == 1, "the second run was restarted, not resumed"
+    assert read_json(second / "summary.json")["status"] == "ok"
+    assert killed_at >= 11
+    assert (tmp_path / "reports" / "resume" / "report.md").exists()

@@ -1,0 +1,115 @@
+"""GRPO's pieces against cases computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from harness.rl_math import clipped_surrogate, completion_logprobs, group_advantages, k3_kl, masked_mean, mismatch_metrics
+from harness.rollout import completion_mask
+
+
+def test_group_advantages_by_hand():
+    # group 1: rewards 1,0,0,0 -> mean 0.25, unbiased std sqrt((0.5625 + 3*0.0625)/3) = 0.5
+    # group 2: all equal -> no signal, zero advantage, flagged
+    adv, zero_std = group_advantages(torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 1]), group_size=4, eps=1e-4)
+    assert adv[:4].tolist() == pytest.approx([0.75 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001])
+    assert adv[4:].tolist() == [0.0] * 4
+    assert zero_std.tolist() == [False, True]
+
+
+def test_k3_kl_by_hand():
+    logp, ref = torch.tensor([math.log(0.5), math.log(0.3)]), torch.tensor([math.log(0.25), math.log(0.3)])
+    # d = log(0.25/0.5) = -log 2: exp(d) - d - 1 = 0.5 + log 2 - 1
+    assert k3_kl(logp, ref).tolist() == pytest.approx([0.5 + math.log(2) - 1, 0.0], abs=1e-7)
+    assert (k3_kl(torch.randn(100), torch.randn(100)) >= 0).all()
+
+
+@pytest.mark.parametrize(
+    "ratio, adv, low, high, loss, clipped",
+    [
+        (1.5, 1.0, 0.2, 0.2, -1.2, True),  # good token pushed too far up: the clip bound holds it
+        (1.5, 1.0, 0.2, 0.28, -1.28, True),  # asymmetric upper bound (DAPO's clip-higher)
+        (0.5, 1.0, 0.2, 0.2, -0.5, False),  # below the bound with A>0: unclipped, still pushed up
+        (0.5, -1.0, 0.2, 0.2, 0.8, True),  # bad token already pushed down enough: clipped
+        (1.5, -1.0, 0.2, 0.2, 1.5, False),  # bad token made likelier: full penalty, no clipping
+        (1.0, 2.0, 0.2, 0.2, -2.0, False),  # on-policy: ratio 1, loss = -A
+    ],
+)
+def test_clipped_surrogate_by_hand(ratio, adv, low, high, loss, clipped):
+    old = torch.tensor([[math.log(0.4)]])
+    new = old + math.log(ratio)
+    out, is_clipped = clipped_surrogate(new, old, torch.tensor([adv]), low, high)
+    assert out.item() == pytest.approx(loss, rel=1e-5)
+    assert is_clipped.item() is clipped
+
+
+def test_clipped_tokens_get_no_gradient():
+    old = torch.log(torch.tensor([[0.4, 0.4]]))
+    new = (old + torch.log(torch.tensor([[1.5, 1.1]]))).requires_grad_()
+    loss, _ = clipped_surrogate(new, old, torch.tensor([1.0]), 0.2, 0.2)
+    loss.sum().backward()
+    assert new.grad[0, 0] == 0 and new.grad[0, 1] == pytest.approx(-1.1)
+
+
+def test_masked_mean_ignores_masked_positions():
+    x = torch.tensor([[1.0, 2, 3], [4, 5, 6]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    out = masked_mean(x, mask)
+    assert out.item() == pytest.approx(7 / 3)
+    out.backward()
+    assert x.grad.flatten().tolist() == pytest.approx([1 / 3, 1 / 3, 0, 1 / 3, 0, 0])
+
+
+def test_completion_mask_keeps_first_eos_and_drops_padding():
+    eos, pad = 1, 0
+    ids = torch.tensor([[5, eos, pad, pad], [5, 6, 7, 8], [eos, pad, pad, pad], [5, eos, 7, eos]])
+    assert completion_mask(ids, eos).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]]
+
+
+@pytest.fixture(scope="module")
+def random_qwen():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=32, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def test_logprobs_align_with_the_next_token_and_ignore_left_padding(random_qwen):
+    prompt, completion = [7, 8, 9], [10, 11, 12]
+    # by hand: logits at position t score token t+1; the completion starts after the prompt's last token
+    full = torch.tensor([prompt + completion])
+    logits = random_qwen(full).logits[0].float()
+    expected = [torch.log_softmax(logits[len(prompt) - 1 + i], -1)[tok].item() for i, tok in enumerate(completion)]
+
+    # the same sequence left-padded by two, beside a longer prompt, with padding after eos
+    prompt_ids = torch.tensor([[0, 0] + prompt, [3, 4, 5, 6, 7]])
+    prompt_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    completion_ids = torch.tensor([completion + [0], [10, 1, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    with torch.no_grad():
+        logp, entropy = completion_logprobs(random_qwen, prompt_ids, prompt_mask, completion_ids, mask)
+    assert logp[0, :3].tolist() == pytest.approx(expected, abs=1e-4)
+    assert logp.shape == entropy.shape == (2, 4)
+    assert (entropy[mask.bool()] > 0).all() and (entropy <= math.log(32) + 1e-4).all()
+
+
+def test_temperature_scales_the_trained_distribution(random_qwen):
+    ids, mask = torch.tensor([[7, 8]]), torch.ones(1, 2, dtype=torch.long)
+    comp = torch.tensor([[9]])
+    with torch.no_grad():
+        hot, _ = completion_logprobs(random_qwen, ids, mask, comp, torch.ones(1, 1, dtype=torch.long), temperature=2.0)
+        logits = random_qwen(torch.tensor([[7, 8, 9]])).logits[0, 1].float()
+    assert hot.item() == pytest.approx(torch.log_softmax(logits / 2, -1)[9].item(), abs=1e-5)
+
+
+def test_mismatch_metrics():
+    mask = torch.tensor([[1, 1, 0]])
+    same = mismatch_metrics(torch.tensor([[-1.0, -2, -3]]), torch.tensor([[-1.0, -2, 9]]), mask)
+    assert same == {"mismatch/logprob_diff_mean": 0.0, "mismatch/k3_kl": 0.0, "mismatch/is_ratio_mean": 1.0}
+    off = mismatch_metrics(torch.tensor([[math.log(0.5)]]), torch.tensor([[math.log(0.25)]]), torch.tensor([[1]]))
+    assert off["mismatch/is_ratio_mean"] == pytest.approx(2.0)
+    assert off["mismatch/logprob_diff_mean"] == pytest.approx(math.log(2))
+    assert off["mismatch/k3_kl"] == pytest.approx(2 - 1 - math.log(2))

@@ -1,0 +1,25 @@
+"""The smoke matrix end to end: the acceptance claim of the foundation, checked from verdicts.json."""
+
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_smoke_sweep_learns_and_the_control_does_not(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "harness", "sweep", "smoke", "--results", str(tmp_path / "results"),
+                          "--reports", str(tmp_path / "reports")], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    cells = {c["name"]: c for c in json.loads((tmp_path / "results" / "smoke" / "verdicts.json").read_text())}
+    gain = lambda name: statistics.fmean(r["gain"] for r in cells[name]["runs"])  # noqa: E731
+    assert gain("quant=bf16") >= 0.05
+    assert gain("quant=nf4") >= 0.05
+    assert abs(gain("quant=bf16,train.lr=0.0 (zero-lr control)")) < 0.02
+    assert cells["quant=bf16,train.lr=0.0 (zero-lr control)"]["status"] == "Does not converge"
+    report = (tmp_path / "reports" / "smoke" / "report.md").read_text()
+    assert "zero-lr control" in report and "Does not converge" in report

@@ -1,0 +1,27 @@
+import json
+import time
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from harness.tiny_arith import build
+
+
+def test_builtin_model_is_a_standard_hf_folder_with_headroom(tiny_model):
+    info = json.loads((tiny_model / "warm_start.json").read_text())
+    assert 0.3 <= info["held_out_accuracy"] <= 0.6
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    c = model.config
+    assert c.model_type == "qwen2"
+    assert all(d % 64 == 0 for d in (c.hidden_size, c.intermediate_size, c.vocab_size))
+    text = "23+58=\\boxed{81}"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and tok.decode(ids) == text
+
+
+def test_second_build_reuses_the_cache(tiny_model):
+    stamp = (tiny_model / "model.safetensors").stat().st_mtime
+    start = time.time()
+    assert build(log=lambda *_: None) == tiny_model
+    assert time.time() - start < 1.0
+    assert (tiny_model / "model.safetensors").stat().st_mtime == stamp
