@@ -71,13 +71,14 @@ def write_report(root: Path, out_dir: Path) -> Path:
         "",
         "eval/reward is greedy accuracy on the held-out prompts, at step 0 and at the last step, "
         "mean ± sd over seeds. Δ vs baseline: difference of mean final eval/reward with the "
-        f"baseline cell ({md(matrix['baseline'])}) that shares the other axes.",
+        f"baseline cell ({md(', '.join(f'{k}={v}' for k, v in matrix['baseline'].items()))}) that shares the other axes. "
+        "Peak memory: the CUDA allocator's peak on GPU, the process's peak RSS on CPU.",
         "",
         "## Criteria (from the matrix)",
         "",
         *[f"- `{k}`: {v}" for k, v in c.items()],
         "",
-        "- per run: **converged** when held-out gain >= `min_gain`; **no_learning** below it; "
+        "- per run: **converged** when held-out gain ≥ `min_gain`; **no_learning** below it; "
         "**collapsed** below it with final entropy under `entropy_floor`; **diverged** on any NaN/inf "
         "or KL above `kl_max`; **failed**/**oom** on an exception.",
         "- per cell: **Converges** when every seed converged and the mean final eval/reward is at most "

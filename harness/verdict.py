@@ -65,7 +65,7 @@ def judge_run(run_dir: Path, seed: int, c: Criteria) -> RunVerdict:
         return v
     over = next((r for r in train_rows if r["kl"] > c.kl_max), None)
     if over:
-        v.verdict, v.reason = "diverged", f"kl {over['kl']:.3g} > kl_max {c.kl_max} at step {over['step']}"
+        v.verdict, v.reason = "diverged", f"kl {over['kl']:.3g} exceeds kl_max {c.kl_max} at step {over['step']}"
         return v
     if v.gain is None:
         v.reason = "summary.json present but no start/end eval/reward"
@@ -73,11 +73,11 @@ def judge_run(run_dir: Path, seed: int, c: Criteria) -> RunVerdict:
     if v.gain < c.min_gain:
         if v.final_entropy is not None and v.final_entropy < c.entropy_floor:
             v.verdict = "collapsed"
-            v.reason = f"entropy {v.final_entropy:.3g} < entropy_floor {c.entropy_floor} at step {train_rows[-1]['step']}, eval/reward gain {v.gain:+.3f}"
+            v.reason = f"entropy {v.final_entropy:.3g} under entropy_floor {c.entropy_floor} at step {train_rows[-1]['step']}, eval/reward gain {v.gain:+.3f}"
         else:
-            v.verdict, v.reason = "no_learning", f"eval/reward gain {v.gain:+.3f} < min_gain {c.min_gain}"
+            v.verdict, v.reason = "no_learning", f"eval/reward gain {v.gain:+.3f} under min_gain {c.min_gain}"
         return v
-    v.verdict, v.reason = "converged", f"eval/reward {v.eval_start:.3f} -> {v.eval_end:.3f} ({v.gain:+.3f})"
+    v.verdict, v.reason = "converged", f"eval/reward {v.eval_start:.3f} → {v.eval_end:.3f} ({v.gain:+.3f})"
     return v
 
 
@@ -100,8 +100,8 @@ def _mean(xs: list[float]) -> float | None:
     return statistics.fmean(xs) if xs else None
 
 
-def judge_cell(name, key, label, runs: list[RunVerdict], baseline: CellVerdict | None, c: Criteria) -> CellVerdict:
-    cell = CellVerdict(name, key, label, baseline.name if baseline else None, "", "", runs)
+def judge_cell(name, key, label, runs: list[RunVerdict], baseline_name: str | None, baseline: CellVerdict | None, c: Criteria) -> CellVerdict:
+    cell = CellVerdict(name, key, label, baseline_name, "", "", runs)
     kinds = [r.verdict for r in runs]
     errors = [r for r in runs if r.verdict in ("failed", "oom")]
     learned = [r for r in runs if r.verdict == "converged"]
@@ -116,7 +116,7 @@ def judge_cell(name, key, label, runs: list[RunVerdict], baseline: CellVerdict |
         cell.status = "Convergence issue"
         cell.reason = f"{len(bad)}/{len(runs)} seeds unstable or not learning: " + "; ".join(f"seed {r.seed}: {r.reason}" for r in bad)
     else:
-        cell.status, cell.reason = "Converges", f"all {len(runs)} seeds learn (gain >= {c.min_gain})"
+        cell.status, cell.reason = "Converges", f"all {len(runs)} seeds learn (gain ≥ {c.min_gain})"
     if baseline is not None and baseline.name != name:
         ours, theirs = _mean(cell.stat("eval_end")), _mean(baseline.stat("eval_end"))
         if ours is not None and theirs is not None:
@@ -141,7 +141,7 @@ def judge(root: Path) -> list[CellVerdict]:
     # baselines first, so every other cell can be compared with its baseline's verdict
     for cell in sorted(matrix["cells"], key=lambda x: x["baseline"] not in (None, x["name"])):
         base = done.get(cell["baseline"]) if cell["baseline"] else None
-        done[cell["name"]] = judge_cell(cell["name"], cell["key"], cell["label"], runs[cell["name"]], base, c)
+        done[cell["name"]] = judge_cell(cell["name"], cell["key"], cell["label"], runs[cell["name"]], cell["baseline"], base, c)
     verdicts = [done[cell["name"]] for cell in matrix["cells"]]
     write_json_atomic(root / "verdicts.json", [asdict(v) | {"runs": [asdict(r) | {"gain": r.gain} for r in v.runs]} for v in verdicts])
     return verdicts

@@ -80,7 +80,7 @@ def test_errors_kl_and_escaping_in_report(sweep_root, tmp_path):
     fake_run(runs["quant=int8"][0], 0.4, 0.6, status="failed", error="ValueError: bad <script>alert(1)</script> | x")
     fake_run(runs["quant=int8"][1], 0.4, 0.6)
     cells = {c.name: c for c in judge(root)}
-    assert cells["quant=nf4"].status == "Convergence issue" and "kl 3 > kl_max 1.0 at step 1" in cells["quant=nf4"].reason
+    assert cells["quant=nf4"].status == "Convergence issue" and "kl 3 exceeds kl_max 1.0 at step 1" in cells["quant=nf4"].reason
     assert cells["quant=int8"].status == "Error"
 
     text = write_report(root, tmp_path / "reports" / "v").read_text()
