@@ -57,6 +57,9 @@ def run_one(cfg: RunConfig, run_dir: Path, device: torch.device, progress=lambda
 
 
 def run_sequential(jobs: list[Job], device: str, console: Console, names: dict[str, str]) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per run would break up the sweep's own
     dev = pick_device(device)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
