@@ -13,6 +13,7 @@ from rich.table import Table
 
 from harness.config import RunConfig
 from harness.matrix import Matrix, MatrixError, find_matrix, load_matrix
+from harness import registries
 from harness.registries import EXECUTORS, MODELS
 from harness.registry import UnknownName
 
@@ -196,6 +197,19 @@ def matrices():
         except MatrixError as e:
             table.add_row(path.stem, "–", "–", f"[red]invalid: {e.problems[0]}[/]")
     console.print(table)
+
+
+@app.command()
+def axes():
+    """List every name a matrix may use on each axis, with what backs it."""
+    fields = {"QUANT": "quant", "ALGORITHMS": "algorithm", "TASKS": "task.name", "MODELS": "model: builtin:<name>",
+              "COLOCATION": "rollout.colocation", "EXECUTORS": "harness sweep --executor"}
+    for attr, field in fields.items():
+        reg = getattr(registries, attr)
+        table = Table("name", "what it is", title=f"{reg.axis}s  ({field})", title_justify="left")
+        for name in reg.names():
+            table.add_row(name, reg.describe(name))
+        console.print(table)
 
 
 @models_app.command("build")

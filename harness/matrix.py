@@ -36,8 +36,6 @@ class Criteria(Frozen):
     kl_max: float = Field(1.0, description="KL to the reference above this at any step: diverged")
     entropy_floor: float = Field(0.02, description="final entropy under this while not learning: collapsed")
     tolerance: float = Field(0.05, description="how far below the baseline's final eval/reward still counts as non-inferior")
-    confidence: float = Field(0.9, gt=0, lt=1, description="confidence of the non-inferiority judgement")
-    min_seeds: int = Field(2, ge=1, description="seeds that must finish for a cell to get more than a smoke-test verdict")
 
 
 class MatrixSpec(Frozen):

@@ -36,3 +36,11 @@ def test_run_cell_must_match_one(tmp_path):
 def test_matrices_lists_smoke():
     res = runner.invoke(app, ["matrices"])
     assert res.exit_code == 0 and "smoke" in res.output
+
+
+def test_axes_lists_every_registered_name():
+    from harness.registries import QUANT, TASKS
+
+    out = runner.invoke(app, ["axes"]).output
+    assert all(name in out for name in QUANT.names() + TASKS.names())
+    assert "QLoRA" in out
