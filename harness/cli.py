@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -28,7 +29,8 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Built-in models (made locally, no download).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-console = Console()
+# Off a terminal (make, CI logs, pipes) rich would wrap tables at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 RESULTS = typer.Option(Path("results"), help="Root of results/<matrix>/<run_id>/ folders.")
 REPORTS = typer.Option(Path("reports"), help="Root of reports/<matrix>/ folders.")
@@ -97,7 +99,7 @@ def _judge_and_report(m_name: str, results: Path, reports: Path) -> None:
         avg = lambda xs: f"{sum(xs) / len(xs):.3f}" if xs else "–"  # noqa: E731
         table.add_row(v.name, v.status, f"{avg(start)} → {avg(end)}", v.reason)
     console.print(table)
-    console.print(f"report: {path}")
+    console.print(f"report: {path} and {path.with_suffix('.html')}")
 
 
 @app.command()
@@ -184,6 +186,33 @@ def run(
 def report(matrix: str = typer.Argument(..., help="Matrix name whose results to judge."), results: Path = RESULTS, reports: Path = REPORTS):
     """Re-judge a sweep's results and rewrite its report; trains nothing."""
     _judge_and_report(Path(matrix).stem, results, reports)
+
+
+@app.command()
+def compare(
+    a: Path = typer.Argument(..., help="A sweep's results folder, e.g. results/smoke (the 'before')."),
+    b: Path = typer.Argument(..., help="Another sweep's results folder of the same matrix (the 'after')."),
+    fail_on_change: bool = typer.Option(False, "--fail-on-change", help="Exit 1 when any cell's status differs (for CI)."),
+):
+    """Which cells changed status between two sweeps, and how far their evidence moved."""
+    from harness.compare import compare as compare_sweeps
+    from harness.verdict import judge
+
+    for root in (a, b):
+        if not (root / "matrix.json").exists():
+            raise _fail(f"{root} is not a sweep's results folder (no matrix.json); expected e.g. results/smoke")
+    changes = compare_sweeps(judge(a, write=False), judge(b, write=False))
+    fmt = lambda x, d=3: "–" if x is None else f"{x:.{d}f}"  # noqa: E731
+    moved = lambda x, y, d=3: f"{fmt(x, d)} → {fmt(y, d)}" + (f" ({y - x:+.{d}f})" if x is not None and y is not None else "")  # noqa: E731
+    table = Table("cell", "status", "final eval/reward", "peak mem GiB", "median step s", title=f"{a} → {b}", title_justify="left")
+    for c in changes:
+        status = f"[bold red]{c.status_a or 'absent'} → {c.status_b or 'absent'}[/]" if c.changed else c.status_a
+        table.add_row(c.name, status, moved(c.eval_end_a, c.eval_end_b), moved(c.memory_a, c.memory_b, 2), moved(c.step_s_a, c.step_s_b, 2))
+    console.print(table)
+    n = sum(c.changed for c in changes)
+    console.print(f"{n} of {len(changes)} cells changed status")
+    if fail_on_change and n:
+        raise typer.Exit(1)
 
 
 @app.command()

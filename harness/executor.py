@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from harness.config import RunConfig
 from harness.recipes import NonFinite
 from harness.registries import ALGORITHMS, EXECUTORS
-from harness.results import is_finished, read_json, read_metrics, summarize_metrics, truncate_metrics, write_json_atomic
+from harness.results import is_finished, read_json, read_metrics, summarize_metrics, truncate_logs, write_json_atomic
 from harness.system import device_name, git_commit, library_versions, pick_device
 from harness.tracking import JsonlTracker
 
@@ -31,7 +31,7 @@ def run_one(cfg: RunConfig, run_dir: Path, device: torch.device, progress=lambda
     from harness import checkpoint
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    truncate_metrics(run_dir, checkpoint.saved_step(run_dir))
+    truncate_logs(run_dir, checkpoint.saved_step(run_dir))
     env_path = run_dir / "env.json"
     env = read_json(env_path) if env_path.exists() else {}
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")

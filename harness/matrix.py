@@ -36,6 +36,8 @@ class Criteria(Frozen):
     kl_max: float = Field(1.0, description="KL to the reference above this at any step: diverged")
     entropy_floor: float = Field(0.02, description="final entropy under this while not learning: collapsed")
     tolerance: float = Field(0.05, description="how far below the baseline's final eval/reward still counts as non-inferior")
+    confidence: float = Field(0.9, gt=0.5, lt=1, description="confidence of the one-sided non-inferiority bound and of the reported intervals")
+    min_seeds: int = Field(2, ge=2, description="finished seeds a cell needs for a verdict; fewer give 'Smoke tested'")
 
 
 class MatrixSpec(Frozen):

@@ -1,4 +1,8 @@
-"""reports/<matrix>/report.md from verdicts.json and results/ alone (no training, seconds to run)."""
+"""reports/<matrix>/report.{md,html} from verdicts.json and results/ alone (no training, seconds).
+
+`cell_rows` computes every number once; the Markdown and HTML writers only lay them out, each
+escaping what came from a run (names, errors, completions) for its own format.
+"""
 
 from __future__ import annotations
 
@@ -9,109 +13,132 @@ from pathlib import Path
 
 from harness.results import read_json
 
-STATUS_MARK = {"Converges": "✅", "Convergence issue": "⚠️", "Does not converge": "❌", "Error": "💥", "Incomplete": "⏳"}
+FIXED_AXES = ("algorithm", "quant", "rollout.colocation")
 
 
 def md(text) -> str:
-    """Escape a string from a run (names, errors, completions) for a Markdown table cell."""
+    """Escape a string from a run for a Markdown table cell."""
     text = html.escape(str(text), quote=False).replace("|", "\\|").replace("`", "\\`")
     return " ".join(text.split())
-
-
-def _ms(xs: list[float], digits: int = 3) -> str:
-    if not xs:
-        return "–"
-    if len(xs) == 1:
-        return f"{xs[0]:.{digits}f}"
-    return f"{statistics.fmean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
 
 
 def _num(x, digits=3, signed=False) -> str:
     return "–" if x is None else (f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}")
 
 
-def write_report(root: Path, out_dir: Path) -> Path:
-    matrix, cells = read_json(root / "matrix.json"), read_json(root / "verdicts.json")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    runs_link = os.path.relpath(root, out_dir)
-    axes = matrix["axes"]
-    c = matrix["criteria"]
-    lines = [
-        f"# Verified configurations: `{md(matrix['name'])}`",
-        "",
-        md(matrix["description"]),
-        "",
-        f"Regenerate: `harness report {md(matrix['name'])}`. Re-run: `make sweep MATRIX={md(matrix['name'])}`.",
-        "",
-        "## Convergence matrix",
-        "",
-        "| " + " | ".join([*axes, "variant", "Status", "eval/reward start", "eval/reward end", "gain", "Δ vs baseline",
-                          "max KL", "peak mem (GiB)", "median step (s)", "seeds", "why"]) + " |",
-        "|" + "---|" * (len(axes) + 11),
-    ]
+def _median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def load(root: Path) -> tuple[dict, list[dict]]:
+    return read_json(root / "matrix.json"), read_json(root / "verdicts.json")
+
+
+def run_config(root: Path, cell: dict) -> dict:
+    for r in cell["runs"]:
+        if (root / r["run_id"] / "config.json").exists():
+            return read_json(root / r["run_id"] / "config.json")
+    return {}
+
+
+def cell_rows(root: Path, matrix: dict, cells: list[dict]) -> list[dict]:
+    """One dict of display strings per cell, in the shape of NeMo RL's verified-configuration table."""
+    rows = []
+    other_axes = [a for a in matrix["axes"] if a not in FIXED_AXES]
     for cell in cells:
-        runs = cell["runs"]
+        cfg, runs = run_config(root, cell), cell["runs"]
         get = lambda f: [r[f] for r in runs if r[f] is not None]  # noqa: E731
-        finished = sum(r["verdict"] != "incomplete" for r in runs)
-        row = [md(cell["key"][a]) for a in axes] + [
-            md(cell["label"] or ("baseline" if cell["baseline"] == cell["name"] else "")),
-            f"{STATUS_MARK.get(cell['status'], '')} **{cell['status']}**",
-            _ms(get("eval_start")),
-            _ms(get("eval_end")),
-            _ms(get("gain")),
-            _num(cell["delta_vs_baseline"], signed=True),
-            _num(max(get("max_kl"), default=None), 3),
-            _num(max(get("peak_memory_gib"), default=None), 2),
-            _num(statistics.median(get("median_step_s")) if get("median_step_s") else None, 2),
-            f"{finished}/{len(runs)}",
-            md(cell["reason"]),
-        ]
-        lines.append("| " + " | ".join(row) + " |")
-    lines += [
-        "",
-        "eval/reward is greedy accuracy on the held-out prompts, at step 0 and at the last step, "
-        "mean ± sd over seeds. Δ vs baseline: difference of mean final eval/reward with the "
-        f"baseline cell ({md(', '.join(f'{k}={v}' for k, v in matrix['baseline'].items()))}) that shares the other axes. "
-        "Peak memory: the CUDA allocator's peak on GPU, the process's peak RSS on CPU.",
-        "",
-        "## Criteria (from the matrix)",
-        "",
-        *[f"- `{k}`: {v}" for k, v in c.items()],
-        "",
-        "- per run: **converged** when held-out gain ≥ `min_gain`; **no_learning** below it; "
-        "**collapsed** below it with final entropy under `entropy_floor`; **diverged** on any NaN/inf "
-        "or KL above `kl_max`; **failed**/**oom** on an exception.",
-        "- per cell: **Converges** when every seed converged and the mean final eval/reward is at most "
-        "`tolerance` below the baseline's; **Convergence issue** when it learns but falls further "
-        "behind, or some seeds do not learn; **Does not converge** when no seed learns.",
-        "",
-        "## Runs",
-        "",
-        "| cell | seed | run | verdict | eval start → end | max KL | final entropy | rollout tok/s | reason |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+        ci = cell["eval_end_ci"]
+        variant = ", ".join([f"{a}={cell['key'][a]}" for a in other_axes] + [cell["label"] or ""]).strip(", ")
+        if cell["baseline"] == cell["name"]:
+            variant = (variant + " (baseline)").strip()
+        rows.append({
+            "workflow": str(cell["key"].get("algorithm", cfg.get("algorithm", "?"))).upper(),
+            "quantization": str(cell["key"].get("quant", cfg.get("quant", "?"))),
+            "colocation": str(cell["key"].get("rollout.colocation", cfg.get("rollout", {}).get("colocation", "?"))),
+            "variant": variant,
+            "status": cell["status"],
+            "reason": cell["reason"],
+            "eval_end": _num(cell["eval_end_mean"]) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""),
+            "eval_start": _num(statistics.fmean(get("eval_start")) if get("eval_start") else None),
+            "delta": _num(cell["delta_vs_baseline"], signed=True)
+            + (f" (≥ {cell['delta_lower_bound']:+.3f})" if cell["delta_lower_bound"] is not None else ""),
+            "max_kl": _num(max(get("max_kl"), default=None)),
+            "entropy": _num(statistics.fmean(get("final_entropy")) if get("final_entropy") else None),
+            "memory": _num(max(get("peak_memory_gib"), default=None), 2),
+            "tokens_per_s": _num(_median(get("rollout_tokens_per_s")), 0),
+            "step_s": _num(_median(get("median_step_s")), 2),
+            "seeds": f"{sum(r['verdict'] != 'incomplete' for r in runs)}/{len(runs)}",
+            "test": cell["test"],
+        })
+    return rows
+
+
+COLUMNS = [("workflow", "Workflow"), ("quantization", "Quantization"), ("colocation", "Colocation"), ("variant", "Variant"),
+           ("status", "Status"), ("eval_start", "eval/reward start"), ("eval_end", "final eval/reward [CI]"),
+           ("delta", "Δ vs baseline (lower bound)"), ("max_kl", "max KL"), ("entropy", "final entropy"),
+           ("memory", "peak mem GiB"), ("tokens_per_s", "rollout tok/s"), ("step_s", "median step s"), ("seeds", "seeds"),
+           ("reason", "why")]
+STATUS_MARK = {"Converges": "✅", "Convergence issue": "⚠️", "Does not converge": "❌", "Error": "💥", "Incomplete": "⏳", "Smoke tested": "🔹"}
+
+
+def method_text(matrix: dict) -> str:
+    c = matrix["criteria"]
+    base = ", ".join(f"{k}={v}" for k, v in matrix["baseline"].items()) or "none"
+    return (
+        f"eval/reward is greedy accuracy on held-out prompts at step 0 and at the last step. Final eval/reward: mean over "
+        f"seeds with a two-sided {c['confidence']:.0%} t-interval. Δ vs baseline: mean final eval/reward minus that of the "
+        f"baseline cell ({base}) sharing the other axes; in brackets its one-sided {c['confidence']:.0%} lower bound (paired "
+        f"by seed when both cells ran the same seeds, Welch otherwise). A cell converges when every seed learns (gain ≥ "
+        f"{c['min_gain']}) and that bound is above -{c['tolerance']} (non-inferior); fewer than {c['min_seeds']} finished seeds "
+        "give 'Smoke tested'. Peak memory: the CUDA allocator's peak on GPU, the process's peak RSS on CPU."
+    )
+
+
+def write_markdown(root: Path, out_dir: Path, matrix: dict, cells: list[dict], rows: list[dict]) -> Path:
+    runs_link = os.path.relpath(root, out_dir)
+    name = md(matrix["name"])
+    lines = [f"# Verified configurations: `{name}`", "", md(matrix["description"]), "",
+             f"Regenerate: `harness report {name}`. Re-run: `make sweep MATRIX={name}`. Plots: `report.html`.", "",
+             "| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells_md = [f"{STATUS_MARK.get(row['status'], '')} **{row['status']}**" if k == "status" else md(row[k]) for k, _ in COLUMNS]
+        lines.append("| " + " | ".join(cells_md) + " |")
+    lines += ["", md(method_text(matrix)), "", "## Runs", "",
+              "| cell | seed | run | verdict | eval start → end | max KL | final entropy | reason |", "|---|---|---|---|---|---|---|---|"]
     for cell in cells:
         for r in cell["runs"]:
-            lines.append(
-                f"| {md(cell['name'])} | {r['seed']} | [{r['run_id']}]({runs_link}/{r['run_id']}/) | {r['verdict']} | "
-                f"{_num(r['eval_start'])} → {_num(r['eval_end'])} | {_num(r['max_kl'], 4)} | {_num(r['final_entropy'], 3)} | "
-                f"{_num(r['rollout_tokens_per_s'], 0)} | {md(r['reason'])} |"
-            )
-    env = _first_env(root, cells)
+            lines.append(f"| {md(cell['name'])} | {r['seed']} | [{r['run_id']}]({runs_link}/{r['run_id']}/) | {r['verdict']} | "
+                         f"{_num(r['eval_start'])} → {_num(r['eval_end'])} | {_num(r['max_kl'], 4)} | {_num(r['final_entropy'])} | {md(r['reason'])} |")
+    env = first_env(root, cells)
     if env:
         lines += ["", "## Environment", "", f"- device: {md(env.get('device'))}", f"- git commit: `{md(env.get('git_commit'))}`"]
         lines += [f"- {k}: {md(v)}" for k, v in env.get("versions", {}).items()]
     lines += ["", "## Matrix", "", "```yaml", matrix["source"].replace("```", "` ` `").rstrip(), "```", ""]
-    path = out_dir / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
-    return path
+    return _write(out_dir / "report.md", "\n".join(lines))
 
 
-def _first_env(root: Path, cells: list[dict]) -> dict | None:
+def write_report(root: Path, out_dir: Path) -> Path:
+    """Write report.md and report.html; returns the Markdown path."""
+    from harness.report_html import render_html
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    matrix, cells = load(root)
+    rows = cell_rows(root, matrix, cells)
+    _write(out_dir / "report.html", render_html(root, out_dir, matrix, cells, rows))
+    return write_markdown(root, out_dir, matrix, cells, rows)
+
+
+def first_env(root: Path, cells: list[dict]) -> dict | None:
     for cell in cells:
         for r in cell["runs"]:
             if (root / r["run_id"] / "env.json").exists():
                 return read_json(root / r["run_id"] / "env.json")
     return None
+
+
+def _write(path: Path, text: str) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path

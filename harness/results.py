@@ -1,6 +1,6 @@
 """The results layout, the contract between run, verdict and report.
 
-results/<matrix>/<run_id>/{config.json, env.json, metrics.jsonl, summary.json, adapter/}
+results/<matrix>/<run_id>/{config.json, env.json, metrics.jsonl, samples.jsonl, summary.json, adapter/}
 A run with summary.json is finished and never run again; one without is resumed.
 """
 
@@ -33,9 +33,9 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """Rows of metrics.jsonl; a torn last line (the process died mid-write) is dropped."""
-    path = run_dir / "metrics.jsonl"
+def read_metrics(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
+    """Rows of metrics.jsonl (or another JSONL log); a torn last line (the process died mid-write) is dropped."""
+    path = run_dir / name
     if not path.exists():
         return []
     rows = []
@@ -47,10 +47,19 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
-def truncate_metrics(run_dir: Path, last_step: int) -> None:
+def read_samples(run_dir: Path) -> list[dict]:
+    return read_metrics(run_dir, "samples.jsonl")
+
+
+def truncate_logs(run_dir: Path, last_step: int) -> None:
     """Keep rows up to `last_step` (the resume point), so a resumed run appends no duplicates."""
-    rows = [r for r in read_metrics(run_dir) if r["step"] <= last_step]
-    path = run_dir / "metrics.jsonl"
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        _truncate(run_dir, name, last_step)
+
+
+def _truncate(run_dir: Path, name: str, last_step: int) -> None:
+    rows = [r for r in read_metrics(run_dir, name) if r["step"] <= last_step]
+    path = run_dir / name
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, path)

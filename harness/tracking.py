@@ -16,25 +16,37 @@ from harness.results import write_json_atomic
 class Tracker(Protocol):
     def log_config(self, config: dict) -> None: ...
     def log(self, metrics: dict, step: int) -> None: ...
+    def log_samples(self, samples: list[dict], step: int) -> None: ...
     def finish(self, summary: dict) -> None: ...
 
 
 class JsonlTracker:
-    """metrics.jsonl appended and fsynced per step; summary.json written atomically, last."""
+    """metrics.jsonl appended and fsynced per step, samples.jsonl likewise; summary.json written
+    atomically, last."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(run_dir / "metrics.jsonl", "a")
+        self._samples = open(run_dir / "samples.jsonl", "a")
 
     def log_config(self, config: dict) -> None:
         write_json_atomic(self.run_dir / "config.json", config)
 
     def log(self, metrics: dict, step: int) -> None:
-        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        _append(self._file, {"step": step, **metrics})
+
+    def log_samples(self, samples: list[dict], step: int) -> None:
+        """A few (prompt, completion, reward) rows, so a report can show what the model wrote."""
+        _append(self._samples, {"step": step, "samples": samples})
 
     def finish(self, summary: dict) -> None:
         self._file.close()
+        self._samples.close()
         write_json_atomic(self.run_dir / "summary.json", summary)
+
+
+def _append(f, row: dict) -> None:
+    f.write(json.dumps(row) + "\n")
+    f.flush()
+    os.fsync(f.fileno())

@@ -5,15 +5,18 @@ Thresholds come from the matrix's `criteria:` (saved in results/<matrix>/matrix.
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from scipy import stats
 
 from harness.matrix import Criteria
 from harness.results import finite, read_json, read_metrics, write_json_atomic
 
 RUN_VERDICTS = ("converged", "no_learning", "diverged", "collapsed", "failed", "oom", "incomplete")
-CELL_VERDICTS = ("Converges", "Convergence issue", "Does not converge", "Error", "Incomplete")
+CELL_VERDICTS = ("Converges", "Convergence issue", "Does not converge", "Error", "Incomplete", "Smoke tested")
 
 
 @dataclass
@@ -90,50 +93,96 @@ class CellVerdict:
     status: str
     reason: str
     runs: list[RunVerdict]
-    delta_vs_baseline: float | None = None
+    eval_end_mean: float | None = None
+    eval_end_ci: tuple[float, float] | None = None  # two-sided t-interval at `confidence`
+    delta_vs_baseline: float | None = None  # mean final eval/reward minus the baseline's
+    delta_lower_bound: float | None = None  # one-sided lower bound at `confidence`: the non-inferiority test
+    test: str | None = None  # which interval, in words, for the report
 
     def stat(self, field: str) -> list[float]:
         return [x for r in self.runs if (x := getattr(r, field)) is not None]
 
 
-def _mean(xs: list[float]) -> float | None:
-    return statistics.fmean(xs) if xs else None
+def t_interval(xs: list[float], confidence: float) -> tuple[float, float]:
+    """Two-sided Student-t interval for the mean of xs (n >= 2)."""
+    n, mean = len(xs), statistics.fmean(xs)
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * statistics.stdev(xs) / math.sqrt(n)
+    return float(mean - half), float(mean + half)
+
+
+def difference_lower_bound(ours: dict[int, float], theirs: dict[int, float], confidence: float) -> tuple[float, float, str] | None:
+    """(mean difference, one-sided lower confidence bound, method) of ours - theirs.
+
+    Seeds shared by both cells are paired (same seed: same prompts drawn, same initial noise),
+    which removes the between-seed variance they share; otherwise Welch's unpaired interval.
+    """
+    shared = sorted(ours.keys() & theirs.keys())
+    if len(shared) >= 2:
+        d = [ours[s] - theirs[s] for s in shared]
+        mean, se, df = statistics.fmean(d), statistics.stdev(d) / math.sqrt(len(d)), len(d) - 1
+        method = f"paired one-sided t bound over {len(d)} seeds"
+    elif len(ours) >= 2 and len(theirs) >= 2:
+        a, b = list(ours.values()), list(theirs.values())
+        va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+        mean, se = statistics.fmean(a) - statistics.fmean(b), math.sqrt(va + vb)
+        df = (va + vb) ** 2 / ((va**2 / (len(a) - 1)) + (vb**2 / (len(b) - 1))) if va + vb > 0 else len(a) + len(b) - 2
+        method = "Welch one-sided t bound"
+    else:
+        return None
+    return mean, float(mean - stats.t.ppf(confidence, df) * se), method
 
 
 def judge_cell(name, key, label, runs: list[RunVerdict], baseline_name: str | None, baseline: CellVerdict | None, c: Criteria) -> CellVerdict:
     cell = CellVerdict(name, key, label, baseline_name, "", "", runs)
-    kinds = [r.verdict for r in runs]
+    finished = [r for r in runs if r.verdict != "incomplete"]
     errors = [r for r in runs if r.verdict in ("failed", "oom")]
-    learned = [r for r in runs if r.verdict == "converged"]
+    learned = [r for r in finished if r.verdict == "converged"]
+    ends = {r.seed: r.eval_end for r in finished if r.eval_end is not None}
+    if ends:
+        cell.eval_end_mean = statistics.fmean(ends.values())
+    if len(ends) >= 2:
+        cell.eval_end_ci = t_interval(list(ends.values()), c.confidence)
+    seeds = f"{len(finished)}/{len(runs)} seeds finished"
+    comparable = baseline is not None and baseline.name != name and baseline.status not in ("Incomplete", "Error")
+    if comparable:  # the evidence column shows Δ whatever the verdict
+        base_ends = {r.seed: r.eval_end for r in baseline.runs if r.verdict != "incomplete" and r.eval_end is not None}
+        found = difference_lower_bound(ends, base_ends, c.confidence)
+        if found:
+            cell.delta_vs_baseline, cell.delta_lower_bound, cell.test = found
+
     if errors:
         cell.status, cell.reason = "Error", f"seed {errors[0].seed}: {errors[0].reason}"
-    elif "incomplete" in kinds:
-        cell.status, cell.reason = "Incomplete", f"{len(runs) - kinds.count('incomplete')}/{len(runs)} seeds finished"
+    elif not finished:
+        cell.status, cell.reason = "Incomplete", seeds
+    elif len(finished) < c.min_seeds:
+        cell.status = "Smoke tested"
+        cell.reason = f"{seeds}, fewer than min_seeds {c.min_seeds}: " + "; ".join(f"seed {r.seed} {r.verdict}" for r in finished)
     elif not learned:
-        cell.status, cell.reason = "Does not converge", "; ".join(f"seed {r.seed}: {r.reason}" for r in runs)
-    elif len(learned) < len(runs):
-        bad = [r for r in runs if r.verdict != "converged"]
+        cell.status, cell.reason = "Does not converge", "; ".join(f"seed {r.seed}: {r.reason}" for r in finished)
+    elif len(learned) < len(finished):
+        bad = [r for r in finished if r.verdict != "converged"]
         cell.status = "Convergence issue"
-        cell.reason = f"{len(bad)}/{len(runs)} seeds unstable or not learning: " + "; ".join(f"seed {r.seed}: {r.reason}" for r in bad)
+        cell.reason = f"{len(bad)}/{len(finished)} seeds unstable or not learning: " + "; ".join(f"seed {r.seed}: {r.reason}" for r in bad)
+    elif baseline is None or baseline.name == name:
+        cell.status, cell.reason = "Converges", f"all {len(finished)} seeds learn (gain ≥ {c.min_gain})"
+    elif not comparable:
+        cell.status, cell.reason = "Incomplete", f"baseline cell is {baseline.status}: no comparison possible"
+    elif cell.delta_lower_bound is None:
+        cell.status, cell.reason = "Smoke tested", "too few seeds in this cell or its baseline for the non-inferiority test"
     else:
-        cell.status, cell.reason = "Converges", f"all {len(runs)} seeds learn (gain ≥ {c.min_gain})"
-    if baseline is not None and baseline.name != name:
-        ours, theirs = _mean(cell.stat("eval_end")), _mean(baseline.stat("eval_end"))
-        if ours is not None and theirs is not None:
-            cell.delta_vs_baseline = ours - theirs
-        if cell.status == "Converges":
-            if baseline.status == "Incomplete":
-                cell.status, cell.reason = "Incomplete", "baseline cell not finished"
-            elif cell.delta_vs_baseline is not None and cell.delta_vs_baseline < -c.tolerance:
-                cell.status = "Convergence issue"
-                cell.reason = f"learns, but final eval/reward is {-cell.delta_vs_baseline:.3f} below the baseline's (tolerance {c.tolerance})"
-            else:
-                cell.reason += f"; final eval/reward within {c.tolerance} of the baseline's or above"
+        bound = f"Δ {cell.delta_vs_baseline:+.3f}, {c.confidence:.0%} lower bound {cell.delta_lower_bound:+.3f} vs -{c.tolerance}"
+        if cell.delta_lower_bound < -c.tolerance:
+            cell.status = "Convergence issue"
+            worse = "worse than" if cell.delta_vs_baseline < -c.tolerance else "not shown non-inferior to"
+            cell.reason = f"learns, but {worse} the baseline ({bound}); more seeds narrow the bound"
+        else:
+            cell.status = "Converges"
+            cell.reason = f"all {len(finished)} seeds learn (gain ≥ {c.min_gain}); non-inferior to the baseline ({bound})"
     return cell
 
 
-def judge(root: Path) -> list[CellVerdict]:
-    """Judge every cell of the sweep in `root` and write root/verdicts.json."""
+def judge(root: Path, write: bool = True) -> list[CellVerdict]:
+    """Judge every cell of the sweep in `root` (and write root/verdicts.json)."""
     matrix = read_json(root / "matrix.json")
     c = Criteria(**matrix["criteria"])
     runs = {cell["name"]: [judge_run(root / r["run_id"], r["seed"], c) for r in cell["runs"]] for cell in matrix["cells"]}
@@ -141,7 +190,12 @@ def judge(root: Path) -> list[CellVerdict]:
     # baselines first, so every other cell can be compared with its baseline's verdict
     for cell in sorted(matrix["cells"], key=lambda x: x["baseline"] not in (None, x["name"])):
         base = done.get(cell["baseline"]) if cell["baseline"] else None
-        done[cell["name"]] = judge_cell(cell["name"], cell["key"], cell["label"], runs[cell["name"]], cell["baseline"], base, c)
+        v = judge_cell(cell["name"], cell["key"], cell["label"], runs[cell["name"]], cell["baseline"], base, c)
+        missing = sum(r.verdict == "incomplete" for r in v.runs)
+        if missing and v.status not in ("Incomplete", "Smoke tested"):
+            v.reason += f" ({missing} of {len(v.runs)} seeds not finished yet)"
+        done[cell["name"]] = v
     verdicts = [done[cell["name"]] for cell in matrix["cells"]]
-    write_json_atomic(root / "verdicts.json", [asdict(v) | {"runs": [asdict(r) | {"gain": r.gain} for r in v.runs]} for v in verdicts])
+    if write:
+        write_json_atomic(root / "verdicts.json", [asdict(v) | {"runs": [asdict(r) | {"gain": r.gain} for r in v.runs]} for v in verdicts])
     return verdicts

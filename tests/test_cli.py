@@ -44,3 +44,19 @@ def test_axes_lists_every_registered_name():
     out = runner.invoke(app, ["axes"]).output
     assert all(name in out for name in QUANT.names() + TASKS.names())
     assert "QLoRA" in out
+
+
+def test_compare_lists_changed_cells(tmp_path):
+    from synthetic import plant, write_sweep
+
+    matrix = "# make sweep MATRIX=c\naxes: {quant: [bf16, nf4]}\nseeds: [0, 1]\nbaseline: {quant: bf16}\n"
+    before, runs_a = write_sweep(tmp_path / "a", matrix, "c")
+    after, runs_b = write_sweep(tmp_path / "b", matrix, "c")
+    for runs, nf4 in ((runs_a, [0.55, 0.56]), (runs_b, [0.41, 0.42])):  # the upgrade broke nf4
+        plant(runs, "quant=bf16", [0.55, 0.56])
+        plant(runs, "quant=nf4", nf4)
+    res = runner.invoke(app, ["compare", str(before), str(after), "--fail-on-change"])
+    assert res.exit_code == 1, res.output
+    assert "Converges → Does not converge" in res.output and "1 of 2 cells changed status" in res.output
+    assert "(-0.140)" in res.output
+    assert runner.invoke(app, ["compare", str(before), str(before), "--fail-on-change"]).exit_code == 0

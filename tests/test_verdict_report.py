@@ -1,90 +1,103 @@
-"""Verdicts and the report on results folders written here by the real writers."""
+"""Verdicts and reports on results folders that the tests write with the real writers.
+
+The numbers are planted; the files (metrics.jsonl, samples.jsonl, summary.json, matrix.json)
+come from the same JsonlTracker and writers a real run uses, so they cannot drift from them.
+"""
 
 import json
 
 import pytest
 
-from harness.matrix import load_matrix
 from harness.report import write_report
-from harness.results import write_json_atomic
-from harness.tracking import JsonlTracker
-from harness.verdict import judge
+from harness.verdict import CELL_VERDICTS, RUN_VERDICTS, judge
+
+from synthetic import fake_run, plant, write_sweep
 
 MATRIX = """\
 # make sweep MATRIX=v
 axes: {quant: [bf16, nf4, int8, fp4]}
-seeds: [0, 1]
-include: [{quant: bf16, train.lr: 0.0, label: control}]
+seeds: [0, 1, 2]
+include:
+  - {quant: bf16, train.lr: 0.0, label: control}
+  - {quant: nf4, train.lr: 0.0, label: broken}
+  - {quant: int8, train.lr: 0.0, label: half}
+  - {quant: bf16, lora.r: 8, label: one seed}
 baseline: {quant: bf16}
-criteria: {min_gain: 0.05, tolerance: 0.05, kl_max: 1.0, entropy_floor: 0.05}
+criteria: {min_gain: 0.05, tolerance: 0.05, kl_max: 1.0, entropy_floor: 0.05, confidence: 0.9, min_seeds: 2}
 """
 
 
-def fake_run(run_dir, start, end, *, kl=0.1, entropy=0.5, status="ok", error=None, nan_at=None):
-    """Write a run the way run_one does (the numbers are planted, the files are real)."""
-    t = JsonlTracker(run_dir)
-    t.log({"eval/reward": start}, 0)
-    for step in range(1, 11):
-        row = {"kl": kl, "entropy": entropy, "reward/mean": 0.5, "throughput/rollout_tokens_per_s": 1000.0}
-        if step == nan_at:
-            row["loss"] = float("nan")
-        if step == 10:
-            row["eval/reward"] = end
-        t.log(row, step)
-    t.finish({"status": status, "error": error, "peak_memory_gib": 0.5, "median_step_s": 0.1})
-
-
 @pytest.fixture
-def sweep_root(tmp_path):
-    path = tmp_path / "v.yaml"
-    path.write_text(MATRIX)
-    m = load_matrix(path)
-    root = tmp_path / "results" / "v"
-    write_json_atomic(root / "matrix.json", m.to_json())
-    runs = {c.name: [root / r.run_id for r in c.runs] for c in m.cells}
-    return root, runs
+def sweep(tmp_path):
+    return write_sweep(tmp_path, MATRIX)
 
 
-def test_cell_and_run_verdicts(sweep_root, tmp_path):
-    root, runs = sweep_root
-    for d in runs["quant=bf16"]:
-        fake_run(d, 0.40, 0.55)
-    fake_run(runs["quant=nf4"][0], 0.38, 0.52)  # within tolerance of the baseline
-    fake_run(runs["quant=nf4"][1], 0.38, 0.53)
-    fake_run(runs["quant=int8"][0], 0.40, 0.46)  # learns, but 0.09 below the baseline
-    fake_run(runs["quant=int8"][1], 0.40, 0.46)
-    fake_run(runs["quant=fp4"][0], 0.40, 0.40, nan_at=4)
-    # fp4 seed 1 never ran
-    fake_run(runs["quant=bf16,train.lr=0.0 (control)"][0], 0.40, 0.40)
-    fake_run(runs["quant=bf16,train.lr=0.0 (control)"][1], 0.40, 0.40, entropy=0.01)
+def test_every_run_and_cell_verdict(sweep):
+    root, runs = sweep
+    plant(runs, "quant=bf16", [0.55, 0.56, 0.54])
+    plant(runs, "quant=nf4", [0.53, 0.54, 0.52])  # 0.02 below: non-inferior within 0.05
+    plant(runs, "quant=int8", [0.47, 0.47, 0.46])  # learns, 0.08 below: beyond tolerance
+    fake_run(runs["quant=fp4"][0], 0.4, 0.55)
+    fake_run(runs["quant=fp4"][1], 0.4, 0.40, nan_at=4)  # planted NaN
+    fake_run(runs["quant=fp4"][2], 0.4, 0.55, kl=2.5)  # KL above the bound
+    fake_run(runs["quant=bf16,lora.r=8 (one seed)"][0], 0.4, 0.55)  # seeds 1 and 2 missing: fewer than min_seeds
+    plant(runs, "quant=bf16,train.lr=0.0 (control)", [0.40, 0.40, 0.41])
+    fake_run(runs["quant=nf4,train.lr=0.0 (broken)"][0], 0.4, 0.4, status="oom", error="OutOfMemoryError: CUDA out of memory")
+    fake_run(runs["quant=nf4,train.lr=0.0 (broken)"][1], 0.4, 0.4, status="failed", error="RuntimeError: boom")
+    fake_run(runs["quant=nf4,train.lr=0.0 (broken)"][2], 0.4, 0.39, entropy=0.01)  # entropy collapse, no learning
+    # the "half" cell never ran
 
     cells = {c.name: c for c in judge(root)}
-    assert cells["quant=bf16"].status == "Converges"
-    assert cells["quant=nf4"].status == "Converges" and cells["quant=nf4"].delta_vs_baseline == pytest.approx(-0.025)
-    assert cells["quant=int8"].status == "Convergence issue" and "below the baseline" in cells["quant=int8"].reason
-    assert cells["quant=fp4"].status == "Incomplete"
-    assert [r.verdict for r in cells["quant=fp4"].runs] == ["diverged", "incomplete"]
-    assert "non-finite loss at step 4" in cells["quant=fp4"].runs[0].reason
-    control = cells["quant=bf16,train.lr=0.0 (control)"]
-    assert control.status == "Does not converge"
-    assert [r.verdict for r in control.runs] == ["no_learning", "collapsed"]
-    assert json.loads((root / "verdicts.json").read_text())[0]["status"] == "Converges"
+    status = {n: c.status for n, c in cells.items()}
+    assert status == {
+        "quant=bf16": "Converges",
+        "quant=nf4": "Converges",
+        "quant=int8": "Convergence issue",
+        "quant=fp4": "Convergence issue",
+        "quant=bf16,lora.r=8 (one seed)": "Smoke tested",
+        "quant=bf16,train.lr=0.0 (control)": "Does not converge",
+        "quant=nf4,train.lr=0.0 (broken)": "Error",
+        "quant=int8,train.lr=0.0 (half)": "Incomplete",
+    }
+    assert set(status.values()) == set(CELL_VERDICTS)
+
+    run_verdicts = {r.verdict for c in cells.values() for r in c.runs}
+    assert run_verdicts == set(RUN_VERDICTS)
+    fp4 = cells["quant=fp4"].runs
+    assert fp4[1].verdict == "diverged" and "non-finite loss at step 4" in fp4[1].reason
+    assert fp4[2].verdict == "diverged" and "kl 2.5 exceeds kl_max 1.0 at step 6" in fp4[2].reason
+    broken = cells["quant=nf4,train.lr=0.0 (broken)"].runs
+    assert [r.verdict for r in broken] == ["oom", "failed", "collapsed"]
+    assert "entropy 0.01 under entropy_floor 0.05" in broken[2].reason
+
+    nf4, int8 = cells["quant=nf4"], cells["quant=int8"]
+    assert nf4.delta_vs_baseline == pytest.approx(-0.02) and nf4.delta_lower_bound > -0.05
+    assert "non-inferior" in nf4.reason and nf4.test.startswith("paired")
+    assert int8.delta_lower_bound < -0.05 and "worse than the baseline" in int8.reason
+    assert "fewer than min_seeds 2" in cells["quant=bf16,lora.r=8 (one seed)"].reason
+    saved = json.loads((root / "verdicts.json").read_text())
+    assert [c["status"] for c in saved] == list(status.values())
 
 
-def test_errors_kl_and_escaping_in_report(sweep_root, tmp_path):
-    root, runs = sweep_root
-    for d in runs["quant=bf16"]:
-        fake_run(d, 0.40, 0.55)
-    fake_run(runs["quant=nf4"][0], 0.4, 0.6, kl=3.0)
-    fake_run(runs["quant=nf4"][1], 0.4, 0.6)
-    fake_run(runs["quant=int8"][0], 0.4, 0.6, status="failed", error="ValueError: bad <script>alert(1)</script> | x")
-    fake_run(runs["quant=int8"][1], 0.4, 0.6)
+def test_noisy_cell_is_not_called_non_inferior(sweep):
+    """Same mean gap as a passing cell, but seeds scattered: the bound, not the mean, decides."""
+    root, runs = sweep
+    plant(runs, "quant=bf16", [0.55, 0.55, 0.55])
+    plant(runs, "quant=nf4", [0.62, 0.53, 0.44], start=0.30)  # mean 0.53 (Δ -0.02), sd 0.09
     cells = {c.name: c for c in judge(root)}
-    assert cells["quant=nf4"].status == "Convergence issue" and "kl 3 exceeds kl_max 1.0 at step 1" in cells["quant=nf4"].reason
-    assert cells["quant=int8"].status == "Error"
+    assert cells["quant=nf4"].delta_vs_baseline == pytest.approx(-0.02)
+    assert cells["quant=nf4"].status == "Convergence issue"
+    assert "not shown non-inferior" in cells["quant=nf4"].reason
 
-    text = write_report(root, tmp_path / "reports" / "v").read_text()
-    assert "<script>" not in text and "&lt;script&gt;" in text and "\\| x" in text
-    table = [line for line in text.splitlines() if line.startswith("| ") and "**" in line]
-    assert len(table) == 5  # a row per cell
-    assert "Convergence issue" in table[1] and "Error" in table[2]
+
+def test_report_escapes_what_runs_wrote(sweep, tmp_path):
+    root, runs = sweep
+    plant(runs, "quant=bf16", [0.55, 0.56, 0.54], completion="<script>document.title='pwned'</script>")
+    fake_run(runs["quant=nf4"][0], 0.4, 0.6, status="failed", error="ValueError: bad <b>html</b> | pipe")
+    judge(root)
+    write_report(root, tmp_path / "reports" / "v")
+    text = (tmp_path / "reports" / "v" / "report.md").read_text()
+    assert "<b>" not in text and "&lt;b&gt;" in text and "\\| pipe" in text
+    page = (tmp_path / "reports" / "v" / "report.html").read_text()
+    assert "<script>" not in page and "&lt;script&gt;document.title" in page
+    assert "<b>html" not in page

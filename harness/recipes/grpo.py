@@ -115,6 +115,9 @@ def run(cfg: RunConfig, run_dir: Path, tracker, device: torch.device, progress=l
         if step % t.eval_every == 0 or step == t.steps:
             metrics["eval/reward"] = evaluate(engine, task, task.eval)
         tracker.log(metrics, step)
+        if step in (1, t.steps):  # what the model wrote at the start and at the end, one per prompt
+            picks = range(0, min(len(grouped), 4 * t.group_size), t.group_size)
+            tracker.log_samples([{"prompt": grouped[i].prompt, "completion": batch.texts[i], "reward": rewards[i].item()} for i in picks], step)
         if step % t.checkpoint_every == 0 or step == t.steps:
             checkpoint.save(run_dir, model, optimizer, rng, step)
         progress(step=step, total=t.steps, reward=metrics["reward/mean"], eval=metrics.get("eval/reward"))

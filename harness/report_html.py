@@ -1,0 +1,132 @@
+"""The self-contained report.html: table, curves, bars, samples, environment, matrix.
+
+Everything that came from a run goes through `e()` (html.escape): a completion that reads
+`<script>` is shown as text. No script of our own either, so the page works from a file.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from html import escape
+from pathlib import Path
+
+from harness.plots import PALETTE, bar_chart, line_chart
+from harness.report import COLUMNS, STATUS_MARK, first_env, method_text
+from harness.results import read_metrics, read_samples
+
+CURVES = [("reward/mean", "train reward"), ("eval/reward", "held-out eval/reward"), ("kl", "KL to reference"), ("entropy", "entropy")]
+STATUS_CLASS = {"Converges": "ok", "Convergence issue": "warn", "Does not converge": "bad", "Error": "bad", "Incomplete": "na", "Smoke tested": "na"}
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1280px;padding:0 16px;color:#222}
+h1{font-size:22px;margin-bottom:4px} h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd;padding-bottom:4px}
+h3{font-size:15px;margin:20px 0 6px} .muted{color:#666} code,pre{font:12px ui-monospace,Menlo,Consolas,monospace}
+pre{background:#f6f8fa;padding:10px;overflow:auto;border-radius:4px}
+table{border-collapse:collapse;font-size:13px} th,td{border:1px solid #ddd;padding:4px 7px;text-align:left;vertical-align:top}
+th{background:#f3f3f3;position:sticky;top:0} td.num{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}
+.status{font-weight:600;white-space:nowrap} .ok{color:#176c2e} .warn{color:#9a6700} .bad{color:#b42318} .na{color:#555}
+.plots{display:flex;flex-wrap:wrap;gap:8px} svg.plot{background:#fff;border:1px solid #eee}
+svg .t{font-size:12px;font-weight:600} svg .a{font-size:10px;fill:#555} svg .n{font-size:11px;fill:#999}
+svg .frame{fill:none;stroke:#ccc} svg .grid{stroke:#eee}
+.legend span{display:inline-block;margin-right:14px;font-size:12px} .swatch{display:inline-block;width:18px;height:3px;vertical-align:middle;margin-right:4px}
+.cell{border-top:1px solid #eee;margin-top:18px} .why{max-width:360px} td.text{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap}
+"""
+
+
+def e(text) -> str:
+    return escape(str(text), quote=True)
+
+
+def render_html(root: Path, out_dir: Path, matrix: dict, cells: list[dict], rows: list[dict]) -> str:
+    runs_link = os.path.relpath(root, out_dir)
+    colors = {c["name"]: PALETTE[i % len(PALETTE)] for i, c in enumerate(cells)}
+    curves = {c["name"]: {r["run_id"]: read_metrics(root / r["run_id"]) for r in c["runs"]} for c in cells}
+    by_name = {c["name"]: c for c in cells}
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{e(matrix['name'])}: verified configurations</title>",
+             f"<style>{CSS}</style></head><body>",
+             f"<h1>Verified configurations: <code>{e(matrix['name'])}</code></h1><p class='muted'>{e(matrix['description'])}</p>",
+             f"<p class='muted'>Re-run: <code>make sweep MATRIX={e(matrix['name'])}</code>; regenerate: <code>harness report {e(matrix['name'])}</code></p>",
+             "<h2>Convergence matrix</h2>", _table(rows, cells), f"<p class='muted'>{e(method_text(matrix))}</p>",
+             "<h2>Memory and throughput</h2><div class='plots'>", _bars(cells, rows, colors), "</div>", "<h2>Cells</h2>"]
+    for i, (cell, row) in enumerate(zip(cells, rows)):
+        base = by_name.get(cell["baseline"]) if cell["baseline"] != cell["name"] else None
+        parts.append(_cell_section(i, cell, row, curves, base, colors, root, runs_link))
+    env = first_env(root, cells) or {}
+    parts.append("<h2>Environment</h2><table id='env'>")
+    parts += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in [("device", env.get("device")), ("git commit", env.get("git_commit")),
+                                                                   *env.get("versions", {}).items()]]
+    parts.append(f"</table><h2>Matrix</h2><pre id='matrix-yaml'>{e(matrix['source'])}</pre></body></html>")
+    return "".join(parts)
+
+
+def _table(rows: list[dict], cells: list[dict]) -> str:
+    out = ["<table id='convergence'><thead><tr>", *(f"<th>{e(t)}</th>" for _, t in COLUMNS), "</tr></thead><tbody>"]
+    for i, row in enumerate(rows):
+        tds = []
+        for key, _ in COLUMNS:
+            if key == "status":
+                tds.append(f"<td class='status {STATUS_CLASS.get(row['status'], '')}'><a href='#cell-{i}'>{STATUS_MARK.get(row['status'], '')} {e(row['status'])}</a></td>")
+            elif key in ("reason", "variant", "workflow", "quantization", "colocation"):
+                tds.append(f"<td class='{'why' if key == 'reason' else ''}'>{e(row[key])}</td>")
+            else:
+                tds.append(f"<td class='num'>{e(row[key])}</td>")
+        out.append(f"<tr class='cell-row' data-cell='{e(cells[i]['name'])}' data-status='{e(row['status'])}'>{''.join(tds)}</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _bars(cells, rows, colors) -> str:
+    def num(s: str):
+        try:
+            return float(s.split()[0])
+        except ValueError:
+            return None
+
+    labels = [c["name"] for c in cells]
+    out = []
+    for key, title, unit in (("memory", "peak memory", "GiB"), ("tokens_per_s", "rollout throughput", "tok/s"), ("step_s", "median step time", "s")):
+        out.append(bar_chart([(label, num(row[key]), colors[label]) for label, row in zip(labels, rows)], title, key, unit))
+    return "".join(out)
+
+
+def _mean_curve(runs: dict[str, list[dict]], metric: str) -> list[tuple[float, float]]:
+    by_step: dict[int, list[float]] = {}
+    for rows in runs.values():
+        for r in rows:
+            if metric in r and isinstance(r[metric], (int, float)):
+                by_step.setdefault(r["step"], []).append(r[metric])
+    n = len(runs)
+    return [(s, statistics.fmean(v)) for s, v in sorted(by_step.items()) if len(v) == n]
+
+
+def _cell_section(i, cell, row, curves, base, colors, root: Path, runs_link: str) -> str:
+    color = colors[cell["name"]]
+    runs = curves[cell["name"]]
+    legend = (f"<div class='legend'><span><i class='swatch' style='background:{color}'></i>each seed (thin), mean (bold)</span>"
+              + (f"<span><i class='swatch' style='background:#555'></i>baseline mean, dashed: {e(base['name'])}</span>" if base else "") + "</div>")
+    charts = []
+    for metric, title in CURVES:
+        series = [{"points": [(r["step"], r[metric]) for r in rows if metric in r], "color": color, "width": 1, "opacity": 0.45,
+                   "label": f"run {run_id}"} for run_id, rows in runs.items()]
+        series.append({"points": _mean_curve(runs, metric), "color": color, "width": 2.5, "label": "mean over seeds"})
+        if base:
+            series.append({"points": _mean_curve(curves[base["name"]], metric), "color": "#555", "width": 1.5, "dash": "5,3",
+                           "label": "baseline mean"})
+        charts.append(line_chart(series, title, metric))
+    samples = []
+    for r in cell["runs"]:
+        for entry in read_samples(root / r["run_id"]):
+            for s in entry["samples"]:
+                samples.append(f"<tr><td class='num'>{r['seed']}</td><td class='num'>{entry['step']}</td><td class='text'>{e(s['prompt'])}</td>"
+                               f"<td class='text completion'>{e(s['completion'])}</td><td class='num'>{s['reward']:g}</td></tr>")
+    links = " ".join(f"<a href='{e(runs_link)}/{e(r['run_id'])}/'>{e(r['run_id'])}</a> (seed {r['seed']}: {e(r['verdict'])})" for r in cell["runs"])
+    return "".join([
+        f"<section class='cell' id='cell-{i}' data-cell='{e(cell['name'])}'><h3>{e(cell['name'])}: ",
+        f"<span class='status {STATUS_CLASS.get(row['status'], '')}'>{e(row['status'])}</span></h3>",
+        f"<p>{e(row['reason'])}</p>", legend, "<div class='plots'>", *charts, "</div>",
+        f"<p class='muted'>Runs: {links}</p>",
+        "<details><summary>Sample completions (first and last step, one per prompt)</summary><table class='samples'>"
+        "<tr><th>seed</th><th>step</th><th>prompt</th><th>completion</th><th>reward</th></tr>",
+        *(samples or ["<tr><td colspan='5'>no samples logged</td></tr>"]), "</table></details></section>",
+    ])
