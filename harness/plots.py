@@ -25,7 +25,7 @@ def _fmt(v: float) -> str:
 def line_chart(series: list[dict], title: str, metric: str, width: int = 300, height: int = 190) -> str:
     """series: [{"points": [(x, y)], "color", "width", "dash", "label"}]; non-finite y are skipped."""
     pts = [(x, y) for s in series for x, y in s["points"] if math.isfinite(y)]
-    left, right, top, bottom = 44, 8, 22, 24
+    left, right, top, bottom = 44, 14, 22, 24
     head = f'<svg class="plot" data-metric="{escape(metric)}" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">'
     title_el = f'<text x="{width / 2}" y="14" text-anchor="middle" class="t">{escape(title)}</text>'
     if not pts:

@@ -12,25 +12,26 @@ from html import escape
 from pathlib import Path
 
 from harness.plots import PALETTE, bar_chart, line_chart
-from harness.report import COLUMNS, STATUS_MARK, first_env, method_text
+from harness.report import COLUMNS, first_env, method_text
 from harness.results import read_metrics, read_samples
 
 CURVES = [("reward/mean", "train reward"), ("eval/reward", "held-out eval/reward"), ("kl", "KL to reference"), ("entropy", "entropy")]
 STATUS_CLASS = {"Converges": "ok", "Convergence issue": "warn", "Does not converge": "bad", "Error": "bad", "Incomplete": "na", "Smoke tested": "na"}
 
 CSS = """
-body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1280px;padding:0 16px;color:#222}
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1560px;padding:0 16px;color:#222}
+.scroll{overflow-x:auto}
 h1{font-size:22px;margin-bottom:4px} h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd;padding-bottom:4px}
 h3{font-size:15px;margin:20px 0 6px} .muted{color:#666} code,pre{font:12px ui-monospace,Menlo,Consolas,monospace}
 pre{background:#f6f8fa;padding:10px;overflow:auto;border-radius:4px}
 table{border-collapse:collapse;font-size:13px} th,td{border:1px solid #ddd;padding:4px 7px;text-align:left;vertical-align:top}
 th{background:#f3f3f3;position:sticky;top:0} td.num{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}
-.status{font-weight:600;white-space:nowrap} .ok{color:#176c2e} .warn{color:#9a6700} .bad{color:#b42318} .na{color:#555}
+.status{font-weight:600;white-space:nowrap} .status a{color:inherit} .ok{color:#176c2e} .warn{color:#9a6700} .bad{color:#b42318} .na{color:#555}
 .plots{display:flex;flex-wrap:wrap;gap:8px} svg.plot{background:#fff;border:1px solid #eee}
 svg .t{font-size:12px;font-weight:600} svg .a{font-size:10px;fill:#555} svg .n{font-size:11px;fill:#999}
 svg .frame{fill:none;stroke:#ccc} svg .grid{stroke:#eee}
 .legend span{display:inline-block;margin-right:14px;font-size:12px} .swatch{display:inline-block;width:18px;height:3px;vertical-align:middle;margin-right:4px}
-.cell{border-top:1px solid #eee;margin-top:18px} .why{max-width:360px} td.text{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap}
+.cell{border-top:1px solid #eee;margin-top:18px} .why{min-width:260px;max-width:480px;font-size:12px} td.text{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap}
 """
 
 
@@ -61,18 +62,18 @@ def render_html(root: Path, out_dir: Path, matrix: dict, cells: list[dict], rows
 
 
 def _table(rows: list[dict], cells: list[dict]) -> str:
-    out = ["<table id='convergence'><thead><tr>", *(f"<th>{e(t)}</th>" for _, t in COLUMNS), "</tr></thead><tbody>"]
+    out = ["<div class='scroll'><table id='convergence'><thead><tr>", *(f"<th>{e(t)}</th>" for _, t in COLUMNS), "</tr></thead><tbody>"]
     for i, row in enumerate(rows):
         tds = []
         for key, _ in COLUMNS:
             if key == "status":
-                tds.append(f"<td class='status {STATUS_CLASS.get(row['status'], '')}'><a href='#cell-{i}'>{STATUS_MARK.get(row['status'], '')} {e(row['status'])}</a></td>")
+                tds.append(f"<td class='status {STATUS_CLASS.get(row['status'], '')}'><a href='#cell-{i}'>● {e(row['status'])}</a></td>")
             elif key in ("reason", "variant", "workflow", "quantization", "colocation"):
                 tds.append(f"<td class='{'why' if key == 'reason' else ''}'>{e(row[key])}</td>")
             else:
                 tds.append(f"<td class='num'>{e(row[key])}</td>")
         out.append(f"<tr class='cell-row' data-cell='{e(cells[i]['name'])}' data-status='{e(row['status'])}'>{''.join(tds)}</tr>")
-    out.append("</tbody></table>")
+    out.append("</tbody></table></div>")
     return "".join(out)
 
 
@@ -126,7 +127,7 @@ def _cell_section(i, cell, row, curves, base, colors, root: Path, runs_link: str
         f"<span class='status {STATUS_CLASS.get(row['status'], '')}'>{e(row['status'])}</span></h3>",
         f"<p>{e(row['reason'])}</p>", legend, "<div class='plots'>", *charts, "</div>",
         f"<p class='muted'>Runs: {links}</p>",
-        "<details><summary>Sample completions (first and last step, one per prompt)</summary><table class='samples'>"
+        "<details open><summary>Sample completions (first and last step, one per prompt)</summary><table class='samples'>"
         "<tr><th>seed</th><th>step</th><th>prompt</th><th>completion</th><th>reward</th></tr>",
         *(samples or ["<tr><td colspan='5'>no samples logged</td></tr>"]), "</table></details></section>",
     ])
