@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	else \
 	  python3 -m venv $(VENV) && $(PY) -m pip install -q "$(TORCH)"; \
 	fi
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,modelopt]"
 	@touch $@
 
 sweep: setup

@@ -1,4 +1,5 @@
-"""The resume point in `<run>/adapter/`: LoRA weights, optimizer state, RNG states, step.
+"""The resume point in `<run>/adapter/`: LoRA weights (or all weights), quantizer amax,
+optimizer state, RNG states, step.
 
 Written to a temporary folder and swapped in by rename, so a kill leaves the previous
 checkpoint or the new one, never a torn one.
@@ -19,8 +20,11 @@ STATE = "trainer_state.pt"
 def save(run_dir: Path, model, optimizer, rng: random.Random, step: int) -> None:
     final, tmp, old = run_dir / "adapter", run_dir / ".adapter.tmp", run_dir / ".adapter.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    tmp.mkdir(parents=True)
+    if is_peft(model):
+        model.save_pretrained(tmp)
     state = {
+        "model": _extra_state(model),
         "step": step,
         "optimizer": optimizer.state_dict(),
         "python_rng": rng.getstate(),
@@ -35,6 +39,16 @@ def save(run_dir: Path, model, optimizer, rng: random.Random, step: int) -> None
     shutil.rmtree(old, ignore_errors=True)
 
 
+def is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter")
+
+
+def _extra_state(model) -> dict:
+    """What the adapter file does not hold: every weight when all of them train, and always the
+    quantizers' calibrated amax, which must survive a resume unchanged."""
+    return {k: v for k, v in model.state_dict().items() if not is_peft(model) or k.endswith("_amax")}
+
+
 def restore(run_dir: Path, model, optimizer, rng: random.Random) -> int:
     """Load the last checkpoint into model/optimizer/rng; the step it was taken at (0: none)."""
     final, old = run_dir / "adapter", run_dir / ".adapter.old"
@@ -45,8 +59,10 @@ def restore(run_dir: Path, model, optimizer, rng: random.Random) -> int:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(final / "adapter_model.safetensors"))
     state = torch.load(final / STATE, weights_only=False)
+    if is_peft(model):
+        set_peft_model_state_dict(model, load_file(final / "adapter_model.safetensors"))
+    model.load_state_dict(state["model"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
     rng.setstate(state["python_rng"])
     torch.set_rng_state(state["torch_rng"])

@@ -6,7 +6,7 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from harness.registries import ALGORITHMS, COLOCATION, MODELS, QUANT, TASKS
 
@@ -45,6 +45,16 @@ class LoraConfig(Frozen):
     target_modules: Literal["all-linear"] | tuple[str, ...] = "all-linear"
 
 
+class ModelOptConfig(Frozen):
+    """ModelOpt fake-quantization knobs, named as in NeMo RL's QARL parameters."""
+
+    quant_cfg: str | None = Field(None, description="with quant: modelopt, a ModelOpt config name (NVFP4_DEFAULT_CFG) or a YAML file")
+    quant_calib_size: int = Field(128, ge=1, description="training prompts used to calibrate amax")
+    quant_batch_size: int = Field(32, ge=1)
+    quant_sequence_length: int = Field(64, ge=1)
+    recalibrate_every: int = Field(0, ge=0, description="re-calibrate amax every N steps; 0 keeps the first calibration")
+
+
 class TrainConfig(Frozen):
     steps: int = Field(100, ge=1)
     prompts_per_step: int = Field(16, ge=1)
@@ -58,6 +68,7 @@ class TrainConfig(Frozen):
     eval_every: int = Field(25, ge=1)
     checkpoint_every: int = Field(25, ge=1)
     gradient_checkpointing: bool = False
+    trainable: Literal["lora", "full"] = Field("lora", description="full: every base weight trains (QAT through the fake quantizer)")
 
 
 class RunConfig(Frozen):
@@ -68,6 +79,8 @@ class RunConfig(Frozen):
     rollout: RolloutConfig = RolloutConfig()
     lora: LoraConfig = LoraConfig()
     train: TrainConfig = TrainConfig()
+    modelopt: ModelOptConfig = ModelOptConfig()
+    teacher: str | None = Field(None, description="distill: the BF16 teacher; None means the same checkpoint as `model`")
     seed: int = 0
 
     @field_validator("task", mode="before")
@@ -91,6 +104,17 @@ class RunConfig(Frozen):
         if v.startswith("builtin:"):
             return "builtin:" + MODELS.canonical(v.removeprefix("builtin:"))
         return v  # an HF id or a local folder: checked when loaded, it may need the network
+
+    @model_validator(mode="after")
+    def _format_options(self):
+        fmt = QUANT.get(self.quant)
+        if self.quant == "modelopt" and not self.modelopt.quant_cfg:
+            raise ValueError("quant: modelopt needs modelopt.quant_cfg (a ModelOpt config name or a YAML file)")
+        if self.modelopt.recalibrate_every and not fmt.calibrated:
+            raise ValueError(f"modelopt.recalibrate_every applies to ModelOpt formats, not {self.quant}")
+        if self.train.trainable == "full" and not fmt.trains_full_weights:
+            raise ValueError(f"train.trainable: full needs a base whose weights can train (bf16 or a ModelOpt format), not {self.quant}")
+        return self
 
     def canonical_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))

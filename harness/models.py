@@ -3,6 +3,9 @@ loaded with the run's quantization and wrapped with LoRA."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import weakref
 from pathlib import Path
 
 import torch
@@ -20,31 +23,21 @@ def resolve(model: str) -> str:
 
 
 def load_policy(cfg: RunConfig, device: torch.device, dtype: torch.dtype):
-    """(peft model, tokenizer): the quantized, frozen base with trainable LoRA adapters."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer): the quantized base with trainable LoRA adapters on top (default), or
+    with every weight trainable (`train.trainable: full`, QAT through the fake quantizer)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
 
     source = resolve(cfg.model)
-    fmt = QUANT.get(cfg.quant)
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        source,
-        dtype=dtype,
-        quantization_config=fmt.hf_quantization_config(dtype),
-        device_map={"": device},
-    )
-    for module in model.modules():
-        # bitsandbytes 0.50 repacks a 4-bit layer for an inference-only CPU kernel the first time
-        # it runs in eval mode and never unpacks it on train(); after the first held-out evaluation
-        # every training forward would then go through that kernel. RL alternates the two modes.
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    if fmt.quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
-    elif cfg.train.gradient_checkpointing:
+    model = QUANT.get(cfg.quant).load_base(source, cfg, device, dtype)
+    if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if cfg.train.trainable == "full":
+        _REFERENCES[model] = copy.deepcopy(model).requires_grad_(False).eval()
+        return model.requires_grad_(True), tokenizer
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
@@ -55,3 +48,19 @@ def load_policy(cfg: RunConfig, device: torch.device, dtype: torch.dtype):
     # peft keeps the adapters in float32 whatever the base's dtype: AdamW steps of ~1e-3 on
     # bf16 weights would round away, and every format then trains the same adapter numerics.
     return get_peft_model(model, lora), tokenizer
+
+
+# full-weight training keeps a frozen copy of the starting model as the KL reference; kept
+# beside the model rather than on it, so it is not a submodule (no optimizer, no checkpoint)
+_REFERENCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def reference(model):
+    """The model that scores reference log-probs: the same quantized base with the LoRA adapter
+    disabled, or the frozen starting copy when every weight trains."""
+    if model in _REFERENCES:
+        yield _REFERENCES[model]
+    else:
+        with model.disable_adapter():
+            yield model

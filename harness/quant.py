@@ -26,10 +26,32 @@ class BnbFormat:
     name: str
     kind: str | None  # None: not quantized; "int8"; or the 4-bit type "nf4"/"fp4"
     double_quant: bool = True
+    calibrated: bool = False  # no amax to (re)calibrate
 
     @property
     def quantized(self) -> bool:
         return self.kind is not None
+
+    @property
+    def trains_full_weights(self) -> bool:
+        return self.kind is None  # 4- and 8-bit bitsandbytes weights are storage, not parameters
+
+    def load_base(self, source: str, cfg, device, dtype):
+        from peft import prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, quantization_config=self.hf_quantization_config(dtype), device_map={"": device}
+        )
+        for module in model.modules():
+            # bitsandbytes 0.50 repacks a 4-bit layer for an inference-only CPU kernel the first time
+            # it runs in eval mode and never unpacks it on train(); after the first held-out evaluation
+            # every training forward would then go through that kernel. RL alternates the two modes.
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+        if self.quantized:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+        return model
 
     def hf_quantization_config(self, compute_dtype: torch.dtype):
         if self.kind is None:

@@ -7,9 +7,16 @@ QUANT.register("bf16", "harness.quant:BF16", "no quantization: the base in the d
 QUANT.register("int8", "harness.quant:INT8", "bitsandbytes LLM.int8 base, frozen, + LoRA")
 QUANT.register("nf4", "harness.quant:NF4", "QLoRA: bitsandbytes NF4 base with double quantization + LoRA")
 QUANT.register("fp4", "harness.quant:FP4", "bitsandbytes FP4 base with double quantization + LoRA")
+QUANT.register("nvfp4_w4a16", "harness.quant_modelopt:NVFP4_W4A16", "ModelOpt fake quant: NVFP4 weights, activations unquantized")
+QUANT.register("nvfp4_w4a4", "harness.quant_modelopt:NVFP4_W4A4", "ModelOpt fake quant: NVFP4 weights and activations (NVFP4_DEFAULT_CFG)")
+QUANT.register("fp8", "harness.quant_modelopt:FP8", "ModelOpt fake quant: FP8 E4M3 weights and activations")
+QUANT.register("int8_sq", "harness.quant_modelopt:INT8_SQ", "ModelOpt fake quant: INT8 SmoothQuant")
+QUANT.register("int4_awq", "harness.quant_modelopt:INT4_AWQ", "ModelOpt fake quant: INT4 AWQ weights")
+QUANT.register("modelopt", "harness.quant_modelopt:CUSTOM", "any ModelOpt config: name it (or a YAML file) in modelopt.quant_cfg")
 
 ALGORITHMS = Registry("algorithm")
 ALGORITHMS.register("grpo", "harness.recipes.grpo:run", "GRPO: group-relative advantages, clipped surrogate, k3 KL")
+ALGORITHMS.register("distill", "harness.recipes.distill:run", "on-policy distillation: reverse KL to a BF16 teacher on the student's samples")
 
 TASKS = Registry("task")
 TASKS.register("arith", "harness.tasks:ArithTask", "two-digit addition, exact-answer reward (synthetic)")

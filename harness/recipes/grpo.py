@@ -9,7 +9,8 @@ Where this departs from the paper:
   not per sequence then over sequences, so long completions are not down-weighted.
 - The reference is the same quantized base with the LoRA adapter disabled, not a separate
   full-precision copy: quantization error is shared by policy and reference, costs no memory,
-  and the KL measures only what training moved.
+  and the KL measures only what training moved. (With `trainable: full`, a frozen copy of the
+  quantized starting model.)
 - The group std is the unbiased sample std (TRL's choice).
 """
 
@@ -23,7 +24,7 @@ import torch
 
 from harness import checkpoint
 from harness.config import RunConfig
-from harness.models import load_policy
+from harness.models import load_policy, reference
 from harness.quant import quantized_linear_stats
 from harness.recipes import NonFinite
 from harness.registries import COLOCATION
@@ -72,8 +73,8 @@ def run(cfg: RunConfig, run_dir: Path, tracker, device: torch.device, progress=l
         args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, mask, cfg.rollout.temperature)
         with torch.no_grad():
             old_logp, _ = completion_logprobs(model, *args)
-            with model.disable_adapter():
-                ref_logp, _ = completion_logprobs(model, *args)
+            with reference(model) as ref:
+                ref_logp, _ = completion_logprobs(ref, *args)
         model.train()
         buf: dict[str, list[float]] = {}
         for _ in range(t.updates_per_batch):
@@ -90,6 +91,10 @@ def run(cfg: RunConfig, run_dir: Path, tracker, device: torch.device, progress=l
             if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                 break
             optimizer.step()
+        if cfg.modelopt.recalibrate_every:
+            from harness.quant_modelopt import recalibrate_if_due
+
+            recalibrate_if_due(model, cfg, device, step)
         train_s, train_peak = time.perf_counter() - t0, memory.peak_gib()
 
         n_tokens = mask.sum().item()
