@@ -45,24 +45,38 @@ def clipped_surrogate(logp, old_logp, advantages, clip_low: float, clip_high: fl
     return -torch.minimum(unclipped, clipped), is_clipped
 
 
-def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0):
-    """(log-prob of each completion token, entropy of each position's distribution), both [N, C].
+def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0):
+    """Logits that score each completion token, [N, C, V], float32, divided by the temperature.
 
     The logits at position t predict token t+1, so the completion's C tokens are scored by the
     logits at positions P-1 .. P+C-2. Positions follow the attention mask, as in `generate`, so
-    left-padded prompts get the positions they were sampled with. Logits are divided by the
-    sampling temperature: the policy being trained is the one that was sampled from.
+    left-padded prompts get the positions they were sampled with. Dividing by the sampling
+    temperature makes the trained policy the one that was sampled from.
     """
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention = torch.cat([prompt_mask, completion_mask], dim=1)
     position_ids = (attention.cumsum(1) - 1).clamp(min=0)
     n_completion = completion_ids.shape[1]
     logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, logits_to_keep=n_completion + 1).logits
-    logits = logits[:, :-1].float() / temperature
+    return logits[:, :-1].float() / temperature
+
+
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0):
+    """(log-prob of each completion token, entropy of each position's distribution), both [N, C]."""
+    logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature)
+    return token_logprobs_and_entropy(logits, completion_ids)
+
+
+def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor):
     logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+    logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Per-position KL(student || teacher) = sum_v p_s(v) (log p_s(v) - log p_t(v)), exact over the vocabulary."""
+    s, t = torch.log_softmax(student_logits, -1), torch.log_softmax(teacher_logits, -1)
+    return (s.exp() * (s - t)).sum(-1)
 
 
 def mismatch_metrics(train_logp, sampler_logp, mask) -> dict[str, float]:

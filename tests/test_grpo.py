@@ -4,7 +4,7 @@ import re
 
 import torch
 
-import harness.recipes.grpo as grpo
+import harness.recipes.common as common
 from harness.executor import run_one
 from harness.results import read_json, read_metrics
 
@@ -35,8 +35,8 @@ def spy_on_policy(monkeypatch):
         seen["at_load"] = {n: p.detach().clone() for n, p in model.named_parameters()}
         return model, tok
 
-    real = grpo.load_policy
-    monkeypatch.setattr(grpo, "load_policy", load_and_keep)
+    real = common.load_policy
+    monkeypatch.setattr(common, "load_policy", load_and_keep)
     return seen
 
 

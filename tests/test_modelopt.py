@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-import harness.recipes.grpo as grpo
 from harness import checkpoint
 from harness.executor import run_one
 from harness.models import load_policy

@@ -1,0 +1,114 @@
+"""Pieces every recipe's loop shares: setup, group sampling, system metrics, end of step."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from harness import checkpoint
+from harness.models import load_policy
+from harness.quant import quantized_linear_stats
+from harness.recipes import NonFinite
+from harness.registries import COLOCATION
+from harness.rollout import evaluate
+from harness.system import PeakMemory, compute_dtype
+from harness.tasks import load_task
+
+
+@dataclass
+class Setup:
+    task: object
+    model: torch.nn.Module
+    tokenizer: object
+    engine: object
+    params: list
+    optimizer: torch.optim.Optimizer
+    rng: random.Random  # picks the prompts; checkpointed so a resume continues the stream
+    memory: PeakMemory
+    dtype: torch.dtype
+    facts: dict  # what summary.json records about the model
+
+
+def setup(cfg, device: torch.device) -> Setup:
+    torch.manual_seed(cfg.seed)
+    dtype = compute_dtype(device)
+    model, tokenizer = load_policy(cfg, device, dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    facts = {
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "model_footprint_bytes": model.get_memory_footprint(),
+        "trainable_params": sum(p.numel() for p in params),
+        **quantized_linear_stats(model),
+    }
+    return Setup(load_task(cfg.task), model, tokenizer, COLOCATION.get(cfg.rollout.colocation)(model, tokenizer, cfg.rollout),
+                 params, torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=0.0), random.Random(cfg.seed),
+                 PeakMemory(device), dtype, facts)
+
+
+def sample_groups(s: Setup, cfg, device):
+    """`prompts_per_step` training prompts, `group_size` completions each, scored by the task.
+    Returns (problems repeated per completion, the Rollout, rewards, seconds, peak GiB)."""
+    s.memory.reset()
+    t0 = time.perf_counter()
+    problems = s.rng.sample(s.task.train, cfg.train.prompts_per_step)
+    grouped = [p for p in problems for _ in range(cfg.train.group_size)]
+    batch = s.engine.generate([p.prompt for p in grouped])
+    rewards = torch.tensor([s.task.reward(p, text) for p, text in zip(grouped, batch.texts)], device=device)
+    return grouped, batch, rewards, time.perf_counter() - t0, s.memory.peak_gib()
+
+
+def system_metrics(batch, n_rollouts: int, rewards, rollout: tuple[float, float], train: tuple[float, float], updates: int) -> dict:
+    (rollout_s, rollout_peak), (train_s, train_peak) = rollout, train
+    n_tokens = batch.completion_mask.sum().item()
+    return {
+        "reward/mean": rewards.mean().item(),
+        "reward/std": rewards.std().item(),
+        "completion_length": n_tokens / n_rollouts,
+        "time/rollout_s": rollout_s,
+        "time/train_s": train_s,
+        "time/sync_s": 0.0,  # in_process: the trained weights are the generating weights
+        "throughput/rollout_tokens_per_s": n_tokens / rollout_s,
+        "throughput/train_tokens_per_s": (n_tokens + batch.prompt_mask.sum().item()) * updates / train_s,
+        "memory/rollout_peak_gib": rollout_peak,
+        "memory/train_peak_gib": train_peak,
+        "memory/peak_gib": max(rollout_peak, train_peak),
+    }
+
+
+def log_start(s: Setup, run_dir, tracker) -> int:
+    """Resume from the last checkpoint if there is one; else log the step-0 evaluation. The start step."""
+    start = checkpoint.restore(run_dir, s.model, s.optimizer, s.rng)
+    if start == 0:
+        tracker.log({"eval/reward": evaluate(s.engine, s.task, s.task.eval)}, step=0)
+    return start
+
+
+def end_step(s: Setup, cfg, run_dir, tracker, progress, step: int, metrics: dict, grouped, batch, rewards) -> None:
+    """Stop on non-finite numbers; evaluate, log, keep samples, checkpoint, report progress."""
+    t = cfg.train
+    if not all(x == x and abs(x) != float("inf") for x in metrics.values()):
+        tracker.log(metrics, step)
+        bad = sorted(k for k, v in metrics.items() if not (v == v and abs(v) != float("inf")))
+        raise NonFinite(f"non-finite {', '.join(bad)} at step {step}")
+    if step % t.eval_every == 0 or step == t.steps:
+        metrics["eval/reward"] = evaluate(s.engine, s.task, s.task.eval)
+    tracker.log(metrics, step)
+    if step in (1, t.steps):  # what the model wrote at the start and at the end, one per prompt
+        picks = range(0, min(len(grouped), 4 * t.group_size), t.group_size)
+        tracker.log_samples([{"prompt": grouped[i].prompt, "completion": batch.texts[i], "reward": rewards[i].item()} for i in picks], step)
+    if step % t.checkpoint_every == 0 or step == t.steps:
+        checkpoint.save(run_dir, s.model, s.optimizer, s.rng, step)
+    progress(step=step, total=t.steps, reward=metrics["reward/mean"], eval=metrics.get("eval/reward"))
+
+
+def optimizer_step(s: Setup, loss: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """Backward, clip, step; the step is skipped when the loss or gradient is not finite."""
+    s.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(s.params, max_grad_norm)
+    if torch.isfinite(loss) and torch.isfinite(grad_norm):
+        s.optimizer.step()
+    return grad_norm

@@ -1,0 +1,70 @@
+"""On-policy distillation (Agarwal et al., 2024, GKD; NeMo RL's QA-Distillation) of a quantized
+student into a BF16 teacher.
+
+Per step: the quantized student samples `prompts_per_step` prompts x `group_size` completions;
+the loss is the per-token reverse KL, KL(student || teacher), at every completion position,
+averaged over the completion tokens of the batch. The task's reward is measured on the same
+samples and held-out, but never enters the loss.
+
+Where this departs from the papers:
+- The reverse KL is computed exactly over the whole vocabulary at each sampled position, not
+  estimated from the sampled token (k1/k3): exact is unbiased with no sampling variance, and the
+  vocabulary is small enough to afford it; for large vocabularies a top-k or sampled estimator
+  would replace it.
+- The teacher is the unquantized checkpoint in the compute dtype (the same checkpoint as the
+  student unless `teacher:` names another), so the distillation target is exactly what
+  quantization lost; with `quant: bf16` the student starts equal to the teacher and has
+  nothing to learn, which makes that cell a control.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from harness.config import RunConfig
+from harness.models import resolve
+from harness.recipes.common import end_step, log_start, optimizer_step, sample_groups, setup, system_metrics
+from harness.rl_math import completion_logits, masked_mean, reverse_kl, token_logprobs_and_entropy
+
+
+def run(cfg: RunConfig, run_dir: Path, tracker, device: torch.device, progress=lambda **kw: None) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    t = cfg.train
+    s = setup(cfg, device)
+    teacher = AutoModelForCausalLM.from_pretrained(resolve(cfg.teacher or cfg.model), dtype=s.dtype, device_map={"": device})
+    teacher.requires_grad_(False).eval()
+    start = log_start(s, run_dir, tracker)
+    for step in range(start + 1, t.steps + 1):
+        # --- rollout: the quantized student samples; the reward is only measured
+        grouped, batch, rewards, rollout_s, rollout_peak = sample_groups(s, cfg, device)
+
+        # --- train: reverse KL to the teacher at every completion position
+        s.memory.reset()
+        t0 = time.perf_counter()
+        mask = batch.completion_mask
+        args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, mask, cfg.rollout.temperature)
+        with torch.no_grad():
+            teacher_logits = completion_logits(teacher, *args)
+        s.model.train()
+        buf: dict[str, list[float]] = {}
+        for _ in range(t.updates_per_batch):
+            student_logits = completion_logits(s.model, *args)
+            kl = masked_mean(reverse_kl(student_logits, teacher_logits), mask)
+            grad_norm = optimizer_step(s, kl, t.max_grad_norm)
+            _, entropy = token_logprobs_and_entropy(student_logits.detach(), batch.completion_ids)
+            for name, value in (("loss", kl), ("kl", kl), ("grad_norm", grad_norm), ("entropy", masked_mean(entropy, mask))):
+                buf.setdefault(name, []).append(value.item())
+        if cfg.modelopt.recalibrate_every:
+            from harness.quant_modelopt import recalibrate_if_due
+
+            recalibrate_if_due(s.model, cfg, device, step)
+        train = (time.perf_counter() - t0, s.memory.peak_gib())
+
+        metrics = {name: sum(v) / len(v) for name, v in buf.items()}
+        metrics |= system_metrics(batch, len(grouped), rewards, (rollout_s, rollout_peak), train, t.updates_per_batch)
+        end_step(s, cfg, run_dir, tracker, progress, step, metrics, grouped, batch, rewards)
+    return s.facts
