@@ -216,6 +216,23 @@ def compare(
 
 
 @app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A run folder, e.g. results/smoke/7612ad3e9041."),
+    out: Optional[Path] = typer.Option(None, help="Where to write the checkpoint (default: <run>/export)."),
+):
+    """Save a run's policy as a BF16 HF checkpoint: LoRA merged into the dequantized base."""
+    from harness.export import export as export_run
+
+    if not (run_dir / "config.json").exists():
+        raise _fail(f"{run_dir} is not a run folder (no config.json)")
+    try:
+        path = export_run(run_dir, out or run_dir / "export")
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    console.print(f"exported: {path}")
+
+
+@app.command()
 def matrices():
     """List the matrices in matrices/ with their size and description."""
     table = Table("name", "cells", "runs", "description", title=str(_matrices_dir()), title_justify="left")

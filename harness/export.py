@@ -1,0 +1,72 @@
+"""`harness export RUN`: the trained policy as a plain BF16 HF checkpoint.
+
+The LoRA adapter is merged into the *dequantized* base, never into 4-bit storage: the base the
+adapter was trained against is the quantized one (NF4, INT8, ModelOpt fake quant), so its
+dequantized weights plus the merged adapter compute what the run trained, in a format every
+tool loads. With `trainable: full` the trained weights are taken, dequantized the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from harness import checkpoint
+from harness.config import RunConfig
+from harness.models import load_policy, resolve
+from harness.results import read_json
+
+DTYPE = torch.bfloat16
+
+
+def dequantized_weight(module) -> torch.Tensor | None:
+    """The weight a quantized linear computes with, in full precision; None if not quantized."""
+    cls, weight = type(module).__name__, getattr(module, "weight", None)
+    if type(module).__module__.startswith("bitsandbytes"):
+        import bitsandbytes.functional as F
+
+        if cls == "Linear4bit":
+            return F.dequantize_4bit(weight.data, weight.quant_state)
+        if cls == "Linear8bitLt":
+            return F.int8_vectorwise_dequant(weight.data, weight.SCB)
+    quantizer = getattr(module, "weight_quantizer", None)
+    if quantizer is not None and quantizer.is_enabled:
+        with torch.no_grad():
+            return quantizer(weight)
+    return None
+
+
+def export(run_dir: Path, out: Path) -> Path:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    if not checkpoint.saved_step(run_dir) > 0:
+        raise ValueError(f"{run_dir}: no checkpoint in adapter/ to export")
+    cfg = RunConfig.model_validate(read_json(run_dir / "config.json"))
+    device = torch.device("cpu")
+    trained, tokenizer = load_policy(cfg, device, DTYPE)
+    params = [p for p in trained.parameters() if p.requires_grad]
+    step = checkpoint.restore(run_dir, trained, torch.optim.AdamW(params), random.Random())
+
+    plain = AutoModelForCausalLM.from_pretrained(resolve(cfg.model), dtype=DTYPE)
+    inner = trained.get_base_model() if checkpoint.is_peft(trained) else trained
+    if not checkpoint.is_peft(trained):  # every weight trained: start from the trained ones
+        plain.load_state_dict({k: v for k, v in inner.state_dict().items() if k in plain.state_dict()}, strict=False)
+    with torch.no_grad():
+        for name, module in inner.named_modules():
+            weight = dequantized_weight(module)
+            if weight is not None:
+                plain.get_submodule(name.removesuffix(".base_layer")).weight.copy_(weight.to(DTYPE))
+    if checkpoint.is_peft(trained):
+        plain = PeftModel.from_pretrained(plain, run_dir / "adapter").merge_and_unload()
+    out.mkdir(parents=True, exist_ok=True)
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "export.json").write_text(json.dumps({
+        "run_id": cfg.run_id, "step": step, "quant": cfg.quant, "trainable": cfg.train.trainable,
+        "how": "adapter merged into the dequantized base" if checkpoint.is_peft(trained) else "trained weights, dequantized",
+    }, indent=2))
+    return out
