@@ -17,6 +17,7 @@ import torch
 from harness import checkpoint
 from harness.config import RunConfig
 from harness.models import load_policy, resolve
+from harness.registries import QUANT
 from harness.results import read_json
 
 DTYPE = torch.bfloat16
@@ -65,6 +66,18 @@ def export(run_dir: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    fmt = QUANT.get(cfg.quant)
+    if fmt.calibrated:  # a ModelOpt format
+        from modelopt.torch.export import export_hf_checkpoint
+
+        from harness.quant_modelopt import calibration_loop, quantize
+
+        if checkpoint.is_peft(trained):
+            quantize(plain, fmt.resolve_config(cfg.modelopt.quant_cfg, device), calibration_loop(plain, cfg, device))
+            inner = plain
+        # dtype given explicitly: after peft's merge the config carries it as a string, which
+        # ModelOpt 0.47 then passes to Tensor.to() as a device name
+        export_hf_checkpoint(inner, dtype=DTYPE, export_dir=out / "modelopt")
     (out / "export.json").write_text(json.dumps({
         "run_id": cfg.run_id, "step": step, "quant": cfg.quant, "trainable": cfg.train.trainable,
         "how": "adapter merged into the dequantized base" if checkpoint.is_peft(trained) else "trained weights, dequantized",

@@ -39,3 +39,5 @@ def test_export_merges_into_the_dequantized_base_and_loads(quant, tmp_path, tiny
         gap = (naive(input_ids=ids).logits.float() - want).abs().max()
     print(f"{quant}: export error {error:.4f}, naive merge {gap:.4f}")
     assert error < gap / 3
+    # ModelOpt formats also leave ModelOpt's own quantized HF checkpoint
+    assert (tmp_path / "out" / "modelopt" / "hf_quant_config.json").exists() == (quant == "nvfp4_w4a16")
