@@ -23,7 +23,6 @@ import yaml
 class ModelOptFormat:
     name: str
     config_name: str | None  # a ModelOpt *_CFG; None: taken from modelopt.quant_cfg
-    quantized: bool = True
     trains_full_weights: bool = True
     calibrated: bool = True
 
