@@ -49,7 +49,8 @@ class ModelOptConfig(Frozen):
     """ModelOpt fake-quantization knobs, named as in NeMo RL's QARL parameters."""
 
     quant_cfg: str | None = Field(None, description="with quant: modelopt, a ModelOpt config name (NVFP4_DEFAULT_CFG) or a YAML file")
-    quant_calib_size: int = Field(128, ge=1, description="training prompts used to calibrate amax")
+    quant_calib_dataset: str | None = Field(None, description="calibrate on this JSONL file (a 'text' field per line) or HF dataset id instead of the task's prompts")
+    quant_calib_size: int = Field(128, ge=1, description="texts used to calibrate amax")
     quant_batch_size: int = Field(32, ge=1)
     quant_sequence_length: int = Field(64, ge=1)
     recalibrate_every: int = Field(0, ge=0, description="re-calibrate amax every N steps; 0 keeps the first calibration")

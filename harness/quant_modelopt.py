@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,24 +79,45 @@ def recalibrate_if_due(model, cfg, device, step: int) -> None:
         mtq.calibrate(inner, algorithm="max", forward_loop=calibration_loop(inner, cfg, device))
 
 
+def calibration_texts(cfg) -> list[str]:
+    """The first `quant_calib_size` texts of `quant_calib_dataset`, or of the task's training prompts."""
+    opts, n = cfg.modelopt, cfg.modelopt.quant_calib_size
+    source = opts.quant_calib_dataset
+    if source is None:
+        from harness.tasks import load_task
+
+        return [p.prompt for p in load_task(cfg.task).train[:n]]
+    if Path(source).exists():
+        rows = [json.loads(line) for line in Path(source).read_text().splitlines() if line.strip()]
+    else:
+        try:
+            import datasets
+        except ImportError:
+            raise ValueError(f"modelopt.quant_calib_dataset {source!r} is not a file; an HF dataset needs `pip install quant-rl-harness[eval]`") from None
+        rows = datasets.load_dataset(source, split="train").select(range(n))
+    texts = [r.get("text") or r.get("prompt") or r.get("question") for r in list(rows)[:n]]
+    if not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"modelopt.quant_calib_dataset {source}: every row needs a 'text', 'prompt' or 'question' string")
+    return texts
+
+
 def calibration_loop(model, cfg, device):
-    """A forward loop over the first `quant_calib_size` training prompts (the task's own data)."""
+    """A forward loop over the calibration texts, batched and truncated as NeMo RL's knobs say."""
     from transformers import AutoTokenizer
 
     from harness.models import resolve
-    from harness.tasks import load_task
 
     opts = cfg.modelopt
     tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.model))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    prompts = [p.prompt for p in load_task(cfg.task).train[: opts.quant_calib_size]]
+    texts = calibration_texts(cfg)
 
     @torch.no_grad()
     def loop(m):
-        for i in range(0, len(prompts), opts.quant_batch_size):
-            enc = tokenizer(prompts[i : i + opts.quant_batch_size], return_tensors="pt", padding=True, truncation=True,
+        for i in range(0, len(texts), opts.quant_batch_size):
+            enc = tokenizer(texts[i : i + opts.quant_batch_size], return_tensors="pt", padding=True, truncation=True,
                             max_length=opts.quant_sequence_length, add_special_tokens=False).to(device)
             m(**enc)
 

@@ -111,3 +111,16 @@ def test_bitsandbytes_weights_cannot_train_in_full():
 
     with pytest.raises(ValueError, match="trainable: full needs"):
         RunConfig(quant="nf4", train={"trainable": "full"})
+
+
+def test_calibration_on_a_named_dataset(tiny_model):
+    from conftest import FIXTURES
+
+    cfg = tiny_run_config().model_copy(update={"quant": "nvfp4_w4a4"})
+    own, _ = load_policy(cfg, torch.device("cpu"), torch.float32)
+    named = cfg.model_copy(update={"modelopt": cfg.modelopt.model_copy(update={"quant_calib_dataset": str(FIXTURES / "calib.jsonl")})})
+    other, _ = load_policy(named, torch.device("cpu"), torch.float32)
+    a = {k: v for k, v in own.state_dict().items() if k.endswith("input_quantizer._amax")}
+    b = {k: v for k, v in other.state_dict().items() if k.endswith("input_quantizer._amax")}
+    assert a.keys() == b.keys() and a
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the activations seen differ, so does amax
