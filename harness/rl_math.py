@@ -79,11 +79,12 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
     return (s.exp() * (s - t)).sum(-1)
 
 
-def mismatch_metrics(train_logp, sampler_logp, mask) -> dict[str, float]:
+def mismatch_metrics(train_logp, sampler_logp, mask, cap: float) -> dict[str, float]:
     """How far the trainer's log-probs are from the rollout engine's for the sampled tokens.
 
     is_ratio = p_train / p_sampler; k3 here estimates KL(sampler || trainer) from the
-    sampler's own tokens (as verl's rollout_corr does).
+    sampler's own tokens (as verl's rollout_corr does); ratio_out_of_cap_frac is the share of
+    tokens whose ratio lies outside [1/cap, cap].
     """
     log_ratio = train_logp - sampler_logp
     ratio = torch.exp(log_ratio)
@@ -91,4 +92,12 @@ def mismatch_metrics(train_logp, sampler_logp, mask) -> dict[str, float]:
         "mismatch/logprob_diff_mean": masked_mean(log_ratio.abs(), mask).item(),
         "mismatch/k3_kl": masked_mean(ratio - 1 - log_ratio, mask).item(),
         "mismatch/is_ratio_mean": masked_mean(ratio, mask).item(),
+        "mismatch/ratio_out_of_cap_frac": masked_mean(((ratio > cap) | (ratio < 1 / cap)).float(), mask).item(),
     }
+
+
+def tis_weights(train_logp, sampler_logp, cap: float) -> torch.Tensor:
+    """Truncated importance sampling (Yao et al., 2025, "off-policy RL from an efficient rollout
+    engine"): per-token min(p_train / p_sampler, cap), a constant in the gradient, correcting for
+    the rollout engine sampling from a slightly different policy than the trainer's."""
+    return torch.exp(train_logp - sampler_logp).clamp(max=cap).detach()

@@ -1,7 +1,14 @@
-"""Rollout engines (the colocation axis) and the held-out evaluation that uses them.
+"""Rollout engines (registries.ROLLOUT_ENGINES) and the held-out evaluation that uses them.
 
-`in_process`: the trainer's own model generates with transformers `generate`. Later engines
-(vLLM colocated or as a server) return the same `Rollout`, so the recipe does not change.
+Every engine takes (model, tokenizer, cfg, device, workdir) and has the same four methods, so a
+recipe does not know which one it drives:
+  sync()                                 make the engine generate from the trainer's current weights
+  generate(prompts, greedy) -> Rollout   (syncs first when the weights changed)
+  release()                              hand the device back to the trainer before it trains
+  pop_metrics() -> dict                  sync/sleep timings and memory since the last call
+  close()                                free the engine (stop its server)
+`hf` (here): the trainer's own model generates with transformers `generate`: nothing to sync.
+`vllm` (rollout_vllm.py): vLLM in the trainer's process or as a server, the adapter synced.
 """
 
 from __future__ import annotations
@@ -10,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.config import RolloutConfig
 
 
 @dataclass
@@ -36,9 +42,49 @@ def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     return (eos_before == 0).long()
 
 
-class InProcessRollout:
-    def __init__(self, model, tokenizer, cfg: RolloutConfig):
-        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+def pad_completions(token_lists: list[list[int]], logprob_lists: list[list[float]] | None, pad_id: int, device):
+    """Ragged completions (an engine stops each at its eos, kept, or at max tokens) -> padded ids,
+    mask (1 for every generated token, eos included) and log-probs, as `generate` gives them."""
+    width = max(1, max(len(t) for t in token_lists))
+    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
+    logprobs = torch.zeros((len(token_lists), width))
+    for i, toks in enumerate(token_lists):
+        ids[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+        mask[i, : len(toks)] = 1
+        if logprob_lists is not None:
+            logprobs[i, : len(toks)] = torch.tensor(logprob_lists[i], dtype=torch.float32)
+    return ids.to(device), mask.to(device), (logprobs.to(device) if logprob_lists is not None else None)
+
+
+def decode_completions(tokenizer, completion: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    # Cut at eos rather than skipping special tokens: a pad sampled mid-answer must stay visible
+    # (as "<pad>") so it cannot be rewarded as if it were absent.
+    texts = []
+    for ids, n in zip(completion.tolist(), mask.sum(1).tolist()):
+        ids = ids[:n]
+        if ids and ids[-1] == tokenizer.eos_token_id:
+            ids = ids[:-1]
+        texts.append(tokenizer.decode(ids, skip_special_tokens=False))
+    return texts
+
+
+class HFEngine:
+    def __init__(self, model, tokenizer, cfg, device=None, workdir=None):
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg.rollout
+        self.facts = {"rollout_engine": "hf"}
+
+    def sync(self) -> None:
+        pass  # the trainer's own model generates: nothing to push
+
+    def release(self) -> None:
+        pass  # nor to hand over
+
+    def pop_metrics(self) -> dict:
+        return {"time/sync_s": 0.0}  # the trained weights are the generating weights
+
+    def close(self) -> None:
+        pass
 
     @torch.no_grad()
     def generate(self, prompts: list[str], greedy: bool = False) -> Rollout:
@@ -71,18 +117,7 @@ class InProcessRollout:
             # scores are the logits after temperature and top-p: exactly the distribution sampled from
             scores = torch.stack(out.scores, dim=1).float()
             logprobs = torch.log_softmax(scores, dim=-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1) * mask
-        return Rollout(prompt_ids, prompt_mask, completion, mask, logprobs, self._decode(completion, mask))
-
-    def _decode(self, completion: torch.Tensor, mask: torch.Tensor) -> list[str]:
-        # Cut at eos rather than skipping special tokens: a pad sampled mid-answer must stay visible
-        # (as "<pad>") so it cannot be rewarded as if it were absent.
-        texts = []
-        for ids, n in zip(completion.tolist(), mask.sum(1).tolist()):
-            ids = ids[:n]
-            if ids and ids[-1] == self.tokenizer.eos_token_id:
-                ids = ids[:-1]
-            texts.append(self.tokenizer.decode(ids, skip_special_tokens=False))
-        return texts
+        return Rollout(prompt_ids, prompt_mask, completion, mask, logprobs, decode_completions(self.tokenizer, completion, mask))
 
 
 def evaluate(engine, task, problems, batch_size: int = 512) -> float:

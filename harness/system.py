@@ -17,12 +17,15 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the hardware computes in it natively; float32 elsewhere.
+def compute_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
+    """`requested` (train.dtype) unless auto; then bf16 where the hardware computes in it natively,
+    float32 elsewhere.
 
     On CPUs without native bf16, bf16 matmuls are emulated and about twice as slow as float32,
     so the CPU path trades the bf16 numerics for speed. The chosen dtype is recorded per run.
     """
+    if requested != "auto":
+        return getattr(torch, requested)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""

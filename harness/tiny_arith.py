@@ -82,8 +82,8 @@ def make_tokenizer():
 def _build_into(out: Path, recipe: dict, log) -> None:
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    from harness.config import RolloutConfig, TaskConfig
-    from harness.rollout import InProcessRollout, evaluate
+    from harness.config import RolloutConfig, RunConfig, TaskConfig
+    from harness.rollout import HFEngine, evaluate
     from harness.tasks import SPLIT_SEED, ArithTask
 
     start = time.time()
@@ -95,7 +95,7 @@ def _build_into(out: Path, recipe: dict, log) -> None:
 
     task = ArithTask(TaskConfig(eval_size=RESERVED_HELD_OUT))
     train, held_out = task.train, task.eval[:500]
-    engine = InProcessRollout(model, tokenizer, RolloutConfig(max_new_tokens=4))
+    engine = HFEngine(model, tokenizer, RunConfig(rollout=RolloutConfig(max_new_tokens=4)))
     opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"])
     rng = random.Random(recipe["seed"])
     history, best = [], None

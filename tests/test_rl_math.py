@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from harness.rl_math import clipped_surrogate, completion_logprobs, group_advantages, k3_kl, masked_mean, mismatch_metrics
+from harness.rl_math import clipped_surrogate, completion_logprobs, group_advantages, k3_kl, masked_mean, mismatch_metrics, tis_weights
 from harness.rollout import completion_mask
 
 
@@ -107,9 +107,28 @@ def test_temperature_scales_the_trained_distribution(random_qwen):
 
 def test_mismatch_metrics():
     mask = torch.tensor([[1, 1, 0]])
-    same = mismatch_metrics(torch.tensor([[-1.0, -2, -3]]), torch.tensor([[-1.0, -2, 9]]), mask)
-    assert same == {"mismatch/logprob_diff_mean": 0.0, "mismatch/k3_kl": 0.0, "mismatch/is_ratio_mean": 1.0}
-    off = mismatch_metrics(torch.tensor([[math.log(0.5)]]), torch.tensor([[math.log(0.25)]]), torch.tensor([[1]]))
+    same = mismatch_metrics(torch.tensor([[-1.0, -2, -3]]), torch.tensor([[-1.0, -2, 9]]), mask, cap=2.0)
+    assert same == {"mismatch/logprob_diff_mean": 0.0, "mismatch/k3_kl": 0.0, "mismatch/is_ratio_mean": 1.0,
+                    "mismatch/ratio_out_of_cap_frac": 0.0}
+    off = mismatch_metrics(torch.tensor([[math.log(0.5)]]), torch.tensor([[math.log(0.25)]]), torch.tensor([[1]]), cap=2.0)
     assert off["mismatch/is_ratio_mean"] == pytest.approx(2.0)
     assert off["mismatch/logprob_diff_mean"] == pytest.approx(math.log(2))
     assert off["mismatch/k3_kl"] == pytest.approx(2 - 1 - math.log(2))
+    assert off["mismatch/ratio_out_of_cap_frac"] == 0.0  # exactly at the cap is inside
+
+
+def test_ratio_out_of_cap_counts_both_sides_and_only_masked_tokens():
+    # ratios 3 (above 2), 1/3 (below 1/2), 1.5 (inside), and a padded 10 that must not count
+    train = torch.log(torch.tensor([[0.6, 0.1, 0.3, 1.0]]))
+    sampler = torch.log(torch.tensor([[0.2, 0.3, 0.2, 0.1]]))
+    m = mismatch_metrics(train, sampler, torch.tensor([[1, 1, 1, 0]]), cap=2.0)
+    assert m["mismatch/ratio_out_of_cap_frac"] == pytest.approx(2 / 3)
+    assert m["mismatch/is_ratio_mean"] == pytest.approx((3 + 1 / 3 + 1.5) / 3)
+
+
+def test_tis_weights_truncate_at_the_cap_and_carry_no_gradient():
+    train = torch.log(torch.tensor([0.6, 0.1, 0.3])).requires_grad_(True)
+    sampler = torch.log(torch.tensor([0.2, 0.3, 0.2]))
+    w = tis_weights(train, sampler, cap=2.0)
+    assert w.tolist() == pytest.approx([2.0, 1 / 3, 1.5])  # 3 is cut to 2; below-1 ratios are kept
+    assert not w.requires_grad

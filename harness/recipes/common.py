@@ -12,7 +12,7 @@ from harness import checkpoint
 from harness.models import load_policy
 from harness.quant import quantized_linear_stats
 from harness.recipes import NonFinite
-from harness.registries import COLOCATION
+from harness.registries import ROLLOUT_ENGINES
 from harness.rollout import evaluate
 from harness.system import PeakMemory, compute_dtype
 from harness.tasks import load_task
@@ -29,12 +29,20 @@ class Setup:
     rng: random.Random  # picks the prompts; checkpointed so a resume continues the stream
     memory: PeakMemory
     dtype: torch.dtype
-    facts: dict  # what summary.json records about the model
+    facts: dict  # what summary.json records about the model and the rollout engine
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.engine.close()  # a vLLM server must not outlive its run, whatever ended it
 
 
-def setup(cfg, device: torch.device) -> Setup:
+def setup(cfg, device: torch.device, run_dir) -> Setup:
+    """The policy, then its rollout engine: the trainer is built first because bitsandbytes
+    quantizes while loading, and loading it after vLLM took the GPU is known to crash."""
     torch.manual_seed(cfg.seed)
-    dtype = compute_dtype(device)
+    dtype = compute_dtype(device, cfg.train.dtype)
     model, tokenizer = load_policy(cfg, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     facts = {
@@ -43,33 +51,40 @@ def setup(cfg, device: torch.device) -> Setup:
         "trainable_params": sum(p.numel() for p in params),
         **quantized_linear_stats(model),
     }
-    return Setup(load_task(cfg.task), model, tokenizer, COLOCATION.get(cfg.rollout.colocation)(model, tokenizer, cfg.rollout),
-                 params, torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=0.0), random.Random(cfg.seed),
-                 PeakMemory(device), dtype, facts)
+    task = load_task(cfg.task)
+    engine = ROLLOUT_ENGINES.get(cfg.rollout.engine)(model, tokenizer, cfg, device, run_dir)
+    return Setup(task, model, tokenizer, engine, params, torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=0.0),
+                 random.Random(cfg.seed), PeakMemory(device), dtype, facts | engine.facts)
 
 
 def sample_groups(s: Setup, cfg, device):
-    """`prompts_per_step` training prompts, `group_size` completions each, scored by the task.
-    Returns (problems repeated per completion, the Rollout, rewards, seconds, peak GiB)."""
+    """`prompts_per_step` training prompts, `group_size` completions each, scored by the task; then
+    the engine hands the device back to the trainer. Returns (problems repeated per completion,
+    the Rollout, rewards, seconds, peak GiB); the seconds are generation alone: waking the engine
+    and syncing the trainer's weights into it are timed apart (time/wake_s, time/sync_s)."""
+    s.engine.sync()
     s.memory.reset()
     t0 = time.perf_counter()
     problems = s.rng.sample(s.task.train, cfg.train.prompts_per_step)
     grouped = [p for p in problems for _ in range(cfg.train.group_size)]
     batch = s.engine.generate([p.prompt for p in grouped])
     rewards = torch.tensor([s.task.reward(p, text) for p, text in zip(grouped, batch.texts)], device=device)
-    return grouped, batch, rewards, time.perf_counter() - t0, s.memory.peak_gib()
+    rollout_s, peak = time.perf_counter() - t0, s.memory.peak_gib()
+    s.engine.release()
+    return grouped, batch, rewards, rollout_s, peak
 
 
-def system_metrics(batch, n_rollouts: int, rewards, rollout: tuple[float, float], train: tuple[float, float], updates: int) -> dict:
+def system_metrics(s: Setup, batch, n_rollouts: int, rewards, rollout: tuple[float, float], train: tuple[float, float], updates: int) -> dict:
+    """Reward, timing, throughput and memory of one step; the engine's own (sync, sleep, wake) included."""
     (rollout_s, rollout_peak), (train_s, train_peak) = rollout, train
     n_tokens = batch.completion_mask.sum().item()
-    return {
+    engine = s.engine.pop_metrics()
+    return engine | {
         "reward/mean": rewards.mean().item(),
         "reward/std": rewards.std().item(),
         "completion_length": n_tokens / n_rollouts,
         "time/rollout_s": rollout_s,
         "time/train_s": train_s,
-        "time/sync_s": 0.0,  # in_process: the trained weights are the generating weights
         "throughput/rollout_tokens_per_s": n_tokens / rollout_s,
         "throughput/train_tokens_per_s": (n_tokens + batch.prompt_mask.sum().item()) * updates / train_s,
         "memory/rollout_peak_gib": rollout_peak,

@@ -27,44 +27,47 @@ import torch
 from harness.config import RunConfig
 from harness.models import resolve
 from harness.recipes.common import end_step, log_start, optimizer_step, sample_groups, setup, system_metrics
-from harness.rl_math import completion_logits, masked_mean, reverse_kl, token_logprobs_and_entropy
+from harness.rl_math import completion_logits, masked_mean, mismatch_metrics, reverse_kl, token_logprobs_and_entropy
 
 
 def run(cfg: RunConfig, run_dir: Path, tracker, device: torch.device, progress=lambda **kw: None) -> dict:
     from transformers import AutoModelForCausalLM
 
     t = cfg.train
-    s = setup(cfg, device)
-    teacher = AutoModelForCausalLM.from_pretrained(resolve(cfg.teacher or cfg.model), dtype=s.dtype, device_map={"": device})
-    teacher.requires_grad_(False).eval()
-    start = log_start(s, run_dir, tracker)
-    for step in range(start + 1, t.steps + 1):
-        # --- rollout: the quantized student samples; the reward is only measured
-        grouped, batch, rewards, rollout_s, rollout_peak = sample_groups(s, cfg, device)
+    with setup(cfg, device, run_dir) as s:
+        teacher = AutoModelForCausalLM.from_pretrained(resolve(cfg.teacher or cfg.model), dtype=s.dtype, device_map={"": device})
+        teacher.requires_grad_(False).eval()
+        start = log_start(s, run_dir, tracker)
+        for step in range(start + 1, t.steps + 1):
+            # --- rollout: the quantized student samples; the reward is only measured
+            grouped, batch, rewards, rollout_s, rollout_peak = sample_groups(s, cfg, device)
 
-        # --- train: reverse KL to the teacher at every completion position
-        s.memory.reset()
-        t0 = time.perf_counter()
-        mask = batch.completion_mask
-        args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, mask, cfg.rollout.temperature)
-        with torch.no_grad():
-            teacher_logits = completion_logits(teacher, *args)
-        s.model.train()
-        buf: dict[str, list[float]] = {}
-        for _ in range(t.updates_per_batch):
-            student_logits = completion_logits(s.model, *args)
-            kl = masked_mean(reverse_kl(student_logits, teacher_logits), mask)
-            grad_norm = optimizer_step(s, kl, t.max_grad_norm)
-            _, entropy = token_logprobs_and_entropy(student_logits.detach(), batch.completion_ids)
-            for name, value in (("loss", kl), ("kl", kl), ("grad_norm", grad_norm), ("entropy", masked_mean(entropy, mask))):
-                buf.setdefault(name, []).append(value.item())
-        if cfg.modelopt.recalibrate_every:
-            from harness.quant_modelopt import recalibrate_if_due
+            # --- train: reverse KL to the teacher at every completion position
+            s.memory.reset()
+            t0 = time.perf_counter()
+            mask = batch.completion_mask
+            args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, mask, cfg.rollout.temperature)
+            with torch.no_grad():
+                teacher_logits = completion_logits(teacher, *args)
+            s.model.train()
+            buf: dict[str, list[float]] = {}
+            mismatch = {}
+            for _ in range(t.updates_per_batch):
+                student_logits = completion_logits(s.model, *args)
+                kl = masked_mean(reverse_kl(student_logits, teacher_logits), mask)
+                logp, entropy = token_logprobs_and_entropy(student_logits.detach(), batch.completion_ids)
+                # before the first update the student is the policy the engine sampled for
+                mismatch = mismatch or mismatch_metrics(logp, batch.sampler_logprobs, mask, t.mismatch_cap)
+                grad_norm = optimizer_step(s, kl, t.max_grad_norm)
+                for name, value in (("loss", kl), ("kl", kl), ("grad_norm", grad_norm), ("entropy", masked_mean(entropy, mask))):
+                    buf.setdefault(name, []).append(value.item())
+            if cfg.modelopt.recalibrate_every:
+                from harness.quant_modelopt import recalibrate_if_due
 
-            recalibrate_if_due(s.model, cfg, device, step)
-        train = (time.perf_counter() - t0, s.memory.peak_gib())
+                recalibrate_if_due(s.model, cfg, device, step)
+            train = (time.perf_counter() - t0, s.memory.peak_gib())
 
-        metrics = {name: sum(v) / len(v) for name, v in buf.items()}
-        metrics |= system_metrics(batch, len(grouped), rewards, (rollout_s, rollout_peak), train, t.updates_per_batch)
-        end_step(s, cfg, run_dir, tracker, progress, step, metrics, grouped, batch, rewards)
-    return s.facts
+            metrics = {name: sum(v) / len(v) for name, v in buf.items()} | mismatch
+            metrics |= system_metrics(s, batch, len(grouped), rewards, (rollout_s, rollout_peak), train, t.updates_per_batch)
+            end_step(s, cfg, run_dir, tracker, progress, step, metrics, grouped, batch, rewards)
+        return s.facts
