@@ -232,6 +232,74 @@ def export(
     console.print(f"exported: {path}")
 
 
+@app.command("check-engine")
+def check_engine(
+    config: Optional[Path] = typer.Argument(None, help="A RunConfig YAML file with a vLLM colocation (colocated or server)."),
+    matrix: Optional[str] = typer.Option(None, help="Check every distinct vLLM configuration of this matrix instead."),
+    cell: Optional[str] = typer.Option(None, help='With --matrix: only the cells matching these axis=value pairs, e.g. "quant=nf4".'),
+    plant: Optional[str] = typer.Option(None, help="Plant a fault the check must catch: " + ", ".join(("stale-adapter",)) + " (never cached)."),
+    force: bool = typer.Option(False, "--force", help="Run again even where a cached result exists (e.g. after a driver change)."),
+    results: Path = RESULTS,
+    device: str = DEVICE,
+):
+    """Check vLLM rollout engines before trusting them: greedy outputs survive a sleep/wake cycle,
+    and after an adapter sync vLLM's log-probs match the trainer's. Exit 1 when a check fails.
+
+    A sweep runs the same check before the first run of each configuration and caches it in
+    results/MATRIX/engine_checks/; a failed check turns that configuration's cells into Error."""
+    from harness.engine_check import PLANTS, check_key, run_check
+    from harness.results import read_json, write_json_atomic
+    from harness.system import pick_device
+
+    if plant is not None and plant not in PLANTS:
+        raise _fail(f"--plant {plant!r}: valid: {', '.join(PLANTS)}")
+    if (config is None) == (matrix is None):
+        raise _fail("give a config file or --matrix NAME, not both")
+    if config is not None:
+        try:
+            cfgs, root = [(config.stem, RunConfig.model_validate(yaml.safe_load(config.read_text()) or {}))], results / config.stem
+        except (OSError, yaml.YAMLError, ValidationError) as e:
+            raise _fail(f"{config}: {e}") from None
+    else:
+        m = _load(matrix)
+        try:
+            chosen = m.select(cell or "") if cell else list(m.cells)
+        except ValueError as e:
+            raise _fail(f"--cell: {e}") from None
+        cfgs, root = [(c.name, c.runs[0]) for c in chosen], results / m.name
+    dev = pick_device(device)
+    by_key: dict[str, tuple[list[str], RunConfig]] = {}
+    for name, cfg in cfgs:
+        if cfg.rollout.engine == "vllm":
+            by_key.setdefault(check_key(cfg, dev), ([], cfg))[0].append(name)
+    if not by_key:
+        raise _fail("no vLLM configuration to check (colocation in_process uses the trainer's own model)")
+    _build_models([(cfg, None) for _, cfg in by_key.values()])
+    table = Table("cells", "ok", "sleep/wake", "greedy = trainer", "Δ logprob (tol)", "Δ vs stale", "why", title="engine checks", title_justify="left")
+    failed = 0
+    for key, (names, cfg) in by_key.items():
+        path = root / "engine_checks" / f"{key}.json"
+        if path.exists() and not force and plant is None:
+            record = read_json(path)
+        else:
+            with console.status(f"checking {', '.join(names)} ..."):
+                record = run_check(cfg, dev, root / "engine_checks", plant=plant)
+            if plant is None:
+                write_json_atomic(path, record)
+        failed += not record["ok"]
+        sleep = record.get("sleep")
+        sleep_text = sleep if isinstance(sleep, str) or sleep is None else \
+            f"level {sleep['level']}: {sleep['identical']}/{sleep['of']} identical, {sleep['freed_gib']:.2f} GiB freed"
+        fmt = lambda x: "–" if x is None else f"{x:.4f}"  # noqa: E731
+        agree = record.get("greedy_agreement_with_trainer")
+        table.add_row("\n".join(names), "yes" if record["ok"] else "[red]NO[/]", str(sleep_text), "–" if agree is None else f"{agree:.0%}",
+                      f"{fmt(record.get('logprob_diff_mean'))} ({record['tolerance']})", fmt(record.get("stale_logprob_diff_mean")),
+                      "; ".join(record["failures"]) or "–")
+    console.print(table)
+    if failed:
+        raise typer.Exit(1)
+
+
 @app.command()
 def matrices():
     """List the matrices in matrices/ with their size and description."""
@@ -249,7 +317,7 @@ def matrices():
 def axes():
     """List every name a matrix may use on each axis, with what backs it."""
     fields = {"QUANT": "quant", "ALGORITHMS": "algorithm", "TASKS": "task.name", "MODELS": "model: builtin:<name>",
-              "COLOCATION": "rollout.colocation", "EXECUTORS": "harness sweep --executor"}
+              "COLOCATION": "rollout.colocation", "ROLLOUT_ENGINES": "chosen by rollout.colocation", "EXECUTORS": "harness sweep --executor"}
     for attr, field in fields.items():
         reg = getattr(registries, attr)
         table = Table("name", "what it is", title=f"{reg.axis}s  ({field})", title_justify="left")

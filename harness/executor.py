@@ -44,6 +44,10 @@ def run_one(cfg: RunConfig, run_dir: Path, device: torch.device, progress=lambda
     summary = {"run_id": cfg.run_id, "status": "ok", "error": None, "device": env["device"]}
     start = time.time()
     try:
+        if cfg.rollout.engine == "vllm":  # checked once per configuration, cached beside the sweep's runs
+            from harness.engine_check import require
+
+            summary["engine_check"] = require(cfg, run_dir.parent, device).get("logprob_diff_mean")
         summary |= ALGORITHMS.get(cfg.algorithm)(cfg, run_dir, tracker, device, progress)
     except NonFinite as e:
         summary |= {"status": "nan", "error": str(e)}

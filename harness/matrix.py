@@ -73,12 +73,12 @@ class Matrix:
 
     @property
     def axes(self) -> list[str]:
-        return list(self.spec.axes)
+        return [AXIS_ALIASES.get(k, k) for k in self.spec.axes]
 
     def baseline_of(self, cell: Cell) -> Cell | None:
         if not self.spec.baseline:
             return None
-        want = {k: cell.key[k] for k in self.axes} | self.spec.baseline
+        want = {k: cell.key[k] for k in self.axes} | {AXIS_ALIASES.get(k, k): v for k, v in self.spec.baseline.items()}
         return next((c for c in self.cells if not c.included and c.key == want), None)
 
     def select(self, expr: str) -> list[Cell]:
@@ -160,6 +160,7 @@ def _expand(path: Path, spec: MatrixSpec) -> list[Cell]:
         if not values:
             problems.append(f"axes.{k}: empty list")
     for k, v in spec.baseline.items():
+        k = AXIS_ALIASES.get(k, k)
         if k not in axes:
             problems.append(f"baseline.{k}: not an axis of this matrix; axes: {', '.join(spec_axes)}")
         elif v not in axes[k]:

@@ -11,7 +11,7 @@ import os
 import statistics
 from pathlib import Path
 
-from harness.results import read_json
+from harness.results import read_json, read_metrics
 
 FIXED_AXES = ("algorithm", "quant", "rollout.colocation")
 
@@ -74,6 +74,34 @@ def cell_rows(root: Path, matrix: dict, cells: list[dict]) -> list[dict]:
     return rows
 
 
+# The rollout engines side by side: medians over a cell's steps (pooled over seeds), except the largest memory reading
+ENGINE_METRICS = [("throughput/rollout_tokens_per_s", "rollout tok/s", 0), ("time/rollout_s", "rollout s", 3), ("time/sync_s", "sync s", 3),
+                  ("time/sleep_s", "sleep s", 3), ("time/wake_s", "wake s", 3), ("memory/sleep_freed_gib", "freed by sleep GiB", 2),
+                  ("memory/rollout_peak_gib", "rollout peak GiB", 2), ("memory/device_used_gib", "device used GiB", 2),
+                  ("memory/server_gib", "server GiB", 2), ("mismatch/logprob_diff_mean", "|Δ logprob|", 5), ("mismatch/k3_kl", "k3 KL", 6),
+                  ("mismatch/is_ratio_mean", "IS ratio", 4), ("mismatch/ratio_out_of_cap_frac", "ratio out of cap", 4)]
+ENGINE_COLUMNS = [("cell", "cell"), ("engine", "engine"), ("rollout_quant", "rollout weights"), ("hand_off", "hand-off")] + \
+                 [(k, title) for k, title, _ in ENGINE_METRICS]
+
+
+def engine_rows(root: Path, cells: list[dict]) -> list[dict]:
+    """Per cell, how its rollouts were made and what they cost: the colocation comparison."""
+    rows = []
+    for cell in cells:
+        summaries = [read_json(root / r["run_id"] / "summary.json") for r in cell["runs"] if (root / r["run_id"] / "summary.json").exists()]
+        steps = [m for r in cell["runs"] for m in read_metrics(root / r["run_id"]) if m["step"] > 0]
+        facts = next((x for x in summaries if x.get("rollout_engine")), summaries[0] if summaries else {})
+        row = {"cell": cell["name"], "engine": facts.get("rollout_engine", "–"),
+               "rollout_quant": facts.get("vllm_quantization", "same as trainer") if facts.get("rollout_engine") == "vllm" else "the trainer's",
+               "hand_off": facts.get("hand_off", "–")}
+        for key, _, digits in ENGINE_METRICS:
+            values = [m[key] for m in steps if isinstance(m.get(key), (int, float))]
+            pick = max(values, default=None) if key.startswith("memory/") else _median(values)
+            row[key] = _num(pick, digits)
+        rows.append(row)
+    return rows
+
+
 COLUMNS = [("workflow", "Workflow"), ("quantization", "Quantization"), ("colocation", "Colocation"), ("variant", "Variant"),
            ("status", "Status"), ("eval_start", "eval/reward start"), ("eval_end", "final eval/reward [CI]"),
            ("delta", "Δ vs baseline (lower bound)"), ("max_kl", "max KL"), ("entropy", "final entropy"),
@@ -95,6 +123,15 @@ def method_text(matrix: dict) -> str:
     )
 
 
+ENGINE_TEXT = ("Medians over every training step of a cell's seeds; memory columns give the largest reading. rollout s is "
+               "generation alone; sync s pushes the trainer's adapter (or weights) into vLLM; sleep/wake s and 'freed by sleep' "
+               "are the colocated hand-off on CUDA (vLLM has none on CPU). rollout peak: the trainer process's allocator (CUDA) or "
+               "RSS (CPU); device used: the whole GPU, vLLM's reservation included; server: the vllm serve process's RSS, or its "
+               "GPU when it has one. Mismatch compares the trainer's recomputed log-probs of the sampled tokens with the "
+               "engine's: |Δ logprob| per token, k3 estimate of KL(sampler || trainer), mean p_train/p_sampler, and the share of "
+               "tokens with that ratio outside [1/mismatch_cap, mismatch_cap].")
+
+
 def write_markdown(root: Path, out_dir: Path, matrix: dict, cells: list[dict], rows: list[dict]) -> Path:
     runs_link = os.path.relpath(root, out_dir)
     name = md(matrix["name"])
@@ -110,6 +147,9 @@ def write_markdown(root: Path, out_dir: Path, matrix: dict, cells: list[dict], r
         for r in cell["runs"]:
             lines.append(f"| {md(cell['name'])} | {r['seed']} | [{r['run_id']}]({runs_link}/{r['run_id']}/) | {r['verdict']} | "
                          f"{_num(r['eval_start'])} → {_num(r['eval_end'])} | {_num(r['max_kl'], 4)} | {_num(r['final_entropy'])} | {md(r['reason'])} |")
+    lines += ["", "## Rollout engines", "", md(ENGINE_TEXT), "",
+              "| " + " | ".join(title for _, title in ENGINE_COLUMNS) + " |", "|" + "---|" * len(ENGINE_COLUMNS)]
+    lines += ["| " + " | ".join(md(row[k]) for k, _ in ENGINE_COLUMNS) + " |" for row in engine_rows(root, cells)]
     env = first_env(root, cells)
     if env:
         lines += ["", "## Environment", "", f"- device: {md(env.get('device'))}", f"- git commit: `{md(env.get('git_commit'))}`"]

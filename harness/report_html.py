@@ -12,7 +12,7 @@ from html import escape
 from pathlib import Path
 
 from harness.plots import PALETTE, bar_chart, line_chart
-from harness.report import COLUMNS, first_env, method_text
+from harness.report import COLUMNS, ENGINE_COLUMNS, ENGINE_TEXT, engine_rows, first_env, method_text
 from harness.results import read_metrics, read_samples
 
 CURVES = [("reward/mean", "train reward"), ("eval/reward", "held-out eval/reward"), ("kl", "KL to reference"), ("entropy", "entropy")]
@@ -49,7 +49,9 @@ def render_html(root: Path, out_dir: Path, matrix: dict, cells: list[dict], rows
              f"<h1>Verified configurations: <code>{e(matrix['name'])}</code></h1><p class='muted'>{e(matrix['description'])}</p>",
              f"<p class='muted'>Re-run: <code>make sweep MATRIX={e(matrix['name'])}</code>; regenerate: <code>harness report {e(matrix['name'])}</code></p>",
              "<h2>Convergence matrix</h2>", _table(rows, cells), f"<p class='muted'>{e(method_text(matrix))}</p>",
-             "<h2>Memory and throughput</h2><div class='plots'>", _bars(cells, rows, colors), "</div>", "<h2>Cells</h2>"]
+             "<h2>Memory and throughput</h2><div class='plots'>", _bars(cells, rows, colors), "</div>",
+             "<h2>Rollout engines</h2>", _engine_table(engine_rows(root, cells)), f"<p class='muted'>{e(ENGINE_TEXT)}</p>",
+             "<h2>Cells</h2>"]
     for i, (cell, row) in enumerate(zip(cells, rows)):
         base = by_name.get(cell["baseline"]) if cell["baseline"] != cell["name"] else None
         parts.append(_cell_section(i, cell, row, curves, base, colors, root, runs_link))
@@ -73,6 +75,16 @@ def _table(rows: list[dict], cells: list[dict]) -> str:
             else:
                 tds.append(f"<td class='num'>{e(row[key])}</td>")
         out.append(f"<tr class='cell-row' data-cell='{e(cells[i]['name'])}' data-status='{e(row['status'])}'>{''.join(tds)}</tr>")
+    out.append("</tbody></table></div>")
+    return "".join(out)
+
+
+def _engine_table(rows: list[dict]) -> str:
+    out = ["<div class='scroll'><table id='engines'><thead><tr>", *(f"<th>{e(t)}</th>" for _, t in ENGINE_COLUMNS), "</tr></thead><tbody>"]
+    for row in rows:
+        tds = [f"<td>{e(row[k])}</td>" if k in ("cell", "engine", "rollout_quant", "hand_off") else f"<td class='num'>{e(row[k])}</td>"
+               for k, _ in ENGINE_COLUMNS]
+        out.append(f"<tr data-cell='{e(row['cell'])}'>{''.join(tds)}</tr>")
     out.append("</tbody></table></div>")
     return "".join(out)
 

@@ -209,6 +209,7 @@ class _Colocated:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: "colocated" means that
         # FlashInfer's sampler compiles its kernel with nvcc at start-up (minutes); torch's sampler is exact too
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would bury the sweep's progress
         threads = torch.get_num_threads()
         from vllm import LLM
 
@@ -240,8 +241,13 @@ class _Colocated:
         return result
 
     def close(self) -> None:
+        """Free the engine so that the next run's engine (a sweep makes one per run) finds the device empty."""
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
         self.llm.llm_engine.engine_core.shutdown()
         del self.llm
+        destroy_model_parallel()
+        destroy_distributed_environment()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

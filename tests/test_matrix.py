@@ -86,8 +86,35 @@ def test_baseline_must_be_an_axis(tmp_path):
 
 
 def test_colocation_alias_and_unregistered_mode(tmp_path):
-    msg = problems(tmp_path, "axes: {colocation: [in_process, colocated]}\n")
-    assert "cell rollout.colocation=colocated" in msg and "unknown colocation mode 'colocated'" in msg and "Valid: in_process" in msg
+    msg = problems(tmp_path, "axes: {colocation: [in_process, colocatd]}\n")
+    assert "cell rollout.colocation=colocatd" in msg and "did you mean 'colocated'" in msg and "Valid: colocated, in_process, server" in msg
+    m = load_matrix(write(tmp_path, "axes: {colocation: [in_process, server]}\nbaseline: {colocation: in_process}\n"))
+    assert m.baseline_of(m.cells[1]).name == "rollout.colocation=in_process"  # the alias works in `baseline:` too
+
+
+def test_vllm_options_are_validated_before_any_run(tmp_path):
+    base = "axes: {colocation: [colocated]}\n"
+    assert "max_lora_rank 8 is below lora.r 16" in problems(tmp_path, base + "base: {rollout: {max_lora_rank: 8}}\n")
+    assert "max_lora_rank 12 is not a vLLM LoRA rank; valid: 1, 8, 16" in problems(tmp_path, base + "base: {rollout: {max_lora_rank: 12}}\n")
+    msg = problems(tmp_path, "axes: {colocation: [server]}\nbase: {train: {trainable: full}}\n")
+    assert "server syncs LoRA adapters over HTTP" in msg and "colocated" in msg
+    msg = problems(tmp_path, base + "base: {quant: nvfp4_w4a16}\n")
+    assert "no in-flight equivalent of nvfp4_w4a16" in msg and "rollout_model" in msg
+    assert "rollout.quantization" in problems(tmp_path, base + "base: {rollout: {quantization: int3}}\n")
+    # an export for vLLM to load lifts the `same` restriction; full weights may go to a colocated engine
+    load_matrix(write(tmp_path, base + "base: {quant: nvfp4_w4a16, rollout: {rollout_model: /some/export}}\n"))
+    load_matrix(write(tmp_path, base + "base: {train: {trainable: full}}\n"))
+
+
+def test_engine_options_do_not_change_an_in_process_run():
+    from harness.config import RunConfig
+
+    plain = RunConfig()
+    dressed = RunConfig(rollout={"quantization": "fp8", "sleep_level": 2, "max_lora_rank": 64})
+    assert dressed.run_id == plain.run_id and dressed.rollout.engine == "hf"
+    colocated = RunConfig(rollout={"colocation": "colocated", "quantization": "bf16"})
+    assert colocated.rollout.engine == "vllm" and colocated.vllm_quantization is None
+    assert RunConfig(quant="nf4", rollout={"colocation": "server"}).vllm_quantization == "bitsandbytes"
 
 
 def test_duplicate_cells_and_seed_axis_are_rejected(tmp_path):
