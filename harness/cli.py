@@ -247,7 +247,7 @@ def check_engine(
 
     A sweep runs the same check before the first run of each configuration and caches it in
     results/MATRIX/engine_checks/; a failed check turns that configuration's cells into Error."""
-    from harness.engine_check import PLANTS, check_key, run_check
+    from harness.engine_check import PLANTS, check_in_right_process, check_key
     from harness.results import read_json, write_json_atomic
     from harness.system import pick_device
 
@@ -283,7 +283,7 @@ def check_engine(
             record = read_json(path)
         else:
             with console.status(f"checking {', '.join(names)} ..."):
-                record = run_check(cfg, dev, root / "engine_checks", plant=plant)
+                record = check_in_right_process(cfg, dev, root / "engine_checks", plant=plant)
             if plant is None:
                 write_json_atomic(path, record)
         failed += not record["ok"]

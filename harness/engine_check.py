@@ -54,11 +54,20 @@ def require(cfg: RunConfig, root: Path, device: torch.device) -> dict:
     path = root / "engine_checks" / f"{check_key(cfg, device)}.json"
     record = read_json(path) if path.exists() else None
     if record is None:
-        record = run_check(cfg, device, root / "engine_checks")
+        record = check_in_right_process(cfg, device, root / "engine_checks")
         write_json_atomic(path, record)
     if not record["ok"]:
         raise EngineCheckFailed(f"engine check failed ({path}): {'; '.join(record['failures'])}")
     return record
+
+
+def check_in_right_process(cfg: RunConfig, device: torch.device, workdir: Path, plant: str | None = None) -> dict:
+    """run_check, in a process of its own where the engine needs one (executor.own_process_needed)."""
+    from harness.executor import in_own_process, own_process_needed
+
+    if own_process_needed(cfg, device):
+        return in_own_process(run_check, cfg, device, workdir, plant)
+    return run_check(cfg, device, workdir, plant)
 
 
 def _perturb(model, lora: bool, seed: int = 0) -> None:

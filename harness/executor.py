@@ -76,10 +76,29 @@ def run_sequential(jobs: list[Job], device: str, console: Console, names: dict[s
                 info = f"reward {reward:.2f}" + (f"  eval {eval:.3f}" if eval is not None else "")
                 bar.update(task, completed=step, info=info)
 
-            summary = run_one(cfg, run_dir, dev, on_step)
+            if own_process_needed(cfg, dev):  # no per-step progress from the child: the bar moves when it ends
+                summary = in_own_process(run_one, cfg, run_dir, dev)
+            else:
+                summary = run_one(cfg, run_dir, dev, on_step)
             bar.remove_task(task)
             bar.advance(overall)
             bar.console.print(_one_line(label, cfg.run_id, summary))
+
+
+def own_process_needed(cfg: RunConfig, device: torch.device) -> bool:
+    """vLLM's sleep-mode allocator (CuMem) serves one engine per process and is not handed back
+    when an engine closes, so each colocated vLLM engine on CUDA (a run, a check) gets a fresh process."""
+    return cfg.rollout.colocation == "colocated" and device.type == "cuda"
+
+
+def in_own_process(fn, *args):
+    """fn(*args) in a freshly spawned Python process (not forked: CUDA is initialised here); its
+    return value or its exception comes back."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def _one_line(label: str, run_id: str, s: dict) -> str:
