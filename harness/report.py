@@ -84,6 +84,13 @@ ENGINE_COLUMNS = [("cell", "cell"), ("engine", "engine"), ("rollout_quant", "rol
                  [(k, title) for k, title, _ in ENGINE_METRICS]
 
 
+def _rollout_weights(facts: dict) -> str:
+    if facts.get("rollout_engine") != "vllm":
+        return "the trainer's"
+    q = facts.get("vllm_quantization", "?")
+    return f"unquantized ({facts.get('vllm_dtype', '?')})" if q == "none" else q
+
+
 def engine_rows(root: Path, cells: list[dict]) -> list[dict]:
     """Per cell, how its rollouts were made and what they cost: the colocation comparison."""
     rows = []
@@ -92,7 +99,7 @@ def engine_rows(root: Path, cells: list[dict]) -> list[dict]:
         steps = [m for r in cell["runs"] for m in read_metrics(root / r["run_id"]) if m["step"] > 0]
         facts = next((x for x in summaries if x.get("rollout_engine")), summaries[0] if summaries else {})
         row = {"cell": cell["name"], "engine": facts.get("rollout_engine", "–"),
-               "rollout_quant": facts.get("vllm_quantization", "same as trainer") if facts.get("rollout_engine") == "vllm" else "the trainer's",
+               "rollout_quant": _rollout_weights(facts),
                "hand_off": facts.get("hand_off", "–")}
         for key, _, digits in ENGINE_METRICS:
             values = [m[key] for m in steps if isinstance(m.get(key), (int, float))]

