@@ -20,7 +20,12 @@ from harness.models import load_policy, resolve
 from harness.registries import QUANT
 from harness.results import read_json
 
-DTYPE = torch.bfloat16
+def run_dtype(run_dir: Path) -> torch.dtype:
+    """The dtype the run computed in (summary.json), so the export reproduces what was trained:
+    fake-quantizing float32 weights rounds differently than bf16 ones. bf16 when unrecorded."""
+    summary = run_dir / "summary.json"
+    name = read_json(summary).get("compute_dtype") if summary.exists() else None
+    return getattr(torch, name) if name in ("bfloat16", "float16", "float32") else torch.bfloat16
 
 
 def dequantized_weight(module) -> torch.Tensor | None:
@@ -47,12 +52,12 @@ def export(run_dir: Path, out: Path) -> Path:
     if not checkpoint.saved_step(run_dir) > 0:
         raise ValueError(f"{run_dir}: no checkpoint in adapter/ to export")
     cfg = RunConfig.model_validate(read_json(run_dir / "config.json"))
-    device = torch.device("cpu")
-    trained, tokenizer = load_policy(cfg, device, DTYPE)
+    device, dtype = torch.device("cpu"), run_dtype(run_dir)
+    trained, tokenizer = load_policy(cfg, device, dtype)
     params = [p for p in trained.parameters() if p.requires_grad]
     step = checkpoint.restore(run_dir, trained, torch.optim.AdamW(params), random.Random())
 
-    plain = AutoModelForCausalLM.from_pretrained(resolve(cfg.model), dtype=DTYPE)
+    plain = AutoModelForCausalLM.from_pretrained(resolve(cfg.model), dtype=dtype)
     inner = trained.get_base_model() if checkpoint.is_peft(trained) else trained
     if not checkpoint.is_peft(trained):  # every weight trained: start from the trained ones
         plain.load_state_dict({k: v for k, v in inner.state_dict().items() if k in plain.state_dict()}, strict=False)
@@ -60,7 +65,7 @@ def export(run_dir: Path, out: Path) -> Path:
         for name, module in inner.named_modules():
             weight = dequantized_weight(module)
             if weight is not None:
-                plain.get_submodule(name.removesuffix(".base_layer")).weight.copy_(weight.to(DTYPE))
+                plain.get_submodule(name.removesuffix(".base_layer")).weight.copy_(weight.to(dtype))
     if checkpoint.is_peft(trained):
         plain = PeftModel.from_pretrained(plain, run_dir / "adapter").merge_and_unload()
     out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +82,7 @@ def export(run_dir: Path, out: Path) -> Path:
             inner = plain
         # dtype given explicitly: after peft's merge the config carries it as a string, which
         # ModelOpt 0.47 then passes to Tensor.to() as a device name
-        export_hf_checkpoint(inner, dtype=DTYPE, export_dir=out / "modelopt")
+        export_hf_checkpoint(inner, dtype=dtype, export_dir=out / "modelopt")
     (out / "export.json").write_text(json.dumps({
         "run_id": cfg.run_id, "step": step, "quant": cfg.quant, "trainable": cfg.train.trainable,
         "how": "adapter merged into the dequantized base" if checkpoint.is_peft(trained) else "trained weights, dequantized",
