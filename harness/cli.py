@@ -237,7 +237,7 @@ def check_engine(
     config: Optional[Path] = typer.Argument(None, help="A RunConfig YAML file with a vLLM colocation (colocated or server)."),
     matrix: Optional[str] = typer.Option(None, help="Check every distinct vLLM configuration of this matrix instead."),
     cell: Optional[str] = typer.Option(None, help='With --matrix: only the cells matching these axis=value pairs, e.g. "quant=nf4".'),
-    plant: Optional[str] = typer.Option(None, help="Plant a fault the check must catch: " + ", ".join(("stale-adapter",)) + " (never cached)."),
+    plant: Optional[str] = typer.Option(None, help="Plant a fault the check must catch: stale-adapter (never cached)."),
     force: bool = typer.Option(False, "--force", help="Run again even where a cached result exists (e.g. after a driver change)."),
     results: Path = RESULTS,
     device: str = DEVICE,
@@ -247,8 +247,7 @@ def check_engine(
 
     A sweep runs the same check before the first run of each configuration and caches it in
     results/MATRIX/engine_checks/; a failed check turns that configuration's cells into Error."""
-    from harness.engine_check import PLANTS, check_in_right_process, check_key
-    from harness.results import read_json, write_json_atomic
+    from harness.engine_check import PLANTS, cached, check_in_right_process, check_key
     from harness.system import pick_device
 
     if plant is not None and plant not in PLANTS:
@@ -277,15 +276,12 @@ def check_engine(
     _build_models([(cfg, None) for _, cfg in by_key.values()])
     table = Table("cells", "ok", "sleep/wake", "greedy = trainer", "Δ logprob (tol)", "Δ vs stale", "why", title="engine checks", title_justify="left")
     failed = 0
-    for key, (names, cfg) in by_key.items():
-        path = root / "engine_checks" / f"{key}.json"
-        if path.exists() and not force and plant is None:
-            record = read_json(path)
-        else:
-            with console.status(f"checking {', '.join(names)} ..."):
-                record = check_in_right_process(cfg, dev, root / "engine_checks", plant=plant)
+    for names, cfg in by_key.values():
+        with console.status(f"checking {', '.join(names)} ..."):
             if plant is None:
-                write_json_atomic(path, record)
+                _, record = cached(cfg, root, dev, force)
+            else:  # a planted fault is never cached: the sweep must not read it
+                record = check_in_right_process(cfg, dev, root / "engine_checks", plant=plant)
         failed += not record["ok"]
         sleep = record.get("sleep")
         sleep_text = sleep if isinstance(sleep, str) or sleep is None else \

