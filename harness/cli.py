@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.config import RunConfig
-from harness.matrix import Matrix, MatrixError, find_matrix, load_matrix
+from harness.matrix import Cell, Matrix, MatrixError, find_matrix, load_matrix
 from harness import registries
 from harness.registries import EXECUTORS, MODELS
 from harness.registry import UnknownName
@@ -52,6 +52,17 @@ def _load(matrix: str) -> Matrix:
         return load_matrix(find_matrix(matrix, _matrices_dir()))
     except (MatrixError, FileNotFoundError) as e:
         raise _fail(str(e)) from None
+
+
+def _one_cell(m: Matrix, expr: str | None) -> Cell:
+    try:
+        chosen = m.select(expr or "")
+    except ValueError as e:
+        raise _fail(f"--cell: {e}") from None
+    if len(chosen) != 1:
+        listing = "\n".join(f"  {c.name}" for c in m.cells)
+        raise _fail(f"--cell {expr!r} matches {len(chosen)} cells of {m.name}; choose one of:\n{listing}")
+    return chosen[0]
 
 
 def _prepare(m: Matrix, results: Path) -> list[tuple[RunConfig, Path]]:
@@ -148,22 +159,16 @@ def run(
             raise _fail(f"{config}: {e}") from None
         except ValidationError as e:
             raise _fail(f"{config}: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
-        m_name, jobs = config.stem, [(cfg, results / config.stem / cfg.run_id)]
+        jobs = [(cfg, results / config.stem / cfg.run_id)]
         names = {cfg.run_id: config.stem}
     else:
         m = _load(matrix)
-        try:
-            chosen = m.select(cell or "")
-        except ValueError as e:
-            raise _fail(f"--cell: {e}") from None
-        if len(chosen) != 1:
-            listing = "\n".join(f"  {c.name}" for c in m.cells)
-            raise _fail(f"--cell {cell!r} matches {len(chosen)} cells of {m.name}; choose one of:\n{listing}")
-        jobs = [(c, results / m.name / c.run_id) for c in chosen[0].runs if seed is None or c.seed == seed]
+        chosen = _one_cell(m, cell)
+        jobs = [(c, results / m.name / c.run_id) for c in chosen.runs if seed is None or c.seed == seed]
         if not jobs:
-            raise _fail(f"--seed {seed}: the cell's seeds are {[c.seed for c in chosen[0].runs]}")
+            raise _fail(f"--seed {seed}: the cell's seeds are {[c.seed for c in chosen.runs]}")
         _prepare(m, results)
-        m_name, names = m.name, {c.run_id: chosen[0].name for c, _ in jobs}
+        names = {c.run_id: chosen.name for c, _ in jobs}
 
     from harness.executor import execute, pending
 
@@ -331,6 +336,8 @@ def models_build(name: str = typer.Argument("tiny-arith", help="Built-in model: 
         raise _fail(str(e)) from None
     console.print(str(builder()))
 
+
+import harness.cli_tune  # noqa: E402,F401  (registers `harness tune`; kept apart to keep this module short)
 
 if __name__ == "__main__":
     app()

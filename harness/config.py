@@ -192,3 +192,15 @@ class RunConfig(Frozen):
     @property
     def run_id(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:12]
+
+
+def set_dotted(tree: dict, dotted: str, value) -> None:
+    """tree["lora"]["r"] = value for "lora.r", creating the parents a partial config lacks."""
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = tree.get(part)
+        if isinstance(node, str) and part == "task":  # `task: arith` shorthand
+            node = {"name": node}
+        tree[part] = node = dict(node or {})
+        tree = node
+    tree[leaf] = value

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from harness.config import RunConfig
-from harness.recipes import NonFinite
+from harness.recipes import NonFinite, Pruned
 from harness.registries import ALGORITHMS, EXECUTORS
 from harness.results import is_finished, read_json, read_metrics, summarize_metrics, truncate_logs, write_json_atomic
 from harness.system import device_name, git_commit, library_versions, pick_device
@@ -51,6 +51,8 @@ def run_one(cfg: RunConfig, run_dir: Path, device: torch.device, progress=lambda
         summary |= ALGORITHMS.get(cfg.algorithm)(cfg, run_dir, tracker, device, progress)
     except NonFinite as e:
         summary |= {"status": "nan", "error": str(e)}
+    except Pruned as e:
+        summary |= {"status": "pruned", "error": str(e)}
     except (torch.OutOfMemoryError, MemoryError) as e:
         summary |= {"status": "oom", "error": f"{type(e).__name__}: {e}"[:2000]}
     except Exception as e:  # recorded, not raised: one broken cell must not stop a sweep

@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
-from harness.config import Frozen, RunConfig
+from harness.config import Frozen, RunConfig, set_dotted
+from harness.tune_space import TuneSpec
 
 AXIS_ALIASES = {"colocation": "rollout.colocation"}
 
@@ -49,6 +50,7 @@ class MatrixSpec(Frozen):
     include: list[dict[str, Any]] = []
     baseline: dict[str, Any] = {}
     criteria: Criteria = Criteria()
+    tune: TuneSpec = TuneSpec()  # what `harness tune` searches for a cell of this matrix
 
 
 @dataclass(frozen=True)
@@ -84,9 +86,19 @@ class Matrix:
     def select(self, expr: str) -> list[Cell]:
         """Cells matching "quant=nf4,lora.r=8": the cell whose key is exactly that if there is
         one (so "quant=bf16" is the bf16 cell, not also a bf16 variant from `include`), else
-        every cell with those values."""
+        every cell with those values. A field that is not an axis ("algorithm=grpo" where
+        algorithm is set in `base`) is compared with the cell's configuration."""
         want = parse_assignments(expr)
-        matching = [c for c in self.cells if all(c.key.get(k) == v for k, v in want.items())]
+
+        def value(cell: Cell, field: str):
+            if field in cell.key:
+                return cell.key[field]
+            node = cell.runs[0].model_dump(mode="json")
+            for part in field.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            return node
+
+        matching = [c for c in self.cells if all(value(c, k) == v for k, v in want.items())]
         exact = [c for c in matching if set(c.key) == set(want)]
         return exact or matching
 
@@ -188,7 +200,7 @@ def _expand(path: Path, spec: MatrixSpec) -> list[Cell]:
         for seed in spec.seeds:
             merged = copy.deepcopy(spec.base)
             for k, v in key.items():
-                _set(merged, k, v)
+                set_dotted(merged, k, v)
             merged["seed"] = seed
             try:
                 runs.append(RunConfig.model_validate(merged))
@@ -215,17 +227,6 @@ def _get(tree: dict, dotted: str):
             return None
         tree = tree[part]
     return tree
-
-
-def _set(tree: dict, dotted: str, value) -> None:
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        node = tree.get(part)
-        if isinstance(node, str) and part == "task":  # `task: arith` shorthand
-            node = {"name": node}
-        tree[part] = node = dict(node or {})
-        tree = node
-    tree[leaf] = value
 
 
 def _loc(loc: tuple) -> str:

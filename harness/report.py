@@ -154,6 +154,9 @@ def write_markdown(root: Path, out_dir: Path, matrix: dict, cells: list[dict], r
         for r in cell["runs"]:
             lines.append(f"| {md(cell['name'])} | {r['seed']} | [{r['run_id']}]({runs_link}/{r['run_id']}/) | {r['verdict']} | "
                          f"{_num(r['eval_start'])} → {_num(r['eval_end'])} | {_num(r['max_kl'], 4)} | {_num(r['final_entropy'])} | {md(r['reason'])} |")
+    studies = tuning_reports(out_dir)
+    if studies:
+        lines += ["", "## Tuning studies", ""] + [f"- [{md(p.stem.removeprefix('tune_'))}]({p.name})" for p in studies]
     lines += ["", "## Rollout engines", "", md(ENGINE_TEXT), "",
               "| " + " | ".join(title for _, title in ENGINE_COLUMNS) + " |", "|" + "---|" * len(ENGINE_COLUMNS)]
     lines += ["| " + " | ".join(md(row[k]) for k, _ in ENGINE_COLUMNS) + " |" for row in engine_rows(root, cells)]
@@ -174,6 +177,11 @@ def write_report(root: Path, out_dir: Path) -> Path:
     rows = cell_rows(root, matrix, cells)
     _write(out_dir / "report.html", render_html(root, out_dir, matrix, cells, rows))
     return write_markdown(root, out_dir, matrix, cells, rows)
+
+
+def tuning_reports(out_dir: Path) -> list[Path]:
+    """The `harness tune` reports beside this matrix's report."""
+    return sorted(out_dir.glob("tune_*.md"))
 
 
 def first_env(root: Path, cells: list[dict]) -> dict | None:

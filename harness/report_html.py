@@ -12,7 +12,7 @@ from html import escape
 from pathlib import Path
 
 from harness.plots import PALETTE, bar_chart, line_chart
-from harness.report import COLUMNS, ENGINE_COLUMNS, ENGINE_TEXT, engine_rows, first_env, method_text
+from harness.report import COLUMNS, ENGINE_COLUMNS, ENGINE_TEXT, engine_rows, first_env, method_text, tuning_reports
 from harness.results import read_metrics, read_samples
 
 CURVES = [("reward/mean", "train reward"), ("eval/reward", "held-out eval/reward"), ("kl", "KL to reference"), ("entropy", "entropy")]
@@ -50,6 +50,7 @@ def render_html(root: Path, out_dir: Path, matrix: dict, cells: list[dict], rows
              f"<p class='muted'>Re-run: <code>make sweep MATRIX={e(matrix['name'])}</code>; regenerate: <code>harness report {e(matrix['name'])}</code></p>",
              "<h2>Convergence matrix</h2>", _table(rows, cells), f"<p class='muted'>{e(method_text(matrix))}</p>",
              "<h2>Memory and throughput</h2><div class='plots'>", _bars(cells, rows, colors), "</div>",
+             _tuning_links(out_dir),
              "<h2>Rollout engines</h2>", _engine_table(engine_rows(root, cells)), f"<p class='muted'>{e(ENGINE_TEXT)}</p>",
              "<h2>Cells</h2>"]
     for i, (cell, row) in enumerate(zip(cells, rows)):
@@ -61,6 +62,14 @@ def render_html(root: Path, out_dir: Path, matrix: dict, cells: list[dict], rows
                                                                    *env.get("versions", {}).items()]]
     parts.append(f"</table><h2>Matrix</h2><pre id='matrix-yaml'>{e(matrix['source'])}</pre></body></html>")
     return "".join(parts)
+
+
+def _tuning_links(out_dir: Path) -> str:
+    studies = tuning_reports(out_dir)
+    if not studies:
+        return ""
+    items = "".join(f"<li><a href='{e(p.with_suffix('.html').name)}'>{e(p.stem.removeprefix('tune_'))}</a></li>" for p in studies)
+    return f"<h2>Tuning studies</h2><ul id='tuning'>{items}</ul>"
 
 
 def _table(rows: list[dict], cells: list[dict]) -> str:

@@ -10,7 +10,7 @@ import pytest
 from harness.report import write_report
 from harness.verdict import judge
 
-from synthetic import fake_run, plant, write_sweep
+from synthetic import plant, write_sweep
 
 MATRIX = """\
 # make sweep MATRIX=b
