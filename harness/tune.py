@@ -216,7 +216,7 @@ def objective(trial: optuna.Trial, study: Study, device: torch.device, on_step: 
         on_step(step=step, total=total, reward=reward, eval=eval, trial=trial.number)
         if prunable and eval is not None:
             trial.report(eval, step)
-            if trial.should_prune():
+            if step < total and trial.should_prune():  # at the last step the objective is known: nothing left to save
                 raise Pruned(f"eval/reward {eval:.3f} at step {step} of {total}")
 
     if is_finished(run_dir):  # the same parameters ran before (a retried trial whose run had finished)

@@ -26,6 +26,10 @@ COLUMNS = [("number", "trial"), ("state", "state"), ("params", "parameters"), ("
            ("steps", "steps"), ("memory", "peak GiB"), ("wall", "wall s"), ("worker", "worker"), ("run", "run"), ("note", "note")]
 
 
+IMPORTANCE_TEXT = ("Optuna's PED-ANOVA importances over the {n} finished trials: the share of the objective's variation each "
+                   "parameter explains. With a handful of trials and differences near the evaluation's noise, read them as a hint.")
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "study"
 
@@ -55,7 +59,8 @@ def trial_rows(s: optuna.Study, study: Study, out_dir: Path) -> list[dict]:
         rows.append({
             "number": str(t.number), "state": t.state.name.lower(),
             "params": ", ".join(f"{k}={_num(v)}" for k, v in t.params.items()),
-            "values": ", ".join(_num(v) for v in t.values) if t.values else "–",
+            "values": (", ".join(_num(v) for v in t.values) if t.state == TrialState.COMPLETE else
+                       f"({_num(t.values[0])} at step {t.last_step})" if t.values and t.last_step is not None else "–"),
             "eval_start": _num(a.get("eval_start")), "steps": _num(a.get("steps_completed")),
             "memory": _num(a.get("peak_memory_gib"), 3), "wall": _num(a.get("wall_s"), 3),
             "worker": a.get("worker", "–"), "run": run_id or "–",
@@ -211,7 +216,8 @@ def _markdown(study: Study, info: dict, rows: list[dict], figs: dict, out_dir: P
     lines += [f"- {label}: `{md(cmd)}`" for label, cmd in _commands(study)]
     lines += ["", "## Parameter importances", ""]
     imp = info["importances"]
-    lines += [f"- {md(k)}: {v:.3f}" for k, v in imp.items()] if isinstance(imp, dict) else [md(imp)]
+    lines += ([md(IMPORTANCE_TEXT.format(n=info["counts"]["complete"])), ""] + [f"- {md(k)}: {v:.3f}" for k, v in imp.items()]
+              if isinstance(imp, dict) else [md(imp)])
     lines += ["", "## Plots", ""]
     for title, fig in figs.items():
         lines.append(f"![{md(title)}]({os.path.relpath(fig, out_dir)})" if isinstance(fig, Path) else f"- {md(title)}: {md(fig)}")
@@ -235,7 +241,7 @@ def _html(study: Study, info: dict, rows: list[dict], figs: dict, out_dir: Path)
     parts += [f"<li>{e(label)}: <code>{e(cmd)}</code></li>" for label, cmd in _commands(study)]
     parts.append("</ul><h2>Parameter importances</h2>")
     imp = info["importances"]
-    parts.append("<table>" + "".join(f"<tr><th>{e(k)}</th><td class='num'>{v:.3f}</td></tr>" for k, v in imp.items()) + "</table>"
+    parts.append(f"<p class='muted'>{e(IMPORTANCE_TEXT.format(n=info['counts']['complete']))}</p><table>" + "".join(f"<tr><th>{e(k)}</th><td class='num'>{v:.3f}</td></tr>" for k, v in imp.items()) + "</table>"
                  if isinstance(imp, dict) else f"<p class='muted'>{e(imp)}</p>")
     parts.append("<h2>Plots</h2><div class='plots'>")
     for name, fig in figs.items():
