@@ -61,8 +61,11 @@ def tune(
     if apply:
         _apply(m, c, s, optuna_study, trial, out)
         return
+    requeued = t.requeue_lost(optuna_study, spec.max_retries)
+    if requeued:
+        console.print(f"[yellow]note:[/] queued again (killed or interrupted): trial {', '.join(map(str, requeued))}", highlight=False)
     _build_models([(s.cell_cfg, None)])
-    console.print(f"[bold]study {name}[/] ({s.storage}): {c.name}, {s.trials} trials, {workers} worker(s); "
+    console.print(f"[bold]study {name}[/] ({t.shown(s.storage)}): {c.name}, {s.trials} trials, {workers} worker(s); "
                   f"runs under {s.root}", highlight=False)
     try:
         if workers == 1:

@@ -17,10 +17,13 @@ A trial's fate is read from the storage, not from any one worker:
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import socket
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +32,7 @@ import optuna
 import torch
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
+from pydantic import ValidationError
 
 from harness.config import RunConfig
 from harness.recipes import Pruned
@@ -64,6 +68,15 @@ class Study:
         return self.root / run_id
 
 
+def shown(storage: str) -> str:
+    """The storage as reports and logs show it: without a password."""
+    if "://" not in storage:
+        return storage
+    from sqlalchemy.engine import make_url
+
+    return make_url(storage).render_as_string(hide_password=True)
+
+
 def default_storage(results: Path, matrix: str) -> str:
     return f"sqlite:///{results / matrix / 'tune' / 'optuna.db'}"  # relative: the report names no machine's path
 
@@ -86,12 +99,15 @@ def _storage(study: Study):
     )
 
 
-def _sampler(spec: TuneSpec, worker: int):
+def _sampler(spec: TuneSpec, worker: int, session: int = 0):
+    """Seeded by (tune.seed, worker, host, trials already in the study): a resumed or extended
+    study, or a worker on another machine, draws new points instead of replaying earlier ones."""
+    seed = int(hashlib.sha256(f"{spec.seed}:{worker}:{socket.gethostname()}:{session}".encode()).hexdigest()[:8], 16)
     if spec.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=spec.seed + worker)
+        return optuna.samplers.RandomSampler(seed=seed)
     # constant_liar: a worker's running trials count as bad guesses for the others, so parallel
     # workers do not all sample around the same point
-    return optuna.samplers.TPESampler(seed=spec.seed + worker, n_startup_trials=spec.startup_trials, constant_liar=True)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.startup_trials, constant_liar=True)
 
 
 def _pruner(study: Study):
@@ -105,14 +121,15 @@ def _pruner(study: Study):
 
 
 def load(study: Study, worker: int = 0) -> optuna.Study:
-    return optuna.load_study(study_name=study.name, storage=_storage(study), sampler=_sampler(study.spec, worker),
-                             pruner=_pruner(study))
+    s = optuna.load_study(study_name=study.name, storage=_storage(study), pruner=_pruner(study))
+    s.sampler = _sampler(study.spec, worker, len(s.get_trials(deepcopy=False)))
+    return s
 
 
 def create(study: Study) -> tuple[optuna.Study, list[str]]:
     """Create the study or load it (refusing one made for another cell or space); queue the
-    cell's own values as the first trial and any lost trial again. Returns notes for the user."""
-    identity = {"cell_config": study.cell_cfg.model_dump(mode="json"), "tune": study.spec.model_dump(mode="json")}
+    cell's own values as the first trial. Returns notes for the user."""
+    identity = {"cell_config": study.cell_cfg.model_dump(mode="json"), "tune": _meaning(study.spec.model_dump(mode="json"))}
     s = optuna.create_study(study_name=study.name, storage=_storage(study), directions=study.spec.directions, load_if_exists=True,
                             sampler=_sampler(study.spec, 0), pruner=_pruner(study))
     notes = []
@@ -126,14 +143,18 @@ def create(study: Study) -> tuple[optuna.Study, list[str]]:
         else:
             s.enqueue_trial(first, user_attrs={"queued": "the matrix's values"}, skip_if_exists=True)
     else:
-        changed = [k for k, v in identity.items() if s.user_attrs.get(k) != v]
+        stored = s.user_attrs | {"tune": _meaning(s.user_attrs.get("tune", {}))}
+        changed = [k for k, v in identity.items() if stored.get(k) != v]
         if changed:
-            raise StudyMismatch(f"study {study.name!r} in {study.storage} was made with another {' and '.join(changed)}; "
+            raise StudyMismatch(f"study {study.name!r} in {shown(study.storage)} was made with another {' and '.join(changed)}; "
                                 "give --study a new name (or delete the study) to search this one")
-    requeued = requeue_lost(s, study.spec.max_retries)
-    if requeued:
-        notes.append(f"queued again (killed or interrupted): trial {', '.join(map(str, requeued))}")
     return s, notes
+
+
+def _meaning(tune: dict) -> dict:
+    """The tune settings that change what a trial means; trials, heartbeat_s and max_retries may
+    change between sessions of one study."""
+    return {k: v for k, v in tune.items() if k not in ("trials", "heartbeat_s", "max_retries")}
 
 
 def requeue_lost(s: optuna.Study, max_retries: int) -> list[int]:
@@ -150,13 +171,18 @@ def requeue_lost(s: optuna.Study, max_retries: int) -> list[int]:
 
 
 def _lost(t) -> bool:
-    return t.state == TrialState.FAIL and "status" not in t.user_attrs
+    return t.state == TrialState.FAIL and "status" not in t.user_attrs and not t.user_attrs.get("surplus")
+
+
+def _counts(t) -> bool:
+    """A trial that used one of the study's N slots (or is using one)."""
+    return not _lost(t) and not t.user_attrs.get("surplus") and t.state != TrialState.WAITING
 
 
 def tally(s: optuna.Study) -> dict[str, int]:
     trials = s.get_trials(deepcopy=False)
     return {
-        "done": sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (t.state == TrialState.FAIL and not _lost(t)) for t in trials),
+        "done": sum(_counts(t) and t.state.is_finished() for t in trials),
         "running": sum(t.state == TrialState.RUNNING for t in trials),
         "waiting": sum(t.state == TrialState.WAITING for t in trials),
         "lost": sum(_lost(t) for t in trials),
@@ -174,16 +200,20 @@ def work(study: Study, worker: int, device: str, on_trial: Callable[[optuna.tria
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per trial would break up the study's output
     if threads:
         torch.set_num_threads(threads)
+    if device in ("auto", "cuda") and torch.cuda.device_count() > 1:  # local workers spread over the visible GPUs
+        device = f"cuda:{worker % torch.cuda.device_count()}"
     dev = pick_device(device)
     s = load(study, worker)
     on_trial = on_trial or (lambda t: print(trial_line(t, worker), flush=True))
     while True:
         optuna.storages.fail_stale_trials(s)
+        fail_dead_local(s, study.spec.max_retries)
         n = tally(s)
         if n["done"] >= study.trials:
             return
         if n["done"] + n["running"] >= study.trials:  # the rest are running elsewhere
-            if "://" not in study.storage:  # a journal file has no heartbeat: a dead worker's trial can't be told apart
+            if "://" not in study.storage:  # a journal file has no heartbeat: another host's dead worker can't be told apart
+                print(f"worker {worker}: {n['running']} trial(s) still marked running elsewhere; stopping", flush=True)
                 return
             time.sleep(min(study.spec.heartbeat_s, 5))
             continue
@@ -195,16 +225,76 @@ def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def fail_dead_local(s: optuna.Study, max_retries: int) -> None:
+    """Fail and queue again the running trials of workers on this host whose process is gone
+    (what heartbeats do for RDB storages, for a journal file too, and without the grace period)."""
+    host = socket.gethostname()
+    for t in s.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        who, _, pid = t.user_attrs.get("worker", "").rpartition(":")
+        if who != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            s._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker got there first
+            continue
+        RetryHeartbeatStaleTrialCallback(max_retry=max_retries)(s, s._storage.get_trial(t._trial_id))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def objective(trial: optuna.Trial, study: Study, device: torch.device, on_step: Callable[..., None]) -> float | list[float]:
+    spec = study.spec
+    trial.set_user_attr("worker", _worker_id())
+    # checking the count and creating the trial are two steps: a trial past the study's N gives its slot up
+    before = [t for t in trial.study.get_trials(deepcopy=False) if t.number < trial.number and _counts(t)]
+    if len(before) >= study.trials:
+        trial.set_user_attr("surplus", True)
+        raise RunFailed(f"surplus: the study already has its {study.trials} trials")
+    params = {name: p.suggest(trial, name) for name, p in spec.params.items()}
+    try:
+        cfg = trial_config(study.cell_cfg, spec, params)
+    except ValidationError as e:  # a combination of values the space allows but a run config does not
+        trial.set_user_attr("status", "invalid")
+        trial.set_user_attr("error", str(e)[:2000])
+        raise RunFailed(f"invalid config: {e}") from None
+    run_dir = study.run_dir(cfg.run_id)
+    trial.set_user_attr("run_id", cfg.run_id)
+    with _exclusive(run_dir) as mine:
+        if not mine:
+            error = f"another trial is running the same configuration ({cfg.run_id})"
+            trial.set_user_attr("status", "busy")
+            trial.set_user_attr("error", error)
+            raise RunFailed(error)
+        return _run_trial(trial, study, cfg, run_dir, device, on_step)
+
+
+@contextmanager
+def _exclusive(run_dir: Path):
+    """An flock on the run folder: two trials with the same parameters (or a worker taken for
+    dead while still alive) must not train into one folder at once."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+def _run_trial(trial, study: Study, cfg: RunConfig, run_dir: Path, device, on_step) -> float | list[float]:
     from harness import checkpoint
     from harness.executor import in_own_process, own_process_needed, run_one
 
     spec = study.spec
-    params = {name: p.suggest(trial, name) for name, p in spec.params.items()}
-    cfg = trial_config(study.cell_cfg, spec, params)
-    run_dir = study.run_dir(cfg.run_id)
-    trial.set_user_attr("run_id", cfg.run_id)
-    trial.set_user_attr("worker", _worker_id())
     prunable = len(spec.objectives) == 1
     if prunable:  # a resumed (or already finished) run's evaluations so far, for the pruner's comparisons
         upto = checkpoint.saved_step(run_dir) if not is_finished(run_dir) else cfg.train.steps
@@ -286,6 +376,8 @@ def apply(matrix_path: Path, cell_key: dict[str, Any], study: Study, trial: optu
               f"# judged against the same baseline as the original cells.\n")
     lines = source.splitlines(keepends=True)
     at = next((i for i, line in enumerate(lines) if line.split("#")[0].rstrip() == "include:"), None)
+    if at is None and any(line.startswith("include:") for line in lines):
+        raise ValueError(f"{matrix_path}: write its `include:` as a block list (one `- ...` item per line) so a cell can be added")
     if at is None:
         text = header + source.rstrip("\n") + "\n\ninclude:\n" + _indent(note + item, "  ")
     else:
@@ -295,9 +387,12 @@ def apply(matrix_path: Path, cell_key: dict[str, Any], study: Study, trial: optu
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(text)
     try:
-        new = [c for c in load_matrix(tmp).cells if c.label == entry["label"]]
+        cells = load_matrix(tmp).cells
     except MatrixError as ex:
         raise ValueError(f"the tuned matrix does not validate (kept at {tmp} for inspection): {ex}") from None
+    new = [c for c in cells if c.label == entry["label"]]
+    if len(cells) != len(load_matrix(matrix_path).cells) + 1:
+        raise ValueError(f"the tuned matrix does not keep every cell of {matrix_path} (kept at {tmp} for inspection)")
     if len(new) != 1 or new[0].runs[0].model_dump(exclude={"seed"}) != cfg.model_dump(exclude={"seed"}):
         raise ValueError(f"the tuned matrix's new cell is not the trial's configuration (kept at {tmp} for inspection)")
     os.replace(tmp, out)

@@ -13,21 +13,30 @@ import os
 import re
 import statistics
 from pathlib import Path
+from urllib.parse import quote
 
 import optuna
 from optuna.trial import TrialState
 
 from harness.report import _write, md
 from harness.report_html import CSS, e
-from harness.tune import Study, best_trials, tally
+from harness.tune import Study, best_trials, shown, tally
 from harness.tune_space import binomial_se
 
 COLUMNS = [("number", "trial"), ("state", "state"), ("params", "parameters"), ("values", "objective"), ("eval_start", "eval start"),
            ("steps", "steps"), ("memory", "peak GiB"), ("wall", "wall s"), ("worker", "worker"), ("run", "run"), ("note", "note")]
 
 
-IMPORTANCE_TEXT = ("Optuna's PED-ANOVA importances over the {n} finished trials: the share of the objective's variation each "
-                   "parameter explains. With a handful of trials and differences near the evaluation's noise, read them as a hint.")
+IMPORTANCE_TEXT = ("Optuna's PED-ANOVA importances over the {n} finished trials: how far each parameter's values among the "
+                   "best 10% of trials stand apart from its values over all of them, normalised to sum to 1. Under 10 finished "
+                   "trials the best 10% is the single best trial, so read them as a hint, not a measurement.")
+
+
+def code(text) -> str:
+    """Inline Markdown code: backticks long enough that none inside can close it; no HTML escaping inside."""
+    text = " ".join(str(text).split())
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}" if text.startswith("`") or text.endswith("`") else f"{fence}{text}{fence}"
 
 
 def slug(text: str) -> str:
@@ -91,7 +100,9 @@ def summary(s: optuna.Study, study: Study) -> dict:
 def _common_step(s: optuna.Study) -> tuple[int, list[float]] | None:
     """eval/reward at the last step every reporting trial reached, pruned ones included: the
     spread over the whole study, not only over the trials that survived."""
-    curves = [t.intermediate_values for t in s.get_trials(deepcopy=False) if t.intermediate_values]
+    runs = {t.user_attrs.get("run_id"): t.intermediate_values for t in s.get_trials(deepcopy=False)  # a retried run once
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.intermediate_values}
+    curves = list(runs.values())
     if not curves:
         return None
     step = min(max(c) for c in curves)
@@ -141,7 +152,7 @@ def plots(s: optuna.Study, study: Study, plot_dir: Path) -> dict[str, Path | str
         fig.set_size_inches(6.4, 4.4)
         fig.tight_layout()
         path = plot_dir / (slug(title.replace("×", "x")) + ".svg")
-        fig.savefig(path, format="svg")
+        fig.savefig(path, format="svg", metadata={"Date": None})  # no timestamp: an unchanged study re-renders byte for byte
         plt.close(fig)
         out[title] = path
     return out
@@ -158,10 +169,17 @@ def write_tune_report(s: optuna.Study, study: Study, reports: Path) -> Path:
 
 
 def _commands(study: Study) -> list[tuple[str, str]]:
-    cell = study.cell.split(" (")[0]
-    return [("resume or extend", f"harness tune {study.matrix} --cell \"{cell}\" --study {study.name} --trials N"),
-            ("write the best as a new matrix", f"harness tune {study.matrix} --cell \"{cell}\" --study {study.name} --apply"),
-            ("browse live", f"optuna-dashboard {study.storage}")]
+    """The commands that reach this same study: its --results and --storage when not the defaults."""
+    from shlex import quote as sh
+
+    from harness.tune import default_storage
+
+    results = study.root.parents[2]
+    where = (f" --results {sh(str(results))}" if results != Path("results") else "") + \
+        (f" --storage {sh(shown(study.storage))}" if study.storage != default_storage(results, study.matrix) else "")
+    base = f"harness tune {sh(study.matrix)} --cell {sh(study.cell.split(' (')[0])} --study {sh(study.name)}{where}"
+    return [("resume or extend", f"{base} --trials N"), ("write the best as a new matrix", f"{base} --apply"),
+            ("browse live", f"optuna-dashboard {sh(shown(study.storage))}")]
 
 
 def _best_lines(study: Study, info: dict) -> list[tuple[str, str]]:
@@ -208,12 +226,12 @@ def _setup_text(study: Study) -> str:
 
 
 def _markdown(study: Study, info: dict, rows: list[dict], figs: dict, out_dir: Path) -> str:
-    lines = [f"# Tuning `{md(study.matrix)}`: {md(study.cell)}", "", f"Study `{md(study.name)}` in `{md(study.storage)}`. "
+    lines = [f"# Tuning {code(study.matrix)}: {md(study.cell)}", "", f"Study {code(study.name)} in {code(shown(study.storage))}. "
              f"{md(_counts_text(info))}.", "", md(_setup_text(study)), "",
              "## Best" + (" (Pareto front)" if len(study.spec.objectives) > 1 else ""), ""]
     lines += [f"- {md(label)}: {md(text)}" for label, text in _best_lines(study, info)] or ["- none finished yet"]
     lines += ["", md(_spread_text(info)), "", "## Commands", ""]
-    lines += [f"- {label}: `{md(cmd)}`" for label, cmd in _commands(study)]
+    lines += [f"- {label}: {code(cmd)}" for label, cmd in _commands(study)]
     lines += ["", "## Parameter importances", ""]
     imp = info["importances"]
     lines += ([md(IMPORTANCE_TEXT.format(n=info["counts"]["complete"])), ""] + [f"- {md(k)}: {v:.3f}" for k, v in imp.items()]
@@ -223,7 +241,7 @@ def _markdown(study: Study, info: dict, rows: list[dict], figs: dict, out_dir: P
         lines.append(f"![{md(title)}]({os.path.relpath(fig, out_dir)})" if isinstance(fig, Path) else f"- {md(title)}: {md(fig)}")
     lines += ["", "## Trials", "", "| " + " | ".join(t for _, t in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
-        cells = [f"[{r['run']}]({r['run_link']})" if k == "run" and r["run_link"] else md(r[k]) for k, _ in COLUMNS]
+        cells = [f"[{md(r['run'])}](<{quote(r['run_link'])}>)" if k == "run" and r["run_link"] else md(r[k]) for k, _ in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -233,7 +251,7 @@ def _html(study: Study, info: dict, rows: list[dict], figs: dict, out_dir: Path)
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title><style>{CSS}"
              ".fig{max-width:640px;border:1px solid #eee}</style></head><body>",
              f"<h1>Tuning <code>{e(study.matrix)}</code>: {e(study.cell)}</h1>",
-             f"<p class='muted'>Study <code>{e(study.name)}</code> in <code>{e(study.storage)}</code>. {e(_counts_text(info))}. "
+             f"<p class='muted'>Study <code>{e(study.name)}</code> in <code>{e(shown(study.storage))}</code>. {e(_counts_text(info))}. "
              f"<a href='report.html'>The matrix's report</a>.</p><p class='muted'>{e(_setup_text(study))}</p>",
              "<h2>Best" + (" (Pareto front)" if len(study.spec.objectives) > 1 else "") + "</h2><ul id='best'>"]
     parts += [f"<li><b>{e(label)}</b>: {e(text)}</li>" for label, text in _best_lines(study, info)] or ["<li>none finished yet</li>"]

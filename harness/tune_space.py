@@ -38,6 +38,8 @@ class Param(Frozen):
                 raise ValueError("give either choices, or low/high (with log/int), not both")
             if not self.choices:
                 raise ValueError("choices: empty list")
+            if not all(c is None or isinstance(c, (str, int, float, bool)) for c in self.choices):
+                raise ValueError("choices must be numbers, strings, booleans or null (Optuna stores them as such)")
         elif self.low is None or self.high is None:
             raise ValueError("give choices: [...], or both low and high")
         elif not self.low < self.high:
@@ -103,6 +105,8 @@ class TuneSpec(Frozen):
                 raise ValueError("params.seed: seeds are not tuned; a trial runs the cell's first seed")
         if self.lora_alpha == "ratio" and "lora.alpha" in self.params:
             raise ValueError("params.lora.alpha is searched, so lora_alpha must be `fixed`, not `ratio`")
+        if self.objectives not in (["eval_reward"], ["eval_reward", "peak_memory"]):
+            raise ValueError("objectives: [eval_reward] or [eval_reward, peak_memory]: eval/reward is what is pruned on and ranked first")
         if len(self.objectives) > 1 and self.pruner.name != "none":
             raise ValueError("Optuna prunes single-objective studies only: with two objectives set pruner: {name: none}")
         return self
