@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from harness.cli import DEVICE, REPORTS, RESULTS, _build_models, _fail, _load, _one_cell, app, console
 
@@ -87,9 +86,9 @@ def tune(
 
 def _work_here(s, device: str) -> None:
     from harness import tune as t
+    from harness.executor import progress_bar, step_info
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn())
-    with Progress(*columns, console=console) as bar:
+    with progress_bar(console) as bar:
         overall = bar.add_task("trials", total=s.trials, completed=t.tally(t.load(s))["done"], info="")
         current: dict[int, int] = {}
 
@@ -97,8 +96,7 @@ def _work_here(s, device: str) -> None:
             if trial not in current:
                 current.clear()
                 current[trial] = bar.add_task(f"  trial {trial}", total=total, info="")
-            info = f"reward {reward:.2f}" + (f"  eval {eval:.3f}" if eval is not None else "")
-            bar.update(current[trial], completed=step, info=info)
+            bar.update(current[trial], completed=step, info=step_info(reward, eval))
 
         def on_trial(frozen):
             if frozen.number in current:
@@ -115,6 +113,7 @@ def _work_in_processes(s, workers: int, device: str) -> None:
     import multiprocessing
 
     from harness import tune as t
+    from harness.executor import progress_bar
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = multiprocessing.get_context("spawn")
@@ -122,8 +121,8 @@ def _work_in_processes(s, workers: int, device: str) -> None:
     for p in procs:
         p.start()
     try:
-        with Progress(TextColumn("trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
-            overall = bar.add_task("trials", total=s.trials)
+        with progress_bar(console) as bar:
+            overall = bar.add_task("trials", total=s.trials, info="")
             while any(p.is_alive() for p in procs):
                 bar.update(overall, completed=t.tally(t.load(s))["done"])
                 time.sleep(2)

@@ -67,16 +67,14 @@ def run_sequential(jobs: list[Job], device: str, console: Console, names: dict[s
 
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per run would break up the sweep's own
     dev = pick_device(device)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as bar:
+    with progress_bar(console) as bar:
         overall = bar.add_task("sweep", total=len(jobs), info="")
         for cfg, run_dir in jobs:
             label = f"{names.get(cfg.run_id, cfg.run_id)} seed={cfg.seed}"
             task = bar.add_task(f"  {label}", total=cfg.train.steps, info="")
 
             def on_step(step, total, reward, eval):
-                info = f"reward {reward:.2f}" + (f"  eval {eval:.3f}" if eval is not None else "")
-                bar.update(task, completed=step, info=info)
+                bar.update(task, completed=step, info=step_info(reward, eval))
 
             if own_process_needed(cfg, dev):  # no per-step progress from the child: the bar moves when it ends
                 summary = in_own_process(run_one, cfg, run_dir, dev)
@@ -85,6 +83,16 @@ def run_sequential(jobs: list[Job], device: str, console: Console, names: dict[s
             bar.remove_task(task)
             bar.advance(overall)
             bar.console.print(_one_line(label, cfg.run_id, summary))
+
+
+def progress_bar(console: Console) -> Progress:
+    """An overall bar plus one per run, each with its latest reward and eval (tasks take an `info` field)."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+    return Progress(*columns, console=console, transient=False)
+
+
+def step_info(reward: float, eval: float | None) -> str:
+    return f"reward {reward:.2f}" + (f"  eval {eval:.3f}" if eval is not None else "")
 
 
 def own_process_needed(cfg: RunConfig, device: torch.device) -> bool:
