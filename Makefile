@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	else \
 	  python3 -m venv $(VENV) && $(PY) -m pip install -q "$(TORCH)"; \
 	fi
-	$(PY) -m pip install -q -e ".[dev,modelopt,tune]"
+	$(PY) -m pip install -q -e ".[dev,modelopt,tune,ray,wandb,eval]"
 	@if ! $(PY) -c "import torch, sys; sys.exit(torch.cuda.is_available())"; then \
 	  echo "GPU torch: vLLM is not installed here (pip install -e '.[vllm]' for your CUDA build)"; \
 	else \

@@ -10,6 +10,7 @@ import typer
 import yaml
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from harness.config import RunConfig
@@ -35,6 +36,13 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 RESULTS = typer.Option(Path("results"), help="Root of results/<matrix>/<run_id>/ folders.")
 REPORTS = typer.Option(Path("reports"), help="Root of reports/<matrix>/ folders.")
 DEVICE = typer.Option("auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ...")
+EXECUTOR = typer.Option("local", help="How runs are executed: local (each run in its own process, parallel over GPUs or --jobs), "
+                        "ray (tasks on a Ray cluster), sequential (in this process, for debugging).")
+JOBS = typer.Option(None, min=1, help="local: runs at a time (default: one per visible GPU, each pinned to it; 1 on CPU).")
+RAY_ADDRESS = typer.Option("auto", help="ray: the cluster, host:port, or auto (the one `ray start --head` started here).")
+MEMORY_GIB = typer.Option(None, min=0, help="Memory of the device each run gets, for the fit pre-check (default: this device's; "
+                          "on CPU shared by --jobs). Runs estimated above it are marked infeasible, not launched.")
+WANDB = typer.Option(None, help="Mirror runs to W&B: offline (no network; `wandb sync` later), online, or off. Default: the matrix's tracking.wandb.")
 MATRICES = Path("matrices")
 
 
@@ -65,36 +73,66 @@ def _one_cell(m: Matrix, expr: str | None) -> Cell:
     return chosen[0]
 
 
-def _prepare(m: Matrix, results: Path) -> list[tuple[RunConfig, Path]]:
-    from harness.results import write_json_atomic
-
-    root = results / m.name
-    write_json_atomic(root / "matrix.json", m.to_json())
-    return [(cfg, root / cfg.run_id) for cell in m.cells for cfg in cell.runs]
-
-
-def _build_models(jobs) -> None:
-    for name in sorted({cfg.model for cfg, _ in jobs if cfg.model.startswith("builtin:")}):
-        MODELS.get(name.removeprefix("builtin:"))()
-
-
-def _execute(m: Matrix, jobs, executor: str, device: str) -> None:
+def _execute(jobs, executor: str, settings, memory_gib: float | None, what: str) -> None:
+    """Pre-check memory, run what fits with `executor`, and say how to resume when interrupted."""
     from harness.executor import execute, pending
+    from harness.memory_fit import capacity_gib
+    from harness.sweep import build_models, precheck
+    from harness.system import pick_device
 
     todo = pending(jobs)
-    console.print(f"[bold]{m.name}[/]: {len(m.cells)} cells, {len(jobs)} runs, {len(jobs) - len(todo)} already finished, {len(todo)} to run")
+    console.print(f"[bold]{what}[/]: {len(jobs)} runs, {len(jobs) - len(todo)} already finished, {len(todo)} to run")
     if not todo:
         return
-    _build_models(todo)
-    names = {cfg.run_id: cell.name for cell in m.cells for cfg in cell.runs}
+    build_models(j.cfg for j in todo)
+    device = pick_device(settings.device)
+    capacity = memory_gib or capacity_gib(device)
+    if device.type == "cpu" and executor == "local" and (settings.jobs or 1) > 1:
+        capacity /= settings.jobs  # parallel CPU runs share the machine's memory
+    todo, infeasible = precheck(todo, device, capacity)
+    for job in infeasible:
+        console.print(f"[red]✗[/] {escape(job.label)} [{job.cfg.run_id}] infeasible: {escape(json_error(job.run_dir))}")
+    if not todo:
+        return
     try:
-        execute(todo, executor, device, console, names)
+        execute(todo, executor, settings, console)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished runs are kept; run the same command again to resume.")
         raise typer.Exit(130) from None
+    except RuntimeError as e:  # an executor that cannot start (no Ray cluster, Ray not installed)
+        raise _fail(str(e)) from None
 
 
-def _judge_and_report(m_name: str, results: Path, reports: Path) -> None:
+def _executor_settings(executor: str, jobs: int | None, ray_address: str, device: str):
+    from harness.executor import ExecutorSettings
+
+    try:
+        executor = EXECUTORS.canonical(executor)
+    except UnknownName as e:
+        raise _fail(f"--executor: {e}") from None
+    if jobs is not None and executor != "local":
+        raise _fail(f"--jobs applies to --executor local, not {executor}")
+    return ExecutorSettings(device=device, jobs=jobs, ray_address=ray_address)
+
+
+def _jobs_of(m: Matrix, results: Path, cells: list[Cell] | None, wandb: str | None):
+    from harness.sweep import jobs_of
+
+    if wandb not in (None, "off", "offline", "online"):
+        raise _fail(f"--wandb {wandb!r}: valid: off, offline, online")
+    try:
+        return jobs_of(m, results, cells, wandb)
+    except RuntimeError as e:  # W&B asked for but not installed
+        raise _fail(str(e)) from None
+
+
+def json_error(run_dir: Path) -> str:
+    from harness.results import read_json
+
+    return read_json(run_dir / "summary.json")["error"]
+
+
+def _judge_and_report(m_name: str, results: Path, reports: Path) -> list:
     from harness.report import write_report
     from harness.verdict import judge
 
@@ -111,6 +149,7 @@ def _judge_and_report(m_name: str, results: Path, reports: Path) -> None:
         table.add_row(v.name, v.status, f"{avg(start)} → {avg(end)}", v.reason)
     console.print(table)
     console.print(f"report: {path} and {path.with_suffix('.html')}")
+    return verdicts
 
 
 @app.command()
@@ -118,16 +157,21 @@ def sweep(
     matrix: str = typer.Argument("smoke", help="Matrix name (matrices/NAME.yaml) or a path to a YAML file."),
     results: Path = RESULTS,
     reports: Path = REPORTS,
-    executor: str = typer.Option("sequential", help="How runs are executed: " + ", ".join(EXECUTORS.names())),
+    executor: str = EXECUTOR,
+    jobs: Optional[int] = JOBS,
+    ray_address: str = RAY_ADDRESS,
+    memory_gib: Optional[float] = MEMORY_GIB,
+    wandb: Optional[str] = WANDB,
     device: str = DEVICE,
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and list the cells and run ids; train nothing."),
 ):
-    """Run every cell of a matrix (skipping finished runs), then judge and report."""
+    """Run every cell of a matrix (skipping finished runs), then judge and report.
+
+    Each run trains in a process of its own (--executor local, the default): one per visible GPU
+    at a time, or --jobs N on CPU. A run that crashes or is killed is recorded and the sweep goes
+    on; Ctrl-C stops it, and the same command resumes. --executor ray runs on a Ray cluster."""
     m = _load(matrix)
-    try:
-        EXECUTORS.canonical(executor)
-    except UnknownName as e:
-        raise _fail(f"--executor: {e}") from None
+    settings = _executor_settings(executor, jobs, ray_address, device)
     if dry_run:
         table = Table("cell", "seeds", "run ids", "baseline", title=f"{m.name}: {len(m.cells)} cells (valid)", title_justify="left")
         for cell in m.cells:
@@ -135,9 +179,11 @@ def sweep(
             table.add_row(cell.name, ",".join(str(r.seed) for r in cell.runs), " ".join(r.run_id for r in cell.runs), base.name if base else "–")
         console.print(table)
         return
-    jobs = _prepare(m, results)
-    _execute(m, jobs, executor, device)
-    _judge_and_report(m.name, results, reports)
+    from harness.sweep import mirror_verdicts
+
+    jobs = _jobs_of(m, results, None, wandb)
+    _execute(jobs, executor, settings, memory_gib, f"{m.name}: {len(m.cells)} cells")
+    mirror_verdicts(jobs, _judge_and_report(m.name, results, reports))
 
 
 @app.command()
@@ -147,9 +193,15 @@ def run(
     cell: Optional[str] = typer.Option(None, help='With --matrix: the cell, as axis=value pairs, e.g. "quant=nf4".'),
     seed: Optional[int] = typer.Option(None, help="Run only this seed of the cell (default: all its seeds)."),
     results: Path = RESULTS,
+    executor: str = EXECUTOR,
+    memory_gib: Optional[float] = MEMORY_GIB,
+    wandb: Optional[str] = WANDB,
     device: str = DEVICE,
 ):
     """Run one config file, or one cell of a matrix, into results/ (resuming it if interrupted)."""
+    from harness.executor import Job, pending
+
+    settings = _executor_settings(executor, None, "auto", device)
     if (config is None) == (matrix is None):
         raise _fail("give a config file or --matrix NAME --cell 'axis=value', not both")
     if config is not None:
@@ -159,32 +211,19 @@ def run(
             raise _fail(f"{config}: {e}") from None
         except ValidationError as e:
             raise _fail(f"{config}: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
-        jobs = [(cfg, results / config.stem / cfg.run_id)]
-        names = {cfg.run_id: config.stem}
+        jobs = [Job(cfg, results / config.stem / cfg.run_id)]
     else:
         m = _load(matrix)
         chosen = _one_cell(m, cell)
-        jobs = [(c, results / m.name / c.run_id) for c in chosen.runs if seed is None or c.seed == seed]
+        jobs = [j for j in _jobs_of(m, results, [chosen], wandb) if seed is None or j.cfg.seed == seed]
         if not jobs:
             raise _fail(f"--seed {seed}: the cell's seeds are {[c.seed for c in chosen.runs]}")
-        _prepare(m, results)
-        names = {c.run_id: chosen.name for c, _ in jobs}
-
-    from harness.executor import execute, pending
-
-    for cfg, d in jobs:
-        if not pending([(cfg, d)]):
-            console.print(f"already finished: {d} (delete the folder to run it again)")
-    todo = pending(jobs)
-    if todo:
-        _build_models(todo)
-        try:
-            execute(todo, "sequential", device, console, names)
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/]: run the same command again to resume from the last checkpoint.")
-            raise typer.Exit(130) from None
-    for _, d in jobs:
-        console.print(f"results: {d}")
+    for job in jobs:
+        if not pending([job]):
+            console.print(f"already finished: {job.run_dir} (delete the folder to run it again)")
+    _execute(jobs, executor, settings, memory_gib, "run")
+    for job in jobs:
+        console.print(f"results: {job.run_dir}")
 
 
 @app.command()
@@ -253,6 +292,7 @@ def check_engine(
     A sweep runs the same check before the first run of each configuration and caches it in
     results/MATRIX/engine_checks/; a failed check turns that configuration's cells into Error."""
     from harness.engine_check import PLANTS, cached, check_in_right_process, check_key
+    from harness.sweep import build_models
     from harness.system import pick_device
 
     if plant is not None and plant not in PLANTS:
@@ -278,7 +318,7 @@ def check_engine(
             by_key.setdefault(check_key(cfg, dev), ([], cfg))[0].append(name)
     if not by_key:
         raise _fail("no vLLM configuration to check (colocation in_process uses the trainer's own model)")
-    _build_models([(cfg, None) for _, cfg in by_key.values()])
+    build_models(cfg for _, cfg in by_key.values())
     table = Table("cells", "ok", "sleep/wake", "greedy = trainer", "Δ logprob (tol)", "Δ vs stale", "why", title="engine checks", title_justify="left")
     failed = 0
     for names, cfg in by_key.values():

@@ -9,7 +9,8 @@ from typing import Optional
 
 import typer
 
-from harness.cli import DEVICE, REPORTS, RESULTS, _build_models, _fail, _load, _one_cell, app, console
+from harness.cli import DEVICE, REPORTS, RESULTS, _fail, _load, _one_cell, app, console
+from harness.sweep import build_models
 
 
 @app.command()
@@ -63,7 +64,7 @@ def tune(
     requeued = t.requeue_lost(optuna_study, spec.max_retries)
     if requeued:
         console.print(f"[yellow]note:[/] queued again (killed or interrupted): trial {', '.join(map(str, requeued))}", highlight=False)
-    _build_models([(s.cell_cfg, None)])
+    build_models([s.cell_cfg])
     console.print(f"[bold]study {name}[/] ({t.shown(s.storage)}): {c.name}, {s.trials} trials, {workers} worker(s); "
                   f"runs under {s.root}", highlight=False)
     try:

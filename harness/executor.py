@@ -1,10 +1,11 @@
-"""Runs: one run's lifecycle (config, env, metrics, summary even on failure) and the executors
-that take a sweep's runs (registries.EXECUTORS)."""
+"""Runs: one run's lifecycle (config, env, metrics, summary even on failure), the in-process
+executor, and what the process-isolated executors (executor_local, executor_ray) share."""
 
 from __future__ import annotations
 
 import time
 import traceback
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -12,17 +13,38 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from harness.config import RunConfig
+from harness.config import Frozen, RunConfig
 from harness.recipes import NonFinite, Pruned
 from harness.registries import ALGORITHMS, EXECUTORS
-from harness.results import is_finished, read_json, read_metrics, summarize_metrics, truncate_logs, write_json_atomic
+from harness.results import read_json, read_metrics, summarize_metrics, truncate_logs, write_json_atomic
 from harness.system import device_name, git_commit, library_versions, pick_device
-from harness.tracking import JsonlTracker
-
-Job = tuple[RunConfig, Path]
+from harness.tracking import JsonlTracker, Trackers
 
 
-def run_one(cfg: RunConfig, run_dir: Path, device: torch.device, progress=lambda **kw: None) -> dict:
+class RunOptions(Frozen):
+    """What a run does besides training that is not part of its identity (not in its run_id):
+    where it is mirrored, what evaluates it afterwards, what the pre-check expected of it."""
+
+    matrix: str = ""
+    label: str = ""
+    tags: tuple[str, ...] = ()  # the cell's axis values, "quant=nf4"
+    wandb: dict | None = None  # tracking_wandb.WandbSettings fields
+    lm_eval: dict | None = None  # lm_eval_run.LmEvalSettings fields
+    memory_estimate: dict | None = None  # memory_fit.estimate()
+
+
+@dataclass(frozen=True)
+class Job:
+    cfg: RunConfig
+    run_dir: Path
+    options: RunOptions = field(default_factory=RunOptions)
+
+    @property
+    def label(self) -> str:
+        return f"{self.options.label or self.cfg.run_id} seed={self.cfg.seed}"
+
+
+def run_one(cfg: RunConfig, run_dir: Path, device: torch.device, progress=None, options: RunOptions = RunOptions()) -> dict:
     """Train one run into run_dir and write its summary.json, whatever happens except Ctrl-C.
 
     An unfinished run_dir is resumed from its last checkpoint; metric rows logged after that
@@ -30,6 +52,7 @@ def run_one(cfg: RunConfig, run_dir: Path, device: torch.device, progress=lambda
     """
     from harness import checkpoint
 
+    progress = progress or (lambda **kw: None)
     run_dir.mkdir(parents=True, exist_ok=True)
     truncate_logs(run_dir, checkpoint.saved_step(run_dir))
     env_path = run_dir / "env.json"
@@ -39,9 +62,9 @@ def run_one(cfg: RunConfig, run_dir: Path, device: torch.device, progress=lambda
            "device": device_name(device), "git_commit": git_commit(), "versions": library_versions()}
     write_json_atomic(env_path, env)
 
-    tracker = JsonlTracker(run_dir)
+    tracker = _trackers(cfg, run_dir, options)
     tracker.log_config(cfg.model_dump(mode="json"))
-    summary = {"run_id": cfg.run_id, "status": "ok", "error": None, "device": env["device"]}
+    summary = {"run_id": cfg.run_id, "status": "ok", "error": None, "device": env["device"], "memory_estimate": options.memory_estimate}
     start = time.time()
     try:
         if cfg.rollout.engine == "vllm":  # checked once per configuration, cached beside the sweep's runs
@@ -58,31 +81,60 @@ def run_one(cfg: RunConfig, run_dir: Path, device: torch.device, progress=lambda
     except Exception as e:  # recorded, not raised: one broken cell must not stop a sweep
         summary |= {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc()[-4000:]}
     summary |= {"wall_s": round(time.time() - start, 2)} | summarize_metrics(read_metrics(run_dir))
+    if options.lm_eval and summary["status"] == "ok":
+        summary["lm_eval"] = _lm_eval(cfg, run_dir, device, options.lm_eval)
     tracker.finish(summary)
     return summary
 
 
-def run_sequential(jobs: list[Job], device: str, console: Console, names: dict[str, str]) -> None:
+def _trackers(cfg: RunConfig, run_dir: Path, options: RunOptions):
+    """The JSONL tracker (the source of truth, its summary.json written last), mirrored to W&B when asked."""
+    mirrors = []
+    if options.wandb is not None:
+        from harness.tracking_wandb import WandbSettings, WandbTracker
+
+        mirrors.append(WandbTracker(run_dir, cfg.model_dump(mode="json"), WandbSettings(**options.wandb), group=options.matrix,
+                                    name=f"{options.label or cfg.run_id} seed={cfg.seed}", tags=list(options.tags)))
+    return Trackers(mirrors + [JsonlTracker(run_dir)])
+
+
+def _lm_eval(cfg: RunConfig, run_dir: Path, device: torch.device, settings: dict) -> dict:
+    """lm-eval on the final policy; its failure is recorded beside the run's own results, which stand."""
+    from harness.lm_eval_run import LmEvalSettings, evaluate_run
+
+    try:
+        return evaluate_run(cfg, run_dir, device, LmEvalSettings(**settings))
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"[:2000]}
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    device: str = "auto"
+    jobs: int | None = None  # local: parallel runs (default: one per visible GPU, else 1)
+    ray_address: str = "auto"  # ray: an existing cluster
+
+
+def run_sequential(jobs: list[Job], settings: ExecutorSettings, console: Console) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per run would break up the sweep's own
-    dev = pick_device(device)
+    dev = pick_device(settings.device)
     with progress_bar(console) as bar:
         overall = bar.add_task("sweep", total=len(jobs), info="")
-        for cfg, run_dir in jobs:
-            label = f"{names.get(cfg.run_id, cfg.run_id)} seed={cfg.seed}"
-            task = bar.add_task(f"  {label}", total=cfg.train.steps, info="")
+        for job in jobs:
+            task = bar.add_task(f"  {job.label}", total=job.cfg.train.steps, info="")
 
             def on_step(step, total, reward, eval):
                 bar.update(task, completed=step, info=step_info(reward, eval))
 
-            if own_process_needed(cfg, dev):  # no per-step progress from the child: the bar moves when it ends
-                summary = in_own_process(run_one, cfg, run_dir, dev)
+            if own_process_needed(job.cfg, dev):  # no per-step progress from the child: the bar moves when it ends
+                summary = in_own_process(run_one, job.cfg, job.run_dir, dev, None, job.options)
             else:
-                summary = run_one(cfg, run_dir, dev, on_step)
+                summary = run_one(job.cfg, job.run_dir, dev, on_step, job.options)
             bar.remove_task(task)
             bar.advance(overall)
-            bar.console.print(_one_line(label, cfg.run_id, summary))
+            bar.console.print(one_line(job, summary))
 
 
 def progress_bar(console: Console) -> Progress:
@@ -111,16 +163,39 @@ def in_own_process(fn, *args):
         return pool.submit(fn, *args).result()
 
 
-def _one_line(label: str, run_id: str, s: dict) -> str:
+def one_line(job: Job, s: dict) -> str:
+    from rich.markup import escape
+
+    where = f"{escape(job.label)} [{job.cfg.run_id}]"
     if s["status"] != "ok":
-        return f"[red]✗[/] {label} [{run_id}] {s['status']}: {s['error']}"
+        return f"[red]✗[/] {where} {s['status']}: {escape(str(s['error']))}"
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
-    return f"[green]✓[/] {label} [{run_id}] eval {fmt(s['eval_start'])} → {fmt(s['eval_end'])} in {s['wall_s']:.0f} s"
+    return f"[green]✓[/] {where} eval {fmt(s['eval_start'])} → {fmt(s['eval_end'])} in {s['wall_s']:.0f} s"
 
 
 def pending(jobs: list[Job]) -> list[Job]:
-    return [(cfg, d) for cfg, d in jobs if not is_finished(d)]
+    """Jobs without a summary.json, or whose pre-check found them infeasible (checked again each sweep:
+    the next device may be larger)."""
+    return [j for j in jobs if not (j.run_dir / "summary.json").exists() or read_json(j.run_dir / "summary.json")["status"] == "infeasible"]
 
 
-def execute(jobs: list[Job], executor: str, device: str, console: Console, names: dict[str, str]) -> None:
-    EXECUTORS.get(executor)(jobs, device, console, names)
+def execute(jobs: list[Job], executor: str, settings: ExecutorSettings, console: Console) -> None:
+    EXECUTORS.get(executor)(jobs, settings, console)
+
+
+# --- shared by the executors that run each job in a process of its own (local, ray)
+
+def last_step(run_dir: Path) -> tuple[int, str]:
+    """(the last logged step, its step_info) from metrics.jsonl: how a parent follows a child's progress."""
+    rows = read_metrics(run_dir)
+    if not rows or "reward/mean" not in rows[-1]:
+        return (rows[-1]["step"] if rows else 0), ""
+    return rows[-1]["step"], step_info(rows[-1]["reward/mean"], rows[-1].get("eval/reward"))
+
+
+def record_lost(job: Job, status: str, error: str) -> dict:
+    """summary.json for a run whose process died without writing one (killed, segfault, OOM killer)."""
+    summary = {"run_id": job.cfg.run_id, "status": status, "error": error, "memory_estimate": job.options.memory_estimate}
+    summary |= summarize_metrics(read_metrics(job.run_dir))
+    write_json_atomic(job.run_dir / "summary.json", summary)
+    return summary

@@ -19,6 +19,8 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from harness.config import Frozen, RunConfig, set_dotted
+from harness.lm_eval_run import LmEvalSettings
+from harness.tracking_wandb import WandbSettings
 from harness.tune_space import TuneSpec
 
 AXIS_ALIASES = {"colocation": "rollout.colocation"}
@@ -41,6 +43,18 @@ class Criteria(Frozen):
     min_seeds: int = Field(2, ge=2, description="finished seeds a cell needs for a verdict; fewer give 'Smoke tested'")
 
 
+class Tracking(Frozen):
+    """Where runs are mirrored besides their own metrics.jsonl (which verdicts read)."""
+
+    wandb: WandbSettings | None = Field(None, description="one W&B run per harness run, grouped by matrix; offline by default")
+
+
+class EvalSpec(Frozen):
+    """Evaluations of each run's final policy after it trains, on top of its own held-out eval/reward."""
+
+    lm_eval: LmEvalSettings | None = Field(None, description="lm-evaluation-harness tasks, e.g. the harness's own qrl_arith")
+
+
 class MatrixSpec(Frozen):
     description: str = ""
     base: dict[str, Any] = {}
@@ -51,6 +65,8 @@ class MatrixSpec(Frozen):
     baseline: dict[str, Any] = {}
     criteria: Criteria = Criteria()
     tune: TuneSpec = TuneSpec()  # what `harness tune` searches for a cell of this matrix
+    tracking: Tracking = Tracking()
+    eval: EvalSpec = EvalSpec()
 
 
 @dataclass(frozen=True)

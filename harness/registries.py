@@ -38,4 +38,7 @@ COLOCATION.register("server", "harness.rollout_vllm:VLLMEngine",
                     "vllm engine: a `vllm serve` process the harness starts and stops, on its own GPU when there is one; LoRA loaded over HTTP")
 
 EXECUTORS = Registry("executor")
-EXECUTORS.register("sequential", "harness.executor:run_sequential", "one run after another in this process")
+EXECUTORS.register("local", "harness.executor_local:run_local",
+                   "each run in its own process, one per visible GPU (CUDA_VISIBLE_DEVICES) or --jobs N on CPU; crashes are recorded")
+EXECUTORS.register("ray", "harness.executor_ray:run_ray", "each run a Ray task (one GPU, else one CPU) on an existing cluster (--ray-address)")
+EXECUTORS.register("sequential", "harness.executor:run_sequential", "one run after another in this process (debugging: one traceback, pdb)")

@@ -65,7 +65,8 @@ def cell_rows(root: Path, matrix: dict, cells: list[dict]) -> list[dict]:
             + (f" (≥ {cell['delta_lower_bound']:+.3f})" if cell["delta_lower_bound"] is not None else ""),
             "max_kl": _num(max(get("max_kl"), default=None)),
             "entropy": _num(statistics.fmean(get("final_entropy")) if get("final_entropy") else None),
-            "memory": _num(max(get("peak_memory_gib"), default=None), 2),
+            "memory": _num(max(get("peak_memory_gib"), default=None), 2)
+            + (f" ({est:.2f})" if (est := max(get("memory_estimate_gib"), default=None)) is not None else ""),
             "tokens_per_s": _num(_median(get("rollout_tokens_per_s")), 0),
             "step_s": _num(_median(get("median_step_s")), 2),
             "seeds": f"{sum(r['verdict'] != 'incomplete' for r in runs)}/{len(runs)}",
@@ -112,9 +113,10 @@ def engine_rows(root: Path, cells: list[dict]) -> list[dict]:
 COLUMNS = [("workflow", "Workflow"), ("quantization", "Quantization"), ("colocation", "Colocation"), ("variant", "Variant"),
            ("status", "Status"), ("eval_start", "eval/reward start"), ("eval_end", "final eval/reward [CI]"),
            ("delta", "Δ vs baseline (lower bound)"), ("max_kl", "max KL"), ("entropy", "final entropy"),
-           ("memory", "peak mem GiB"), ("tokens_per_s", "rollout tok/s"), ("step_s", "median step s"), ("seeds", "seeds"),
+           ("memory", "peak mem GiB (est.)"), ("tokens_per_s", "rollout tok/s"), ("step_s", "median step s"), ("seeds", "seeds"),
            ("reason", "why")]
-STATUS_MARK = {"Converges": "✅", "Convergence issue": "⚠️", "Does not converge": "❌", "Error": "💥", "Incomplete": "⏳", "Smoke tested": "🔹"}
+STATUS_MARK = {"Converges": "✅", "Convergence issue": "⚠️", "Does not converge": "❌", "Error": "💥", "Infeasible": "🚫", "Incomplete": "⏳",
+               "Smoke tested": "🔹"}
 
 
 def method_text(matrix: dict) -> str:
@@ -126,7 +128,9 @@ def method_text(matrix: dict) -> str:
         f"baseline cell ({base}) sharing the other axes; in brackets its one-sided {c['confidence']:.0%} lower bound (paired "
         f"by seed when both cells ran the same seeds, Welch otherwise). A cell converges when every seed learns (gain ≥ "
         f"{c['min_gain']}) and that bound is above -{c['tolerance']} (non-inferior); fewer than {c['min_seeds']} finished seeds "
-        "give 'Smoke tested'. Peak memory: the CUDA allocator's peak on GPU, the process's peak RSS on CPU."
+        "give 'Smoke tested'. Peak memory: the CUDA allocator's peak on GPU, the process's peak RSS on CPU; in brackets the "
+        "pre-check's estimate of it (harness/memory_fit.py), made before the run was launched. Infeasible: that estimate did not "
+        "fit the device, so the run was not launched."
     )
 
 

@@ -16,7 +16,8 @@ from harness.report import COLUMNS, ENGINE_COLUMNS, ENGINE_TEXT, engine_rows, fi
 from harness.results import read_metrics, read_samples
 
 CURVES = [("reward/mean", "train reward"), ("eval/reward", "held-out eval/reward"), ("kl", "KL to reference"), ("entropy", "entropy")]
-STATUS_CLASS = {"Converges": "ok", "Convergence issue": "warn", "Does not converge": "bad", "Error": "bad", "Incomplete": "na", "Smoke tested": "na"}
+STATUS_CLASS = {"Converges": "ok", "Convergence issue": "warn", "Does not converge": "bad", "Error": "bad", "Infeasible": "bad", "Incomplete": "na",
+                "Smoke tested": "na"}
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1560px;padding:0 16px;color:#222}

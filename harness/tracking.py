@@ -46,6 +46,30 @@ class JsonlTracker:
         write_json_atomic(self.run_dir / "summary.json", summary)
 
 
+class Trackers:
+    """Several trackers as one, called in order: the JSONL tracker goes last, so its summary.json
+    (the mark of a finished run) is written after every mirror has finished."""
+
+    def __init__(self, trackers: list):
+        self.trackers = trackers
+
+    def log_config(self, config: dict) -> None:
+        for t in self.trackers:
+            t.log_config(config)
+
+    def log(self, metrics: dict, step: int) -> None:
+        for t in self.trackers:
+            t.log(metrics, step)
+
+    def log_samples(self, samples: list[dict], step: int) -> None:
+        for t in self.trackers:
+            t.log_samples(samples, step)
+
+    def finish(self, summary: dict) -> None:
+        for t in self.trackers:
+            t.finish(summary)
+
+
 def _append(f, row: dict) -> None:
     f.write(json.dumps(row) + "\n")
     f.flush()

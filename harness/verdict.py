@@ -15,8 +15,8 @@ from scipy import stats
 from harness.matrix import Criteria
 from harness.results import finite, read_json, read_metrics, write_json_atomic
 
-RUN_VERDICTS = ("converged", "no_learning", "diverged", "collapsed", "failed", "oom", "incomplete")
-CELL_VERDICTS = ("Converges", "Convergence issue", "Does not converge", "Error", "Incomplete", "Smoke tested")
+RUN_VERDICTS = ("converged", "no_learning", "diverged", "collapsed", "failed", "oom", "infeasible", "incomplete")
+CELL_VERDICTS = ("Converges", "Convergence issue", "Does not converge", "Error", "Infeasible", "Incomplete", "Smoke tested")
 
 
 @dataclass
@@ -30,8 +30,10 @@ class RunVerdict:
     max_kl: float | None = None
     final_entropy: float | None = None
     peak_memory_gib: float | None = None
+    memory_estimate_gib: float | None = None  # the pre-check's estimate of peak_memory_gib
     median_step_s: float | None = None
     rollout_tokens_per_s: float | None = None
+    lm_eval: dict | None = None  # lm_eval_run.evaluate_run's results, when the matrix asks for them
 
     @property
     def gain(self) -> float | None:
@@ -53,13 +55,16 @@ def judge_run(run_dir: Path, seed: int, c: Criteria) -> RunVerdict:
     v.max_kl = max(kls, default=None)
     v.final_entropy = train_rows[-1]["entropy"] if train_rows else None
     v.peak_memory_gib = summary.get("peak_memory_gib")
+    v.memory_estimate_gib = (summary.get("memory_estimate") or {}).get("peak_gib")
+    v.lm_eval = summary.get("lm_eval")
     v.median_step_s = summary.get("median_step_s")
     tps = sorted(r["throughput/rollout_tokens_per_s"] for r in train_rows)
     v.rollout_tokens_per_s = tps[len(tps) // 2] if tps else None
 
     status = summary.get("status")
-    if status in ("failed", "oom"):
-        v.verdict, v.reason = status, summary.get("error") or status
+    if status in ("failed", "oom", "infeasible", "killed"):  # killed: its process died (executor_local, executor_ray)
+        v.verdict = "failed" if status == "killed" else status
+        v.reason = summary.get("error") or status
         return v
     bad = next(((r["step"], k) for r in rows for k, x in r.items() if isinstance(x, float) and not finite(x)), None)
     if status == "nan" or bad:
@@ -136,6 +141,7 @@ def judge_cell(name, key, label, runs: list[RunVerdict], baseline_name: str | No
     cell = CellVerdict(name, key, label, baseline_name, "", "", runs)
     finished = [r for r in runs if r.verdict != "incomplete"]
     errors = [r for r in runs if r.verdict in ("failed", "oom")]
+    infeasible = [r for r in runs if r.verdict == "infeasible"]
     learned = [r for r in finished if r.verdict == "converged"]
     ends = {r.seed: r.eval_end for r in finished if r.eval_end is not None}
     if ends:
@@ -143,7 +149,7 @@ def judge_cell(name, key, label, runs: list[RunVerdict], baseline_name: str | No
     if len(ends) >= 2:
         cell.eval_end_ci = t_interval(list(ends.values()), c.confidence)
     seeds = f"{len(finished)}/{len(runs)} seeds finished"
-    comparable = baseline is not None and baseline.name != name and baseline.status not in ("Incomplete", "Error")
+    comparable = baseline is not None and baseline.name != name and baseline.status not in ("Incomplete", "Error", "Infeasible")
     if comparable:  # the evidence column shows Δ whatever the verdict
         base_ends = {r.seed: r.eval_end for r in baseline.runs if r.verdict != "incomplete" and r.eval_end is not None}
         found = difference_lower_bound(ends, base_ends, c.confidence)
@@ -152,6 +158,8 @@ def judge_cell(name, key, label, runs: list[RunVerdict], baseline_name: str | No
 
     if errors:
         cell.status, cell.reason = "Error", f"seed {errors[0].seed}: {errors[0].reason}"
+    elif infeasible:
+        cell.status, cell.reason = "Infeasible", infeasible[0].reason
     elif not finished:
         cell.status, cell.reason = "Incomplete", seeds
     elif len(finished) < c.min_seeds:

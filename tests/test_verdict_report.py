@@ -9,7 +9,9 @@ import json
 import pytest
 
 from harness.report import write_report
-from harness.verdict import CELL_VERDICTS, RUN_VERDICTS, judge
+from harness.matrix import Criteria
+from harness.results import write_json_atomic
+from harness.verdict import CELL_VERDICTS, RUN_VERDICTS, judge, judge_run
 
 from synthetic import fake_run, plant, write_sweep
 
@@ -22,6 +24,7 @@ include:
   - {quant: nf4, train.lr: 0.0, label: broken}
   - {quant: int8, train.lr: 0.0, label: half}
   - {quant: bf16, lora.r: 8, label: one seed}
+  - {quant: fp4, lora.r: 8, label: too big}
 baseline: {quant: bf16}
 criteria: {min_gain: 0.05, tolerance: 0.05, kl_max: 1.0, entropy_floor: 0.05, confidence: 0.9, min_seeds: 2}
 """
@@ -45,6 +48,10 @@ def test_every_run_and_cell_verdict(sweep):
     fake_run(runs["quant=nf4,train.lr=0.0 (broken)"][0], 0.4, 0.4, status="oom", error="OutOfMemoryError: CUDA out of memory")
     fake_run(runs["quant=nf4,train.lr=0.0 (broken)"][1], 0.4, 0.4, status="failed", error="RuntimeError: boom")
     fake_run(runs["quant=nf4,train.lr=0.0 (broken)"][2], 0.4, 0.39, entropy=0.01)  # entropy collapse, no learning
+    fake_run(runs["quant=bf16"][0].parent / "killed", 0.4, 0.4, status="killed", error="killed by SIGKILL")  # not a cell's run
+    for d in runs["quant=fp4,lora.r=8 (too big)"]:  # what the memory pre-check writes instead of launching
+        write_json_atomic(d / "summary.json", {"status": "infeasible", "error": "needs about 90.00 GiB (estimate), 80.00 GiB available",
+                                               "memory_estimate": {"peak_gib": 89.5, "fit_gib": 90.0}})
     # the "half" cell never ran
 
     cells = {c.name: c for c in judge(root)}
@@ -58,6 +65,7 @@ def test_every_run_and_cell_verdict(sweep):
         "quant=bf16,train.lr=0.0 (control)": "Does not converge",
         "quant=nf4,train.lr=0.0 (broken)": "Error",
         "quant=int8,train.lr=0.0 (half)": "Incomplete",
+        "quant=fp4,lora.r=8 (too big)": "Infeasible",
     }
     assert set(status.values()) == set(CELL_VERDICTS)
 
@@ -69,6 +77,10 @@ def test_every_run_and_cell_verdict(sweep):
     broken = cells["quant=nf4,train.lr=0.0 (broken)"].runs
     assert [r.verdict for r in broken] == ["oom", "failed", "collapsed"]
     assert "entropy 0.01 under entropy_floor 0.05" in broken[2].reason
+    too_big = cells["quant=fp4,lora.r=8 (too big)"]
+    assert "90.00 GiB" in too_big.reason and too_big.runs[0].memory_estimate_gib == 89.5
+    killed = judge_run(runs["quant=bf16"][0].parent / "killed", 0, Criteria())
+    assert killed.verdict == "failed" and "SIGKILL" in killed.reason
 
     nf4, int8 = cells["quant=nf4"], cells["quant=int8"]
     assert nf4.delta_vs_baseline == pytest.approx(-0.02) and nf4.delta_lower_bound > -0.05

@@ -1,0 +1,117 @@
+"""The local executor: runs in processes of their own, two at a time; a run that raises and one
+killed with SIGKILL are recorded while the others finish; Ctrl-C stops the sweep resumably."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from harness.matrix import load_matrix
+from harness.results import read_json, read_metrics
+
+from conftest import REPO
+
+FOUR_CELLS = """\
+# harness sweep four.yaml --jobs 2
+base:
+  task: {name: arith, eval_size: 50}
+  train: {steps: 4, prompts_per_step: 4, group_size: 4, eval_every: 2, checkpoint_every: 2}
+axes: {quant: [bf16, nf4]}
+include:
+  - {quant: bf16, model: /nonexistent/model-folder, label: raises}   # loading it raises inside the run
+  - {quant: bf16, train.steps: 2000, label: killed}                  # SIGKILLed by the test mid-way
+"""
+
+TWO_RUNS = """\
+base:
+  task: {name: arith, eval_size: 50}
+  train: {steps: 40, prompts_per_step: 4, group_size: 4, eval_every: 10, checkpoint_every: 5}
+axes: {quant: [bf16]}
+seeds: [0, 1]
+"""
+
+
+def sweep(tmp_path: Path, name: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness", "sweep", str(tmp_path / f"{name}.yaml"), "--results", str(tmp_path / "results"),
+         "--reports", str(tmp_path / "reports"), "--jobs", "2", *args],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+
+
+def workers_of(run_dir: Path) -> list[int]:
+    """pids of live `python -m harness.worker RUN_DIR` processes."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"harness.worker" in cmdline and str(run_dir).encode() in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 300):
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_a_raising_run_and_a_killed_run_are_recorded_while_the_others_finish(tmp_path, tiny_model):
+    (tmp_path / "four.yaml").write_text(FOUR_CELLS)
+    cells = {c.label or c.name: c.runs[0] for c in load_matrix(tmp_path / "four.yaml").cells}
+    root = tmp_path / "results" / "four"
+    raises, killed = root / cells["raises"].run_id, root / cells["killed"].run_id
+
+    proc = sweep(tmp_path, "four")
+    wait_for(lambda: len(read_metrics(killed)) >= 3 and workers_of(killed), proc)
+    pid, = workers_of(killed)
+    os.kill(pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+
+    status = {name: read_json(root / cfg.run_id / "summary.json") for name, cfg in cells.items()}
+    assert status["quant=bf16"]["status"] == status["quant=nf4"]["status"] == "ok"
+    assert status["quant=nf4"]["steps_completed"] == 4
+    s = read_json(raises / "summary.json")
+    assert s["status"] == "failed" and "/nonexistent/model-folder" in s["error"], s
+    s = read_json(killed / "summary.json")
+    assert s["status"] == "killed" and "SIGKILL" in s["error"] and s["steps_completed"] >= 2, s
+    assert "Traceback" not in out, out  # each run's output is in its worker.log, not the sweep's
+    assert (raises / "worker.log").exists()
+    report = (tmp_path / "reports" / "four" / "report.md").read_text()
+    assert report.count("**Error**") == 2 and "SIGKILL" in report
+
+    # finished, failed and killed runs all have a summary: a second sweep runs nothing
+    again = sweep(tmp_path, "four")
+    out, _ = again.communicate(timeout=120)
+    assert again.returncode == 0 and "4 already finished, 0 to run" in out, out
+
+
+def test_ctrl_c_stops_every_run_resumably(tmp_path, tiny_model):
+    (tmp_path / "two.yaml").write_text(TWO_RUNS)
+    runs = [tmp_path / "results" / "two" / r.run_id for r in load_matrix(tmp_path / "two.yaml").cells[0].runs]
+
+    proc = sweep(tmp_path, "two")
+    wait_for(lambda: all(len(read_metrics(d)) >= 7 for d in runs), proc)  # both running at once, past a checkpoint
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground sweep
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "interrupted" in out and "resume" in out
+    assert not any((d / "summary.json").exists() for d in runs), "a stopped run must not look finished"
+    assert not any(workers_of(d) for d in runs), "the sweep left runs training"
+
+    proc = sweep(tmp_path, "two")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    for d in runs:
+        steps = [r["step"] for r in read_metrics(d)]
+        assert steps == list(range(41)), [s for s, n in Counter(steps).items() if n > 1]
+        assert len(read_json(d / "env.json")["resumed_at"]) == 1, "restarted, not resumed"
+        assert read_json(d / "summary.json")["status"] == "ok"

@@ -1,0 +1,91 @@
+"""The Ray executor against a real local Ray cluster (`ray start --head`, loopback only)."""
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from harness.matrix import load_matrix
+from harness.results import read_json, read_metrics
+from harness.tracking_wandb import WandbSettings, recorded_step, wandb_run_id
+
+from conftest import REPO, tiny_run_config
+
+
+MATRIX = """\
+base:
+  task: {name: arith, eval_size: 50}
+  train: {steps: 3, prompts_per_step: 4, group_size: 4, eval_every: 3, checkpoint_every: 3}
+axes: {quant: [bf16, nf4]}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_cluster():
+    """A head node on 127.0.0.1 with 2 CPUs, stopped with the test (--block: it lives as long as this process)."""
+    ray = shutil.which("ray", path=str(Path(sys.executable).parent))
+    port, temp = free_port(), Path(f"/tmp/qrl-ray-{uuid.uuid4().hex[:8]}")  # short: Ray's unix sockets live under it
+    head = subprocess.Popen(
+        [ray, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
+         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}", "--object-store-memory=200000000"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.time() + 120
+    while subprocess.run([ray, "status", f"--address=127.0.0.1:{port}"], capture_output=True).returncode != 0:
+        assert head.poll() is None, head.stdout.read()
+        assert time.time() < deadline, "ray head did not start"
+        time.sleep(1)
+    yield f"127.0.0.1:{port}"
+    head.terminate()
+    head.wait(timeout=60)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_executor_runs_a_sweep_on_a_local_cluster(tmp_path, tiny_model, ray_cluster, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "m.yaml").write_text(MATRIX)
+    runs = [tmp_path / "results" / "m" / c.runs[0].run_id for c in load_matrix(tmp_path / "m.yaml").cells]
+    cmd = [sys.executable, "-m", "harness", "sweep", str(tmp_path / "m.yaml"), "--results", str(tmp_path / "results"),
+           "--reports", str(tmp_path / "reports"), "--executor", "ray", "--ray-address", ray_cluster, "--wandb", "offline"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 CPUs, 0 GPUs" in out.stdout
+    for d in runs:
+        assert read_json(d / "summary.json")["status"] == "ok"
+        assert [r["step"] for r in read_metrics(d)] == [0, 1, 2, 3]
+        assert (d / "adapter").is_dir()
+        # mirrored to W&B offline from inside the Ray task: the steps are in the run's transaction log
+        assert recorded_step(d / "wandb", wandb_run_id(d, "m", WandbSettings())) == 3
+    assert not list((tmp_path / "results" / "m").glob(".ray-*")), "the marker must not outlive the sweep"
+    assert (tmp_path / "reports" / "m" / "report.md").exists()
+
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert "2 already finished, 0 to run" in again.stdout, again.stdout + again.stderr
+
+
+def test_a_node_without_the_results_folder_sends_the_run_back(tmp_path, tiny_model):
+    """What a task does where the driver's marker is not visible (no shared filesystem): it trains in
+    a temporary folder and returns it; the driver unpacks it in place. Called directly, no cluster."""
+    from harness.executor import Job
+    from harness.executor_ray import _unpack, ray_task
+    from harness.worker import job_payload
+
+    cfg = tiny_run_config(steps=2, eval_every=2, checkpoint_every=2)
+    run_dir = tmp_path / "results" / cfg.run_id
+    out = ray_task(job_payload(Job(cfg, run_dir), "cpu"), str(tmp_path / "not-visible-marker"), None)
+    assert not run_dir.exists(), "the task wrote into a folder it was told it cannot see"
+    assert out["summary"]["status"] == "ok" and out["folder"]
+    _unpack(out["folder"], run_dir)
+    assert [r["step"] for r in read_metrics(run_dir)] == [0, 1, 2]
+    assert (run_dir / "adapter").is_dir() and not (run_dir / "summary.json").exists()  # the driver writes that last
