@@ -50,7 +50,7 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, device: torch.device, settings: 
     if ours:
         _write_tasks(cfg, work, ours)
 
-    out = {"lm_eval_version": lm_eval.__version__, "quant": cfg.quant, "tasks": list(settings.tasks), "limit": settings.limit}
+    out = {"lm_eval_version": lm_eval.__version__, "quant": cfg.quant, "tasks": names, "limit": settings.limit}
     # not re-validated: a ModelOpt run's modelopt options stay behind, unread by the bf16 loader
     variants = [("quantized", cfg)] + ([("bf16", cfg.model_copy(update={"quant": "bf16"}))] if settings.bf16_base else [])
     for key, variant in variants:
@@ -63,7 +63,7 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, device: torch.device, settings: 
             if ours:  # local files only: no hub lookup is made (the test blocks sockets to hold this)
                 results |= _simple_evaluate(_harness_lm(model, tokenizer, settings.batch_size), ours, settings,
                                             _task_manager(include_path=str(work / "tasks"), include_defaults=False))
-            if theirs:
+            if theirs:  # lm-eval's defaults (BOS, decoding), so its own tasks compare with published numbers
                 from lm_eval.models.huggingface import HFLM
 
                 results |= _simple_evaluate(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size),

@@ -110,6 +110,36 @@ def engine_rows(root: Path, cells: list[dict]) -> list[dict]:
     return rows
 
 
+LM_EVAL_COLUMNS = [("cell", "cell"), ("task", "task"), ("metric", "metric"), ("quantized", "quantized base + adapter"),
+                   ("bf16", "bf16 base + adapter"), ("eval_reward", "harness final eval/reward"), ("n", "documents"), ("seeds", "seeds")]
+LM_EVAL_TEXT = ("lm-evaluation-harness on each run's final policy after training (eval.lm_eval in the matrix), mean over the "
+                "cell's seeds. qrl_* tasks score the run's own held-out set, so they should agree with its eval/reward; "
+                "the bf16 column puts the same adapter on the unquantized base.")
+
+
+def lm_eval_rows(cells: list[dict]) -> list[dict]:
+    """Per cell, task and metric: the lm-eval score on the quantized and on the bf16 base, beside eval/reward."""
+    rows = []
+    mean = lambda xs: _num(statistics.fmean(xs)) if xs else "–"  # noqa: E731
+    for cell in cells:
+        runs = [r for r in cell["runs"] if r.get("lm_eval")]
+        done = [r for r in runs if "quantized" in r["lm_eval"]]
+        for task in sorted({t for r in done for t in r["lm_eval"]["quantized"]}):
+            scores = lambda r, key: (r["lm_eval"].get(key) or {}).get(task) or {}  # noqa: E731
+            names = sorted({m for r in done for m, v in scores(r, "quantized").items() if m != "n" and not m.endswith("_stderr")
+                            and isinstance(v, (int, float))})
+            for metric in names:
+                pick = lambda key: [x for r in done if isinstance(x := scores(r, key).get(metric), (int, float))]  # noqa: E731
+                rows.append({"cell": cell["name"], "task": task, "metric": metric, "quantized": mean(pick("quantized")), "bf16": mean(pick("bf16")),
+                             "eval_reward": mean([r["eval_end"] for r in done if r["eval_end"] is not None]),
+                             "n": str(scores(done[0], "quantized").get("n", "–")), "seeds": f"{len(done)}/{len(cell['runs'])}"})
+        for r in runs:
+            if "error" in r["lm_eval"]:
+                rows.append({"cell": cell["name"], "task": "(failed)", "metric": r["lm_eval"]["error"], "quantized": "–", "bf16": "–",
+                             "eval_reward": "–", "n": "–", "seeds": f"seed {r['seed']}"})
+    return rows
+
+
 COLUMNS = [("workflow", "Workflow"), ("quantization", "Quantization"), ("colocation", "Colocation"), ("variant", "Variant"),
            ("status", "Status"), ("eval_start", "eval/reward start"), ("eval_end", "final eval/reward [CI]"),
            ("delta", "Δ vs baseline (lower bound)"), ("max_kl", "max KL"), ("entropy", "final entropy"),
@@ -161,6 +191,11 @@ def write_markdown(root: Path, out_dir: Path, matrix: dict, cells: list[dict], r
     studies = tuning_reports(out_dir)
     if studies:
         lines += ["", "## Tuning studies", ""] + [f"- [{md(p.stem.removeprefix('tune_'))}]({p.name})" for p in studies]
+    evals = lm_eval_rows(cells)
+    if evals:
+        lines += ["", "## Held-out evaluation (lm-eval)", "", md(LM_EVAL_TEXT), "",
+                  "| " + " | ".join(title for _, title in LM_EVAL_COLUMNS) + " |", "|" + "---|" * len(LM_EVAL_COLUMNS)]
+        lines += ["| " + " | ".join(md(row[k]) for k, _ in LM_EVAL_COLUMNS) + " |" for row in evals]
     lines += ["", "## Rollout engines", "", md(ENGINE_TEXT), "",
               "| " + " | ".join(title for _, title in ENGINE_COLUMNS) + " |", "|" + "---|" * len(ENGINE_COLUMNS)]
     lines += ["| " + " | ".join(md(row[k]) for k, _ in ENGINE_COLUMNS) + " |" for row in engine_rows(root, cells)]

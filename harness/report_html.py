@@ -12,7 +12,8 @@ from html import escape
 from pathlib import Path
 
 from harness.plots import PALETTE, bar_chart, line_chart
-from harness.report import COLUMNS, ENGINE_COLUMNS, ENGINE_TEXT, engine_rows, first_env, method_text, tuning_reports
+from harness.report import (COLUMNS, ENGINE_COLUMNS, ENGINE_TEXT, LM_EVAL_COLUMNS, LM_EVAL_TEXT, engine_rows, first_env, lm_eval_rows,
+                            method_text, tuning_reports)
 from harness.results import read_metrics, read_samples
 
 CURVES = [("reward/mean", "train reward"), ("eval/reward", "held-out eval/reward"), ("kl", "KL to reference"), ("entropy", "entropy")]
@@ -51,7 +52,7 @@ def render_html(root: Path, out_dir: Path, matrix: dict, cells: list[dict], rows
              f"<p class='muted'>Re-run: <code>make sweep MATRIX={e(matrix['name'])}</code>; regenerate: <code>harness report {e(matrix['name'])}</code></p>",
              "<h2>Convergence matrix</h2>", _table(rows, cells), f"<p class='muted'>{e(method_text(matrix))}</p>",
              "<h2>Memory and throughput</h2><div class='plots'>", _bars(cells, rows, colors), "</div>",
-             _tuning_links(out_dir),
+             _tuning_links(out_dir), _lm_eval_table(lm_eval_rows(cells)),
              "<h2>Rollout engines</h2>", _engine_table(engine_rows(root, cells)), f"<p class='muted'>{e(ENGINE_TEXT)}</p>",
              "<h2>Cells</h2>"]
     for i, (cell, row) in enumerate(zip(cells, rows)):
@@ -96,6 +97,18 @@ def _engine_table(rows: list[dict]) -> str:
                for k, _ in ENGINE_COLUMNS]
         out.append(f"<tr data-cell='{e(row['cell'])}'>{''.join(tds)}</tr>")
     out.append("</tbody></table></div>")
+    return "".join(out)
+
+
+def _lm_eval_table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    out = ["<h2>Held-out evaluation (lm-eval)</h2><div class='scroll'><table id='lm-eval'><thead><tr>",
+           *(f"<th>{e(t)}</th>" for _, t in LM_EVAL_COLUMNS), "</tr></thead><tbody>"]
+    for row in rows:
+        out.append("<tr>" + "".join(f"<td>{e(row[k])}</td>" if k in ("cell", "task", "metric") else f"<td class='num'>{e(row[k])}</td>"
+                                    for k, _ in LM_EVAL_COLUMNS) + "</tr>")
+    out.append(f"</tbody></table></div><p class='muted'>{e(LM_EVAL_TEXT)}</p>")
     return "".join(out)
 
 

@@ -4,6 +4,7 @@ from being launched."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -30,6 +31,8 @@ def jobs_of(m: Matrix, results: Path, cells: list[Cell] | None = None, wandb: st
 
         require_wandb()
     lm_eval = m.spec.eval.lm_eval
+    if lm_eval is not None and importlib.util.find_spec("lm_eval") is None:
+        raise RuntimeError("eval.lm_eval needs lm-evaluation-harness: pip install -e '.[eval]'")
     jobs = []
     for cell in cells or m.cells:
         options = RunOptions(

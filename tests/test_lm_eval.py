@@ -1,7 +1,6 @@
 """lm-evaluation-harness on a trained run (real lm-eval, the real tiny model, CPU): the harness's own
 qrl_arith task scores the run's held-out set as the run's eval/reward does."""
 
-import json
 import math
 import socket
 
@@ -10,8 +9,6 @@ import torch
 from conftest import tiny_run_config
 
 from harness.lm_eval_run import LmEvalSettings, evaluate_run
-
-pytest.importorskip("lm_eval")  # the `eval` extra
 
 CPU = torch.device("cpu")
 EVAL_SIZE = 200
@@ -25,16 +22,12 @@ def arith_config(quant: str):
 
 def test_lm_eval_exact_match_is_the_nf4_runs_eval_reward(tiny_model, tmp_path, monkeypatch):
     """The quantized (NF4) final policy under lm-eval scores the run's held-out set as the run's own
-    last eval/reward did (greedy both sides: expected equal); bf16_base adds the unquantized base."""
-    from harness.executor import run_one
-    from harness.results import read_metrics
+    last eval/reward did (greedy both sides: expected equal); bf16_base adds the unquantized base.
+    Run the way a sweep runs it: `eval.lm_eval` reaches run_one as an option, the scores land in summary.json."""
+    from harness.executor import RunOptions, run_one
+    from harness.results import read_json, read_metrics
 
     cfg, run_dir = arith_config("nf4"), tmp_path / "run"
-    summary = run_one(cfg, run_dir, CPU)
-    assert summary["status"] == "ok", summary["error"]
-    final = [row for row in read_metrics(run_dir) if "eval/reward" in row][-1]
-    assert final["step"] == cfg.train.steps
-
     attempts = []
 
     def no_network(sock, address, *args):
@@ -43,9 +36,14 @@ def test_lm_eval_exact_match_is_the_nf4_runs_eval_reward(tiny_model, tmp_path, m
 
     with monkeypatch.context() as m:
         m.setattr(socket.socket, "connect", no_network)
-        out = evaluate_run(cfg, run_dir, CPU, LmEvalSettings(tasks=("qrl_arith",), bf16_base=True))
+        settings = LmEvalSettings(tasks=("qrl_arith",), bf16_base=True)
+        summary = run_one(cfg, run_dir, CPU, options=RunOptions(lm_eval=settings.model_dump(mode="json")))
     assert attempts == []
-    json.dumps(out)  # stored as is in summary.json
+    assert summary["status"] == "ok", summary["error"]
+    final = [row for row in read_metrics(run_dir) if "eval/reward" in row][-1]
+    assert final["step"] == cfg.train.steps
+    out = read_json(run_dir / "summary.json")["lm_eval"]
+    assert "error" not in out, out
     got = out["quantized"]["qrl_arith"]
     assert got["n"] == EVAL_SIZE and out["quant"] == "nf4" and out["lm_eval_version"]
     p = final["eval/reward"]
