@@ -69,7 +69,7 @@ def test_bad_type_and_range_name_the_field(tmp_path):
 
 def test_unknown_top_level_key(tmp_path):
     msg = problems(tmp_path, "axis: {quant: [bf16]}\n")
-    assert "axis: unknown field; valid: axes, base, baseline, criteria, description, exclude, include, seeds" in msg
+    assert "axis: unknown field; valid: axes, base, baseline, criteria, description, eval, exclude, include, seeds, tracking, tune" in msg
 
 
 def test_every_problem_is_reported_at_once(tmp_path):

@@ -1,0 +1,103 @@
+"""harness.memory_fit against measured runs: each run trains in a fresh process (as in a sweep, where the
+measured CPU peak is that process's RSS), then its summary's peak_memory_gib is compared with the estimate."""
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.config import RunConfig
+from harness.memory_fit import capacity_gib, estimate, fits
+
+CPU = torch.device("cpu")
+TOLERANCE = 0.30  # the issue's acceptance criterion
+RUN = "import sys, torch; from pathlib import Path; from harness.config import RunConfig; from harness.executor import run_one\n" \
+      "cfg = RunConfig.model_validate_json(sys.argv[1]); run_one(cfg, Path(sys.argv[2]), torch.device('cpu'))"
+
+
+def measured_peak(cfg: RunConfig, run_dir: Path) -> float:
+    subprocess.run([sys.executable, "-c", RUN, cfg.model_dump_json(), str(run_dir)], check=True, timeout=600, capture_output=True)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "ok", summary.get("error")
+    return summary["peak_memory_gib"]
+
+
+def report(name: str, est: dict, measured: float) -> str:
+    parts = ", ".join(f"{k} {v:.3f}" for k, v in est["parts"].items() if v)
+    return f"{name}: estimated {est['peak_gib']:.3f} GiB vs measured {measured:.3f} GiB ({est['peak_gib'] / measured - 1:+.0%}); {parts}"
+
+
+@pytest.mark.parametrize("quant", ["bf16", "nf4"])
+def test_tiny_model_smoke_shapes(tiny_model, tmp_path, quant):
+    """The smoke matrix's per-step shapes for a few steps: here the runtime dominates."""
+    cfg = RunConfig(quant=quant, task={"name": "arith", "eval_size": 500}, rollout={"max_new_tokens": 5}, lora={"r": 16, "alpha": 32},
+                    train={"steps": 3, "prompts_per_step": 16, "group_size": 8, "eval_every": 25, "checkpoint_every": 25})
+    est = estimate(cfg, CPU)
+    measured = measured_peak(cfg, tmp_path / cfg.run_id)
+    print(report(f"tiny {quant}", est, measured))
+    assert abs(est["peak_gib"] / measured - 1) <= TOLERANCE, report(f"tiny {quant}", est, measured)
+
+
+def wide_model(folder: Path, tiny: Path) -> Path:
+    """A randomly initialised Qwen2 with the tiny model's character tokenizer. Its vocabulary (32768) is far
+    larger than the tokenizer's (98): the logits and embeddings are then the size of a real model's, and ids
+    the tokenizer lacks, which the random policy samples, decode to nothing (their reward is 0)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=512, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                         vocab_size=32768, max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+                         bos_token_id=None)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny / name, folder / name)
+    return folder
+
+
+def boxed_questions(path: Path, n: int = 40) -> Path:
+    """Word problems of uneven lengths (~70-190 characters, one token each): batches are left-padded, as real ones are."""
+    rng = random.Random(0)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        filler = " Each of them is counted once." * rng.randint(0, 4)
+        rows.append({"question": f"Tom has {a} apples and buys {b} more.{filler} How many apples does he have?", "answer": f"#### {a + b}"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_wide_model(tiny_model, tmp_path):
+    """Weights, activations and logits of a few hundred MB each: the model terms, not the runtime, decide."""
+    model = wide_model(tmp_path / "wide", tiny_model)
+    cfg = RunConfig(model=str(model), task={"name": "boxed", "source": str(boxed_questions(tmp_path / "q.jsonl")), "eval_size": 4},
+                    rollout={"max_new_tokens": 16}, train={"steps": 2, "prompts_per_step": 8, "group_size": 4, "eval_every": 25,
+                                                            "checkpoint_every": 25})
+    est = estimate(cfg, CPU)
+    measured = measured_peak(cfg, tmp_path / cfg.run_id)
+    print(report("wide bf16", est, measured))
+    model_parts = est["peak_gib"] - est["parts"]["runtime"]
+    assert model_parts >= 0.5 * est["peak_gib"], est["parts"]
+    assert min(est["parts"][k] for k in ("base_weights", "activations", "logits")) >= 0.1, est["parts"]
+    assert abs(est["peak_gib"] / measured - 1) <= TOLERANCE, report("wide bf16", est, measured)
+
+
+def test_unreachable_hub_id(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    est = estimate(RunConfig(model="no-such-org/no-such-model-memory-fit"), CPU)
+    assert est["peak_gib"] is None and est["reason"]
+    assert fits(est, 1.0)  # unknown is not infeasible
+
+
+def test_capacity_cpu():
+    total = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal:"))
+    cap = capacity_gib(CPU)
+    assert 0 < cap <= total / 1024**3
+    assert not fits({"peak_gib": 1.0, "fit_gib": cap + 1}, cap) and fits({"peak_gib": 1.0, "fit_gib": cap / 2}, cap)
