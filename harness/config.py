@@ -104,9 +104,17 @@ class TrainConfig(Frozen):
     prompts_per_step: int = Field(16, ge=1)
     group_size: int = Field(8, ge=2, description="completions sampled per prompt")
     lr: float = Field(1e-3, ge=0)
-    beta: float = Field(0.04, ge=0, description="weight of the k3 KL to the reference")
+    beta: float = Field(0.04, ge=0, description="grpo: weight of the k3 KL to the reference in the loss; rloo: of the KL penalty "
+                        "in the reward; dpo: DPO's beta (scale of the implicit reward); unused by sft and distill")
     clip_low: float = Field(0.2, ge=0, lt=1)
-    clip_high: float = Field(0.2, ge=0)
+    clip_high: float = Field(0.2, ge=0, description="above clip_low: DAPO's clip-higher (0.28 in the paper)")
+    loss_type: Literal["dapo", "grpo", "dr_grpo"] = Field(
+        "dapo", description="grpo: dapo (mean over the batch's tokens), grpo (per sequence, then over sequences), "
+                            "dr_grpo (token sum / (sequences x max_new_tokens)), as TRL names them")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="grpo: divide centred rewards by the group's std, the batch's, or nothing (Dr. GRPO: none)")
+    filter_groups: bool = Field(False, description="grpo: drop groups whose rewards are all equal from the loss (DAPO dynamic "
+                                                    "sampling, without re-sampling); counted in frac_reward_zero_std")
     updates_per_batch: int = Field(1, ge=1, description="optimizer steps on each rollout batch")
     max_grad_norm: float = Field(1.0, gt=0)
     eval_every: int = Field(25, ge=1)
@@ -116,6 +124,9 @@ class TrainConfig(Frozen):
     dtype: DTYPES = Field("auto", description="the trainer's compute dtype; auto: bf16 where the hardware has it, else float32")
     tis_cap: float | None = Field(None, gt=1, description="truncated importance sampling: weight each token's loss by min(p_train/p_sampler, tis_cap)")
     mismatch_cap: float = Field(2.0, gt=1, description="mismatch/ratio_out_of_cap_frac counts tokens whose p_train/p_sampler is outside [1/cap, cap]")
+
+
+GRPO_ONLY = ("loss_type", "scale_rewards", "filter_groups")
 
 
 class RunConfig(Frozen):
@@ -155,6 +166,11 @@ class RunConfig(Frozen):
     @model_validator(mode="after")
     def _format_options(self):
         fmt = QUANT.get(self.quant)
+        if self.algorithm != "grpo":
+            defaults = TrainConfig()
+            changed = [f"train.{k}" for k in GRPO_ONLY if getattr(self.train, k) != getattr(defaults, k)]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} configure the grpo loss; algorithm {self.algorithm} has no such option")
         if self.quant == "modelopt" and not self.modelopt.quant_cfg:
             raise ValueError("quant: modelopt needs modelopt.quant_cfg (a ModelOpt config name or a YAML file)")
         if self.modelopt.recalibrate_every and not fmt.calibrated:

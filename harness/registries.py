@@ -16,6 +16,9 @@ QUANT.register("modelopt", "harness.quant_modelopt:CUSTOM", "any ModelOpt config
 
 ALGORITHMS = Registry("algorithm")
 ALGORITHMS.register("grpo", "harness.recipes.grpo:run", "GRPO: group-relative advantages, clipped surrogate, k3 KL")
+ALGORITHMS.register("rloo", "harness.recipes.rloo:run", "RLOO: leave-one-out baseline, KL penalty in the reward, REINFORCE on whole completions")
+ALGORITHMS.register("dpo", "harness.recipes.dpo:run", "DPO on on-policy pairs: best vs worst completion of each group, adapter-off reference")
+ALGORITHMS.register("sft", "harness.recipes.sft:run", "SFT on the task's reference answers: the supervised baseline")
 ALGORITHMS.register("distill", "harness.recipes.distill:run", "on-policy distillation: reverse KL to a BF16 teacher on the student's samples")
 
 TASKS = Registry("task")

@@ -1,4 +1,5 @@
-"""The pieces every policy-gradient recipe shares: log-probs, advantages, KL, clipping, masking.
+"""The pieces every recipe shares: log-probs, advantages, KL, clipping, masking, loss aggregation,
+and the per-algorithm objectives (DPO's, SFT's) as functions of log-probs.
 
 Each is checked against hand-computed cases in tests/test_rl_math.py.
 """
@@ -14,15 +15,45 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r - mean_group) / (std_group + eps) for consecutive groups of `group_size` completions.
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """r - mean_group for consecutive groups of `group_size` completions, divided by the group's std
+    (scale "group", GRPO), the whole batch's std ("batch") or nothing ("none", Dr. GRPO).
 
     std is the unbiased sample std (as in TRL). A group whose rewards are all equal gets zero
     advantage: it carries no learning signal, and the second return value flags those groups.
     """
     r = rewards.view(-1, group_size).float()
     mean, std = r.mean(1, keepdim=True), r.std(1, keepdim=True)
-    return ((r - mean) / (std + eps)).view(-1), (std.squeeze(1) == 0)
+    centred = r - mean
+    if scale == "group":
+        centred = centred / (std + eps)
+    elif scale == "batch":
+        centred = centred / (r.std() + eps)
+    return centred.view(-1), (std.squeeze(1) == 0)
+
+
+def loo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO: r_i minus the mean of the other completions of its group, (G r_i - sum_group) / (G - 1)."""
+    r = rewards.view(-1, group_size).float()
+    return ((group_size * r - r.sum(1, keepdim=True)) / (group_size - 1)).view(-1)
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_tokens: int) -> torch.Tensor:
+    """A per-token loss [N, C] to a scalar, as TRL's `loss_type` names the choices:
+    dapo: mean over every completion token of the batch (long completions weigh more);
+    grpo: mean over each sequence's tokens, then over sequences (the paper's; long ones weigh less);
+    dr_grpo: sum over tokens / (sequences x max_tokens) (Dr. GRPO: no length normalisation).
+    Sequences with no unmasked token (a dropped group) do not count as sequences."""
+    mask = mask.to(per_token.dtype)
+    total = (per_token * mask).sum(1)
+    n_seq = (mask.sum(1) > 0).sum().clamp(min=1)
+    if loss_type == "dapo":
+        return total.sum() / mask.sum().clamp(min=1)
+    if loss_type == "grpo":
+        return (total / mask.sum(1).clamp(min=1)).sum() / n_seq
+    if loss_type == "dr_grpo":
+        return total.sum() / (n_seq * max_tokens)
+    raise ValueError(f"loss_type {loss_type!r}: valid: dapo, grpo, dr_grpo")
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -101,3 +132,27 @@ def tis_weights(train_logp, sampler_logp, cap: float) -> torch.Tensor:
     engine"): per-token min(p_train / p_sampler, cap), a constant in the gradient, correcting for
     the rollout engine sampling from a slightly different policy than the trainer's."""
     return torch.exp(train_logp - sampler_logp).clamp(max=cap).detach()
+
+
+def sequence_logprob(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log p(completion | prompt): the sum of its tokens' log-probs, [N]."""
+    return (logp * mask.to(logp.dtype)).sum(-1)
+
+
+def best_worst_pairs(rewards: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """On-policy preference pairs: per group, the first completion with the highest reward (chosen)
+    and the first with the lowest (rejected), as indices into the flat batch. A group whose rewards
+    are all equal states no preference and gives no pair."""
+    r = rewards.view(-1, group_size)
+    offset = torch.arange(r.shape[0], device=r.device) * group_size
+    keep = r.max(1).values > r.min(1).values
+    return (offset + r.argmax(1))[keep], (offset + r.argmin(1))[keep]
+
+
+def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta: float):
+    """DPO (Rafailov et al., 2023) from sequence log-probs: per pair -log sigmoid(margin), where
+    margin = beta (log pi/pi_ref of chosen) - beta (log pi/pi_ref of rejected). Returns (loss per
+    pair, implicit reward of the chosen, of the rejected), the rewards detached (logged)."""
+    chosen_reward = beta * (chosen - ref_chosen)
+    rejected_reward = beta * (rejected - ref_rejected)
+    return -torch.nn.functional.logsigmoid(chosen_reward - rejected_reward), chosen_reward.detach(), rejected_reward.detach()

@@ -16,7 +16,8 @@ SPLIT_SEED = 1234  # fixed: the held-out set must not move with the run's seed
 @dataclass(frozen=True)
 class Problem:
     prompt: str
-    answer: str
+    answer: str  # what the reward compares with
+    solution: str = ""  # a worked reference completion, where the source has one (the sft recipe imitates it)
 
 
 def _split(problems: list[Problem], eval_size: int) -> tuple[list[Problem], list[Problem]]:
@@ -36,6 +37,10 @@ class ArithTask:
 
     def reward(self, problem: Problem, completion: str) -> float:
         return float(completion.strip() == problem.answer)
+
+    def demonstration(self, problem: Problem) -> str:
+        """The completion the sft recipe imitates: the answer alone, as the reward wants it."""
+        return problem.answer
 
 
 BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
@@ -62,7 +67,7 @@ class BoxedTask:
         if not cfg.source:
             raise ValueError("task.source: the boxed task needs a JSONL file or an HF dataset id")
         rows = self._load(cfg.source)
-        problems = [Problem(r["question"].strip() + INSTRUCTION, self.reference(r["answer"])) for r in rows]
+        problems = [Problem(r["question"].strip() + INSTRUCTION, self.reference(r["answer"]), self.solution(r["answer"])) for r in rows]
         self.train, self.eval = _split(problems, cfg.eval_size)
 
     @staticmethod
@@ -91,6 +96,20 @@ class BoxedTask:
             answer = answer.split("####")[-1]
         boxed = BOXED.findall(answer)
         return normalize_number(boxed[-1] if boxed else answer)
+
+    @staticmethod
+    def solution(answer: str) -> str:
+        """GSM8K's worked answer with its final "#### 42" written as the reward reads it, \\boxed{42}."""
+        answer = str(answer).strip()
+        if BOXED.search(answer):
+            return answer
+        work, sep, final = answer.rpartition("####")
+        if not sep:
+            return f"\\boxed{{{normalize_number(answer)}}}"
+        return f"{work.strip()}\nThe answer is \\boxed{{{normalize_number(final)}}}.".lstrip()
+
+    def demonstration(self, problem: Problem) -> str:
+        return problem.solution
 
     def reward(self, problem: Problem, completion: str) -> float:
         found = BOXED.findall(completion)

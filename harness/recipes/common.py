@@ -74,8 +74,9 @@ def sample_groups(s: Setup, cfg, device):
     return grouped, batch, rewards, rollout_s, peak
 
 
-def system_metrics(s: Setup, batch, n_rollouts: int, rewards, rollout: tuple[float, float], train: tuple[float, float], updates: int) -> dict:
-    """Reward, timing, throughput and memory of one step; the engine's own (sync, sleep, wake) included."""
+def system_metrics(s: Setup, batch, n_rollouts: int, rewards, rollout: tuple[float, float], train: tuple[float, float], trained_tokens: int) -> dict:
+    """Reward, timing, throughput and memory of one step; the engine's own (sync, sleep, wake) included.
+    trained_tokens: prompt and completion tokens through the trainer's forward and backward, all updates."""
     (rollout_s, rollout_peak), (train_s, train_peak) = rollout, train
     n_tokens = batch.completion_mask.sum().item()
     engine = s.engine.pop_metrics()
@@ -86,11 +87,24 @@ def system_metrics(s: Setup, batch, n_rollouts: int, rewards, rollout: tuple[flo
         "time/rollout_s": rollout_s,
         "time/train_s": train_s,
         "throughput/rollout_tokens_per_s": n_tokens / rollout_s,
-        "throughput/train_tokens_per_s": (n_tokens + batch.prompt_mask.sum().item()) * updates / train_s,
+        "throughput/train_tokens_per_s": trained_tokens / train_s,
         "memory/rollout_peak_gib": rollout_peak,
         "memory/train_peak_gib": train_peak,
         "memory/peak_gib": max(rollout_peak, train_peak),
     }
+
+
+def token_count(prompt_mask, completion_mask) -> int:
+    return int(prompt_mask.sum().item() + completion_mask.sum().item())
+
+
+def end_train(s: Setup, cfg, device, step: int, t0: float) -> tuple[float, float]:
+    """After a step's updates: re-calibrate ModelOpt's amax when due; (train seconds, train peak GiB)."""
+    if cfg.modelopt.recalibrate_every:
+        from harness.quant_modelopt import recalibrate_if_due
+
+        recalibrate_if_due(s.model, cfg, device, step)
+    return time.perf_counter() - t0, s.memory.peak_gib()
 
 
 def log_start(s: Setup, run_dir, tracker) -> int:

@@ -26,7 +26,7 @@ import torch
 
 from harness.config import RunConfig
 from harness.models import resolve
-from harness.recipes.common import end_step, log_start, optimizer_step, sample_groups, setup, system_metrics
+from harness.recipes.common import end_step, end_train, log_start, optimizer_step, sample_groups, setup, system_metrics, token_count
 from harness.rl_math import completion_logits, masked_mean, mismatch_metrics, reverse_kl, token_logprobs_and_entropy
 
 
@@ -61,13 +61,9 @@ def run(cfg: RunConfig, run_dir: Path, tracker, device: torch.device, progress=l
                 grad_norm = optimizer_step(s, kl, t.max_grad_norm)
                 for name, value in (("loss", kl), ("kl", kl), ("grad_norm", grad_norm), ("entropy", masked_mean(entropy, mask))):
                     buf.setdefault(name, []).append(value.item())
-            if cfg.modelopt.recalibrate_every:
-                from harness.quant_modelopt import recalibrate_if_due
-
-                recalibrate_if_due(s.model, cfg, device, step)
-            train = (time.perf_counter() - t0, s.memory.peak_gib())
+            train = end_train(s, cfg, device, step, t0)
 
             metrics = {name: sum(v) / len(v) for name, v in buf.items()} | mismatch
-            metrics |= system_metrics(s, batch, len(grouped), rewards, (rollout_s, rollout_peak), train, t.updates_per_batch)
+            metrics |= system_metrics(s, batch, len(grouped), rewards, (rollout_s, rollout_peak), train, t.updates_per_batch * token_count(batch.prompt_mask, mask))
             end_step(s, cfg, run_dir, tracker, progress, step, metrics, grouped, batch, rewards)
         return s.facts

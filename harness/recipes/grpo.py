@@ -4,9 +4,17 @@ Per step: sample `prompts_per_step` training prompts, `group_size` completions e
 them; advantage = (r - group mean) / (group std + eps); minimise the token-level clipped
 surrogate plus beta * k3 KL to the reference; `updates_per_batch` optimizer steps per batch.
 
+Variants, named as TRL and the papers name them (train.*):
+- `loss_type`: `dapo` (default) averages over all completion tokens of the batch, so long
+  completions are not down-weighted; `grpo` per sequence then over sequences (the paper);
+  `dr_grpo` sums over tokens and divides by sequences x max_new_tokens (Dr. GRPO, Liu et al., 2025).
+- `scale_rewards`: `group` (the paper), `batch`, or `none` (Dr. GRPO: no std normalisation).
+- `clip_high` above `clip_low`: DAPO's clip-higher (Yu et al., 2025).
+- `filter_groups`: DAPO's dynamic sampling, reduced to dropping the groups whose rewards are all
+  equal (they have zero advantage; only their KL term would remain). DAPO re-samples until the
+  batch is full; here the step trains on the groups left, and skips the update when none is.
+
 Where this departs from the paper:
-- The loss is averaged over all completion tokens of the batch (as DAPO and TRL's "dapo" loss),
-  not per sequence then over sequences, so long completions are not down-weighted.
 - The reference is the same quantized base with the LoRA adapter disabled, not a separate
   full-precision copy: quantization error is shared by policy and reference, costs no memory,
   and the KL measures only what training moved. (With `trainable: full`, a frozen copy of the
@@ -26,8 +34,16 @@ import torch
 
 from harness.config import RunConfig
 from harness.models import reference
-from harness.recipes.common import end_step, log_start, optimizer_step, sample_groups, setup, system_metrics
-from harness.rl_math import clipped_surrogate, completion_logprobs, group_advantages, k3_kl, masked_mean, mismatch_metrics, tis_weights
+from harness.recipes.common import end_step, end_train, log_start, optimizer_step, sample_groups, setup, system_metrics, token_count
+from harness.rl_math import aggregate, clipped_surrogate, completion_logprobs, group_advantages, k3_kl, masked_mean, mismatch_metrics, tis_weights
+
+
+def loss(logp, old_logp, ref_logp, advantages, mask, weight, t, max_tokens: int):
+    """(GRPO's loss, per-token KL, per-token clipped flags): the clipped surrogate, reweighted by
+    `weight` (TIS), plus beta x k3 KL, aggregated by `t.loss_type`."""
+    surrogate, clipped = clipped_surrogate(logp, old_logp, advantages, t.clip_low, t.clip_high)
+    kl = k3_kl(logp, ref_logp)
+    return aggregate(weight * surrogate + t.beta * kl, mask, t.loss_type, max_tokens), kl, clipped
 
 
 def run(cfg: RunConfig, run_dir: Path, tracker, device: torch.device, progress=lambda **kw: None) -> dict:
@@ -42,9 +58,11 @@ def run(cfg: RunConfig, run_dir: Path, tracker, device: torch.device, progress=l
             # --- train: advantages, reference log-probs, clipped surrogate + beta * KL
             s.memory.reset()
             t0 = time.perf_counter()
-            advantages, zero_std = group_advantages(rewards, t.group_size)
+            advantages, zero_std = group_advantages(rewards, t.group_size, t.scale_rewards)
             mask = batch.completion_mask
-            args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, mask, cfg.rollout.temperature)
+            if t.filter_groups:  # the dropped groups' tokens leave the loss and its normalisation
+                mask = mask * (~zero_std).repeat_interleave(t.group_size).unsqueeze(1)
+            args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, cfg.rollout.temperature)
             with torch.no_grad():
                 old_logp, _ = completion_logprobs(model, *args)  # the trainer's policy that the engine sampled for
                 with reference(model) as ref:
@@ -52,24 +70,19 @@ def run(cfg: RunConfig, run_dir: Path, tracker, device: torch.device, progress=l
             weight = tis_weights(old_logp, batch.sampler_logprobs, t.tis_cap) if t.tis_cap else 1.0
             model.train()
             buf: dict[str, list[float]] = {}
-            for _ in range(t.updates_per_batch):
+            n_updates = t.updates_per_batch if mask.any() else 0  # every group dropped: no update, not a zero-gradient AdamW step
+            for _ in range(n_updates):
                 logp, entropy = completion_logprobs(model, *args)
-                surrogate, clipped = clipped_surrogate(logp, old_logp, advantages, t.clip_low, t.clip_high)
-                kl = k3_kl(logp, ref_logp)
-                loss = masked_mean(weight * surrogate + t.beta * kl, mask)
-                grad_norm = optimizer_step(s, loss, t.max_grad_norm)
-                for name, value in (("loss", loss), ("grad_norm", grad_norm), ("kl", masked_mean(kl, mask)),
+                loss_value, kl, clipped = loss(logp, old_logp, ref_logp, advantages, mask, weight, t, cfg.rollout.max_new_tokens)
+                grad_norm = optimizer_step(s, loss_value, t.max_grad_norm)
+                for name, value in (("loss", loss_value), ("grad_norm", grad_norm), ("kl", masked_mean(kl, mask)),
                                     ("entropy", masked_mean(entropy, mask)), ("clip_ratio", masked_mean(clipped.float(), mask))):
                     buf.setdefault(name, []).append(value.item())
-            if cfg.modelopt.recalibrate_every:
-                from harness.quant_modelopt import recalibrate_if_due
-
-                recalibrate_if_due(model, cfg, device, step)
-            train = (time.perf_counter() - t0, s.memory.peak_gib())
+            train = end_train(s, cfg, device, step, t0)
 
             metrics = {name: sum(v) / len(v) for name, v in buf.items()}
-            metrics |= system_metrics(s, batch, len(grouped), rewards, (rollout_s, rollout_peak), train, t.updates_per_batch)
+            metrics |= system_metrics(s, batch, len(grouped), rewards, (rollout_s, rollout_peak), train, n_updates * token_count(batch.prompt_mask, batch.completion_mask))
             metrics |= {"frac_reward_zero_std": zero_std.float().mean().item(),
-                        **mismatch_metrics(old_logp, batch.sampler_logprobs, mask, t.mismatch_cap)}
+                        **mismatch_metrics(old_logp, batch.sampler_logprobs, batch.completion_mask, t.mismatch_cap)}
             end_step(s, cfg, run_dir, tracker, progress, step, metrics, grouped, batch, rewards)
         return s.facts
