@@ -73,7 +73,7 @@ def judge_run(run_dir: Path, seed: int, c: Criteria) -> RunVerdict:
         return v
     over = next((r for r in train_rows if r["kl"] > c.kl_max), None)
     if over:
-        v.verdict, v.reason = "diverged", f"kl {over['kl']:.3g} exceeds kl_max {c.kl_max} at step {over['step']}"
+        v.verdict, v.reason = "diverged", f"kl {over['kl']:.3f} exceeds kl_max {c.kl_max} at step {over['step']}"
         return v
     if v.gain is None:
         v.reason = "summary.json present but no start/end eval/reward"

@@ -43,14 +43,14 @@ def test_tiny_model_smoke_shapes(tiny_model, tmp_path, quant):
     assert abs(est["peak_gib"] / measured - 1) <= TOLERANCE, report(f"tiny {quant}", est, measured)
 
 
-def wide_model(folder: Path, tiny: Path) -> Path:
+def wide_model(folder: Path, tiny: Path, hidden: int = 512, layers: int = 2) -> Path:
     """A randomly initialised Qwen2 with the tiny model's character tokenizer. Its vocabulary (32768) is far
     larger than the tokenizer's (98): the logits and embeddings are then the size of a real model's, and ids
     the tokenizer lacks, which the random policy samples, decode to nothing (their reward is 0)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(hidden_size=512, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+    config = Qwen2Config(hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2,
                          vocab_size=32768, max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
                          bos_token_id=None)
     Qwen2ForCausalLM(config).save_pretrained(folder)
