@@ -149,6 +149,19 @@ STATUS_MARK = {"Converges": "✅", "Convergence issue": "⚠️", "Does not conv
                "Smoke tested": "🔹"}
 
 
+def algorithm_grid(rows: list[dict]) -> tuple[list[str], list[tuple[str, dict[str, tuple[str, str]]]]]:
+    """The convergence matrix with one column per algorithm, as vendors' verified-configuration tables read:
+    (algorithm columns, [(row label, {algorithm: (status, final eval/reward)})]). Nothing with one algorithm."""
+    algorithms = list(dict.fromkeys(r["workflow"] for r in rows))
+    if len(algorithms) < 2:
+        return [], []
+    grid: dict[str, dict[str, tuple[str, str]]] = {}
+    for r in rows:
+        label = " · ".join(x for x in (r["quantization"], r["colocation"], r["variant"].replace("(baseline)", "").strip()) if x and x != "?")
+        grid.setdefault(label, {})[r["workflow"]] = (r["status"], r["eval_end"].split(" [")[0])
+    return algorithms, list(grid.items())
+
+
 def method_text(matrix: dict) -> str:
     c = matrix["criteria"]
     base = ", ".join(f"{k}={v}" for k, v in matrix["baseline"].items()) or "none"
@@ -182,6 +195,12 @@ def write_markdown(root: Path, out_dir: Path, matrix: dict, cells: list[dict], r
     for row in rows:
         cells_md = [f"{STATUS_MARK.get(row['status'], '')} **{row['status']}**" if k == "status" else md(row[k]) for k, _ in COLUMNS]
         lines.append("| " + " | ".join(cells_md) + " |")
+    algorithms, grid = algorithm_grid(rows)
+    if grid:
+        lines += ["", "### By algorithm", "", "| Quantization · colocation | " + " | ".join(md(a) for a in algorithms) + " |",
+                  "|" + "---|" * (len(algorithms) + 1)]
+        mark = lambda x: f"{STATUS_MARK.get(x[0], '')} {md(x[0])}, {md(x[1])}" if x else "–"  # noqa: E731
+        lines += ["| " + md(label) + " | " + " | ".join(mark(by.get(a)) for a in algorithms) + " |" for label, by in grid]
     lines += ["", md(method_text(matrix)), "", "## Runs", "",
               "| cell | seed | run | verdict | eval start → end | max KL | final entropy | reason |", "|---|---|---|---|---|---|---|---|"]
     for cell in cells:

@@ -12,7 +12,7 @@ from html import escape
 from pathlib import Path
 
 from harness.plots import PALETTE, bar_chart, line_chart
-from harness.report import (COLUMNS, ENGINE_COLUMNS, ENGINE_TEXT, LM_EVAL_COLUMNS, LM_EVAL_TEXT, engine_rows, first_env, lm_eval_rows,
+from harness.report import (COLUMNS, algorithm_grid, ENGINE_COLUMNS, ENGINE_TEXT, LM_EVAL_COLUMNS, LM_EVAL_TEXT, engine_rows, first_env, lm_eval_rows,
                             method_text, tuning_reports)
 from harness.results import read_metrics, read_samples
 
@@ -50,7 +50,7 @@ def render_html(root: Path, out_dir: Path, matrix: dict, cells: list[dict], rows
              f"<style>{CSS}</style></head><body>",
              f"<h1>Verified configurations: <code>{e(matrix['name'])}</code></h1><p class='muted'>{e(matrix['description'])}</p>",
              f"<p class='muted'>Re-run: <code>make sweep MATRIX={e(matrix['name'])}</code>; regenerate: <code>harness report {e(matrix['name'])}</code></p>",
-             "<h2>Convergence matrix</h2>", _table(rows, cells), f"<p class='muted'>{e(method_text(matrix))}</p>",
+             "<h2>Convergence matrix</h2>", _table(rows, cells), _grid(rows), f"<p class='muted'>{e(method_text(matrix))}</p>",
              "<h2>Memory and throughput</h2><div class='plots'>", _bars(cells, rows, colors), "</div>",
              _tuning_links(out_dir), _lm_eval_table(lm_eval_rows(cells)),
              "<h2>Rollout engines</h2>", _engine_table(engine_rows(root, cells)), f"<p class='muted'>{e(ENGINE_TEXT)}</p>",
@@ -86,6 +86,21 @@ def _table(rows: list[dict], cells: list[dict]) -> str:
             else:
                 tds.append(f"<td class='num'>{e(row[key])}</td>")
         out.append(f"<tr class='cell-row' data-cell='{e(cells[i]['name'])}' data-status='{e(row['status'])}'>{''.join(tds)}</tr>")
+    out.append("</tbody></table></div>")
+    return "".join(out)
+
+
+def _grid(rows: list[dict]) -> str:
+    """One column per algorithm (report.algorithm_grid); each entry links to the cell's table row."""
+    algorithms, grid = algorithm_grid(rows)
+    if not grid:
+        return ""
+    out = ["<h3>By algorithm</h3><div class='scroll'><table id='by-algorithm'><thead><tr><th>Quantization · colocation</th>",
+           *(f"<th>{e(a)}</th>" for a in algorithms), "</tr></thead><tbody>"]
+    for label, by in grid:
+        tds = [f"<td class='status {STATUS_CLASS.get(by[a][0], '')}'>● {e(by[a][0])}, {e(by[a][1])}</td>" if a in by else "<td>–</td>"
+               for a in algorithms]
+        out.append(f"<tr><td>{e(label)}</td>{''.join(tds)}</tr>")
     out.append("</tbody></table></div>")
     return "".join(out)
 

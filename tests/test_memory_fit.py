@@ -72,10 +72,11 @@ def boxed_questions(path: Path, n: int = 40) -> Path:
 
 
 def test_wide_model(tiny_model, tmp_path):
-    """Weights, activations and logits of a few hundred MB each: the model terms, not the runtime, decide."""
+    """Weights, activations and logits of a few hundred MB each: the model terms, not the runtime, decide.
+    float32 whatever the CPU, so the terms have those sizes on bf16-capable CPUs too."""
     model = wide_model(tmp_path / "wide", tiny_model)
     cfg = RunConfig(model=str(model), task={"name": "boxed", "source": str(boxed_questions(tmp_path / "q.jsonl")), "eval_size": 4},
-                    rollout={"max_new_tokens": 16}, train={"steps": 2, "prompts_per_step": 8, "group_size": 4, "eval_every": 25,
+                    rollout={"max_new_tokens": 16}, train={"steps": 2, "prompts_per_step": 8, "group_size": 4, "eval_every": 25, "dtype": "float32",
                                                             "checkpoint_every": 25})
     est = estimate(cfg, CPU)
     measured = measured_peak(cfg, tmp_path / cfg.run_id)

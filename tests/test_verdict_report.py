@@ -73,7 +73,7 @@ def test_every_run_and_cell_verdict(sweep):
     assert run_verdicts == set(RUN_VERDICTS)
     fp4 = cells["quant=fp4"].runs
     assert fp4[1].verdict == "diverged" and "non-finite loss at step 4" in fp4[1].reason
-    assert fp4[2].verdict == "diverged" and "kl 2.5 exceeds kl_max 1.0 at step 6" in fp4[2].reason
+    assert fp4[2].verdict == "diverged" and "kl 2.500 exceeds kl_max 1.0 at step 6" in fp4[2].reason
     broken = cells["quant=nf4,train.lr=0.0 (broken)"].runs
     assert [r.verdict for r in broken] == ["oom", "failed", "collapsed"]
     assert "entropy 0.01 under entropy_floor 0.05" in broken[2].reason
@@ -113,3 +113,30 @@ def test_report_escapes_what_runs_wrote(sweep, tmp_path):
     page = (tmp_path / "reports" / "v" / "report.html").read_text()
     assert "<script>" not in page and "&lt;script&gt;document.title" in page
     assert "<b>html" not in page
+
+
+ALGORITHMS = """\
+axes: {algorithm: [grpo, sft], quant: [bf16, nf4]}
+seeds: [0, 1]
+baseline: {quant: bf16}
+criteria: {min_gain: 0.05, tolerance: 0.05, kl_max: 1.0, entropy_floor: 0.05, confidence: 0.9, min_seeds: 2}
+"""
+
+
+def test_report_has_one_column_per_algorithm(tmp_path):
+    root, runs = write_sweep(tmp_path, ALGORITHMS, name="alg")
+    plant(runs, "algorithm=grpo,quant=bf16", [0.60, 0.62])
+    plant(runs, "algorithm=grpo,quant=nf4", [0.61, 0.62])
+    plant(runs, "algorithm=sft,quant=bf16", [0.90, 0.92])
+    plant(runs, "algorithm=sft,quant=nf4", [0.41, 0.40])  # learns nothing: each algorithm judged against its own bf16
+    judge(root)
+    write_report(root, tmp_path / "reports" / "alg")
+    lines = (tmp_path / "reports" / "alg" / "report.md").read_text().splitlines()
+    head = lines.index("### By algorithm") + 2
+    assert lines[head] == "| Quantization · colocation | GRPO | SFT |"
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines[head + 2:head + 4]}
+    assert set(rows) == {"bf16", "nf4"}  # planted runs have no config.json: an unknown colocation is left out
+    assert "Converges, 0.615" in rows["nf4"] and "Does not converge, 0.405" in rows["nf4"]
+    assert rows["bf16"].count("Converges") == 2
+    page = (tmp_path / "reports" / "alg" / "report.html").read_text()
+    assert "<table id='by-algorithm'>" in page and page.count("<th>SFT</th>") == 1
