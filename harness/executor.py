@@ -17,7 +17,7 @@ from harness.config import Frozen, RunConfig
 from harness.recipes import NonFinite, Pruned
 from harness.registries import ALGORITHMS, EXECUTORS
 from harness.results import read_json, read_metrics, summarize_metrics, truncate_logs, write_json_atomic
-from harness.system import device_name, git_commit, library_versions, pick_device
+from harness.system import device_identity, device_name, git_commit, library_versions, pick_device
 from harness.tracking import JsonlTracker, Trackers
 
 
@@ -59,7 +59,7 @@ def run_one(cfg: RunConfig, run_dir: Path, device: torch.device, progress=None, 
     env = read_json(env_path) if env_path.exists() else {}
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     env = {"started_at": env.get("started_at", now), "resumed_at": env.get("resumed_at", []) + ([now] if env else []),
-           "device": device_name(device), "git_commit": git_commit(), "versions": library_versions()}
+           "device": device_name(device), "git_commit": git_commit(), "versions": library_versions()} | device_identity(device)
     write_json_atomic(env_path, env)
 
     tracker = _trackers(cfg, run_dir, options)

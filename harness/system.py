@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -36,6 +37,17 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def device_identity(device: torch.device) -> dict:
+    """Which GPU a run had (a sweep over several GPUs pins one per run): the slot's CUDA_VISIBLE_DEVICES,
+    the device's UUID and PCI bus id, as nvidia-smi names them."""
+    if device.type != "cuda":
+        return {}
+    props = torch.cuda.get_device_properties(device)
+    bus = [getattr(props, f"pci_{k}_id", None) for k in ("domain", "bus", "device")]
+    return {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "gpu_uuid": f"GPU-{getattr(props, 'uuid', '?')}",
+            "gpu_pci_bus_id": f"{bus[0]:08X}:{bus[1]:02X}:{bus[2]:02X}.0" if None not in bus else None}
 
 
 class PeakMemory:
