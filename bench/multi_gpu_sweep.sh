@@ -15,9 +15,9 @@ SMI=$!
 
 sweep() {  # sweep NAME [env...]: time one sweep into results-NAME
   local name=$1; shift
-  local t0=$(date +%s.%N)
+  local t0=$(date +%s)
   env "$@" python3 -m harness sweep smoke4 --results "results-$name" --reports "reports-$name" > "$OUT/sweep-$name.log" 2>&1
-  echo "$name: exit $? in $(echo "$(date +%s.%N) - $t0" | bc) s" | tee -a "$OUT/walltimes.txt"
+  echo "$name: exit $? in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/walltimes.txt"
 }
 
 sweep two-gpus
