@@ -115,3 +115,18 @@ def test_ctrl_c_stops_every_run_resumably(tmp_path, tiny_model):
         assert steps == list(range(41)), [s for s, n in Counter(steps).items() if n > 1]
         assert len(read_json(d / "env.json")["resumed_at"]) == 1, "restarted, not resumed"
         assert read_json(d / "summary.json")["status"] == "ok"
+
+
+def test_gpu_slots_pin_one_visible_gpu_each(monkeypatch):
+    """Slot assignment on a multi-GPU host, without one: each slot's CUDA_VISIBLE_DEVICES names one of the
+    GPUs this process may use (ids or UUIDs, as the user listed them); --jobs and cuda:N narrow them."""
+    from harness.executor import ExecutorSettings
+    from harness.executor_local import slots
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, GPU-8f1c,5")
+    pinned = lambda s: [(x.device, x.env["CUDA_VISIBLE_DEVICES"]) for x in slots(s)]  # noqa: E731
+    assert pinned(ExecutorSettings(device="cuda")) == [("cuda", "2"), ("cuda", "GPU-8f1c"), ("cuda", "5")]
+    assert pinned(ExecutorSettings(device="cuda", jobs=2)) == [("cuda", "2"), ("cuda", "GPU-8f1c")]
+    assert pinned(ExecutorSettings(device="cuda:1")) == [("cuda", "GPU-8f1c")]
+    cpu = slots(ExecutorSettings(device="cpu", jobs=2))
+    assert len(cpu) == 2 and all(s.device == "cpu" and "CUDA_VISIBLE_DEVICES" not in s.env for s in cpu)
