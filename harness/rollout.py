@@ -29,9 +29,14 @@ class Rollout:
 
 
 def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and mask. A GRPO batch repeats each prompt group_size times: each distinct prompt
+    is tokenized once and its row repeated (the same tensors; the profile found tokenizing every copy
+    the largest named cost of a step outside the model)."""
     tokenizer.padding_side = "left"  # generation appends on the right, so prompts end together
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    row_of = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+    enc = tokenizer(list(row_of), return_tensors="pt", padding=True, add_special_tokens=False)
+    rows = torch.tensor([row_of[p] for p in prompts]) if len(row_of) < len(prompts) else slice(None)
+    return enc["input_ids"][rows].to(device), enc["attention_mask"][rows].to(device)
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:

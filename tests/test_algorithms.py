@@ -175,3 +175,23 @@ def test_each_recipe_trains_lora_over_nf4(tmp_path, tiny_model, monkeypatch, alg
     logged = set().union(*rows)
     assert RECIPE_METRICS[algorithm] | COMMON <= logged, (RECIPE_METRICS[algorithm] | COMMON) - logged
     assert all(math.isfinite(r["loss"]) for r in rows[1:] if "loss" in r)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_old_logprobs_come_from_the_first_update_not_a_forward_of_their_own(tmp_path, tiny_model, monkeypatch, algorithm):
+    """Per step: one reference forward + one per update. Before its first update the trainer is the policy
+    that sampled, so that update's forward gives the old log-probs (ratio exactly 1: nothing clipped)."""
+    import harness.recipes.grpo as grpo_module
+    import harness.recipes.rloo as rloo_module
+
+    module = {"grpo": grpo_module, "rloo": rloo_module}[algorithm]
+    calls = []
+    original = module.completion_logprobs
+    monkeypatch.setattr(module, "completion_logprobs", lambda *a, **k: calls.append(1) or original(*a, **k))
+    cfg = tiny_run_config(steps=2, updates_per_batch=2, clip_low=0.0001, clip_high=0.0001).model_copy(update={"algorithm": algorithm})
+    summary = run_one(cfg, tmp_path / cfg.run_id, torch.device("cpu"))
+    assert summary["status"] == "ok", summary.get("traceback")
+    assert len(calls) == 2 * (1 + 2)
+    rows = read_metrics(tmp_path / cfg.run_id)[1:]
+    # clip_ratio is the mean over both updates; the first clips nothing however tight the clip range
+    assert all(r["clip_ratio"] <= 0.5 + 1e-6 for r in rows)

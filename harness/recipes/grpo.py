@@ -63,21 +63,25 @@ def run(cfg: RunConfig, run_dir: Path, tracker, device: torch.device, progress=l
             if t.filter_groups:  # the dropped groups' tokens leave the loss and its normalisation
                 mask = mask * (~zero_std).repeat_interleave(t.group_size).unsqueeze(1)
             args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, cfg.rollout.temperature)
-            with torch.no_grad():
-                old_logp, _ = completion_logprobs(model, *args)  # the trainer's policy that the engine sampled for
-                with reference(model) as ref:
-                    ref_logp, _ = completion_logprobs(ref, *args)
-            weight = tis_weights(old_logp, batch.sampler_logprobs, t.tis_cap) if t.tis_cap else 1.0
+            with torch.no_grad(), reference(model) as ref:
+                ref_logp, _ = completion_logprobs(ref, *args)
             model.train()
             buf: dict[str, list[float]] = {}
             n_updates = t.updates_per_batch if mask.any() else 0  # every group dropped: no update, not a zero-gradient AdamW step
+            old_logp = None
             for _ in range(n_updates):
                 logp, entropy = completion_logprobs(model, *args)
+                if old_logp is None:  # before its first update the trainer is the policy the engine sampled for, so the
+                    old_logp = logp.detach()  # first forward gives old log-probs too: no forward of their own (as TRL)
+                    weight = tis_weights(old_logp, batch.sampler_logprobs, t.tis_cap) if t.tis_cap else 1.0
                 loss_value, kl, clipped = loss(logp, old_logp, ref_logp, advantages, mask, weight, t, cfg.rollout.max_new_tokens)
                 grad_norm = optimizer_step(s, loss_value, t.max_grad_norm)
                 for name, value in (("loss", loss_value), ("grad_norm", grad_norm), ("kl", masked_mean(kl, mask)),
                                     ("entropy", masked_mean(entropy, mask)), ("clip_ratio", masked_mean(clipped.float(), mask))):
                     buf.setdefault(name, []).append(value.item())
+            if old_logp is None:  # no update: the sampled tokens scored for the mismatch metrics alone
+                with torch.no_grad():
+                    old_logp, _ = completion_logprobs(model, *args)
             train = end_train(s, cfg, device, step, t0)
 
             metrics = {name: sum(v) / len(v) for name, v in buf.items()}

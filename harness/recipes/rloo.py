@@ -55,15 +55,16 @@ def run(cfg: RunConfig, run_dir: Path, tracker, device: torch.device, progress=l
             t0 = time.perf_counter()
             mask = batch.completion_mask
             args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, mask, cfg.rollout.temperature)
-            with torch.no_grad():
-                old_logp, _ = completion_logprobs(model, *args)
-                with reference(model) as ref:
-                    ref_logp, _ = completion_logprobs(ref, *args)
-            adv, penalised = advantages(rewards, old_logp, ref_logp, mask, t.beta, t.group_size)
+            with torch.no_grad(), reference(model) as ref:
+                ref_logp, _ = completion_logprobs(ref, *args)
             model.train()
             buf: dict[str, list[float]] = {}
+            old_logp = None
             for _ in range(t.updates_per_batch):
                 logp, entropy = completion_logprobs(model, *args)
+                if old_logp is None:  # the first forward is the sampling policy's: old log-probs without a forward of their own
+                    old_logp = logp.detach()
+                    adv, penalised = advantages(rewards, old_logp, ref_logp, mask, t.beta, t.group_size)
                 loss_value, clipped = loss(logp, old_logp, adv, mask, t.clip_low, t.clip_high)
                 grad_norm = optimizer_step(s, loss_value, t.max_grad_norm)
                 for name, value in (("loss", loss_value), ("grad_norm", grad_norm), ("kl", masked_mean(k3_kl(logp, ref_logp), mask)),
