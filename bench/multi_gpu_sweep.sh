@@ -9,14 +9,14 @@ set -uo pipefail
 OUT=${1:?usage: bench/multi_gpu_sweep.sh OUT_DIR}
 mkdir -p "$OUT"
 # 4 runs: bf16 and nf4 x seeds 0, 1; the lm-eval block and the zero-lr control dropped
-sed -e '/^eval:/,/^$/d' -e '/^include:/,/^$/d' -e 's/quant: \[bf16, nf4, int8\]/quant: [bf16, nf4]/' matrices/smoke.yaml > matrices/smoke4.yaml
+sed -e '/^eval:/,/^$/d' -e '/^include:/,/^$/d' -e 's/quant: \[bf16, nf4, int8\]/quant: [bf16, nf4]/' matrices/smoke.yaml > "$OUT/smoke4.yaml"
 nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv -l 1 > "$OUT/nvidia-smi.csv" &
 SMI=$!
 
 sweep() {  # sweep NAME [env...]: time one sweep into results-NAME
   local name=$1; shift
   local t0=$(date +%s)
-  env "$@" python3 -m harness sweep smoke4 --results "results-$name" --reports "reports-$name" > "$OUT/sweep-$name.log" 2>&1
+  env "$@" python3 -m harness sweep "$OUT/smoke4.yaml" --results "results-$name" --reports "reports-$name" > "$OUT/sweep-$name.log" 2>&1
   echo "$name: exit $? in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/walltimes.txt"
 }
 
@@ -24,7 +24,7 @@ sweep two-gpus
 sweep one-gpu CUDA_VISIBLE_DEVICES=0
 
 # the kill: a run on GPU 1 (its worker's CUDA_VISIBLE_DEVICES) is SIGKILLed once it has trained a while
-python3 -m harness sweep smoke4 --results results-kill --reports reports-kill > "$OUT/sweep-kill.log" 2>&1 &
+python3 -m harness sweep "$OUT/smoke4.yaml" --results results-kill --reports reports-kill > "$OUT/sweep-kill.log" 2>&1 &
 SWEEP=$!
 victim=""
 for _ in $(seq 120); do
