@@ -1,7 +1,6 @@
 """GRPO step time: this harness vs TRL's GRPOTrainer, on the identical configuration, in one process.
 
-    # CPU (a quick check; 2 cores: keep it small and niced)
-    nice -n 19 .venv/bin/python bench/grpo_vs_trl.py --device cpu --warmup 1 --steps 2 --quant bf16 nf4
+    python bench/grpo_vs_trl.py --device cpu
     # a GPU machine (pip install -e '.[bench]' first)
     python bench/grpo_vs_trl.py --device cuda --out reports/bench/grpo_vs_trl.json
 
@@ -12,8 +11,8 @@ timed ones; harness: the gap between `progress` callbacks (the recipe calls it a
 step); TRL: on_step_begin -> on_step_end. Medians; harness/TRL below 1 means the harness is faster.
 
 Known differences, kept on purpose (each is the implementation under test, not its configuration):
-- The harness always scores `old_logp` with an extra no-grad forward (also its train/sampler
-  mismatch metrics); TRL skips that forward when num_iterations=1 and uses logp.detach().
+- Both take the old log-probs from the first update's forward (logp.detach()); TRL computes
+  log-probs through a fused LM head without the full logits, the harness from float32 logits.
 - The harness's generate returns scores (sampler log-probs) and removes NaN logits; TRL's does not.
 - Each side draws its own 16 prompts per step; every arith prompt is 6 tokens, so the shapes match,
   and completion tokens per step are reported to show both did the same work.

@@ -21,10 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_memory_fit import boxed_questions, wide_model  # noqa: E402  (the tests' fixtures, one definition)
+from test_memory_fit import RUN, boxed_questions, wide_model  # noqa: E402  (the tests' run and fixtures, one definition)
 
-RUN = "import sys, torch; from pathlib import Path; from harness.config import RunConfig; from harness.executor import run_one\n" \
-      "cfg = RunConfig.model_validate_json(sys.argv[1]); run_one(cfg, Path(sys.argv[2]), torch.device(sys.argv[3]))"
 SMOKE = dict(task={"name": "arith", "eval_size": 500}, rollout={"max_new_tokens": 5}, lora={"r": 16, "alpha": 32},
              train={"steps": 3, "prompts_per_step": 16, "group_size": 8, "eval_every": 25, "checkpoint_every": 25})
 

@@ -36,13 +36,13 @@ class ExclusiveTimer:
     def wrap(self, name: str, fn):
         @functools.wraps(fn)
         def timed(*args, **kwargs):
-            self._sync()
+            self.sync()
             self.stack.append(0.0)
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self._sync()
+                self.sync()
                 elapsed = time.perf_counter() - t0
                 nested = self.stack.pop()
                 self.totals[name] = self.totals.get(name, 0.0) + elapsed - nested
@@ -50,7 +50,7 @@ class ExclusiveTimer:
                     self.stack[-1] += elapsed
         return timed
 
-    def _sync(self):
+    def sync(self):
         if self.cuda:
             torch.cuda.synchronize()
 
@@ -100,7 +100,7 @@ def profile(device: torch.device, quant: str = "bf16", steps: int = 12, warmup: 
     marks: list[tuple[int, float, dict]] = []
 
     def progress(step, **_):  # the recipe's end-of-step callback: a timestamp and the totals so far
-        timer._sync()
+        timer.sync()
         marks.append((step, time.perf_counter(), dict(timer.totals)))
 
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
@@ -143,7 +143,7 @@ def main() -> None:
     print(markdown(results))
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
-    print("\n" + statistics.median([r["overhead_share"] for r in results]).__format__(".1%"), "median overhead share")
+    print(f"\nmedian overhead share: {statistics.median(r['overhead_share'] for r in results):.1%}")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ def cell_rows(root: Path, matrix: dict, cells: list[dict]) -> list[dict]:
             "variant": variant,
             "status": cell["status"],
             "reason": cell["reason"],
+            "eval_end_mean": _num(cell["eval_end_mean"]),
             "eval_end": _num(cell["eval_end_mean"]) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""),
             "eval_start": _num(statistics.fmean(get("eval_start")) if get("eval_start") else None),
             "delta": _num(cell["delta_vs_baseline"], signed=True)
@@ -158,7 +159,7 @@ def algorithm_grid(rows: list[dict]) -> tuple[list[str], list[tuple[str, dict[st
     grid: dict[str, dict[str, tuple[str, str]]] = {}
     for r in rows:
         label = " · ".join(x for x in (r["quantization"], r["colocation"], r["variant"].replace("(baseline)", "").strip()) if x and x != "?")
-        grid.setdefault(label, {})[r["workflow"]] = (r["status"], r["eval_end"].split(" [")[0])
+        grid.setdefault(label, {})[r["workflow"]] = (r["status"], r["eval_end_mean"])
     return algorithms, list(grid.items())
 
 

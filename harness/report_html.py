@@ -12,8 +12,8 @@ from html import escape
 from pathlib import Path
 
 from harness.plots import PALETTE, bar_chart, line_chart
-from harness.report import (COLUMNS, algorithm_grid, ENGINE_COLUMNS, ENGINE_TEXT, LM_EVAL_COLUMNS, LM_EVAL_TEXT, engine_rows, first_env, lm_eval_rows,
-                            method_text, tuning_reports)
+from harness.report import (COLUMNS, ENGINE_COLUMNS, ENGINE_TEXT, LM_EVAL_COLUMNS, LM_EVAL_TEXT, algorithm_grid, engine_rows, first_env,
+                            lm_eval_rows, method_text, tuning_reports)
 from harness.results import read_metrics, read_samples
 
 CURVES = [("reward/mean", "train reward"), ("eval/reward", "held-out eval/reward"), ("kl", "KL to reference"), ("entropy", "entropy")]
@@ -91,7 +91,7 @@ def _table(rows: list[dict], cells: list[dict]) -> str:
 
 
 def _grid(rows: list[dict]) -> str:
-    """One column per algorithm (report.algorithm_grid); each entry links to the cell's table row."""
+    """One column per algorithm (report.algorithm_grid)."""
     algorithms, grid = algorithm_grid(rows)
     if not grid:
         return ""

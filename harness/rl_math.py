@@ -15,6 +15,11 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
+def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[G] bool: the groups whose rewards are all equal (no learning signal; frac_reward_zero_std)."""
+    return rewards.view(-1, group_size).float().std(1) == 0
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
     """r - mean_group for consecutive groups of `group_size` completions, divided by the group's std
     (scale "group", GRPO), the whole batch's std ("batch") or nothing ("none", Dr. GRPO).
@@ -29,7 +34,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
         centred = centred / (std + eps)
     elif scale == "batch":
         centred = centred / (r.std() + eps)
-    return centred.view(-1), (std.squeeze(1) == 0)
+    return centred.view(-1), zero_std_groups(rewards, group_size)
 
 
 def loo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

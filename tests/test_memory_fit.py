@@ -17,11 +17,11 @@ from harness.memory_fit import capacity_gib, estimate, fits
 CPU = torch.device("cpu")
 TOLERANCE = 0.30  # the acceptance criterion
 RUN = "import sys, torch; from pathlib import Path; from harness.config import RunConfig; from harness.executor import run_one\n" \
-      "cfg = RunConfig.model_validate_json(sys.argv[1]); run_one(cfg, Path(sys.argv[2]), torch.device('cpu'))"
+      "cfg = RunConfig.model_validate_json(sys.argv[1]); run_one(cfg, Path(sys.argv[2]), torch.device(sys.argv[3]))"
 
 
 def measured_peak(cfg: RunConfig, run_dir: Path) -> float:
-    subprocess.run([sys.executable, "-c", RUN, cfg.model_dump_json(), str(run_dir)], check=True, timeout=600, capture_output=True)
+    subprocess.run([sys.executable, "-c", RUN, cfg.model_dump_json(), str(run_dir), "cpu"], check=True, timeout=600, capture_output=True)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "ok", summary.get("error")
     return summary["peak_memory_gib"]

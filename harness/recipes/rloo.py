@@ -26,7 +26,7 @@ import torch
 from harness.config import RunConfig
 from harness.models import reference
 from harness.recipes.common import end_step, end_train, log_start, optimizer_step, sample_groups, setup, system_metrics, token_count
-from harness.rl_math import clipped_surrogate, completion_logprobs, k3_kl, loo_advantages, masked_mean, mismatch_metrics, sequence_logprob
+from harness.rl_math import clipped_surrogate, completion_logprobs, k3_kl, loo_advantages, masked_mean, mismatch_metrics, sequence_logprob, zero_std_groups
 
 
 def advantages(rewards, old_logp, ref_logp, mask, beta: float, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,10 +72,9 @@ def run(cfg: RunConfig, run_dir: Path, tracker, device: torch.device, progress=l
                     buf.setdefault(name, []).append(value.item())
             train = end_train(s, cfg, device, step, t0)
 
-            zero_std = rewards.view(-1, t.group_size).std(1) == 0
             metrics = {name: sum(v) / len(v) for name, v in buf.items()}
             metrics |= system_metrics(s, batch, len(grouped), rewards, (rollout_s, rollout_peak), train, t.updates_per_batch * token_count(batch.prompt_mask, mask))
-            metrics |= {"frac_reward_zero_std": zero_std.float().mean().item(), "reward/kl_penalised_mean": penalised.mean().item(),
+            metrics |= {"frac_reward_zero_std": zero_std_groups(rewards, t.group_size).float().mean().item(), "reward/kl_penalised_mean": penalised.mean().item(),
                         **mismatch_metrics(old_logp, batch.sampler_logprobs, mask, t.mismatch_cap)}
             end_step(s, cfg, run_dir, tracker, progress, step, metrics, grouped, batch, rewards)
         return s.facts

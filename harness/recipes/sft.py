@@ -25,7 +25,7 @@ import torch
 from harness.config import RunConfig
 from harness.models import reference
 from harness.recipes.common import end_step, end_train, log_start, optimizer_step, sample_groups, setup, system_metrics, token_count
-from harness.rl_math import completion_logprobs, k3_kl, masked_mean, mismatch_metrics
+from harness.rl_math import completion_logprobs, k3_kl, masked_mean, mismatch_metrics, zero_std_groups
 from harness.rollout import encode_prompts, pad_completions
 
 
@@ -73,11 +73,10 @@ def run(cfg: RunConfig, run_dir: Path, tracker, device: torch.device, progress=l
             train = end_train(s, cfg, device, step, t0)
 
             mask = batch.completion_mask
-            zero_std = rewards.view(-1, t.group_size).std(1) == 0
             metrics = {name: sum(v) / len(v) for name, v in buf.items()}
             # the policy's samples before this step's update: the same kl and entropy as the RL recipes log
             metrics |= {"kl": masked_mean(k3_kl(old_logp, ref_logp), mask).item(), "entropy": masked_mean(entropy, mask).item(),
-                        "frac_reward_zero_std": zero_std.float().mean().item(),
+                        "frac_reward_zero_std": zero_std_groups(rewards, t.group_size).float().mean().item(),
                         "sft/reference_tokens": refs[3].sum().item(),
                         **mismatch_metrics(old_logp, batch.sampler_logprobs, mask, t.mismatch_cap)}
             metrics |= system_metrics(s, batch, len(grouped), rewards, (rollout_s, rollout_peak), train, t.updates_per_batch * token_count(refs[1], refs[3]))
