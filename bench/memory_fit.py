@@ -1,7 +1,7 @@
 """The memory-fit estimate (harness/memory_fit.py) against the measured peak, per format.
 
-    python benchmarks/memory_fit.py --device cuda --out reports/bench/memory_fit-h200.json
-    python benchmarks/memory_fit.py                # CPU: peak RSS of each run's own process
+    python bench/memory_fit.py --device cuda --out reports/bench/memory_fit-h200.json
+    python bench/memory_fit.py                # CPU: peak RSS of each run's own process
 
 Each case trains a few GRPO steps in a fresh process (as a sweep's local executor runs it), so the
 CPU figure is that process's peak RSS and the CUDA figure torch's max_memory_allocated. Cases: the

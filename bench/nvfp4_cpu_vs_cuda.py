@@ -1,6 +1,6 @@
 """The CPU NVFP4 backend (harness/nvfp4_cpu.py) against ModelOpt's CUDA kernel, on the same tensors.
 
-    python benchmarks/nvfp4_cpu_vs_cuda.py        # needs a CUDA GPU and nvidia-modelopt
+    python bench/nvfp4_cpu_vs_cuda.py        # needs a CUDA GPU and nvidia-modelopt
 
 Each weight goes through a real ModelOpt quantizer (W4A16_NVFP4_CFG, calibrated amax) on the GPU,
 and through nvfp4_fake_quant on the CPU with the same amax; prints max and mean |difference|.

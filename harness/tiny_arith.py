@@ -44,7 +44,8 @@ RESERVED_HELD_OUT = 1000  # arith's first 1000 shuffled problems are never train
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("QRL_CACHE", Path.home() / ".cache" / "quant-rl"))
+    # an empty QRL_CACHE (`QRL_CACHE= make test`) means the default, not the current directory
+    return Path(os.environ.get("QRL_CACHE") or Path.home() / ".cache" / "quant-rl")
 
 
 def recipe_key(recipe: dict = RECIPE) -> str:

@@ -25,3 +25,14 @@ def test_second_build_reuses_the_cache(tiny_model):
     assert build(log=lambda *_: None) == tiny_model
     assert time.time() - start < 1.0
     assert (tiny_model / "model.safetensors").stat().st_mtime == stamp
+
+
+def test_an_empty_qrl_cache_means_the_default_not_the_working_directory(monkeypatch):
+    from pathlib import Path
+
+    from harness.tiny_arith import cache_root
+
+    monkeypatch.setenv("QRL_CACHE", "")
+    assert cache_root() == Path.home() / ".cache" / "quant-rl"
+    monkeypatch.setenv("QRL_CACHE", "/tmp/elsewhere")
+    assert cache_root() == Path("/tmp/elsewhere")
