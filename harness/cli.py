@@ -91,7 +91,7 @@ def _execute(jobs, executor: str, settings, memory_gib: float | None, what: str)
         capacity /= settings.jobs  # parallel CPU runs share the machine's memory
     todo, infeasible = precheck(todo, device, capacity)
     for job in infeasible:
-        console.print(f"[red]✗[/] {escape(job.label)} [{job.cfg.run_id}] infeasible: {escape(json_error(job.run_dir))}")
+        console.print(f"[red]✗[/] {escape(f'{job.label} [{job.cfg.run_id}]')} infeasible: {escape(json_error(job.run_dir))}")
     if not todo:
         return
     try:
@@ -143,10 +143,9 @@ def _judge_and_report(m_name: str, results: Path, reports: Path) -> list:
     path = write_report(root, reports / m_name)
     table = Table("cell", "status", "eval start → end", "why", title=f"{m_name}: convergence", title_justify="left")
     for v in verdicts:
-        start = [r.eval_start for r in v.runs if r.eval_start is not None]
-        end = [r.eval_end for r in v.runs if r.eval_end is not None]
-        avg = lambda xs: f"{sum(xs) / len(xs):.3f}" if xs else "–"  # noqa: E731
-        table.add_row(v.name, v.status, f"{avg(start)} → {avg(end)}", v.reason)
+        start = v.stat("eval_start")
+        end = "–" if v.eval_end_mean is None else f"{v.eval_end_mean:.3f}"  # the report's: runs that trained to the end
+        table.add_row(v.name, v.status, f"{sum(start) / len(start):.3f} → {end}" if start else f"– → {end}", v.reason)
     console.print(table)
     console.print(f"report: {path} and {path.with_suffix('.html')}")
     return verdicts

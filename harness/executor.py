@@ -166,7 +166,7 @@ def in_own_process(fn, *args):
 def one_line(job: Job, s: dict) -> str:
     from rich.markup import escape
 
-    where = f"{escape(job.label)} [{job.cfg.run_id}]"
+    where = escape(f"{job.label} [{job.cfg.run_id}]")  # unescaped, rich takes "[bead269e9bd2]" for a style and drops it
     if s["status"] != "ok":
         return f"[red]✗[/] {where} {s['status']}: {escape(str(s['error']))}"
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731

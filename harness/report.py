@@ -168,7 +168,7 @@ def method_text(matrix: dict) -> str:
     base = ", ".join(f"{k}={v}" for k, v in matrix["baseline"].items()) or "none"
     return (
         f"eval/reward is greedy accuracy on held-out prompts at step 0 and at the last step. Final eval/reward: mean over "
-        f"seeds with a two-sided {c['confidence']:.0%} t-interval. Δ vs baseline: mean final eval/reward minus that of the "
+        f"the seeds that trained to the end (not those that crashed or were killed) with a two-sided {c['confidence']:.0%} t-interval. Δ vs baseline: mean final eval/reward minus that of the "
         f"baseline cell ({base}) sharing the other axes; in brackets its one-sided {c['confidence']:.0%} lower bound (paired "
         f"by seed when both cells ran the same seeds, Welch otherwise). A cell converges when every seed learns (gain ≥ "
         f"{c['min_gain']}) and that bound is above -{c['tolerance']} (non-inferior); fewer than {c['min_seeds']} finished seeds "

@@ -143,7 +143,8 @@ def judge_cell(name, key, label, runs: list[RunVerdict], baseline_name: str | No
     errors = [r for r in runs if r.verdict in ("failed", "oom")]
     infeasible = [r for r in runs if r.verdict == "infeasible"]
     learned = [r for r in finished if r.verdict == "converged"]
-    ends = {r.seed: r.eval_end for r in finished if r.eval_end is not None}
+    # a run that crashed or was killed has no final eval/reward, only its last one before it stopped
+    ends = {r.seed: r.eval_end for r in finished if r.eval_end is not None and r not in errors and r not in infeasible}
     if ends:
         cell.eval_end_mean = statistics.fmean(ends.values())
     if len(ends) >= 2:

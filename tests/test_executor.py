@@ -19,3 +19,19 @@ def test_only_colocated_vllm_on_cuda_gets_its_own_process():
     assert not own_process_needed(colocated, torch.device("cpu"))  # vLLM's CPU backend has no CuMem pool
     assert not own_process_needed(RunConfig(rollout={"colocation": "server", "quantization": "bf16"}), torch.device("cuda"))
     assert not own_process_needed(RunConfig(), torch.device("cuda"))
+
+
+def test_a_runs_console_line_shows_its_id_whatever_it_starts_with(tmp_path):
+    """Rich reads "[bead269e9bd2]" as a style tag and silently drops it; a digit-led id survived, so
+    the sweep's log named some runs and not others."""
+    from rich.console import Console
+
+    from harness.executor import Job, one_line
+
+    cfg = next(c for c in (RunConfig(seed=s) for s in range(100)) if c.run_id[0].isalpha())
+    console = Console(record=True, width=300)
+    console.print(one_line(Job(cfg, tmp_path), {"status": "ok", "eval_start": 0.5, "eval_end": 0.75, "wall_s": 3}))
+    console.print(one_line(Job(cfg, tmp_path), {"status": "killed", "error": "by [bold]SIGKILL[/bold]"}))
+    ok, killed = console.export_text().splitlines()
+    assert f"seed={cfg.seed} [{cfg.run_id}] eval 0.500 → 0.750" in ok
+    assert f"[{cfg.run_id}] killed: by [bold]SIGKILL[/bold]" in killed

@@ -77,6 +77,8 @@ def test_every_run_and_cell_verdict(sweep):
     broken = cells["quant=nf4,train.lr=0.0 (broken)"].runs
     assert [r.verdict for r in broken] == ["oom", "failed", "collapsed"]
     assert "entropy 0.01 under entropy_floor 0.05" in broken[2].reason
+    # the crashed seeds' last evals are not final ones: the cell's final eval/reward is the collapsed seed's alone
+    assert cells["quant=nf4,train.lr=0.0 (broken)"].eval_end_mean == pytest.approx(0.39)
     too_big = cells["quant=fp4,lora.r=8 (too big)"]
     assert "90.00 GiB" in too_big.reason and too_big.runs[0].memory_estimate_gib == 89.5
     killed = judge_run(runs["quant=bf16"][0].parent / "killed", 0, Criteria())
