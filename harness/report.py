@@ -168,10 +168,10 @@ def method_text(matrix: dict) -> str:
     base = ", ".join(f"{k}={v}" for k, v in matrix["baseline"].items()) or "none"
     return (
         f"eval/reward is greedy accuracy on held-out prompts at step 0 and at the last step. Final eval/reward: mean over "
-        f"the seeds that trained to the end (not those that crashed or were killed) with a two-sided {c['confidence']:.0%} t-interval. Δ vs baseline: mean final eval/reward minus that of the "
+        f"the seeds that trained to the end (not those that crashed, were killed or stopped at a non-finite value) with a two-sided {c['confidence']:.0%} t-interval. Δ vs baseline: mean final eval/reward minus that of the "
         f"baseline cell ({base}) sharing the other axes; in brackets its one-sided {c['confidence']:.0%} lower bound (paired "
-        f"by seed when both cells ran the same seeds, Welch otherwise). A cell converges when every seed learns (gain ≥ "
-        f"{c['min_gain']}) and that bound is above -{c['tolerance']} (non-inferior); fewer than {c['min_seeds']} finished seeds "
+        f"by seed when both cells finished the same seeds, Welch otherwise). A cell converges when every seed learns (gain ≥ "
+        f"{c['min_gain']}) and that bound is above -{c['tolerance']} (non-inferior); a cell whose baseline cell is excluded is at most 'Smoke tested'; fewer than {c['min_seeds']} finished seeds "
         "give 'Smoke tested'. Peak memory: the CUDA allocator's peak on GPU, the process's peak RSS on CPU; in brackets the "
         "pre-check's estimate of it (harness/memory_fit.py), made before the run was launched. Infeasible: that estimate did not "
         "fit the device, so the run was not launched."

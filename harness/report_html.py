@@ -14,7 +14,7 @@ from pathlib import Path
 from harness.plots import PALETTE, bar_chart, line_chart
 from harness.report import (COLUMNS, ENGINE_COLUMNS, ENGINE_TEXT, LM_EVAL_COLUMNS, LM_EVAL_TEXT, algorithm_grid, engine_rows, first_env,
                             lm_eval_rows, method_text, tuning_reports)
-from harness.results import read_metrics, read_samples
+from harness.results import finite, read_metrics, read_samples
 
 CURVES = [("reward/mean", "train reward"), ("eval/reward", "held-out eval/reward"), ("kl", "KL to reference"), ("entropy", "entropy")]
 STATUS_CLASS = {"Converges": "ok", "Convergence issue": "warn", "Does not converge": "bad", "Error": "bad", "Infeasible": "bad", "Incomplete": "na",
@@ -145,16 +145,16 @@ def _mean_curve(runs: dict[str, list[dict]], metric: str) -> list[tuple[float, f
     by_step: dict[int, list[float]] = {}
     for rows in runs.values():
         for r in rows:
-            if metric in r and isinstance(r[metric], (int, float)):
+            if finite(r.get(metric)):
                 by_step.setdefault(r["step"], []).append(r[metric])
-    n = len(runs)
-    return [(s, statistics.fmean(v)) for s, v in sorted(by_step.items()) if len(v) == n]
+    # over the seeds that logged each step: a seed not yet run, or stopped early, must not erase the curve
+    return [(s, statistics.fmean(v)) for s, v in sorted(by_step.items())]
 
 
 def _cell_section(i, cell, row, curves, base, colors, root: Path, runs_link: str) -> str:
     color = colors[cell["name"]]
     runs = curves[cell["name"]]
-    legend = (f"<div class='legend'><span><i class='swatch' style='background:{color}'></i>each seed (thin), mean (bold)</span>"
+    legend = (f"<div class='legend'><span><i class='swatch' style='background:{color}'></i>each seed (thin), mean over the seeds at each step (bold)</span>"
               + (f"<span><i class='swatch' style='background:#555'></i>baseline mean, dashed: {e(base['name'])}</span>" if base else "") + "</div>")
     charts = []
     for metric, title in CURVES:

@@ -34,6 +34,7 @@ class RunVerdict:
     median_step_s: float | None = None
     rollout_tokens_per_s: float | None = None
     lm_eval: dict | None = None  # lm_eval_run.evaluate_run's results, when the matrix asks for them
+    trained_to_end: bool = False  # every step ran (status ok): only then is eval_end a final eval/reward
 
     @property
     def gain(self) -> float | None:
@@ -62,6 +63,7 @@ def judge_run(run_dir: Path, seed: int, c: Criteria) -> RunVerdict:
     v.rollout_tokens_per_s = tps[len(tps) // 2] if tps else None
 
     status = summary.get("status")
+    v.trained_to_end = status == "ok"
     if status in ("failed", "oom", "infeasible", "killed"):  # killed: its process died (executor_local, executor_ray)
         v.verdict = "failed" if status == "killed" else status
         v.reason = summary.get("error") or status
@@ -75,8 +77,8 @@ def judge_run(run_dir: Path, seed: int, c: Criteria) -> RunVerdict:
     if over:
         v.verdict, v.reason = "diverged", f"kl {over['kl']:.3f} exceeds kl_max {c.kl_max} at step {over['step']}"
         return v
-    if v.gain is None:
-        v.reason = "summary.json present but no start/end eval/reward"
+    if v.gain is None:  # finished, so no later sweep reruns it: it must not count as a missing seed
+        v.verdict, v.reason = "no_learning", "finished without a step-0 and a final eval/reward: learning not shown"
         return v
     if v.gain < c.min_gain:
         if v.final_entropy is not None and v.final_entropy < c.entropy_floor:
@@ -121,8 +123,8 @@ def difference_lower_bound(ours: dict[int, float], theirs: dict[int, float], con
     Seeds shared by both cells are paired (same seed: same prompts drawn, same initial noise),
     which removes the between-seed variance they share; otherwise Welch's unpaired interval.
     """
-    shared = sorted(ours.keys() & theirs.keys())
-    if len(shared) >= 2:
+    shared = sorted(ours)
+    if ours.keys() == theirs.keys() and len(shared) >= 2:  # pairing a subset would drop the other seeds unseen
         d = [ours[s] - theirs[s] for s in shared]
         mean, se, df = statistics.fmean(d), statistics.stdev(d) / math.sqrt(len(d)), len(d) - 1
         method = f"paired one-sided t bound over {len(d)} seeds"
@@ -137,14 +139,22 @@ def difference_lower_bound(ours: dict[int, float], theirs: dict[int, float], con
     return mean, float(mean - stats.t.ppf(confidence, df) * se), method
 
 
-def judge_cell(name, key, label, runs: list[RunVerdict], baseline_name: str | None, baseline: CellVerdict | None, c: Criteria) -> CellVerdict:
+def final_evals(runs: list[RunVerdict]) -> dict[int, float]:
+    """seed -> final eval/reward of the runs that trained to the end: a crashed, killed or NaN-stopped
+    run has only its last eval before it stopped."""
+    return {r.seed: r.eval_end for r in runs if r.trained_to_end and r.eval_end is not None}
+
+
+def judge_cell(name, key, label, runs: list[RunVerdict], baseline_name: str | None, baseline: CellVerdict | None, c: Criteria,
+               baseline_declared: bool) -> CellVerdict:
+    """baseline_declared: the matrix names a baseline, so a cell without one (its baseline cell was
+    excluded) has nothing to be non-inferior to."""
     cell = CellVerdict(name, key, label, baseline_name, "", "", runs)
     finished = [r for r in runs if r.verdict != "incomplete"]
     errors = [r for r in runs if r.verdict in ("failed", "oom")]
     infeasible = [r for r in runs if r.verdict == "infeasible"]
     learned = [r for r in finished if r.verdict == "converged"]
-    # a run that crashed or was killed has no final eval/reward, only its last one before it stopped
-    ends = {r.seed: r.eval_end for r in finished if r.eval_end is not None and r not in errors and r not in infeasible}
+    ends = final_evals(finished)
     if ends:
         cell.eval_end_mean = statistics.fmean(ends.values())
     if len(ends) >= 2:
@@ -152,7 +162,7 @@ def judge_cell(name, key, label, runs: list[RunVerdict], baseline_name: str | No
     seeds = f"{len(finished)}/{len(runs)} seeds finished"
     comparable = baseline is not None and baseline.name != name and baseline.status not in ("Incomplete", "Error", "Infeasible")
     if comparable:  # the evidence column shows Δ whatever the verdict
-        base_ends = {r.seed: r.eval_end for r in baseline.runs if r.verdict != "incomplete" and r.eval_end is not None}
+        base_ends = final_evals(baseline.runs)
         found = difference_lower_bound(ends, base_ends, c.confidence)
         if found:
             cell.delta_vs_baseline, cell.delta_lower_bound, cell.test = found
@@ -172,6 +182,9 @@ def judge_cell(name, key, label, runs: list[RunVerdict], baseline_name: str | No
         bad = [r for r in finished if r.verdict != "converged"]
         cell.status = "Convergence issue"
         cell.reason = f"{len(bad)}/{len(finished)} seeds unstable or not learning: " + "; ".join(f"seed {r.seed}: {r.reason}" for r in bad)
+    elif baseline_name is None and baseline_declared:
+        cell.status = "Smoke tested"
+        cell.reason = f"all {len(finished)} seeds learn (gain ≥ {c.min_gain}), but its baseline cell is excluded from the matrix: no non-inferiority test"
     elif baseline is None or baseline.name == name:
         cell.status, cell.reason = "Converges", f"all {len(finished)} seeds learn (gain ≥ {c.min_gain})"
     elif not comparable:
@@ -199,7 +212,7 @@ def judge(root: Path, write: bool = True) -> list[CellVerdict]:
     # baselines first, so every other cell can be compared with its baseline's verdict
     for cell in sorted(matrix["cells"], key=lambda x: x["baseline"] not in (None, x["name"])):
         base = done.get(cell["baseline"]) if cell["baseline"] else None
-        v = judge_cell(cell["name"], cell["key"], cell["label"], runs[cell["name"]], cell["baseline"], base, c)
+        v = judge_cell(cell["name"], cell["key"], cell["label"], runs[cell["name"]], cell["baseline"], base, c, bool(matrix["baseline"]))
         missing = sum(r.verdict == "incomplete" for r in v.runs)
         if missing and v.status not in ("Incomplete", "Smoke tested"):
             v.reason += f" ({missing} of {len(v.runs)} seeds not finished yet)"

@@ -10,7 +10,8 @@ import pytest
 
 from harness.report import write_report
 from harness.matrix import Criteria
-from harness.results import write_json_atomic
+from harness.results import read_metrics, write_json_atomic
+from harness.tracking import JsonlTracker
 from harness.verdict import CELL_VERDICTS, RUN_VERDICTS, judge, judge_run
 
 from synthetic import fake_run, plant, write_sweep
@@ -142,3 +143,61 @@ def test_report_has_one_column_per_algorithm(tmp_path):
     assert rows["bf16"].count("Converges") == 2
     page = (tmp_path / "reports" / "alg" / "report.html").read_text()
     assert "<table id='by-algorithm'>" in page and page.count("<th>SFT</th>") == 1
+
+
+EXCLUDED_BASELINE = """\
+axes: {quant: [bf16, nf4], lora.r: [8, 64]}
+seeds: [0, 1, 2]
+exclude: [{quant: bf16, lora.r: 64}]
+baseline: {quant: bf16}
+criteria: {min_gain: 0.05, tolerance: 0.05, confidence: 0.9, min_seeds: 2}
+"""
+
+
+def test_a_cell_whose_baseline_is_excluded_is_not_called_converges(tmp_path):
+    """Same runs, same gain: with its baseline the nf4 cell is far below it; without one it must not
+    pass on its own gain (a matrix that excludes bf16 for a model too big for it)."""
+    root, runs = write_sweep(tmp_path, EXCLUDED_BASELINE)
+    plant(runs, "quant=bf16,lora.r=8", [0.80, 0.81, 0.80])
+    plant(runs, "quant=nf4,lora.r=8", [0.46, 0.46, 0.47])
+    plant(runs, "quant=nf4,lora.r=64", [0.46, 0.46, 0.47])
+    cells = {c.name: c for c in judge(root)}
+    assert cells["quant=nf4,lora.r=8"].status == "Convergence issue"
+    orphan = cells["quant=nf4,lora.r=64"]
+    assert orphan.status == "Smoke tested" and "baseline cell is excluded" in orphan.reason and orphan.delta_vs_baseline is None
+
+
+def test_seeds_are_paired_only_when_both_cells_finished_the_same_ones(sweep):
+    """Pairing the two shared seeds would drop nf4's worst seed and call it non-inferior (Δ +0.005)."""
+    root, runs = sweep
+    plant(runs, "quant=bf16", [0.55, 0.56, None])  # seed 2 not finished yet
+    plant(runs, "quant=nf4", [0.55, 0.57, 0.46])
+    nf4 = {c.name: c for c in judge(root)}["quant=nf4"]
+    assert nf4.test.startswith("Welch") and nf4.delta_vs_baseline == pytest.approx(0.5267 - 0.555, abs=1e-3)
+    assert nf4.status == "Convergence issue"
+
+
+def test_a_stopped_seed_has_no_final_eval_and_a_seed_without_evals_is_not_missing(sweep):
+    root, runs = sweep
+    plant(runs, "quant=bf16", [0.80, 0.81, 0.80])
+    fake_run(runs["quant=fp4"][0], 0.4, 0.80)
+    fake_run(runs["quant=fp4"][1], 0.4, 0.81)
+    fake_run(runs["quant=fp4"][2], 0.4, 0.41, nan_at=7, status="nan", error="NonFinite: loss at step 7")
+    plant(runs, "quant=nf4", [0.80, 0.81])
+    JsonlTracker(runs["quant=nf4"][2]).finish({"status": "ok"})  # finished, never evaluated: no sweep reruns it
+    cells = {c.name: c for c in judge(root)}
+    fp4 = cells["quant=fp4"]
+    assert fp4.runs[2].eval_end == 0.41 and fp4.eval_end_mean == pytest.approx(0.805), "the NaN-stopped seed's step-5 eval is not final"
+    nf4 = cells["quant=nf4"]
+    assert nf4.runs[2].verdict == "no_learning" and "learning not shown" in nf4.runs[2].reason
+    assert nf4.status == "Convergence issue"
+
+
+def test_mean_curves_survive_a_seed_that_has_not_run(sweep, tmp_path):
+    from harness.report_html import _mean_curve
+
+    root, runs = sweep
+    plant(runs, "quant=bf16", [0.55, 0.56, None])
+    curves = {d.name: read_metrics(d) for d in runs["quant=bf16"]}
+    mean = dict(_mean_curve(curves, "eval/reward"))
+    assert mean == pytest.approx({0: 0.40, 10: 0.555})
