@@ -1,13 +1,15 @@
 """The resume point in `<run>/adapter/`: LoRA weights (or all weights), quantizer amax,
 optimizer state, RNG states, step.
 
-Written to a temporary folder and swapped in by rename, so a kill leaves the previous
-checkpoint or the new one, never a torn one.
+Written to a temporary folder, flushed to disk and swapped in by rename, so a kill (or a host
+crash) leaves the previous checkpoint or the new one, never a torn one; one found unreadable
+anyway is passed over for the previous one, or for none.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -32,11 +34,22 @@ def save(run_dir: Path, model, optimizer, rng: random.Random, step: int) -> None
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
     torch.save(state, tmp / STATE)
+    for path in [*tmp.iterdir(), tmp]:  # without it a host crash can keep the rename and lose the bytes
+        _fsync(path)
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
+    _fsync(run_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def is_peft(model) -> bool:
@@ -51,19 +64,21 @@ def _extra_state(model) -> dict:
 
 def restore(run_dir: Path, model, optimizer, rng: random.Random) -> int:
     """Load the last checkpoint into model/optimizer/rng; the step it was taken at (0: none)."""
-    final, old = run_dir / "adapter", run_dir / ".adapter.old"
-    if not (final / STATE).exists() and (old / STATE).exists():
-        os.replace(old, final)  # killed between the two renames of save()
-    if not (final / STATE).exists():
+    found = _latest(run_dir)
+    if found is None:
         return 0
+    folder, state = found
+    final = run_dir / "adapter"
+    if folder != final:  # the next save() replaces .adapter.old: make it the current one first
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(folder, final)
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    state = torch.load(final / STATE, weights_only=False)
     if is_peft(model):
         set_peft_model_state_dict(model, load_file(final / "adapter_model.safetensors"))
     model.load_state_dict(state["model"], strict=False)
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(state["optimizer"])  # moves each state tensor to its parameter's device
     rng.setstate(state["python_rng"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] is not None and torch.cuda.is_available():
@@ -73,7 +88,24 @@ def restore(run_dir: Path, model, optimizer, rng: random.Random) -> int:
 
 def saved_step(run_dir: Path) -> int:
     """The step of the checkpoint restore() would load; -1 when there is none (no metric row survives)."""
+    found = _latest(run_dir)
+    return -1 if found is None else found[1]["step"]
+
+
+def _latest(run_dir: Path) -> tuple[Path, dict] | None:
+    """(folder, state) of the newest readable checkpoint: adapter/, else .adapter.old/ (a kill
+    between save()'s two renames, or adapter/ torn by a crash before its bytes reached the disk)."""
+    from safetensors import SafetensorError, safe_open
+
     for folder in (run_dir / "adapter", run_dir / ".adapter.old"):
-        if (folder / STATE).exists():
-            return torch.load(folder / STATE, weights_only=False)["step"]
-    return -1
+        if not (folder / STATE).exists():
+            continue
+        try:
+            state = torch.load(folder / STATE, map_location="cpu", weights_only=False)  # on CPU: no GPU copy of it all
+            if (folder / "adapter_model.safetensors").exists():
+                with safe_open(folder / "adapter_model.safetensors", "pt"):
+                    pass
+        except (EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError):
+            continue
+        return folder, state
+    return None

@@ -11,6 +11,7 @@ resumes them from their checkpoints.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,20 +42,32 @@ def slots(settings: ExecutorSettings) -> list[Slot]:
         n = settings.jobs or 1
         threads = str(max(1, (os.cpu_count() or 1) // n))  # N runs with all cores each would thrash
         return [Slot("cpu", {"OMP_NUM_THREADS": threads})] * n
-    gpus = visible_gpus()
-    if dev.startswith("cuda:"):
-        gpus = [gpus[int(dev.removeprefix("cuda:"))]]
+    gpus = pinned_gpus(dev)
     if settings.jobs:
         gpus = gpus[: settings.jobs]
     return [Slot("cuda", {"CUDA_VISIBLE_DEVICES": g}) for g in gpus]
 
 
-def visible_gpus() -> list[str]:
-    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (ids or UUIDs)."""
-    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if listed is not None:
-        return [g.strip() for g in listed.split(",") if g.strip()]
-    return [str(i) for i in range(torch.cuda.device_count())]
+def pinned_gpus(device: str) -> list[str]:
+    """The GPUs a sweep on `device` (auto, cuda, cuda:N) pins its runs to, as CUDA_VISIBLE_DEVICES
+    names them (ids or UUIDs). ValueError, saying what to fix, where a slot would be one no run
+    can start on: each of its runs would fail at once and the queue drain into failed summaries."""
+    if device not in ("auto", "cuda") and not re.fullmatch(r"cuda:\d+", device):
+        raise ValueError(f"--device {device!r}: choose auto, cpu, cuda or cuda:N")
+    listed, seen = os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count()
+    gpus = [str(i) for i in range(seen)] if listed is None else [g.strip() for g in listed.split(",") if g.strip()]
+    if not seen:
+        raise ValueError(f"--device {device}: torch {torch.__version__} sees no CUDA GPU (CUDA_VISIBLE_DEVICES={listed}); "
+                         "--device cpu runs on the CPU")
+    if len(gpus) != seen:  # CUDA drops a listed GPU that does not exist, and every one after it
+        raise ValueError(f"CUDA_VISIBLE_DEVICES={listed} names {len(gpus)} GPUs but torch sees {seen}: "
+                         "list only GPUs this host has (nvidia-smi -L)")
+    if device.startswith("cuda:"):
+        i = int(device.removeprefix("cuda:"))
+        if i >= len(gpus):
+            raise ValueError(f"--device {device}: {len(gpus)} GPU(s) visible ({', '.join(gpus)}), so cuda:0 to cuda:{len(gpus) - 1}")
+        gpus = [gpus[i]]
+    return gpus
 
 
 def run_local(jobs: list[Job], settings: ExecutorSettings, console: Console) -> None:

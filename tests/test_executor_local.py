@@ -9,6 +9,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+import torch
+
 from harness.matrix import load_matrix
 from harness.results import read_json, read_metrics
 
@@ -123,6 +126,7 @@ def test_gpu_slots_pin_one_visible_gpu_each(monkeypatch):
     from harness.executor import ExecutorSettings
     from harness.executor_local import slots
 
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)  # a fake: this machine has no GPU
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, GPU-8f1c,5")
     pinned = lambda s: [(x.device, x.env["CUDA_VISIBLE_DEVICES"]) for x in slots(s)]  # noqa: E731
     assert pinned(ExecutorSettings(device="cuda")) == [("cuda", "2"), ("cuda", "GPU-8f1c"), ("cuda", "5")]
@@ -130,3 +134,28 @@ def test_gpu_slots_pin_one_visible_gpu_each(monkeypatch):
     assert pinned(ExecutorSettings(device="cuda:1")) == [("cuda", "GPU-8f1c")]
     cpu = slots(ExecutorSettings(device="cpu", jobs=2))
     assert len(cpu) == 2 and all(s.device == "cpu" and "CUDA_VISIBLE_DEVICES" not in s.env for s in cpu)
+
+
+def test_a_gpu_slot_no_run_could_start_on_is_refused_before_the_sweep(monkeypatch, tmp_path):
+    """A slot on a GPU that does not exist takes the next queued run each time its run dies, and every
+    run of the sweep ends up failed for good; a sweep on a device with no slot at all waits forever."""
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+    from harness.executor_local import pinned_gpus
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # a fake one-GPU host: CUDA drops "7" and what follows
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,7")
+    with pytest.raises(ValueError, match="names 2 GPUs but torch sees 1"):
+        pinned_gpus("auto")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaaa")
+    assert pinned_gpus("cuda:0") == ["GPU-aaaa"]
+    with pytest.raises(ValueError, match=r"1 GPU\(s\) visible \(GPU-aaaa\), so cuda:0 to cuda:0"):
+        pinned_gpus("cuda:3")
+
+    monkeypatch.undo()  # the real CPU-only torch from here
+    (tmp_path / "m.yaml").write_text("base: {train: {steps: 2}}\nseeds: [0]\n")
+    for device, says in (("cuda", "sees no CUDA GPU"), ("mps", "choose auto, cpu, cuda or cuda:N")):
+        out = CliRunner().invoke(app, ["sweep", str(tmp_path / "m.yaml"), "--device", device, "--results", str(tmp_path / "r")])
+        assert out.exit_code == 2 and says in out.output, out.output
+        assert not (tmp_path / "r").exists()

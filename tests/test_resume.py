@@ -61,3 +61,33 @@ def test_killed_sweep_resumes_without_rerunning_or_duplicating(tmp_path, tiny_mo
     assert read_json(second / "summary.json")["status"] == "ok"
     assert killed_at >= 11
     assert (tmp_path / "reports" / "resume" / "report.md").exists()
+
+
+def test_an_unreadable_checkpoint_falls_back_to_the_previous_one_or_to_none(tmp_path):
+    """A host crash can keep save()'s rename and lose the file's bytes: the run must resume from what
+    is readable (or start over), not fail for good on EOFError."""
+    import random
+    import shutil
+
+    import torch
+
+    from harness import checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    checkpoint.save(tmp_path, model, opt, random.Random(0), step=3)
+    saved = model.weight.detach().clone()
+    shutil.copytree(tmp_path / "adapter", tmp_path / "step3")
+    checkpoint.save(tmp_path, model, opt, random.Random(0), step=6)
+    os.replace(tmp_path / "step3", tmp_path / ".adapter.old")  # as if killed between the renames of the next save,
+    (tmp_path / "adapter" / checkpoint.STATE).write_bytes(b"")  # with step 6 torn by a crash
+
+    assert checkpoint.saved_step(tmp_path) == 3
+    with torch.no_grad():
+        model.weight.zero_()
+    assert checkpoint.restore(tmp_path, model, opt, random.Random()) == 3
+    assert torch.equal(model.weight, saved) and not (tmp_path / ".adapter.old").exists()
+
+    (tmp_path / "adapter" / checkpoint.STATE).write_bytes(b"PK\x03\x04 torn")
+    assert checkpoint.saved_step(tmp_path) == -1  # nothing readable: the run starts over
+    assert checkpoint.restore(tmp_path, model, opt, random.Random()) == 0
