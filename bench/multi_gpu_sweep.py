@@ -50,7 +50,7 @@ def number(text: str) -> float:
 
 
 class Sampler(threading.Thread):
-    """nvidia-smi once a second: [(time, {gpu index: (util %, MiB used)}, [(gpu uuid, pid)])]."""
+    """nvidia-smi once a second: [(time, {gpu index: (util %, MiB used)}, [(gpu uuid, pid, a run's worker?)])]."""
 
     def __init__(self):
         super().__init__(daemon=True)
@@ -61,7 +61,8 @@ class Sampler(threading.Thread):
             t = time.time()
             try:
                 gpus = {int(i): (number(u), number(m)) for i, u, m in smi("gpu", "index,utilization.gpu,memory.used")}
-                apps = [(u, p) for u, p in smi("compute-apps", "gpu_uuid,pid")]
+                runs = {str(pid) for pid in workers()}  # the sweep process itself must not count as a run
+                apps = [(u, p, p in runs) for u, p in smi("compute-apps", "gpu_uuid,pid")]
                 self.samples.append((t, gpus, apps))
             except (subprocess.CalledProcessError, ValueError) as e:  # one lost sample, not a dead sampler
                 self.errors.append(f"{t:.0f}: {e}")
@@ -70,24 +71,26 @@ class Sampler(threading.Thread):
 
 def busy(samples, t0: float, t1: float, n_gpus: int) -> dict:
     """Seconds (1 s samples) in [t0, t1] where each GPU, and every GPU at once, computed (util > 0)
-    and held a process (a CUDA context: a run on it)."""
+    and held a run (a harness.worker with a CUDA context on it); and where a process that is not a
+    run (the sweep itself) held one."""
     window = [s for s in samples if t0 <= s[0] <= t1]
     computing = [{i for i, (u, _) in g.items() if u > 0} for _, g, _ in window]
-    holding = [{u for u, _ in apps} for _, _, apps in window]
+    holding = [{u for u, _, run in apps if run} for _, _, apps in window]
     return {"samples": len(window),
             "util_gt0_s": {i: sum(i in c for c in computing) for i in range(n_gpus)},
             "all_util_gt0_s": sum(len(c) == n_gpus for c in computing),
-            "all_hold_process_s": sum(len(h) == n_gpus for h in holding),
+            "all_hold_run_s": sum(len(h) == n_gpus for h in holding),
+            "other_process_s": sum(any(not run for *_, run in apps) for _, _, apps in window),
             "max_mib": {i: max((g[i][1] for _, g, _ in window), default=0) for i in range(n_gpus)}}
 
 
-def workers(results: Path) -> dict[int, tuple[Path, str]]:
-    """pid -> (run dir, CUDA_VISIBLE_DEVICES) of each harness.worker under `results`."""
+def workers(results: Path | None = None) -> dict[int, tuple[Path, str]]:
+    """pid -> (run dir, CUDA_VISIBLE_DEVICES) of each harness.worker (under `results`, when given)."""
     found = {}
     for proc in Path("/proc").iterdir():
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
-            if b"harness.worker" not in argv or not any(a.decode().startswith(str(results)) for a in argv):
+            if b"harness.worker" not in argv or (results and not any(a.decode().startswith(str(results)) for a in argv)):
                 continue
             env = dict(kv.split("=", 1) for kv in (proc / "environ").read_bytes().decode().split("\0") if "=" in kv)
             found[int(proc.name)] = (Path(argv[argv.index(b"harness.worker") + 1].decode()), env.get("CUDA_VISIBLE_DEVICES"))
@@ -181,13 +184,13 @@ def summary(gpus, sweeps) -> str:
     lines = ["# One sweep over the GPUs of one host (local executor)", "",
              f"`python bench/multi_gpu_sweep.py OUT` on {len(gpus)} GPU(s): "
              + "; ".join(f"{i}: {n} {u} ({b})" for i, u, b, n in gpus) + ".", "",
-             "| sweep | exit | wall s | runs ok | s with every GPU computing | s with every GPU holding a process | peak MiB per GPU |",
-             "|---|---|---|---|---|---|---|"]
+             "| sweep | exit | wall s | runs ok | s with every GPU computing | s with every GPU holding a run "
+             "| s with a non-run process on a GPU | peak MiB per GPU |", "|---|---|---|---|---|---|---|---|"]
     for s in sweeps:
         ok = sum(r["status"] == "ok" for r in s["runs"].values())
         b = s["busy"]
         lines.append(f"| {s['name']} | {s['exit']} | {s['wall_s']} | {ok}/{len(s['runs'])} | {b['all_util_gt0_s']}/{b['samples']} "
-                     f"| {b['all_hold_process_s']}/{b['samples']} | {', '.join(f'{m:.0f}' for m in b['max_mib'].values())} |")
+                     f"| {b['all_hold_run_s']}/{b['samples']} | {b['other_process_s']} | {', '.join(f'{m:.0f}' for m in b['max_mib'].values())} |")
     wall = {s["name"]: s["wall_s"] for s in sweeps}
     if {"all-gpus", "one-gpu-by-uuid"} <= wall.keys():
         lines += ["", f"Wall time of the same 4 runs over {len(gpus)} GPUs: {wall['all-gpus']} s; over GPU 0 alone: "

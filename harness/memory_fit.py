@@ -269,8 +269,8 @@ def capacity_gib(device: torch.device) -> float:
     """CUDA: the GPU's total memory. CPU: the cgroup's memory limit when one is set (the kernel kills the
     process above it, whatever the host has), else MemAvailable: what can be taken without swapping or
     evicting other processes (MemTotal would count memory that other processes hold)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[1] / GIB
+    if device.type == "cuda":  # not mem_get_info: it makes the sweep process hold a CUDA context on the GPU all sweep
+        return torch.cuda.get_device_properties(device).total_memory / GIB
     info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()}
     for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
