@@ -11,8 +11,8 @@ import torch
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over the positions where mask is 1 (prompt and padding positions carry 0)."""
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    # where, not x * mask: a -inf or NaN at a masked position (a pad outside top-p) must not reach the mean
+    return torch.where(mask.bool(), x, 0.0).sum() / mask.to(x.dtype).sum().clamp(min=1)
 
 
 def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import GenerationConfig
 
 
 @dataclass
@@ -102,17 +103,25 @@ class HFEngine:
         )
         was_training = self.model.training
         self.model.eval()
-        out = self.model.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            max_new_tokens=self.cfg.max_new_tokens,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-            return_dict_in_generate=True,
-            output_scores=not greedy,
-            **sampling,
-        )
-        self.model.train(was_training)
+        # transformers fills every setting a call leaves unset from the checkpoint's generation_config.json
+        # (a repetition_penalty, min_p, no_repeat_ngram_size): it would shape the sampler, and the greedy
+        # eval, but not the log-probs the trainer scores. Generate from transformers' defaults only.
+        hf_model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        own, hf_model.generation_config = hf_model.generation_config, GenerationConfig()
+        try:
+            out = self.model.generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                max_new_tokens=self.cfg.max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+                return_dict_in_generate=True,
+                output_scores=not greedy,
+                **sampling,
+            )
+        finally:
+            hf_model.generation_config = own
+            self.model.train(was_training)
         completion = out.sequences[:, prompt_ids.shape[1] :]
         mask = completion_mask(completion, self.tokenizer.eos_token_id)
         completion = completion.masked_fill(mask == 0, self.tokenizer.pad_token_id)
@@ -120,7 +129,9 @@ class HFEngine:
         if not greedy:
             # scores are the logits after temperature and top-p: exactly the distribution sampled from
             scores = torch.stack(out.scores, dim=1).float()
-            logprobs = torch.log_softmax(scores, dim=-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1) * mask
+            logprobs = torch.log_softmax(scores, dim=-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+            # after EOS the pad token is often outside the top-p nucleus: -inf there, and -inf * 0 is NaN
+            logprobs = torch.where(mask.bool(), logprobs, 0.0)
         return Rollout(prompt_ids, prompt_mask, completion, mask, logprobs, decode_completions(self.tokenizer, completion, mask))
 
 

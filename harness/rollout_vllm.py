@@ -45,7 +45,10 @@ def engine_args(cfg: RunConfig, source: str, dtype: torch.dtype, sleep: bool) ->
     r = cfg.rollout
     args = {"model": source, "dtype": r.dtype if r.dtype != "auto" else str(dtype).removeprefix("torch."), "seed": cfg.seed,
             "logprobs_mode": "processed_logprobs", "max_logprobs": 1, "enforce_eager": r.enforce_eager,
-            "gpu_memory_utilization": r.gpu_memory_utilization, "kv_cache_dtype": r.kv_cache_dtype}
+            "gpu_memory_utilization": r.gpu_memory_utilization, "kv_cache_dtype": r.kv_cache_dtype,
+            # not the checkpoint's generation_config.json: `vllm serve` would take a repetition_penalty or
+            # min_p from it for every request, sampling from something other than the policy being trained
+            "generation_config": "vllm"}
     if cfg.vllm_quantization:
         args["quantization"] = cfg.vllm_quantization
     if cfg.train.trainable == "lora":

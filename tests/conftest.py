@@ -25,3 +25,17 @@ def tiny_run_config(**train):
 
     base = dict(steps=3, prompts_per_step=4, group_size=4, eval_every=3, checkpoint_every=3)
     return RunConfig(task={"name": "arith", "eval_size": 50}, train=base | train)
+
+
+def with_sampling_defaults(model_dir, folder):
+    """A copy of the model whose generation_config.json carries sampling defaults, as released
+    checkpoints do (Qwen2.5-Instruct ships a repetition_penalty): rollouts must sample from the policy
+    the trainer scores, not from these."""
+    import json
+    import shutil
+
+    shutil.copytree(model_dir, folder)
+    path = folder / "generation_config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps(config | {"repetition_penalty": 1.3, "min_p": 0.2}))
+    return folder

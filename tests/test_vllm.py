@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 import torch
 
-from conftest import tiny_run_config
+from conftest import tiny_run_config, with_sampling_defaults
 
 if os.environ.get("QRL_REQUIRE_VLLM"):  # CI: a missing vLLM is a failure, not a skip
     import vllm  # noqa: F401
@@ -38,7 +38,10 @@ def engine(request, tiny_model, tmp_path_factory):
     from harness.models import load_policy
     from harness.rollout_vllm import VLLMEngine
 
-    cfg = vllm_config(request.param)
+    # a checkpoint with its own sampling defaults: both engines must ignore them, or greedy outputs
+    # and sampled log-probs part from the trainer's
+    released = with_sampling_defaults(tiny_model, tmp_path_factory.mktemp(request.param) / "released")
+    cfg = vllm_config(request.param).model_copy(update={"model": str(released)})
     model, tokenizer = load_policy(cfg, torch.device("cpu"), torch.float32)
     perturb(model, seed=1)  # a non-trivial adapter from the first sync on
     eng = VLLMEngine(model, tokenizer, cfg, torch.device("cpu"), tmp_path_factory.mktemp(request.param))
