@@ -16,7 +16,6 @@ says which GPU it had. The tiny model is built before any sweep, so no sweep's t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -128,10 +127,9 @@ def kill_on_last_gpu(last_gpu: str, steps: int):
             live = workers(results)
             mine = [(pid, d) for pid, (d, gpu) in live.items() if gpu == last_gpu]
             for pid, d in mine:
-                if last_step(d)[0] >= steps // 4:
+                if (step := last_step(d)[0]) >= steps // 4:
                     os.kill(pid, signal.SIGKILL)
-                    return {"killed": {"run": d.name, "pid": pid, "gpu": last_gpu, "at_step": last_step(d)[0],
-                                       "t": time.time()},
+                    return {"killed": {"run": d.name, "pid": pid, "gpu": last_gpu, "at_step": step, "t": time.time()},
                             "running_elsewhere": {d2.name: gpu2 for p2, (d2, gpu2) in live.items() if p2 != pid}}
             time.sleep(0.2)
         return {"killed": None}

@@ -112,17 +112,15 @@ def _executor_settings(executor: str, jobs: int | None, ray_address: str, device
         raise _fail(f"--executor: {e}") from None
     if jobs is not None and executor != "local":
         raise _fail(f"--jobs applies to --executor local, not {executor}")
-    if executor != "ray" and device != "cpu":  # a Ray cluster's GPUs are not this machine's
-        import torch
-
-        from harness.executor_local import pinned_gpus
+    settings = ExecutorSettings(device=device, jobs=jobs, ray_address=ray_address)
+    if executor != "ray":  # a Ray cluster's GPUs are not this machine's
+        from harness.executor_local import slots
 
         try:
-            if device != "auto" or torch.cuda.is_available():
-                pinned_gpus(device)
+            slots(settings)  # the local executor's: refused here, before any run, when no run could start on one
         except ValueError as e:
             raise _fail(str(e)) from None
-    return ExecutorSettings(device=device, jobs=jobs, ray_address=ray_address)
+    return settings
 
 
 def _jobs_of(m: Matrix, results: Path, cells: list[Cell] | None, wandb: str | None):
