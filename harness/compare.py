@@ -39,7 +39,7 @@ def compare(a: list[CellVerdict], b: list[CellVerdict]) -> list[CellChange]:
         change = CellChange(name, ca.status if ca else None, cb.status if cb else None)
         for side, cell in (("a", ca), ("b", cb)):
             if cell:
-                setattr(change, f"eval_end_{side}", cell.eval_end_mean)
+                setattr(change, f"eval_end_{side}", cell.eval_final_mean)
                 setattr(change, f"memory_{side}", max(cell.stat("peak_memory_gib"), default=None))
                 setattr(change, f"step_s_{side}", _median(cell.stat("median_step_s")))
         out.append(change)

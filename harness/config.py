@@ -127,6 +127,7 @@ class TrainConfig(Frozen):
 
 
 GRPO_ONLY = ("loss_type", "scale_rewards", "filter_groups")
+KL_REGULARISED = ("grpo", "rloo")  # recipes whose objective holds beta x KL to the reference (see RunConfig.kl_in_loss)
 
 
 class RunConfig(Frozen):
@@ -193,6 +194,13 @@ class RunConfig(Frozen):
         if r.quantization == "same" and r.rollout_model is None and self.quant not in VLLM_SAME:
             raise ValueError(f"rollout.quantization: same: vLLM has no in-flight equivalent of {self.quant}; choose one of "
                              "bf16, bitsandbytes, fp8, or give rollout.rollout_model (e.g. a pre-quantized export)")
+
+    @property
+    def kl_in_loss(self) -> bool:
+        """Whether this run's objective holds a KL term to the reference (grpo's loss, rloo's reward) with a
+        non-zero weight. Only then is a KL blow-up a failure of the run; for sft, dpo and distill (and beta 0)
+        the logged `kl` measures how far the policy moved, which is information, not instability."""
+        return self.algorithm in KL_REGULARISED and self.train.beta > 0
 
     @property
     def vllm_quantization(self) -> str | None:

@@ -33,13 +33,25 @@ class MatrixError(ValueError):
 
 
 class Criteria(Frozen):
-    """Verdict thresholds. They belong to the matrix, never to code: a table is judged by what it states."""
+    """Verdict thresholds. They belong to the matrix, never to code: a table is judged by what it states.
 
-    min_gain: float = Field(0.05, description="held-out eval/reward gain (end - start) that counts as learning")
-    kl_max: float = Field(1.0, description="KL to the reference above this at any step: diverged")
-    entropy_floor: float = Field(0.02, description="final entropy under this while not learning: collapsed")
-    tolerance: float = Field(0.05, description="how far below the baseline's final eval/reward still counts as non-inferior")
-    confidence: float = Field(0.9, gt=0.5, lt=1, description="confidence of the one-sided non-inferiority bound and of the reported intervals")
+    Why each rule looks the way it does (with the curves behind it) is in the README, "Verdicts"."""
+
+    min_gain: float = Field(0.05, ge=0, description="held-out gain (final score - step-0 eval/reward) that counts as learning")
+    final_window: float = Field(0.25, gt=0, le=1, description="the final score is the mean of the evals in this last fraction "
+                                "of training (steps >= (1 - final_window) x last step); one eval is too noisy to judge on")
+    kl_max: float = Field(1.0, gt=0, description="diverged when the rolling median of `kl` over kl_window steps exceeds this "
+                          "(recipes with a KL term in their loss only); single steps above it are counted as spikes, not judged")
+    kl_window: int = Field(10, ge=1, description="steps in the rolling median of `kl`: long enough that one heavy-tailed k3 "
+                           "estimate cannot move it, short enough to catch a sustained rise")
+    drop_max: float = Field(0.15, gt=0, description="diverged when the final score is more than this below the run's best "
+                            "eval/reward: held-out reward collapsed after learning and did not recover")
+    entropy_floor: float = Field(0.02, ge=0, description="final entropy under this while not learning: collapsed")
+    tolerance: float = Field(0.05, gt=0, description="how far below the baseline's final score still counts as non-inferior")
+    confidence: float = Field(0.9, gt=0.5, lt=1, description="confidence of the one-sided bounds on Δ and of the "
+                              "reported intervals")
+    power: float = Field(0.8, gt=0.5, lt=1, description="for an Inconclusive cell: the chance that the suggested seed "
+                         "count decides it")
     min_seeds: int = Field(2, ge=2, description="finished seeds a cell needs for a verdict; fewer give 'Smoke tested'")
 
 
@@ -133,7 +145,7 @@ class Matrix:
                     "label": c.label,
                     "included": c.included,
                     "baseline": (b.name if (b := self.baseline_of(c)) else None),
-                    "runs": [{"seed": r.seed, "run_id": r.run_id} for r in c.runs],
+                    "runs": [{"seed": r.seed, "run_id": r.run_id, "kl_in_loss": r.kl_in_loss} for r in c.runs],
                 }
                 for c in self.cells
             ],

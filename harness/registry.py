@@ -47,6 +47,10 @@ class Registry:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise UnknownName(f"unknown {self.axis} {name!r}{hint} Valid: {', '.join(self.names())}")
 
+    def module(self, name: str) -> str:
+        """The module that backs `name`, without importing it."""
+        return self._targets[self.canonical(name)].partition(":")[0]
+
     def get(self, name: str):
         module, _, attr = self._targets[self.canonical(name)].partition(":")
         return getattr(importlib.import_module(module), attr)

@@ -11,6 +11,7 @@ import os
 import statistics
 from pathlib import Path
 
+from harness.matrix import Criteria
 from harness.results import read_json, read_metrics
 
 FIXED_AXES = ("algorithm", "quant", "rollout.colocation")
@@ -41,6 +42,18 @@ def run_config(root: Path, cell: dict) -> dict:
     return {}
 
 
+def kl_text(runs: list[dict]) -> str:
+    """The KL evidence of a cell: its largest rolling median (what is judged), then its largest single step and
+    how many steps spiked above kl_max (shown, not judged)."""
+    medians = [r["kl_median_max"] for r in runs if r.get("kl_median_max") is not None]
+    peaks = [r["max_kl"] for r in runs if r["max_kl"] is not None]
+    if not medians:
+        return _num(max(peaks, default=None))
+    spikes = sum(r.get("kl_spikes", 0) for r in runs)
+    judged = "" if all(r.get("kl_judged", True) for r in runs) else " (not judged)"
+    return f"{max(medians):.3f} / {max(peaks):.2f} ({spikes} spike{'s' if spikes != 1 else ''}){judged}"
+
+
 def cell_rows(root: Path, matrix: dict, cells: list[dict]) -> list[dict]:
     """One dict of display strings per cell, in the shape of NeMo RL's verified-configuration table."""
     rows = []
@@ -48,10 +61,11 @@ def cell_rows(root: Path, matrix: dict, cells: list[dict]) -> list[dict]:
     for cell in cells:
         cfg, runs = run_config(root, cell), cell["runs"]
         get = lambda f: [r[f] for r in runs if r[f] is not None]  # noqa: E731
-        ci = cell["eval_end_ci"]
+        ci, se = cell["eval_final_ci"], cell["eval_se"]
         variant = ", ".join([f"{a}={cell['key'][a]}" for a in other_axes] + [cell["label"] or ""]).strip(", ")
         if cell["baseline"] == cell["name"]:
             variant = (variant + " (baseline)").strip()
+        lo, hi = cell["delta_lower_bound"], cell["delta_upper_bound"]
         rows.append({
             "workflow": str(cell["key"].get("algorithm", cfg.get("algorithm", "?"))).upper(),
             "quantization": str(cell["key"].get("quant", cfg.get("quant", "?"))),
@@ -59,12 +73,12 @@ def cell_rows(root: Path, matrix: dict, cells: list[dict]) -> list[dict]:
             "variant": variant,
             "status": cell["status"],
             "reason": cell["reason"],
-            "eval_end_mean": _num(cell["eval_end_mean"]),
-            "eval_end": _num(cell["eval_end_mean"]) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""),
+            "eval_end_mean": _num(cell["eval_final_mean"]),
+            "eval_end": _num(cell["eval_final_mean"]) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+            + (f" ±{se:.3f}" if se else ""),
             "eval_start": _num(statistics.fmean(get("eval_start")) if get("eval_start") else None),
-            "delta": _num(cell["delta_vs_baseline"], signed=True)
-            + (f" (≥ {cell['delta_lower_bound']:+.3f})" if cell["delta_lower_bound"] is not None else ""),
-            "max_kl": _num(max(get("max_kl"), default=None)),
+            "delta": _num(cell["delta_vs_baseline"], signed=True) + (f" [{lo:+.3f}, {hi:+.3f}]" if lo is not None else ""),
+            "max_kl": kl_text(runs),
             "entropy": _num(statistics.fmean(get("final_entropy")) if get("final_entropy") else None),
             "memory": _num(max(get("peak_memory_gib"), default=None), 2)
             + (f" ({est:.2f})" if (est := max(get("memory_estimate_gib"), default=None)) is not None else ""),
@@ -112,7 +126,7 @@ def engine_rows(root: Path, cells: list[dict]) -> list[dict]:
 
 
 LM_EVAL_COLUMNS = [("cell", "cell"), ("task", "task"), ("metric", "metric"), ("quantized", "quantized base + adapter"),
-                   ("bf16", "bf16 base + adapter"), ("eval_reward", "harness final eval/reward"), ("n", "documents"), ("seeds", "seeds")]
+                   ("bf16", "bf16 base + adapter"), ("eval_reward", "harness last eval/reward"), ("n", "documents"), ("seeds", "seeds")]
 LM_EVAL_TEXT = ("lm-evaluation-harness on each run's final policy after training (eval.lm_eval in the matrix), mean over the "
                 "cell's seeds. qrl_* tasks score the run's own held-out set, so they should agree with its eval/reward; "
                 "the bf16 column puts the same adapter on the unquantized base.")
@@ -132,6 +146,7 @@ def lm_eval_rows(cells: list[dict]) -> list[dict]:
             for metric in names:
                 pick = lambda key: [x for r in done if isinstance(x := scores(r, key).get(metric), (int, float))]  # noqa: E731
                 rows.append({"cell": cell["name"], "task": task, "metric": metric, "quantized": mean(pick("quantized")), "bf16": mean(pick("bf16")),
+                             # the last eval: the policy lm-eval scored
                              "eval_reward": mean([r["eval_end"] for r in done if r["eval_end"] is not None]),
                              "n": str(scores(done[0], "quantized").get("n", "–")), "seeds": f"{len(done)}/{len(cell['runs'])}"})
         for r in runs:
@@ -142,11 +157,11 @@ def lm_eval_rows(cells: list[dict]) -> list[dict]:
 
 
 COLUMNS = [("workflow", "Workflow"), ("quantization", "Quantization"), ("colocation", "Colocation"), ("variant", "Variant"),
-           ("status", "Status"), ("eval_start", "eval/reward start"), ("eval_end", "final eval/reward [CI]"),
-           ("delta", "Δ vs baseline (lower bound)"), ("max_kl", "max KL"), ("entropy", "final entropy"),
+           ("status", "Status"), ("eval_start", "eval/reward start"), ("eval_end", "final eval/reward [CI] ±1 eval se"),
+           ("delta", "Δ vs baseline [bounds]"), ("max_kl", "KL median max / step max (spikes)"), ("entropy", "final entropy"),
            ("memory", "peak mem GiB (est.)"), ("tokens_per_s", "rollout tok/s"), ("step_s", "median step s"), ("seeds", "seeds"),
            ("reason", "why")]
-STATUS_MARK = {"Converges": "✅", "Convergence issue": "⚠️", "Does not converge": "❌", "Error": "💥", "Infeasible": "🚫", "Incomplete": "⏳",
+STATUS_MARK = {"Converges": "✅", "Inconclusive": "❔", "Convergence issue": "⚠️", "Does not converge": "❌", "Error": "💥", "Infeasible": "🚫", "Incomplete": "⏳",
                "Smoke tested": "🔹"}
 
 
@@ -164,17 +179,25 @@ def algorithm_grid(rows: list[dict]) -> tuple[list[str], list[tuple[str, dict[st
 
 
 def method_text(matrix: dict) -> str:
-    c = matrix["criteria"]
+    c = matrix["criteria"] | {k: v for k, v in Criteria().model_dump().items() if k not in matrix["criteria"]}
     base = ", ".join(f"{k}={v}" for k, v in matrix["baseline"].items()) or "none"
     return (
-        f"eval/reward is greedy accuracy on held-out prompts at step 0 and at the last step. Final eval/reward: mean over "
-        f"the seeds that trained to the end (not those that crashed, were killed or stopped at a non-finite value) with a two-sided {c['confidence']:.0%} t-interval. Δ vs baseline: mean final eval/reward minus that of the "
-        f"baseline cell ({base}) sharing the other axes; in brackets its one-sided {c['confidence']:.0%} lower bound (paired "
-        f"by seed when both cells finished the same seeds, Welch otherwise). A cell converges when every seed learns (gain ≥ "
-        f"{c['min_gain']}) and that bound is above -{c['tolerance']} (non-inferior); a cell whose baseline cell is excluded is at most 'Smoke tested'; fewer than {c['min_seeds']} finished seeds "
-        "give 'Smoke tested'. Peak memory: the CUDA allocator's peak on GPU, the process's peak RSS on CPU; in brackets the "
-        "pre-check's estimate of it (harness/memory_fit.py), made before the run was launched. Infeasible: that estimate did not "
-        "fit the device, so the run was not launched."
+        f"eval/reward is greedy accuracy on held-out prompts. A run's final score is the mean of its evals in the last "
+        f"{c['final_window']:.0%} of training (one eval is too noisy to judge on); ± gives one eval's binomial standard error at that "
+        f"score. Its gain is that score minus the step-0 eval; it learns when the gain is ≥ {c['min_gain']}. It diverges on a "
+        f"non-finite value, on a sustained KL rise (the median of kl over {c['kl_window']} steps above {c['kl_max']}; only for "
+        f"recipes with a KL term in their loss, grpo and rloo) or when its final score falls more than {c['drop_max']} below its "
+        f"best eval. Single steps of kl above {c['kl_max']} are counted as spikes and shown, not judged: the k3 estimator is "
+        f"heavy-tailed. A cell's final eval/reward: mean over the seeds that trained to the end, with a two-sided "
+        f"{c['confidence']:.0%} t-interval. Δ vs baseline: that minus the baseline cell's ({base}, same other axes), with its "
+        f"one-sided {c['confidence']:.0%} bounds (paired by seed when both cells finished the same seeds, Welch otherwise). "
+        f"Converges: every seed learns and is stable, and the lower bound is above -{c['tolerance']} (the baseline cell: "
+        f"learning and stability alone). Inconclusive: the bounds straddle -{c['tolerance']}; the reason gives the seeds that "
+        f"would likely decide it. Convergence issue: the upper bound is below -{c['tolerance']} (shown worse), or some seeds "
+        f"diverge, collapse or do not learn while others learn. A cell whose baseline cell is excluded is at most 'Smoke "
+        f"tested', as is one with fewer than {c['min_seeds']} finished seeds. Peak memory: the CUDA allocator's peak on GPU, the "
+        "process's peak RSS on CPU; in brackets the pre-check's estimate of it (harness/memory_fit.py), made before the run was "
+        "launched. Infeasible: that estimate did not fit the device, so the run was not launched."
     )
 
 
@@ -192,6 +215,7 @@ def write_markdown(root: Path, out_dir: Path, matrix: dict, cells: list[dict], r
     name = md(matrix["name"])
     lines = [f"# Verified configurations: `{name}`", "", md(matrix["description"]), "",
              f"Regenerate: `harness report {name}`. Re-run: `make sweep MATRIX={name}`. Plots: `report.html`.", "",
+             *([notes, ""] if (notes := report_notes(out_dir)) else []),
              "| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
         cells_md = [f"{STATUS_MARK.get(row['status'], '')} **{row['status']}**" if k == "status" else md(row[k]) for k, _ in COLUMNS]
@@ -203,11 +227,13 @@ def write_markdown(root: Path, out_dir: Path, matrix: dict, cells: list[dict], r
         mark = lambda x: f"{STATUS_MARK.get(x[0], '')} {md(x[0])}, {md(x[1])}" if x else "–"  # noqa: E731
         lines += ["| " + md(label) + " | " + " | ".join(mark(by.get(a)) for a in algorithms) + " |" for label, by in grid]
     lines += ["", md(method_text(matrix)), "", "## Runs", "",
-              "| cell | seed | run | verdict | eval start → end | max KL | final entropy | reason |", "|---|---|---|---|---|---|---|---|"]
+              "| cell | seed | run | verdict | eval start → final (last) | KL median max / step max (spikes) | final entropy | reason |",
+              "|---|---|---|---|---|---|---|---|"]
     for cell in cells:
         for r in cell["runs"]:
             lines.append(f"| {md(cell['name'])} | {r['seed']} | [{r['run_id']}]({runs_link}/{r['run_id']}/) | {r['verdict']} | "
-                         f"{_num(r['eval_start'])} → {_num(r['eval_end'])} | {_num(r['max_kl'], 4)} | {_num(r['final_entropy'])} | {md(r['reason'])} |")
+                         f"{_num(r['eval_start'])} → {_num(r['eval_final'])} ({_num(r['eval_end'])}) | {kl_text([r])} | {_num(r['final_entropy'])} | "
+                         f"{md(r['reason'])} |")
     studies = tuning_reports(out_dir)
     if studies:
         lines += ["", "## Tuning studies", ""] + [f"- [{md(p.stem.removeprefix('tune_'))}]({p.name})" for p in studies]
@@ -236,6 +262,13 @@ def write_report(root: Path, out_dir: Path) -> Path:
     rows = cell_rows(root, matrix, cells)
     _write(out_dir / "report.html", render_html(root, out_dir, matrix, cells, rows))
     return write_markdown(root, out_dir, matrix, cells, rows)
+
+
+def report_notes(out_dir: Path) -> str:
+    """reports/<matrix>/notes.md, written by a person (how and where the sweep was run, what to read
+    into it), shown at the top of both reports so that regenerating them keeps it."""
+    path = out_dir / "notes.md"
+    return path.read_text().strip() if path.exists() else ""
 
 
 def tuning_reports(out_dir: Path) -> list[Path]:

@@ -13,11 +13,13 @@ from pathlib import Path
 
 from harness.plots import PALETTE, bar_chart, line_chart
 from harness.report import (COLUMNS, ENGINE_COLUMNS, ENGINE_TEXT, LM_EVAL_COLUMNS, LM_EVAL_TEXT, algorithm_grid, engine_rows, first_env,
-                            lm_eval_rows, method_text, tuning_reports)
+                            lm_eval_rows, method_text, report_notes, tuning_reports)
+from harness.matrix import Criteria
 from harness.results import finite, read_metrics, read_samples
+from harness.verdict import rolling_median
 
 CURVES = [("reward/mean", "train reward"), ("eval/reward", "held-out eval/reward"), ("kl", "KL to reference"), ("entropy", "entropy")]
-STATUS_CLASS = {"Converges": "ok", "Convergence issue": "warn", "Does not converge": "bad", "Error": "bad", "Infeasible": "bad", "Incomplete": "na",
+STATUS_CLASS = {"Converges": "ok", "Inconclusive": "na", "Convergence issue": "warn", "Does not converge": "bad", "Error": "bad", "Infeasible": "bad", "Incomplete": "na",
                 "Smoke tested": "na"}
 
 CSS = """
@@ -46,10 +48,12 @@ def render_html(root: Path, out_dir: Path, matrix: dict, cells: list[dict], rows
     colors = {c["name"]: PALETTE[i % len(PALETTE)] for i, c in enumerate(cells)}
     curves = {c["name"]: {r["run_id"]: read_metrics(root / r["run_id"]) for r in c["runs"]} for c in cells}
     by_name = {c["name"]: c for c in cells}
+    criteria = Criteria(**matrix["criteria"])
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{e(matrix['name'])}: verified configurations</title>",
              f"<style>{CSS}</style></head><body>",
              f"<h1>Verified configurations: <code>{e(matrix['name'])}</code></h1><p class='muted'>{e(matrix['description'])}</p>",
              f"<p class='muted'>Re-run: <code>make sweep MATRIX={e(matrix['name'])}</code>; regenerate: <code>harness report {e(matrix['name'])}</code></p>",
+             *([f"<p class='muted' id='notes' style='white-space:pre-wrap'>{e(notes)}</p>"] if (notes := report_notes(out_dir)) else []),
              "<h2>Convergence matrix</h2>", _table(rows, cells), _grid(rows), f"<p class='muted'>{e(method_text(matrix))}</p>",
              "<h2>Memory and throughput</h2><div class='plots'>", _bars(cells, rows, colors), "</div>",
              _tuning_links(out_dir), _lm_eval_table(lm_eval_rows(cells)),
@@ -57,7 +61,7 @@ def render_html(root: Path, out_dir: Path, matrix: dict, cells: list[dict], rows
              "<h2>Cells</h2>"]
     for i, (cell, row) in enumerate(zip(cells, rows)):
         base = by_name.get(cell["baseline"]) if cell["baseline"] != cell["name"] else None
-        parts.append(_cell_section(i, cell, row, curves, base, colors, root, runs_link))
+        parts.append(_cell_section(i, cell, row, curves, base, colors, root, runs_link, criteria))
     env = first_env(root, cells) or {}
     parts.append("<h2>Environment</h2><table id='env'>")
     parts += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in [("device", env.get("device")), ("git commit", env.get("git_commit")),
@@ -151,7 +155,20 @@ def _mean_curve(runs: dict[str, list[dict]], metric: str) -> list[tuple[float, f
     return [(s, statistics.fmean(v)) for s, v in sorted(by_step.items())]
 
 
-def _cell_section(i, cell, row, curves, base, colors, root: Path, runs_link: str) -> str:
+def _kl_median_chart(runs: dict[str, list[dict]], color: str, c: Criteria) -> str:
+    """What the KL rule judges: each seed's rolling median of kl, against kl_max."""
+    series, last = [], 1
+    for run_id, rows in runs.items():
+        steps = [(r["step"], r["kl"]) for r in rows if r["step"] > 0 and finite(r.get("kl"))]
+        medians = rolling_median([k for _, k in steps], c.kl_window)
+        points = list(zip([s for s, _ in steps][len(steps) - len(medians):], medians))
+        last = max([last] + [s for s, _ in steps])
+        series.append({"points": points, "color": color, "width": 1.2, "label": f"run {run_id}"})
+    series.append({"points": [(1, c.kl_max), (last, c.kl_max)], "color": "#b42318", "width": 1, "dash": "4,3", "label": f"kl_max {c.kl_max}"})
+    return line_chart(series, f"KL, median of {c.kl_window} steps (judged; red: kl_max)", "kl_median")
+
+
+def _cell_section(i, cell, row, curves, base, colors, root: Path, runs_link: str, criteria: Criteria) -> str:
     color = colors[cell["name"]]
     runs = curves[cell["name"]]
     legend = (f"<div class='legend'><span><i class='swatch' style='background:{color}'></i>each seed (thin), mean over the seeds at each step (bold)</span>"
@@ -165,6 +182,7 @@ def _cell_section(i, cell, row, curves, base, colors, root: Path, runs_link: str
             series.append({"points": _mean_curve(curves[base["name"]], metric), "color": "#555", "width": 1.5, "dash": "5,3",
                            "label": "baseline mean"})
         charts.append(line_chart(series, title, metric))
+    charts.append(_kl_median_chart(runs, color, criteria))
     samples = []
     for r in cell["runs"]:
         for entry in read_samples(root / r["run_id"]):

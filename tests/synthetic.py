@@ -34,6 +34,20 @@ def fake_run(run_dir, start, end, *, kl=0.1, entropy=0.5, status="ok", error=Non
     t.finish({"status": status, "error": error, "peak_memory_gib": 0.5, "median_step_s": 0.1})
 
 
+def curve_run(run_dir, evals, kls, *, entropy=0.5, status="ok", eval_n=500):
+    """A run with planted curves: `evals` [(step, eval/reward)], `kls` the kl of steps 1..len(kls)."""
+    t = JsonlTracker(run_dir)
+    at = dict(evals)
+    if 0 in at:
+        t.log({"eval/reward": at[0], "eval/n": eval_n}, 0)
+    for step, kl in enumerate(kls, start=1):
+        row = {"kl": kl, "entropy": entropy, "reward/mean": 0.5, "loss": 0.1}
+        if step in at:
+            row |= {"eval/reward": at[step], "eval/n": eval_n}
+        t.log(row, step)
+    t.finish({"status": status, "error": None, "peak_memory_gib": 0.5, "median_step_s": 0.1})
+
+
 def plant(runs, name, ends, start=0.40, **kw):
     for d, end in zip(runs[name], ends):
         if end is not None:

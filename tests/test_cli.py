@@ -60,3 +60,10 @@ def test_compare_lists_changed_cells(tmp_path):
     assert "Converges → Does not converge" in res.output and "1 of 2 cells changed status" in res.output
     assert "(-0.140)" in res.output
     assert runner.invoke(app, ["compare", str(before), str(before), "--fail-on-change"]).exit_code == 0
+
+
+def test_extras_names_what_each_matrix_imports():
+    """`make sweep` installs these and no more: the smoke matrix needs lm-eval, not vLLM or ModelOpt."""
+    runner = CliRunner()
+    got = {m: runner.invoke(app, ["extras", m]).output.strip() for m in ("smoke", "grpo_nvfp4", "colocation", "algorithms")}
+    assert got == {"smoke": "eval", "grpo_nvfp4": "modelopt", "colocation": "vllm", "algorithms": "modelopt"}

@@ -111,7 +111,7 @@ def log_start(s: Setup, run_dir, tracker) -> int:
     """Resume from the last checkpoint if there is one; else log the step-0 evaluation. The start step."""
     start = checkpoint.restore(run_dir, s.model, s.optimizer, s.rng)
     if start == 0:
-        tracker.log({"eval/reward": evaluate(s.engine, s.task, s.task.eval)}, step=0)
+        tracker.log({"eval/reward": evaluate(s.engine, s.task, s.task.eval), "eval/n": len(s.task.eval)}, step=0)
     return start
 
 
@@ -123,7 +123,7 @@ def end_step(s: Setup, cfg, run_dir, tracker, progress, step: int, metrics: dict
         bad = sorted(k for k, v in metrics.items() if not (v == v and abs(v) != float("inf")))
         raise NonFinite(f"non-finite {', '.join(bad)} at step {step}")
     if step % t.eval_every == 0 or step == t.steps:
-        metrics["eval/reward"] = evaluate(s.engine, s.task, s.task.eval)
+        metrics |= {"eval/reward": evaluate(s.engine, s.task, s.task.eval), "eval/n": len(s.task.eval)}  # n: the eval's binomial error
     tracker.log(metrics, step)
     if step in (1, t.steps):  # what the model wrote at the start and at the end, one per prompt
         picks = range(0, min(len(grouped), 4 * t.group_size), t.group_size)
