@@ -165,7 +165,7 @@ def _kl_median_chart(runs: dict[str, list[dict]], color: str, c: Criteria) -> st
         last = max([last] + [s for s, _ in steps])
         series.append({"points": points, "color": color, "width": 1.2, "label": f"run {run_id}"})
     series.append({"points": [(1, c.kl_max), (last, c.kl_max)], "color": "#b42318", "width": 1, "dash": "4,3", "label": f"kl_max {c.kl_max}"})
-    return line_chart(series, f"KL, median of {c.kl_window} steps (judged; red: kl_max)", "kl_median")
+    return line_chart(series, f"KL, {c.kl_window}-step median vs kl_max", "kl_median")
 
 
 def _cell_section(i, cell, row, curves, base, colors, root: Path, runs_link: str, criteria: Criteria) -> str:

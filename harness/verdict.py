@@ -101,10 +101,10 @@ def _instability(v: RunVerdict, train_rows: list[dict], c: Criteria, evals: list
     why = []
     over = _kl_facts(v, train_rows, c)
     if over is not None and v.kl_judged:
-        why.append(f"kl rolling median over {c.kl_window} steps {v.kl_median_max:.3f} exceeds kl_max {c.kl_max} (first at step {over}): "
-                   "a sustained rise, not a spike")
+        why.append(f"kl rolling median over {c.kl_window} steps above kl_max {c.kl_max} from step {over} (largest "
+                   f"{v.kl_median_max:.3f}): a sustained rise, not a spike")
     if v.eval_final is not None and v.eval_best is not None and v.eval_best - v.eval_final > c.drop_max:
-        best_step = next(s for s, x in evals if x == v.eval_best)
+        best_step = next(s for s, x in evals if s > 0 and x == v.eval_best)
         why.append(f"held-out eval/reward collapsed: best {v.eval_best:.3f} at step {best_step}, final {v.eval_final:.3f}, "
                    f"{v.eval_best - v.eval_final:.3f} below it (drop_max {c.drop_max})")
     return why
@@ -317,7 +317,8 @@ def judge_cell(name, key, label, runs: list[RunVerdict], baseline_name: str | No
         cell.status = "Smoke tested"
         cell.reason = f"{stable}, but its baseline cell is excluded from the matrix: no non-inferiority test"
     elif baseline is None or baseline.name == name:
-        cell.status, cell.reason = "Converges", stable + (" (the baseline: judged on learning and stability alone)" if baseline else "")
+        alone = " (the baseline: judged on learning and stability alone)" if baseline_name == name else ""
+        cell.status, cell.reason = "Converges", stable + alone
     elif not comparable:
         cell.status, cell.reason = "Incomplete", f"baseline cell is {baseline.status}: no comparison possible"
     elif d is None:

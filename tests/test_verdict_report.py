@@ -77,7 +77,7 @@ def test_every_run_and_cell_verdict(sweep):
     assert run_verdicts == set(RUN_VERDICTS)
     fp4 = cells["quant=fp4"].runs
     assert fp4[1].verdict == "diverged" and "non-finite loss at step 4" in fp4[1].reason
-    assert fp4[2].verdict == "diverged" and "kl rolling median over 10 steps 1.275 exceeds kl_max 1.0" in fp4[2].reason
+    assert fp4[2].verdict == "diverged" and "kl rolling median over 10 steps above kl_max 1.0 from step 10 (largest 1.275)" in fp4[2].reason
     broken = cells["quant=nf4,train.lr=0.0 (broken)"].runs
     assert [r.verdict for r in broken] == ["oom", "failed", "collapsed"]
     assert "entropy 0.01 under entropy_floor 0.05" in broken[2].reason

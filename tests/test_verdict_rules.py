@@ -65,7 +65,7 @@ def test_a_sustained_kl_rise_is_diverged(tmp_path):
     v = judge_run(tmp_path / "run", 0, C)
     assert v.verdict == "diverged" and "a sustained rise" in v.reason
     first_over = next(i for i, k in enumerate(kls, start=1) if k > 1.0)
-    step = int(v.reason.split("first at step ")[1].split(")")[0])
+    step = int(v.reason.split("from step ")[1].split(" ")[0])
     assert first_over < step <= first_over + C.kl_window  # the median needs half its window above kl_max
 
 
