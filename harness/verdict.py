@@ -72,7 +72,7 @@ def final_window(evals: list[tuple[int, float]], fraction: float) -> list[tuple[
     later = [(s, x) for s, x in evals if s > 0]
     if not later:
         return []
-    cut = later[-1][0] * (1 - fraction)
+    cut = later[-1][0] * (1 - fraction) - 1e-9  # 200 x (1 - 0.45) is 110.00000000000001: keep the eval at step 110
     return [(s, x) for s, x in later if s >= cut]
 
 
@@ -103,10 +103,12 @@ def _instability(v: RunVerdict, train_rows: list[dict], c: Criteria, evals: list
     if over is not None and v.kl_judged:
         why.append(f"kl rolling median over {c.kl_window} steps above kl_max {c.kl_max} from step {over} (largest "
                    f"{v.kl_median_max:.3f}): a sustained rise, not a spike")
-    if v.eval_final is not None and v.eval_best is not None and v.eval_best - v.eval_final > c.drop_max:
+    # Fallen (the final score) and not recovered (the last eval): a run still climbing has its best eval last,
+    # and the mean of a rising window alone would sit below that best.
+    if v.eval_final is not None and v.eval_best is not None and min(v.eval_best - v.eval_final, v.eval_best - v.eval_end) > c.drop_max:
         best_step = next(s for s, x in evals if s > 0 and x == v.eval_best)
-        why.append(f"held-out eval/reward collapsed: best {v.eval_best:.3f} at step {best_step}, final {v.eval_final:.3f}, "
-                   f"{v.eval_best - v.eval_final:.3f} below it (drop_max {c.drop_max})")
+        why.append(f"held-out eval/reward collapsed: best {v.eval_best:.3f} at step {best_step}, final {v.eval_final:.3f} "
+                   f"(last {v.eval_end:.3f}), {v.eval_best - v.eval_final:.3f} below it (drop_max {c.drop_max})")
     return why
 
 
@@ -269,7 +271,7 @@ def t_interval(xs: list[float], confidence: float) -> tuple[float, float]:
 def final_scores(runs: list[RunVerdict]) -> dict[int, float]:
     """seed -> final score of the runs that trained to the end: a crashed, killed or NaN-stopped run
     has only the evals from before it stopped."""
-    return {r.seed: r.eval_final for r in runs if r.trained_to_end and r.eval_final is not None}
+    return {r.seed: r.eval_final for r in runs if r.trained_to_end and finite(r.eval_final)}
 
 
 def judge_cell(name, key, label, runs: list[RunVerdict], baseline_name: str | None, baseline: CellVerdict | None, c: Criteria,
@@ -285,7 +287,7 @@ def judge_cell(name, key, label, runs: list[RunVerdict], baseline_name: str | No
     ends = final_scores(finished)
     if ends:
         cell.eval_final_mean = statistics.fmean(ends.values())
-        ses = [r.eval_se for r in finished if r.eval_se is not None]
+        ses = [r.eval_se for r in finished if r.seed in ends and r.eval_se is not None]  # the runs the mean is over
         cell.eval_se = statistics.fmean(ses) if ses else None
     if len(ends) >= 2:
         cell.eval_final_ci = t_interval(list(ends.values()), c.confidence)
