@@ -194,7 +194,7 @@ def method_text(matrix: dict) -> str:
         f"Converges: every seed learns and is stable, and the lower bound is above -{c['tolerance']} (the baseline cell: "
         f"learning and stability alone). Inconclusive: the bounds straddle -{c['tolerance']}; the reason gives the seeds that "
         f"would likely decide it. Convergence issue: the upper bound is below -{c['tolerance']} (shown worse), or some seeds "
-        f"diverge, collapse or do not learn while others learn. Does not converge: no seed learns and is stable. A cell whose baseline cell is excluded is at most 'Smoke "
+        f"diverge, collapse or do not learn while others learn, or seeds learn but diverge. Does not converge: no seed learns. A cell whose baseline cell is excluded is at most 'Smoke "
         f"tested', as is one with fewer than {c['min_seeds']} finished seeds. Peak memory: the CUDA allocator's peak on GPU, the "
         "process's peak RSS on CPU; in brackets the pre-check's estimate of it (harness/memory_fit.py), made before the run was "
         "launched. Infeasible: that estimate did not fit the device, so the run was not launched."

@@ -283,7 +283,8 @@ def judge_cell(name, key, label, runs: list[RunVerdict], baseline_name: str | No
     finished = [r for r in runs if r.verdict != "incomplete"]
     errors = [r for r in runs if r.verdict in ("failed", "oom")]
     infeasible = [r for r in runs if r.verdict == "infeasible"]
-    learned = [r for r in finished if r.verdict == "converged"]
+    learned = [r for r in finished if r.verdict == "converged"]  # learned and stable
+    gained = [r for r in finished if r.trained_to_end and r.gain is not None and r.gain >= c.min_gain]  # learned, stable or not
     ends = final_scores(finished)
     if ends:
         cell.eval_final_mean = statistics.fmean(ends.values())
@@ -307,13 +308,14 @@ def judge_cell(name, key, label, runs: list[RunVerdict], baseline_name: str | No
     elif len(finished) < c.min_seeds:
         cell.status = "Smoke tested"
         cell.reason = f"{seeds}, fewer than min_seeds {c.min_seeds}: " + "; ".join(f"seed {r.seed} {r.verdict}" for r in finished)
-    elif not learned:
+    elif not gained:  # ❌ is "it does not learn"; learning that is unstable is a convergence issue
         cell.status, cell.reason = "Does not converge", "; ".join(f"seed {r.seed}: {r.reason}" for r in finished)
     elif len(learned) < len(finished):
         bad = [r for r in finished if r.verdict != "converged"]
         kinds = sorted({r.verdict.replace("_", " ") for r in bad})
+        others = "while the others learn" if learned else f"although {len(gained)} gain ≥ {c.min_gain}"
         cell.status = "Convergence issue"
-        cell.reason = (f"{len(bad)}/{len(finished)} seeds {' or '.join(kinds)} while the others learn: "
+        cell.reason = (f"{len(bad)}/{len(finished)} seeds {' or '.join(kinds)} {others}: "
                        + "; ".join(f"seed {r.seed}: {r.reason}" for r in bad))
     elif baseline_name is None and baseline_declared:
         cell.status = "Smoke tested"

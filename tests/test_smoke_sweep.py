@@ -26,7 +26,7 @@ def test_smoke_sweep_learns_and_the_control_does_not(tmp_path):
     assert cells["quant=bf16"]["status"] == "Converges"
     assert {cells[n]["status"] for n in ("quant=nf4", "quant=int8")} <= {"Converges", "Inconclusive"}
     for cell in cells.values():
-        if all(r["verdict"] == "converged" and r["gain"] > 0.3 for r in cell["runs"]):
+        if all(r["gain"] is not None and r["gain"] > 0.3 for r in cell["runs"]):
             assert cell["status"] not in ("Does not converge", "Convergence issue"), cell["reason"]
     report = (tmp_path / "reports" / "smoke" / "report.md").read_text()
     assert "zero-lr control" in report and "Does not converge" in report

@@ -82,7 +82,8 @@ def test_kl_growth_in_a_recipe_without_kl_in_its_loss_is_information(tmp_path):
     sft, grpo = cells["algorithm=sft"], cells["algorithm=grpo"]
     assert [r.verdict for r in sft.runs] == ["converged"] * 2 and sft.status == "Converges"
     assert all(not r.kl_judged and "kl not judged" in r.reason for r in sft.runs)
-    assert [r.verdict for r in grpo.runs] == ["diverged"] * 2 and grpo.status == "Does not converge"
+    assert [r.verdict for r in grpo.runs] == ["diverged"] * 2
+    assert grpo.status == "Convergence issue" and "2/2 seeds diverged although 2 gain" in grpo.reason  # learns, unstably
 
 
 def test_beta_zero_grpo_has_no_kl_term_to_judge(tmp_path):
