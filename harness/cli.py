@@ -258,7 +258,7 @@ def compare(
     table = Table("cell", "status", "final eval/reward", "peak mem GiB", "median step s", title=f"{a} → {b}", title_justify="left")
     for c in changes:
         status = f"[bold red]{c.status_a or 'absent'} → {c.status_b or 'absent'}[/]" if c.changed else c.status_a
-        table.add_row(c.name, status, moved(c.eval_end_a, c.eval_end_b), moved(c.memory_a, c.memory_b, 2), moved(c.step_s_a, c.step_s_b, 2))
+        table.add_row(c.name, status, moved(c.final_a, c.final_b), moved(c.memory_a, c.memory_b, 2), moved(c.step_s_a, c.step_s_b, 2))
     console.print(table)
     n = sum(c.changed for c in changes)
     console.print(f"{n} of {len(changes)} cells changed status")

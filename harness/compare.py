@@ -14,8 +14,8 @@ class CellChange:
     name: str
     status_a: str | None  # None: the cell is not in that sweep
     status_b: str | None
-    eval_end_a: float | None = None
-    eval_end_b: float | None = None
+    final_a: float | None = None
+    final_b: float | None = None
     memory_a: float | None = None
     memory_b: float | None = None
     step_s_a: float | None = None
@@ -39,7 +39,7 @@ def compare(a: list[CellVerdict], b: list[CellVerdict]) -> list[CellChange]:
         change = CellChange(name, ca.status if ca else None, cb.status if cb else None)
         for side, cell in (("a", ca), ("b", cb)):
             if cell:
-                setattr(change, f"eval_end_{side}", cell.eval_final_mean)
+                setattr(change, f"final_{side}", cell.eval_final_mean)
                 setattr(change, f"memory_{side}", max(cell.stat("peak_memory_gib"), default=None))
                 setattr(change, f"step_s_{side}", _median(cell.stat("median_step_s")))
         out.append(change)

@@ -1,6 +1,6 @@
 """Which optional extras of the package (pyproject.toml's [project.optional-dependencies]) a matrix
 needs, so that `make sweep MATRIX=smoke` installs lm-eval and not vLLM, ModelOpt, Ray, W&B or
-Optuna: on a 2-core CPU the full set took most of the first sweep's time."""
+Optuna: on a 2-core CPU pip took 3m36s for the full set, uv 18 s for the harness and lm-eval."""
 
 from __future__ import annotations
 

@@ -44,8 +44,8 @@ class Criteria(Frozen):
                           "(recipes with a KL term in their loss only); single steps above it are counted as spikes, not judged")
     kl_window: int = Field(10, ge=1, description="steps in the rolling median of `kl`: long enough that one heavy-tailed k3 "
                            "estimate cannot move it, short enough to catch a sustained rise")
-    drop_max: float = Field(0.15, gt=0, description="diverged when the final score is more than this below the run's best "
-                            "eval/reward: held-out reward collapsed after learning and did not recover")
+    drop_max: float = Field(0.15, gt=0, description="diverged when the final score and the last eval are both more than this "
+                            "below the run's best eval/reward: held-out reward collapsed and did not recover")
     entropy_floor: float = Field(0.02, ge=0, description="final entropy under this while not learning: collapsed")
     tolerance: float = Field(0.05, gt=0, description="how far below the baseline's final score still counts as non-inferior")
     confidence: float = Field(0.9, gt=0.5, lt=1, description="confidence of the one-sided bounds on Δ and of the "

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from scipy import stats
 
-from harness.config import KL_REGULARISED
+from harness.config import RunConfig
 from harness.matrix import Criteria
 from harness.results import finite, read_json, read_metrics, write_json_atomic
 
@@ -365,10 +365,11 @@ def judge(root: Path, write: bool = True) -> list[CellVerdict]:
 
 
 def _kl_in_loss(run_dir: Path, run: dict) -> bool:
-    """matrix.json says (RunConfig.kl_in_loss); a sweep saved before it did is read from the run's config.json."""
+    """matrix.json says (RunConfig.kl_in_loss); a sweep saved before it did is read from the run's config.json,
+    and a run with neither is judged on KL, as every run was before."""
     if "kl_in_loss" in run:
         return run["kl_in_loss"]
-    if (run_dir / "config.json").exists():
-        cfg = read_json(run_dir / "config.json")
-        return cfg.get("algorithm", "grpo") in KL_REGULARISED and (cfg.get("train") or {}).get("beta", 0.04) > 0
-    return True
+    try:
+        return RunConfig.model_validate(read_json(run_dir / "config.json")).kl_in_loss
+    except (OSError, ValueError):  # no config.json, or one an older harness wrote
+        return True

@@ -37,7 +37,7 @@ def test_rolling_median_and_final_window_by_hand():
     assert [s for s, _ in final_window(evals, 0.25)] == [150, 175, 200]
     assert [s for s, _ in final_window(evals, 0.01)] == [200]  # at least the last eval
     assert [s for s, _ in final_window([(0, 0.4), (50, 0.5)], 1.0)] == [50]  # never step 0
-    assert [s for s, _ in final_window([(s, 0.5) for s in range(0, 201, 10)], 0.45)][0] == 110  # 200 x 0.55 in floats is 110.00000000000001
+    assert final_window([(s, 0.5) for s in range(0, 201, 10)], 0.45)[0][0] == 110  # 200 x 0.55 in floats is 110.00000000000001
 
 
 def test_final_score_is_the_window_mean_with_one_evals_binomial_error(tmp_path):
@@ -169,3 +169,14 @@ def test_seeds_to_decide_by_hand():
     # Welch, both arms sd 0.03: se = 0.03 x sqrt(2/n), df = 2n - 2: (1.533 + 0.941) x 0.0245 = 0.0606 at n = 3,
     # (1.440 + 0.906) x 0.0212 = 0.0498 at n = 4
     assert seeds_to_decide(Difference(0.0, -0.1, 0.1, "Welch", False, (0.03, 0.03)), 0.05, 0.9, 0.8) == 4
+
+
+def test_a_sweep_saved_before_kl_in_loss_reads_it_from_each_runs_config(tmp_path):
+    """matrix.json of an older sweep has no kl_in_loss: the run's config.json decides, and without one KL is judged."""
+    from harness.config import RunConfig
+    from harness.results import write_json_atomic
+    from harness.verdict import _kl_in_loss
+
+    write_json_atomic(tmp_path / "sft" / "config.json", RunConfig(algorithm="sft").model_dump(mode="json"))
+    write_json_atomic(tmp_path / "grpo" / "config.json", RunConfig().model_dump(mode="json"))
+    assert [_kl_in_loss(tmp_path / d, {"seed": 0}) for d in ("sft", "grpo", "missing")] == [False, True, True]
