@@ -45,12 +45,12 @@ def run_config(root: Path, cell: dict) -> dict:
 def kl_text(runs: list[dict]) -> str:
     """The KL evidence of a cell: its largest rolling median (what is judged), then its largest single step and
     how many steps spiked above kl_max (shown, not judged)."""
-    medians = [r["kl_median_max"] for r in runs if r.get("kl_median_max") is not None]
+    medians = [r["kl_median_max"] for r in runs if r["kl_median_max"] is not None]
     peaks = [r["max_kl"] for r in runs if r["max_kl"] is not None]
     if not medians:
         return _num(max(peaks, default=None))
-    spikes = sum(r.get("kl_spikes", 0) for r in runs)
-    judged = "" if all(r.get("kl_judged", True) for r in runs) else " (not judged)"
+    spikes = sum(r["kl_spikes"] for r in runs)
+    judged = "" if all(r["kl_judged"] for r in runs) else " (not judged)"
     return f"{max(medians):.3f} / {max(peaks):.2f} ({spikes} spike{'s' if spikes != 1 else ''}){judged}"
 
 
@@ -179,7 +179,7 @@ def algorithm_grid(rows: list[dict]) -> tuple[list[str], list[tuple[str, dict[st
 
 
 def method_text(matrix: dict) -> str:
-    c = matrix["criteria"] | {k: v for k, v in Criteria().model_dump().items() if k not in matrix["criteria"]}
+    c = Criteria(**matrix["criteria"]).model_dump()  # with the defaults of knobs the matrix does not set
     base = ", ".join(f"{k}={v}" for k, v in matrix["baseline"].items()) or "none"
     return (
         f"eval/reward is greedy accuracy on held-out prompts. A run's final score is the mean of its evals in the last "
