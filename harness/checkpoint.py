@@ -92,6 +92,12 @@ def saved_step(run_dir: Path) -> int:
     return -1 if found is None else found[1]["step"]
 
 
+def discard(run_dir: Path) -> None:
+    """Drop every checkpoint: the run starts again from step 0."""
+    for folder in (run_dir / "adapter", run_dir / ".adapter.old", run_dir / ".adapter.tmp"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _latest(run_dir: Path) -> tuple[Path, dict] | None:
     """(folder, state) of the newest readable checkpoint: adapter/, else .adapter.old/ (a kill
     between save()'s two renames, or adapter/ torn by a crash before its bytes reached the disk)."""

@@ -7,16 +7,15 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-import yaml
-from pydantic import ValidationError
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from harness.config import RunConfig
-from harness.matrix import Cell, Matrix, MatrixError, find_matrix, load_matrix
+from harness.folders import folder_name
+from harness.matrix import Cell, Matrix, MatrixError, find_matrix, load_matrix, load_run_config
 from harness import registries
 from harness.registries import EXECUTORS, MODELS
+from harness.printable import printable
 from harness.registry import UnknownName
 
 app = typer.Typer(
@@ -43,6 +42,10 @@ RAY_ADDRESS = typer.Option("auto", help="ray: the cluster, host:port, or auto (t
 MEMORY_GIB = typer.Option(None, min=0, help="Memory of the device each run gets, for the fit pre-check (default: this device's; "
                           "on CPU shared by --jobs). Runs estimated above it are marked infeasible, not launched.")
 WANDB = typer.Option(None, help="Mirror runs to W&B: offline (no network; `wandb sync` later), online, or off. Default: the matrix's tracking.wandb.")
+RETRY = typer.Option(None, help="Run again the finished runs that ended with these statuses (comma-separated: failed, killed, "
+                     "oom), from their checkpoints; their old summary.json is kept in <run>/attempts/.")
+MAX_RETRIES = typer.Option(1, min=0, help="Runs that were killed or ran out of memory are run again by the next sweep, "
+                           "from their checkpoints, until retried this often. 0: keep them as they ended.")
 MATRICES = Path("matrices")
 
 
@@ -51,14 +54,31 @@ def _matrices_dir() -> Path:
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/] {message}", markup=True, highlight=False)
+    """Print `message` as an error, literally: it is plain text (data in it need no escaping, and
+    markup in it is shown, not applied). Returns the exit (code 2) to raise."""
+    console.print(f"[red]error:[/] {printable(message)}", markup=True, highlight=False)
     return typer.Exit(2)
 
 
 def _load(matrix: str) -> Matrix:
     try:
         return load_matrix(find_matrix(matrix, _matrices_dir()))
-    except (MatrixError, FileNotFoundError) as e:
+    except (MatrixError, OSError, ValueError) as e:  # ValueError: a name Path refuses (a NUL byte)
+        raise _fail(str(e)) from None
+
+
+def _run_config(path: Path) -> RunConfig:
+    try:
+        return load_run_config(path)
+    except MatrixError as e:
+        raise _fail(str(e)) from None
+
+
+def _folder(name: str) -> str:
+    """results/<name>/ and reports/<name>/ for a matrix or config file's name: harness.folders.folder_name, as sweeps name them."""
+    try:
+        return folder_name(name)
+    except ValueError as e:
         raise _fail(str(e)) from None
 
 
@@ -73,17 +93,26 @@ def _one_cell(m: Matrix, expr: str | None) -> Cell:
     return chosen[0]
 
 
-def _execute(jobs, executor: str, settings, memory_gib: float | None, what: str) -> None:
+def _execute(jobs, executor: str, settings, memory_gib: float | None, what: str, retry) -> None:
     """Pre-check memory, run what fits with `executor`, and say how to resume when interrupted."""
-    from harness.executor import execute, pending
+    from harness.executor import execute, pending, reopen_all
     from harness.memory_fit import capacity_gib
-    from harness.sweep import build_models, precheck
+    from harness.sweep import build_models, kept_errors, precheck
     from harness.system import pick_device
 
-    todo = pending(jobs)
-    console.print(f"[bold]{what}[/]: {len(jobs)} runs, {len(jobs) - len(todo)} already finished, {len(todo)} to run")
+    todo = pending(jobs, retry)
+    console.print(f"[bold]{printable(what)}[/]: {len(jobs)} runs, {len(jobs) - len(todo)} already finished, {len(todo)} to run")
+    for p in todo:
+        if p.why not in ("new", "resumed"):
+            console.print(f"[yellow]↻[/] {printable(f'{p.job.label} [{p.job.cfg.run_id}]')}: {printable(p.why)}")
+    again = {p.job.run_dir for p in todo}
+    kept = kept_errors([j for j in jobs if j.run_dir not in again])
+    if kept:
+        console.print(f"kept as finished: {kept}; `--retry failed,killed,oom` runs them again")
     if not todo:
         return
+    reopen_all(todo)
+    todo = [p.job for p in todo]
     build_models(j.cfg for j in todo)
     device = pick_device(settings.device)
     capacity = memory_gib or capacity_gib(device)
@@ -91,7 +120,7 @@ def _execute(jobs, executor: str, settings, memory_gib: float | None, what: str)
         capacity /= settings.jobs  # parallel CPU runs share the machine's memory
     todo, infeasible = precheck(todo, device, capacity)
     for job in infeasible:
-        console.print(f"[red]✗[/] {escape(f'{job.label} [{job.cfg.run_id}]')} infeasible: {escape(json_error(job.run_dir))}")
+        console.print(f"[red]✗[/] {printable(f'{job.label} [{job.cfg.run_id}]')} infeasible: {printable(json_error(job.run_dir))}")
     if not todo:
         return
     try:
@@ -101,6 +130,16 @@ def _execute(jobs, executor: str, settings, memory_gib: float | None, what: str)
         raise typer.Exit(130) from None
     except RuntimeError as e:  # an executor that cannot start (no Ray cluster, Ray not installed)
         raise _fail(str(e)) from None
+
+
+def _retry(retry: str | None, max_retries: int):
+    from harness.executor import RETRYABLE, Retry
+
+    statuses = frozenset(x.strip() for x in (retry or "").split(",") if x.strip())
+    unknown = sorted(statuses - set(RETRYABLE))
+    if unknown:
+        raise _fail(f"--retry {retry}: {', '.join(unknown)} is not a status to retry; valid: {', '.join(RETRYABLE)}")
+    return Retry(statuses, max_retries)
 
 
 def _executor_settings(executor: str, jobs: int | None, ray_address: str, device: str):
@@ -144,18 +183,28 @@ def _judge_and_report(m_name: str, results: Path, reports: Path) -> list:
     from harness.report import write_report
     from harness.verdict import judge
 
+    from harness.results import DamagedFile
+
     root = results / m_name
     if not (root / "matrix.json").exists():
         raise _fail(f"no sweep at {root} (no matrix.json): run `harness sweep {m_name}` first")
-    verdicts = judge(root)
-    path = write_report(root, reports / m_name)
+    try:
+        verdicts = judge(root)
+        path = write_report(root, reports / m_name)
+    except DamagedFile as e:  # matrix.json or verdicts.json: the sweep's own files, which a re-run rewrites
+        raise _fail(f"{e}; `harness sweep {m_name}` rewrites it") from None
     table = Table("cell", "status", "eval start → final", "why", title=f"{m_name}: convergence", title_justify="left")
     for v in verdicts:
         start = v.stat("eval_start")
         end = "–" if v.eval_final_mean is None else f"{v.eval_final_mean:.3f}"  # the report's: runs that trained to the end
-        table.add_row(v.name, v.status, f"{sum(start) / len(start):.3f} → {end}" if start else f"– → {end}", v.reason)
+        table.add_row(printable(v.name), v.status, f"{sum(start) / len(start):.3f} → {end}" if start else f"– → {end}", printable(v.reason))
     console.print(table)
-    console.print(f"report: {path} and {path.with_suffix('.html')}")
+    untrusted = [r for v in verdicts for r in v.runs if r.damage]
+    if untrusted:
+        console.print(f"[yellow]could not trust {len(untrusted)} run(s)[/], judged as unfinished (the next sweep resumes them):")
+        for r in untrusted:
+            console.print(f"  {printable(r.run_id)} seed {r.seed}: {printable(r.damage)}")
+    console.print(f"report: {printable(path)} and {printable(path.with_suffix('.html'))}")
     return verdicts
 
 
@@ -171,6 +220,8 @@ def sweep(
     wandb: Optional[str] = WANDB,
     device: str = DEVICE,
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and list the cells and run ids; train nothing."),
+    retry: Optional[str] = RETRY,
+    max_retries: int = MAX_RETRIES,
 ):
     """Run every cell of a matrix (skipping finished runs), then judge and report.
 
@@ -179,18 +230,24 @@ def sweep(
     on; Ctrl-C stops it, and the same command resumes. --executor ray runs on a Ray cluster."""
     m = _load(matrix)
     settings = _executor_settings(executor, jobs, ray_address, device)
+    retries = _retry(retry, max_retries)
     if dry_run:
-        table = Table("cell", "seeds", "run ids", "baseline", title=f"{m.name}: {len(m.cells)} cells (valid)", title_justify="left")
+        table = Table("cell", "seeds", "run ids", "baseline", title=f"{printable(m.name)}: {len(m.cells)} cells (valid)", title_justify="left")
         for cell in m.cells:
             base = m.baseline_of(cell)
-            table.add_row(cell.name, ",".join(str(r.seed) for r in cell.runs), " ".join(r.run_id for r in cell.runs), base.name if base else "–")
+            table.add_row(printable(cell.name), ",".join(str(r.seed) for r in cell.runs), " ".join(r.run_id for r in cell.runs),
+                          printable(base.name) if base else "–")
         console.print(table)
         return
-    from harness.sweep import mirror_verdicts
+    from harness.sweep import mirror_verdicts, nothing_trained
 
     jobs = _jobs_of(m, results, None, wandb)
-    _execute(jobs, executor, settings, memory_gib, f"{m.name}: {len(m.cells)} cells")
+    _execute(jobs, executor, settings, memory_gib, f"{m.name}: {len(m.cells)} cells", retries)
     mirror_verdicts(jobs, _judge_and_report(m.name, results, reports))
+    failed = nothing_trained(jobs)
+    if failed:
+        console.print(f"[red]no run of {printable(m.name)} trained[/]: {failed}. Each run's error is in the report and its summary.json")
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -204,21 +261,19 @@ def run(
     memory_gib: Optional[float] = MEMORY_GIB,
     wandb: Optional[str] = WANDB,
     device: str = DEVICE,
+    retry: Optional[str] = RETRY,
+    max_retries: int = MAX_RETRIES,
 ):
     """Run one config file, or one cell of a matrix, into results/ (resuming it if interrupted)."""
     from harness.executor import Job, pending
 
     settings = _executor_settings(executor, None, "auto", device)
+    retries = _retry(retry, max_retries)
     if (config is None) == (matrix is None):
         raise _fail("give a config file or --matrix NAME --cell 'axis=value', not both")
     if config is not None:
-        try:
-            cfg = RunConfig.model_validate(yaml.safe_load(config.read_text()) or {})
-        except (OSError, yaml.YAMLError) as e:
-            raise _fail(f"{config}: {e}") from None
-        except ValidationError as e:
-            raise _fail(f"{config}: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
-        jobs = [Job(cfg, results / config.stem / cfg.run_id)]
+        cfg = _run_config(config)
+        jobs = [Job(cfg, results / _folder(config.stem) / cfg.run_id)]
     else:
         m = _load(matrix)
         chosen = _one_cell(m, cell)
@@ -226,17 +281,17 @@ def run(
         if not jobs:
             raise _fail(f"--seed {seed}: the cell's seeds are {[c.seed for c in chosen.runs]}")
     for job in jobs:
-        if not pending([job]):
-            console.print(f"already finished: {job.run_dir} (delete the folder to run it again)")
-    _execute(jobs, executor, settings, memory_gib, "run")
+        if not pending([job], retries):
+            console.print(f"already finished: {printable(job.run_dir)} (--retry STATUS, or delete the folder, to run it again)")
+    _execute(jobs, executor, settings, memory_gib, "run", retries)
     for job in jobs:
-        console.print(f"results: {job.run_dir}")
+        console.print(f"results: {printable(job.run_dir)}")
 
 
 @app.command()
 def report(matrix: str = typer.Argument(..., help="Matrix name whose results to judge."), results: Path = RESULTS, reports: Path = REPORTS):
     """Re-judge a sweep's results and rewrite its report; trains nothing."""
-    _judge_and_report(Path(matrix).stem, results, reports)
+    _judge_and_report(_folder(Path(matrix).stem), results, reports)
 
 
 @app.command()
@@ -255,10 +310,10 @@ def compare(
     changes = compare_sweeps(judge(a, write=False), judge(b, write=False))
     fmt = lambda x, d=3: "–" if x is None else f"{x:.{d}f}"  # noqa: E731
     moved = lambda x, y, d=3: f"{fmt(x, d)} → {fmt(y, d)}" + (f" ({y - x:+.{d}f})" if x is not None and y is not None else "")  # noqa: E731
-    table = Table("cell", "status", "final eval/reward", "peak mem GiB", "median step s", title=f"{a} → {b}", title_justify="left")
+    table = Table("cell", "status", "final eval/reward", "peak mem GiB", "median step s", title=printable(f"{a} → {b}"), title_justify="left")
     for c in changes:
         status = f"[bold red]{c.status_a or 'absent'} → {c.status_b or 'absent'}[/]" if c.changed else c.status_a
-        table.add_row(c.name, status, moved(c.final_a, c.final_b), moved(c.memory_a, c.memory_b, 2), moved(c.step_s_a, c.step_s_b, 2))
+        table.add_row(printable(c.name), status, moved(c.final_a, c.final_b), moved(c.memory_a, c.memory_b, 2), moved(c.step_s_a, c.step_s_b, 2))
     console.print(table)
     n = sum(c.changed for c in changes)
     console.print(f"{n} of {len(changes)} cells changed status")
@@ -280,84 +335,19 @@ def export(
         path = export_run(run_dir, out or run_dir / "export")
     except ValueError as e:
         raise _fail(str(e)) from None
-    console.print(f"exported: {path}")
-
-
-@app.command("check-engine")
-def check_engine(
-    config: Optional[Path] = typer.Argument(None, help="A RunConfig YAML file with a vLLM colocation (colocated or server)."),
-    matrix: Optional[str] = typer.Option(None, help="Check every distinct vLLM configuration of this matrix instead."),
-    cell: Optional[str] = typer.Option(None, help='With --matrix: only the cells matching these axis=value pairs, e.g. "quant=nf4".'),
-    plant: Optional[str] = typer.Option(None, help="Plant a fault the check must catch: stale-adapter (never cached)."),
-    force: bool = typer.Option(False, "--force", help="Run again even where a cached result exists (e.g. after a driver change)."),
-    results: Path = RESULTS,
-    device: str = DEVICE,
-):
-    """Check vLLM rollout engines before trusting them: greedy outputs survive a sleep/wake cycle,
-    and after an adapter sync vLLM's log-probs match the trainer's. Exit 1 when a check fails.
-
-    A sweep runs the same check before the first run of each configuration and caches it in
-    results/MATRIX/engine_checks/; a failed check turns that configuration's cells into Error."""
-    from harness.engine_check import PLANTS, cached, check_in_right_process, check_key
-    from harness.sweep import build_models
-    from harness.system import pick_device
-
-    if plant is not None and plant not in PLANTS:
-        raise _fail(f"--plant {plant!r}: valid: {', '.join(PLANTS)}")
-    if (config is None) == (matrix is None):
-        raise _fail("give a config file or --matrix NAME, not both")
-    if config is not None:
-        try:
-            cfgs, root = [(config.stem, RunConfig.model_validate(yaml.safe_load(config.read_text()) or {}))], results / config.stem
-        except (OSError, yaml.YAMLError, ValidationError) as e:
-            raise _fail(f"{config}: {e}") from None
-    else:
-        m = _load(matrix)
-        try:
-            chosen = m.select(cell or "") if cell else list(m.cells)
-        except ValueError as e:
-            raise _fail(f"--cell: {e}") from None
-        cfgs, root = [(c.name, c.runs[0]) for c in chosen], results / m.name
-    dev = pick_device(device)
-    by_key: dict[str, tuple[list[str], RunConfig]] = {}
-    for name, cfg in cfgs:
-        if cfg.rollout.engine == "vllm":
-            by_key.setdefault(check_key(cfg, dev), ([], cfg))[0].append(name)
-    if not by_key:
-        raise _fail("no vLLM configuration to check (colocation in_process uses the trainer's own model)")
-    build_models(cfg for _, cfg in by_key.values())
-    table = Table("cells", "ok", "sleep/wake", "greedy = trainer", "Δ logprob (tol)", "Δ vs stale", "why", title="engine checks", title_justify="left")
-    failed = 0
-    for names, cfg in by_key.values():
-        with console.status(f"checking {', '.join(names)} ..."):
-            if plant is None:
-                _, record = cached(cfg, root, dev, force)
-            else:  # a planted fault is never cached: the sweep must not read it
-                record = check_in_right_process(cfg, dev, root / "engine_checks", plant=plant)
-        failed += not record["ok"]
-        sleep = record.get("sleep")
-        sleep_text = sleep if isinstance(sleep, str) or sleep is None else \
-            f"level {sleep['level']}: {sleep['identical']}/{sleep['of']} identical, {sleep['freed_gib']:.2f} GiB freed"
-        fmt = lambda x: "–" if x is None else f"{x:.4f}"  # noqa: E731
-        agree = record.get("greedy_agreement_with_trainer")
-        table.add_row("\n".join(names), "yes" if record["ok"] else "[red]NO[/]", str(sleep_text), "–" if agree is None else f"{agree:.0%}",
-                      f"{fmt(record.get('logprob_diff_mean'))} ({record['tolerance']})", fmt(record.get("stale_logprob_diff_mean")),
-                      "; ".join(record["failures"]) or "–")
-    console.print(table)
-    if failed:
-        raise typer.Exit(1)
+    console.print(f"exported: {printable(path)}")
 
 
 @app.command()
 def matrices():
     """List the matrices in matrices/ with their size and description."""
-    table = Table("name", "cells", "runs", "description", title=str(_matrices_dir()), title_justify="left")
+    table = Table("name", "cells", "runs", "description", title=printable(_matrices_dir()), title_justify="left")
     for path in sorted(_matrices_dir().glob("*.yaml")):
         try:
             m = load_matrix(path)
-            table.add_row(m.name, str(len(m.cells)), str(sum(len(c.runs) for c in m.cells)), m.spec.description)
+            table.add_row(printable(m.name), str(len(m.cells)), str(sum(len(c.runs) for c in m.cells)), printable(m.spec.description))
         except MatrixError as e:
-            table.add_row(path.stem, "–", "–", f"[red]invalid: {e.problems[0]}[/]")
+            table.add_row(printable(path.stem), "–", "–", f"[red]invalid: {printable(e.problems[0])}[/]")
     console.print(table)
 
 
@@ -392,10 +382,11 @@ def models_build(name: str = typer.Argument("tiny-arith", help="Built-in model: 
         builder = MODELS.get(name.removeprefix("builtin:"))
     except UnknownName as e:
         raise _fail(str(e)) from None
-    console.print(str(builder()))
+    console.print(printable(builder()))
 
 
-import harness.cli_tune  # noqa: E402,F401  (registers `harness tune`; kept apart to keep this module short)
+import harness.cli_engine  # noqa: E402,F401  (registers `harness check-engine`; kept apart to keep this module short)
+import harness.cli_tune  # noqa: E402,F401  (registers `harness tune`)
 
 if __name__ == "__main__":
     app()

@@ -9,7 +9,8 @@ from typing import Optional
 
 import typer
 
-from harness.cli import DEVICE, REPORTS, RESULTS, _fail, _load, _one_cell, app, console
+from harness.cli import DEVICE, REPORTS, RESULTS, _fail, _folder, _load, _one_cell, app, console
+from harness.printable import printable
 from harness.sweep import build_models
 
 
@@ -47,7 +48,7 @@ def tune(
     problems = check_space(c.runs[0], m.spec.tune)
     if problems:
         raise _fail(f"{m.path}: the tune space makes invalid configs for cell {c.name}:\n" + "\n".join(f"  - {p}" for p in problems))
-    name = study or slug(c.name.replace("=", "-").replace(",", "_"))
+    name = _folder(study) if study else slug(c.name.replace("=", "-").replace(",", "_"))  # a folder under results/ and reports/
     spec = m.spec.tune
     s = t.Study(name=name, storage=storage or t.default_storage(results, m.name), matrix=m.name, cell=c.name, cell_cfg=c.runs[0],
                 spec=spec, trials=trials or spec.trials, root=results / m.name / "tune" / name)
@@ -56,7 +57,7 @@ def tune(
     except t.StudyMismatch as e:
         raise _fail(str(e)) from None
     for note in notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        console.print(f"[yellow]note:[/] {printable(note)}", highlight=False)
 
     if apply:
         _apply(m, c, s, optuna_study, trial, out)
@@ -65,8 +66,8 @@ def tune(
     if requeued:
         console.print(f"[yellow]note:[/] queued again (killed or interrupted): trial {', '.join(map(str, requeued))}", highlight=False)
     build_models([s.cell_cfg])
-    console.print(f"[bold]study {name}[/] ({t.shown(s.storage)}): {c.name}, {s.trials} trials, {workers} worker(s); "
-                  f"runs under {s.root}", highlight=False)
+    console.print(f"[bold]study {printable(name)}[/] ({printable(t.shown(s.storage))}): {printable(c.name)}, {s.trials} trials, "
+                  f"{workers} worker(s); runs under {printable(s.root)}", highlight=False)
     try:
         if workers == 1:
             _work_here(s, device)
@@ -79,7 +80,7 @@ def tune(
     finally:
         path = write_tune_report(t.load(s), s, reports)
         _refresh_matrix_report(m.name, results, reports)
-        console.print(f"tuning report: {path} and {path.with_suffix('.html')}")
+        console.print(f"tuning report: {printable(path)} and {printable(path.with_suffix('.html'))}")
     best = t.best_trials(t.load(s))
     for b in best:
         console.print(f"best: {t.trial_line(b)}", markup=False, highlight=False)
@@ -157,8 +158,8 @@ def _apply(m, c, s, optuna_study, number: Optional[int], out: Optional[Path]) ->
         path = t.apply(m.path, c.key, s, best, target)
     except (FileExistsError, ValueError) as e:
         raise _fail(str(e)) from None
-    console.print(f"wrote {path}: {m.name} plus the cell {c.name} with trial {best.number}'s {best.params}\n"
-                  f"run it: make sweep MATRIX={path.stem}", highlight=False)
+    console.print(printable(f"wrote {path}: {m.name} plus the cell {c.name} with trial {best.number}'s {best.params}\n"
+                            f"run it: make sweep MATRIX={path.stem}"), highlight=False)
 
 
 def _refresh_matrix_report(matrix: str, results: Path, reports: Path) -> None:

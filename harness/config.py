@@ -2,21 +2,55 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import types
+import typing
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from harness.registries import ALGORITHMS, COLOCATION, MODELS, QUANT, TASKS
-
 
 # rollout.quantization `same`: the vLLM in-flight quantization that matches each trainer format
 VLLM_SAME = {"bf16": None, "nf4": "bitsandbytes", "fp8": "fp8"}
 
 
+SEED_MAX = 2**32 - 1  # torch.manual_seed takes [-2**63, 2**64); numpy's (and most samplers') range is [0, 2**32)
+
+
 class Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Every config model: unknown keys are errors, no inf or nan, and no lax bool <-> number coercion
+    (pydantic would read `steps: true` as 1 and `enforce_eager: 1` as true)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_number_coercion(cls, v, info: ValidationInfo):
+        kinds = _kinds(cls, info.field_name)
+        if isinstance(v, bool) and bool not in kinds and kinds & {int, float}:
+            raise ValueError(f"expected a number, got {str(v).lower()}")
+        if v is not None and not isinstance(v, bool) and bool in kinds and kinds <= {bool, type(None)}:
+            raise ValueError(f"expected true or false, got {v!r}")
+        return v
+
+
+@functools.cache
+def _kinds(model: type[BaseModel], field: str) -> frozenset:
+    """The types a field's annotation admits (a Literal's by its values), unions flattened."""
+    def walk(a) -> set:
+        origin = typing.get_origin(a)
+        if origin is Literal:
+            return {type(x) for x in typing.get_args(a)}
+        if origin in (typing.Union, types.UnionType):
+            return set().union(*(walk(x) for x in typing.get_args(a)))
+        if origin is typing.Annotated:
+            return walk(typing.get_args(a)[0])
+        return {origin or a}
+
+    return frozenset(walk(model.model_fields[field].annotation))
 
 
 class TaskConfig(Frozen):
@@ -34,10 +68,14 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's MaxLoRARanks
 DTYPES = Literal["auto", "bfloat16", "float16", "float32"]
 
 
+SAMPLING = ("colocation", "temperature", "top_p", "max_new_tokens")  # the RolloutConfig fields every engine reads
+
+
 class RolloutConfig(Frozen):
     """How rollouts are generated. Every field below `max_new_tokens` configures the vLLM engine
     (colocation `colocated` or `server`); an `in_process` run has no engine to configure, so they
-    are reset to their defaults there and do not change its run id."""
+    are validated like any field (a misspelt key or an out-of-range value is an error) and then
+    reset to their defaults, so they do not change its run id."""
 
     colocation: str = "in_process"
     temperature: float = Field(1.0, gt=0)
@@ -68,12 +106,13 @@ class RolloutConfig(Frozen):
             raise ValueError(f"max_lora_rank {v} is not a vLLM LoRA rank; valid: {', '.join(map(str, VLLM_LORA_RANKS))}")
         return v
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _drop_engine_options_in_process(cls, data):
-        if isinstance(data, dict) and data.get("colocation", "in_process") == "in_process":
-            return {k: v for k, v in data.items() if k in ("colocation", "temperature", "top_p", "max_new_tokens")}
-        return data
+    def _reset_engine_options_in_process(cls, data, handler):
+        full = handler(data)  # every field validated first, whatever the colocation
+        if full.colocation != "in_process" or not isinstance(data, dict):
+            return full
+        return handler({k: getattr(full, k) for k in SAMPLING})
 
     @property
     def engine(self) -> str:
@@ -126,7 +165,11 @@ class TrainConfig(Frozen):
     mismatch_cap: float = Field(2.0, gt=1, description="mismatch/ratio_out_of_cap_frac counts tokens whose p_train/p_sampler is outside [1/cap, cap]")
 
 
-GRPO_ONLY = ("loss_type", "scale_rewards", "filter_groups")
+# train options only some recipes read (harness/recipes/): set for another algorithm they would be ignored, so it is an error
+ALGORITHM_OPTIONS = {
+    "loss_type": ("grpo",), "scale_rewards": ("grpo",), "filter_groups": ("grpo",), "tis_cap": ("grpo",),
+    "clip_low": ("grpo", "rloo"), "clip_high": ("grpo", "rloo"),  # the clipped surrogate (rloo's over whole completions)
+}
 KL_REGULARISED = ("grpo", "rloo")  # recipes whose objective holds beta x KL to the reference (see RunConfig.kl_in_loss)
 
 
@@ -140,7 +183,7 @@ class RunConfig(Frozen):
     train: TrainConfig = TrainConfig()
     modelopt: ModelOptConfig = ModelOptConfig()
     teacher: str | None = Field(None, description="distill: the BF16 teacher; None means the same checkpoint as `model`")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
 
     @field_validator("task", mode="before")
     @classmethod
@@ -167,13 +210,12 @@ class RunConfig(Frozen):
     @model_validator(mode="after")
     def _format_options(self):
         fmt = QUANT.get(self.quant)
-        if self.algorithm != "grpo":
-            defaults = TrainConfig()
-            changed = [f"train.{k}" for k in GRPO_ONLY if getattr(self.train, k) != getattr(defaults, k)]
-            if changed:
-                raise ValueError(f"{', '.join(changed)} configure the grpo loss; algorithm {self.algorithm} has no such option")
+        self._check_algorithm_options()
         if self.quant == "modelopt" and not self.modelopt.quant_cfg:
             raise ValueError("quant: modelopt needs modelopt.quant_cfg (a ModelOpt config name or a YAML file)")
+        if self.quant != "modelopt" and self.modelopt.quant_cfg:
+            raise ValueError(f"modelopt.quant_cfg is read with quant: modelopt only; {self.quant} would ignore it "
+                             "(remove it, or set quant: modelopt)")
         if self.modelopt.recalibrate_every and not fmt.calibrated:
             raise ValueError(f"modelopt.recalibrate_every applies to ModelOpt formats, not {self.quant}")
         if self.train.trainable == "full" and not fmt.trains_full_weights:
@@ -181,6 +223,21 @@ class RunConfig(Frozen):
         if self.rollout.engine == "vllm":
             self._check_vllm_options()
         return self
+
+    def _check_algorithm_options(self) -> None:
+        defaults = TrainConfig()
+        ignored: dict[tuple[str, ...], list[str]] = {}
+        for k, users in ALGORITHM_OPTIONS.items():
+            if self.algorithm not in users and getattr(self.train, k) != getattr(defaults, k):
+                ignored.setdefault(users, []).append(f"train.{k}")
+        if self.teacher is not None and self.algorithm != "distill":
+            ignored.setdefault(("distill",), []).append("teacher")
+        if ignored:
+            parts = [f"{', '.join(fields)} configure{'s' if len(fields) == 1 else ''} "
+                     + ("the grpo loss" if users == ("grpo",) else f"the {' and '.join(users)} recipe{'s' if len(users) > 1 else ''}")
+                     for users, fields in ignored.items()]
+            raise ValueError(f"{'; '.join(parts)}; algorithm {self.algorithm} has no such option (it would be ignored): "
+                             "remove it, or set it only on cells whose algorithm reads it")
 
     def _check_vllm_options(self) -> None:
         r = self.rollout
@@ -219,12 +276,15 @@ class RunConfig(Frozen):
 
 
 def set_dotted(tree: dict, dotted: str, value) -> None:
-    """tree["lora"]["r"] = value for "lora.r", creating the parents a partial config lacks."""
+    """tree["lora"]["r"] = value for "lora.r", creating the parents a partial config lacks.
+    ValueError when a parent holds a value rather than fields ("quant.x")."""
     *parents, leaf = dotted.split(".")
-    for part in parents:
+    for i, part in enumerate(parents):
         node = tree.get(part)
         if isinstance(node, str) and part == "task":  # `task: arith` shorthand
             node = {"name": node}
+        if node is not None and not isinstance(node, dict):
+            raise ValueError(f"{dotted}: {'.'.join(parents[:i + 1])} is a value ({node!r}), not a group of fields")
         tree[part] = node = dict(node or {})
         tree = node
     tree[leaf] = value

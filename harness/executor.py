@@ -14,9 +14,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from harness.config import Frozen, RunConfig
+from harness.printable import printable
 from harness.recipes import NonFinite, Pruned
 from harness.registries import ALGORITHMS, EXECUTORS
-from harness.results import read_json, read_metrics, summarize_metrics, truncate_logs, write_json_atomic
+from harness.results import (
+    damage,
+    past_attempts,
+    read_json,
+    read_metrics,
+    reopen,
+    summarize_metrics,
+    truncate_logs,
+    write_json_atomic,
+)
 from harness.system import device_identity, device_name, git_commit, library_versions, pick_device
 from harness.tracking import JsonlTracker, Trackers
 
@@ -54,7 +64,11 @@ def run_one(cfg: RunConfig, run_dir: Path, device: torch.device, progress=None, 
 
     progress = progress or (lambda **kw: None)
     run_dir.mkdir(parents=True, exist_ok=True)
-    truncate_logs(run_dir, checkpoint.saved_step(run_dir))
+    resume_at, logged = checkpoint.saved_step(run_dir), max((r["step"] for r in read_metrics(run_dir)), default=-1)
+    if resume_at > logged:  # rows before the checkpoint were lost (a damaged metrics.jsonl): resuming would leave a gap
+        checkpoint.discard(run_dir)
+        resume_at = -1
+    truncate_logs(run_dir, resume_at)
     env_path = run_dir / "env.json"
     env = read_json(env_path) if env_path.exists() else {}
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -123,7 +137,7 @@ def run_sequential(jobs: list[Job], settings: ExecutorSettings, console: Console
     with progress_bar(console) as bar:
         overall = bar.add_task("sweep", total=len(jobs), info="")
         for job in jobs:
-            task = bar.add_task(f"  {job.label}", total=job.cfg.train.steps, info="")
+            task = bar.add_task(f"  {printable(job.label)}", total=job.cfg.train.steps, info="")
 
             def on_step(step, total, reward, eval):
                 bar.update(task, completed=step, info=step_info(reward, eval))
@@ -164,19 +178,64 @@ def in_own_process(fn, *args):
 
 
 def one_line(job: Job, s: dict) -> str:
-    from rich.markup import escape
-
-    where = escape(f"{job.label} [{job.cfg.run_id}]")  # unescaped, rich takes "[bead269e9bd2]" for a style and drops it
+    where = printable(f"{job.label} [{job.cfg.run_id}]")  # unescaped, rich takes "[bead269e9bd2]" for a style and drops it
     if s["status"] != "ok":
-        return f"[red]✗[/] {where} {s['status']}: {escape(str(s['error']))}"
+        return f"[red]✗[/] {where} {printable(s['status'])}: {printable(s['error'])}"
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
     return f"[green]✓[/] {where} eval {fmt(s['eval_start'])} → {fmt(s['eval_end'])} in {s['wall_s']:.0f} s"
 
 
-def pending(jobs: list[Job]) -> list[Job]:
-    """Jobs without a summary.json, or whose pre-check found them infeasible (checked again each sweep:
-    the next device may be larger)."""
-    return [j for j in jobs if not (j.run_dir / "summary.json").exists() or read_json(j.run_dir / "summary.json")["status"] == "infeasible"]
+RETRYABLE = ("failed", "killed", "oom")  # the statuses `--retry` re-runs
+LOST = ("killed", "oom")  # retried automatically, up to --max-retries: the run may fit when it runs again
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Which finished runs a sweep runs again, besides the unfinished and damaged ones it always resumes."""
+
+    statuses: frozenset[str] = frozenset()  # --retry: runs that ended with these statuses, however often they did
+    max_retries: int = 1  # --max-retries: killed and OOM runs, until they have been retried this often
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A run a sweep must run, and why (README, "Re-running a sweep")."""
+
+    job: Job
+    why: str
+    old_summary: dict | None = None  # a finished run's, filed under attempts/ by `reopen` before it runs again
+
+
+def pending(jobs: list[Job], retry: Retry = Retry()) -> list[Pending]:
+    """The jobs that must run: unfinished (resumed), damaged (resumed), infeasible before, or retried."""
+    return [p for p in (_pending(job, retry) for job in jobs) if p is not None]
+
+
+def _pending(job: Job, retry: Retry) -> Pending | None:
+    path = job.run_dir / "summary.json"
+    if not path.exists():
+        return Pending(job, "resumed" if (job.run_dir / "metrics.jsonl").exists() else "new")
+    problem = damage(job.run_dir)
+    if problem:
+        return Pending(job, f"damaged results, resumed: {problem}", {"status": "damaged", "error": problem})
+    summary = read_json(path)
+    status = summary["status"]
+    if status == "infeasible":  # estimated again each sweep: the next device may be larger
+        return Pending(job, "infeasible before: estimated again")
+    if status in retry.statuses:
+        return Pending(job, f"ended {status}: retried (--retry {status})", summary)
+    if status in LOST:
+        used = sum(a.get("status") in LOST for a in past_attempts(job.run_dir))
+        if used < retry.max_retries:
+            return Pending(job, f"ended {status}: retried from its checkpoint ({used + 1} of --max-retries {retry.max_retries})", summary)
+    return None
+
+
+def reopen_all(todo: list[Pending]) -> None:
+    """Finished runs about to run again lose their summary.json (kept in attempts/), so workers run them."""
+    for p in todo:
+        if p.old_summary is not None:
+            reopen(p.job.run_dir, p.old_summary)
 
 
 def execute(jobs: list[Job], executor: str, settings: ExecutorSettings, console: Console) -> None:

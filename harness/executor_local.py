@@ -23,6 +23,7 @@ import torch
 from rich.console import Console
 
 from harness.executor import ExecutorSettings, Job, last_step, one_line, progress_bar, record_lost
+from harness.printable import printable
 from harness.results import read_json, write_json_atomic
 from harness.worker import job_payload
 
@@ -82,7 +83,7 @@ def run_local(jobs: list[Job], settings: ExecutorSettings, console: Console) -> 
             while queue or running:
                 while queue and free:
                     job, slot = queue.pop(0), free.pop(0)
-                    running[_start(job, slot)] = (job, slot, bar.add_task(f"  {job.label}", total=job.cfg.train.steps, info=""))
+                    running[_start(job, slot)] = (job, slot, bar.add_task(f"  {printable(job.label)}", total=job.cfg.train.steps, info=""))
                 time.sleep(POLL_S)
                 for proc, (job, slot, task) in list(running.items()):
                     step, info = last_step(job.run_dir)
@@ -114,7 +115,7 @@ def _outcome(job: Job, code: int) -> str:
     if summary_path.exists():
         return one_line(job, read_json(summary_path))
     if code == 130:  # stopped from outside (SIGINT/SIGTERM to the run itself): resumable, like Ctrl-C
-        return f"[yellow]■[/] {job.label} [{job.cfg.run_id}] stopped before it finished; the next sweep resumes it"
+        return f"[yellow]■[/] {printable(f'{job.label} [{job.cfg.run_id}]')} stopped before it finished; the next sweep resumes it"
     tail = _log_tail(job)
     if code < 0:
         name = signal.Signals(-code).name

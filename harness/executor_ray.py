@@ -22,6 +22,7 @@ from pathlib import Path
 from rich.console import Console
 
 from harness.executor import ExecutorSettings, Job, last_step, one_line, progress_bar, record_lost
+from harness.printable import printable
 from harness.results import read_json, write_json_atomic
 from harness.worker import job_payload
 
@@ -57,7 +58,7 @@ def run_ray(jobs: list[Job], settings: ExecutorSettings, console: Console) -> No
 def _drive(ray, refs: dict, console: Console) -> None:
     with progress_bar(console) as bar:
         overall = bar.add_task("sweep", total=len(refs), info="")
-        tasks = {ref: bar.add_task(f"  {job.label}", total=job.cfg.train.steps, info="") for ref, job in refs.items()}
+        tasks = {ref: bar.add_task(f"  {printable(job.label)}", total=job.cfg.train.steps, info="") for ref, job in refs.items()}
         try:
             while refs:
                 ready, _ = ray.wait(list(refs), num_returns=1, timeout=POLL_S)

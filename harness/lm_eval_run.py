@@ -10,8 +10,12 @@ looked up in lm-eval's own registry (those may need the network for their datase
 from __future__ import annotations
 
 import difflib
+import functools
 import gc
+import importlib.util
 import json
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -75,6 +79,45 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, device: torch.device, settings: 
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return out
+
+
+def precheck(names: tuple[str, ...], cell_tasks: dict[str, str]) -> list[str]:
+    """A matrix's eval.lm_eval.tasks checked before anything trains: the harness's own tasks must exist
+    and score the cells' task (`cell_tasks`: harness task -> a cell that runs it); any other name must
+    be in lm-eval's registry, checked where lm-eval is installed (`make sweep` installs it after
+    validating; each run checks again before loading a model)."""
+    problems = []
+    for name in dict.fromkeys(names):
+        for task, cell in cell_tasks.items():
+            if name in HARNESS_TASKS and HARNESS_TASKS[name] != task:
+                problems.append(f"eval.lm_eval.tasks: {name} scores the held-out set of the harness task {HARNESS_TASKS[name]}, "
+                                f"but cell {cell} runs {task}; for it use {_ours_for(task)}")
+    others = [n for n in dict.fromkeys(names) if n not in HARNESS_TASKS]
+    if any(n.startswith("qrl_") for n in others) or (others and importlib.util.find_spec("lm_eval") is not None):
+        listed = _listed_tasks() if not any(n.startswith("qrl_") for n in others) else set()
+        unknown = [n for n in others if n not in listed]
+        if unknown:  # not in a task file's text: lm-eval's own index decides (~10 s; generated names live only there)
+            try:
+                _registry(unknown)
+            except ValueError as e:
+                problems.append(f"eval.lm_eval.tasks: {e}")
+    return problems
+
+
+@functools.cache
+def _listed_tasks() -> set[str]:
+    """Names given as `task:`, `group:` or `tag:` in lm-eval's task files: 0.3 s, where lm-eval's TaskManager
+    takes ~15 s (import included). It misses the names lm-eval generates, so only its "yes" is trusted."""
+    spec = importlib.util.find_spec("lm_eval")
+    root = Path(next(iter(spec.submodule_search_locations or []), "")) / "tasks"
+    pattern = re.compile(rb"^\s*-?\s*(?:task|group|tag)\s*:\s*[\"']?([^\s\"'#]+)", re.MULTILINE)
+    names: set[str] = set()
+    for folder, _, files in os.walk(root):
+        for f in files:
+            if f.endswith((".yaml", ".yml")):
+                with open(os.path.join(folder, f), "rb") as fh:
+                    names.update(m.decode(errors="replace") for m in pattern.findall(fh.read()))
+    return names
 
 
 def _ours_for(task: str) -> str:

@@ -8,28 +8,36 @@ that dies on cell 17 after an hour of training is the failure this module exists
 
 from __future__ import annotations
 
+import collections
 import copy
 import itertools
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from harness.config import Frozen, RunConfig, set_dotted
+from harness.config import SEED_MAX, Frozen, RunConfig, set_dotted
+from harness.folders import folder_name
 from harness.lm_eval_run import LmEvalSettings
+from harness.lm_eval_run import precheck as lm_eval_precheck
+from harness.matrix_checks import exclude_patterns, excluded, key_problem, max_runs_problem, size_problems
+from harness.matrix_yaml import YamlProblem, load_yaml, parse_yaml
+from harness.preflight import check_run
 from harness.tracking_wandb import WandbSettings
 from harness.tune_space import TuneSpec
 
 AXIS_ALIASES = {"colocation": "rollout.colocation"}
+MAX_SHOWN = 40  # problems listed; the rest are counted
 
 
 class MatrixError(ValueError):
     def __init__(self, path: Path | str, problems: list[str]):
         self.problems = problems
-        super().__init__(f"{path}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
+        shown = problems[:MAX_SHOWN] + ([f"... and {len(problems) - MAX_SHOWN} more"] if len(problems) > MAX_SHOWN else [])
+        super().__init__(f"{path}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in shown))
 
 
 class Criteria(Frozen):
@@ -37,17 +45,17 @@ class Criteria(Frozen):
 
     Why each rule looks the way it does (with the curves behind it) is in the README, "Verdicts"."""
 
-    min_gain: float = Field(0.05, ge=0, description="held-out gain (final score - step-0 eval/reward) that counts as learning")
+    min_gain: float = Field(0.05, ge=0, le=1, description="held-out gain (final score - step-0 eval/reward) that counts as learning")
     final_window: float = Field(0.25, gt=0, le=1, description="the final score is the mean of the evals in this last fraction "
                                 "of training (steps >= (1 - final_window) x last step); one eval is too noisy to judge on")
     kl_max: float = Field(1.0, gt=0, description="diverged when the rolling median of `kl` over kl_window steps exceeds this "
                           "(recipes with a KL term in their loss only); single steps above it are counted as spikes, not judged")
     kl_window: int = Field(10, ge=1, description="steps in the rolling median of `kl`: long enough that one heavy-tailed k3 "
                            "estimate cannot move it, short enough to catch a sustained rise")
-    drop_max: float = Field(0.15, gt=0, description="diverged when the final score and the last eval are both more than this "
+    drop_max: float = Field(0.15, gt=0, le=1, description="diverged when the final score and the last eval are both more than this "
                             "below the run's best eval/reward: held-out reward collapsed and did not recover")
     entropy_floor: float = Field(0.02, ge=0, description="final entropy under this while not learning: collapsed")
-    tolerance: float = Field(0.05, gt=0, description="how far below the baseline's final score still counts as non-inferior")
+    tolerance: float = Field(0.05, gt=0, le=1, description="how far below the baseline's final score still counts as non-inferior")
     confidence: float = Field(0.9, gt=0.5, lt=1, description="confidence of the one-sided bounds on Δ and of the "
                               "reported intervals")
     power: float = Field(0.8, gt=0.5, lt=1, description="for an Inconclusive cell: the chance that the suggested seed "
@@ -67,11 +75,14 @@ class EvalSpec(Frozen):
     lm_eval: LmEvalSettings | None = Field(None, description="lm-evaluation-harness tasks, e.g. the harness's own qrl_arith")
 
 
+Seed = Annotated[int, Field(strict=True, ge=0, le=SEED_MAX)]
+
+
 class MatrixSpec(Frozen):
     description: str = ""
     base: dict[str, Any] = {}
     axes: dict[str, list[Any]] = {}
-    seeds: list[int] = [0]
+    seeds: list[Seed] = Field([0], description="distinct; every cell runs once per seed")
     exclude: list[dict[str, Any]] = []
     include: list[dict[str, Any]] = []
     baseline: dict[str, Any] = {}
@@ -79,6 +90,23 @@ class MatrixSpec(Frozen):
     tune: TuneSpec = TuneSpec()  # what `harness tune` searches for a cell of this matrix
     tracking: Tracking = Tracking()
     eval: EvalSpec = EvalSpec()
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if not seeds:
+            raise ValueError("empty: list at least one seed, e.g. seeds: [0]")
+        twice = sorted(s for s, n in collections.Counter(seeds).items() if n > 1)
+        if twice:
+            raise ValueError(f"seed {', '.join(map(str, twice))} listed twice: each seed is one run of every cell; list distinct seeds")
+        return seeds
+
+    @model_validator(mode="after")
+    def _enough_seeds(self):
+        if "min_seeds" in self.criteria.model_fields_set and self.criteria.min_seeds > len(self.seeds):
+            raise ValueError(f"criteria.min_seeds {self.criteria.min_seeds} is more than the {len(self.seeds)} seed(s) listed: "
+                             "every cell would be Smoke tested; list more seeds or lower min_seeds")
+        return self
 
 
 @dataclass(frozen=True)
@@ -158,7 +186,7 @@ def parse_assignments(expr: str) -> dict[str, Any]:
         k, sep, v = part.partition("=")
         if not sep:
             raise ValueError(f"expected key=value, got {part!r}")
-        out[AXIS_ALIASES.get(k.strip(), k.strip())] = yaml.safe_load(v.strip())
+        out[AXIS_ALIASES.get(k.strip(), k.strip())] = parse_yaml(v.strip())  # YamlProblem (a ValueError) on bad YAML
     return out
 
 
@@ -170,6 +198,9 @@ def find_matrix(name_or_path: str, matrices_dir: Path = Path("matrices")) -> Pat
     if candidate.exists():
         return candidate
     known = sorted(x.stem for x in matrices_dir.glob("*.yaml"))
+    if p.is_dir():
+        raise FileNotFoundError(f"{name_or_path} is a directory, not a matrix: give a matrix file (matrices/NAME.yaml) "
+                                f"or a name; known: {', '.join(known)}")
     import difflib
 
     close = difflib.get_close_matches(name_or_path, known, n=1)
@@ -180,40 +211,67 @@ def find_matrix(name_or_path: str, matrices_dir: Path = Path("matrices")) -> Pat
 def load_matrix(path: Path | str) -> Matrix:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise MatrixError(path, [f"not valid YAML: {e}"]) from None
+        raw = load_yaml(path)
+    except YamlProblem as e:
+        raise MatrixError(path, [str(e)]) from None
+    if raw is None or raw == {}:
+        raise MatrixError(path, ["the file is empty: a matrix needs at least `base:` (a run config) or `axes:`; see matrices/smoke.yaml"])
+    if not isinstance(raw, dict):
+        fields = ", ".join(MatrixSpec.model_fields)
+        raise MatrixError(path, [f"(top level): expected a mapping with {fields}; got {type(raw).__name__}"])
     try:
         spec = MatrixSpec.model_validate(raw)
     except ValidationError as e:
-        raise MatrixError(path, [f"{_loc(err['loc'])}: {_msg(err, MatrixSpec)}" for err in e.errors()]) from None
-    return Matrix(path.stem, path, spec, tuple(_expand(path, spec)))
+        raise MatrixError(path, [_error(err, MatrixSpec) for err in e.errors()]) from None
+    try:
+        name = folder_name(path.stem)
+    except ValueError as e:
+        raise MatrixError(path, [f"(file name): {e}; rename the file"]) from None
+    return Matrix(name, path, spec, tuple(_expand(path, spec)))
 
 
 def _expand(path: Path, spec: MatrixSpec) -> list[Cell]:
     problems: list[str] = []
     axes = {AXIS_ALIASES.get(k, k): v for k, v in spec.axes.items()}
     spec_axes = list(axes)
-    if "seed" in axes:
-        problems.append("axes.seed: seeds are not an axis; list them under `seeds:`")
+    fatal = [p for k in axes if (p := key_problem(f"axes.{k}", k))]  # these would fail every cell, or the expansion itself
+    if "seed" in axes:  # fatal: the cells would differ in a value every run then overrides
+        fatal.append("axes.seed: seeds are not an axis; list them under `seeds:`")
+    if "seed" in spec.base:
+        problems.append("base.seed: seeds are listed under `seeds:`, not in `base`")
     for k, values in axes.items():
         if not values:
             problems.append(f"axes.{k}: empty list")
     for k, v in spec.baseline.items():
         k = AXIS_ALIASES.get(k, k)
         if k not in axes:
-            problems.append(f"baseline.{k}: not an axis of this matrix; axes: {', '.join(spec_axes)}")
+            problems.append(f"baseline.{k}: not an axis of this matrix; axes: {', '.join(spec_axes) or '(none)'}")
         elif v not in axes[k]:
             problems.append(f"baseline.{k}: {v!r} is not among axes.{k} {axes[k]}")
+    fatal += max_runs_problem() + size_problems(spec.base, axes, spec.include, len(spec.seeds))
+    excludes = exclude_patterns([{AXIS_ALIASES.get(k, k): v for k, v in ex.items()} for ex in spec.exclude], axes, problems)
+    includes = []
+    for i, inc in enumerate(spec.include):
+        inc = {AXIS_ALIASES.get(k, k): v for k, v in inc.items()}
+        label = inc.pop("label", None)
+        if label is not None and not isinstance(label, str):
+            problems.append(f"include[{i}].label: expected text, got {label!r}")
+        if "seed" in inc:
+            fatal.append(f"include[{i}].seed: seeds are not set per cell; list them under `seeds:`")
+        fatal += [p for k in inc if (p := key_problem(f"include[{i}].{k}", k))]
+        includes.append((i, inc, label))
+    if fatal:
+        raise MatrixError(path, list(dict.fromkeys(fatal + problems)))
 
     keys: list[tuple[dict[str, Any], str | None, bool]] = []
     for combo in itertools.product(*axes.values()):
         key = dict(zip(axes, combo))
-        if not any(_matches(key, ex) for ex in spec.exclude):
+        if not excluded(key, excludes):
             keys.append((key, None, False))
-    for i, inc in enumerate(spec.include):
-        inc = {AXIS_ALIASES.get(k, k): v for k, v in inc.items()}
-        label = inc.pop("label", None)
+    if spec.exclude and axes and not keys and not includes:
+        problems.append(f"exclude: removes all {math.prod(map(len, axes.values()))} cells of the axes and `include` adds none: "
+                        "nothing would run; remove the exclude entries that match everything")
+    for i, inc, label in includes:
         key = {k: inc.get(k, _get(spec.base, k)) for k in axes} | {k: v for k, v in inc.items() if k not in axes}
         missing = [k for k in axes if key[k] is None]
         if missing:
@@ -221,32 +279,56 @@ def _expand(path: Path, spec: MatrixSpec) -> list[Cell]:
             continue
         keys.append((key, label, True))
 
-    cells, seen = [], {}
+    cells, seen, cache = [], {}, {}
     for key, label, included in keys:
-        tag = ",".join(f"{k}={v}" for k, v in key.items())
-        runs = []
-        for seed in spec.seeds:
-            merged = copy.deepcopy(spec.base)
+        tag = (",".join(f"{k}={v}" for k, v in key.items()) or "(base: no axes)") + (f" ({label})" if label else "")
+        merged = copy.deepcopy(spec.base)
+        try:
             for k, v in key.items():
                 set_dotted(merged, k, v)
-            merged["seed"] = seed
-            try:
-                runs.append(RunConfig.model_validate(merged))
-            except ValidationError as e:
-                problems += [f"cell {tag}: {_loc(err['loc'])}: {_msg(err, RunConfig)}" for err in e.errors()]
-                break
-        else:
-            if runs[0].run_id in seen:
-                problems.append(f"cell {tag}: same configuration as cell {seen[runs[0].run_id]}")
-            seen[runs[0].run_id] = tag
-            cells.append(Cell(key, label, included, tuple(runs)))
+            merged["seed"] = spec.seeds[0]
+            first = RunConfig.model_validate(merged)
+        except ValidationError as e:
+            problems += [f"cell {tag}: {_error(err, RunConfig)}" for err in e.errors()]
+            continue
+        except ValueError as e:  # set_dotted through a value; key_problem catches the cases it knows first
+            problems.append(f"cell {tag}: {e}")
+            continue
+        problems += [f"cell {tag}: {p}" for p in check_run(first, cache)]
+        # the other seeds differ in the seed alone, which MatrixSpec validated as RunConfig would
+        runs = (first, *(first.model_copy(update={"seed": seed}) for seed in spec.seeds[1:]))
+        if first.run_id in seen:
+            problems.append(f"cell {tag}: same configuration as cell {seen[first.run_id]}")
+        seen[first.run_id] = tag
+        cells.append(Cell(key, label, included, runs))
+    if spec.eval.lm_eval is not None and cells:
+        tasks = {}
+        for c in cells:
+            tasks.setdefault(c.runs[0].task.name, c.name or "(base: no axes)")
+        problems += lm_eval_precheck(spec.eval.lm_eval.tasks, tasks)
     if problems:
         raise MatrixError(path, list(dict.fromkeys(problems)))
     return cells
 
 
-def _matches(key: dict, pattern: dict) -> bool:
-    return all(key.get(AXIS_ALIASES.get(k, k)) == v for k, v in pattern.items())
+def load_run_config(path: Path | str) -> RunConfig:
+    """One run's config file (the fields of a matrix's `base`, plus `seed`), checked as a matrix's cells are."""
+    path = Path(path)
+    try:
+        raw = load_yaml(path)
+    except YamlProblem as e:
+        raise MatrixError(path, [str(e)]) from None
+    if not raw or not isinstance(raw, dict):
+        got = "the file is empty" if not raw else f"got {type(raw).__name__}"
+        raise MatrixError(path, [f"(top level): {got}; a run config is a mapping of {', '.join(RunConfig.model_fields)}"])
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise MatrixError(path, [_error(err, RunConfig) for err in e.errors()]) from None
+    problems = check_run(cfg)
+    if problems:
+        raise MatrixError(path, problems)
+    return cfg
 
 
 def _get(tree: dict, dotted: str):
@@ -259,6 +341,16 @@ def _get(tree: dict, dotted: str):
 
 def _loc(loc: tuple) -> str:
     return ".".join(str(x) for x in loc) or "(top level)"
+
+
+def _error(err: dict, root: type[BaseModel]) -> str:
+    """One pydantic error as "dotted.field: what is wrong (got VALUE)"; a rule across fields names its fields itself."""
+    msg = _msg(err, root)
+    value = err.get("input")
+    if err["type"] != "extra_forbidden" and isinstance(value, (str, int, float, bool)) and not err["type"].startswith("value_error"):
+        shown = repr(value) if not isinstance(value, bool) else str(value).lower()
+        msg += f" (got {shown[:60]})"
+    return f"{_loc(err['loc'])}: {msg}" if err["loc"] else msg
 
 
 def _msg(err: dict, root: type[BaseModel]) -> str:

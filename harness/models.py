@@ -29,7 +29,10 @@ def load_policy(cfg: RunConfig, device: torch.device, dtype: torch.dtype):
     from transformers import AutoTokenizer
 
     source = resolve(cfg.model)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as e:  # transformers' message names neither the field nor, offline, the id
+        raise OSError(f"model {cfg.model!r} (an HF id, as no such folder exists) could not be loaded: {e}") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = QUANT.get(cfg.quant).load_base(source, cfg, device, dtype)

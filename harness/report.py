@@ -12,15 +12,21 @@ import statistics
 from pathlib import Path
 
 from harness.matrix import Criteria
-from harness.results import read_json, read_metrics
+from harness.printable import visible
+from harness.results import read_json, read_metrics, read_summary
 
 FIXED_AXES = ("algorithm", "quant", "rollout.colocation")
 
 
 def md(text) -> str:
     """Escape a string from a run for a Markdown table cell."""
-    text = html.escape(str(text), quote=False).replace("|", "\\|").replace("`", "\\`")
+    text = html.escape(visible(text), quote=False).replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
     return " ".join(text.split())
+
+
+def md_table(titles: list[str], rows: list[list[str]]) -> list[str]:
+    """A GFM table: the titles escaped, the cells already Markdown (escape what comes from runs with `md`)."""
+    return ["| " + " | ".join(md(t) for t in titles) + " |", "|" + "---|" * len(titles)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def _num(x, digits=3, signed=False) -> str:
@@ -111,7 +117,7 @@ def engine_rows(root: Path, cells: list[dict]) -> list[dict]:
     """Per cell, how its rollouts were made and what they cost: the colocation comparison."""
     rows = []
     for cell in cells:
-        summaries = [read_json(root / r["run_id"] / "summary.json") for r in cell["runs"] if (root / r["run_id"] / "summary.json").exists()]
+        summaries = [x for r in cell["runs"] if (x := read_summary(root / r["run_id"]))]
         steps = [m for r in cell["runs"] for m in read_metrics(root / r["run_id"]) if m["step"] > 0]
         facts = next((x for x in summaries if x.get("rollout_engine")), summaries[0] if summaries else {})
         row = {"cell": cell["name"], "engine": facts.get("rollout_engine", "–"),
@@ -216,40 +222,33 @@ def write_markdown(root: Path, out_dir: Path, matrix: dict, cells: list[dict], r
     lines = [f"# Verified configurations: `{name}`", "", md(matrix["description"]), "",
              f"Regenerate: `harness report {name}`. Re-run: `make sweep MATRIX={name}`. Plots: `report.html`.", "",
              *([notes, ""] if (notes := report_notes(out_dir)) else []),
-             "| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for row in rows:
-        cells_md = [f"{STATUS_MARK.get(row['status'], '')} **{row['status']}**" if k == "status" else md(row[k]) for k, _ in COLUMNS]
-        lines.append("| " + " | ".join(cells_md) + " |")
+             *md_table([title for _, title in COLUMNS],
+                       [[f"{STATUS_MARK.get(row['status'], '')} **{md(row['status'])}**" if k == "status" else md(row[k]) for k, _ in COLUMNS]
+                        for row in rows])]
     algorithms, grid = algorithm_grid(rows)
     if grid:
-        lines += ["", "### By algorithm", "", "| Quantization · colocation | " + " | ".join(md(a) for a in algorithms) + " |",
-                  "|" + "---|" * (len(algorithms) + 1)]
         mark = lambda x: f"{STATUS_MARK.get(x[0], '')} {md(x[0])}, {md(x[1])}" if x else "–"  # noqa: E731
-        lines += ["| " + md(label) + " | " + " | ".join(mark(by.get(a)) for a in algorithms) + " |" for label, by in grid]
+        lines += ["", "### By algorithm", "",
+                  *md_table(["Quantization · colocation", *algorithms], [[md(label)] + [mark(by.get(a)) for a in algorithms] for label, by in grid])]
+    run_titles = ["cell", "seed", "run", "verdict", "eval start → final (last)", "KL median max / step max (spikes)", "final entropy", "reason"]
     lines += ["", md(method_text(matrix)), "", "## Runs", "",
-              "| cell | seed | run | verdict | eval start → final (last) | KL median max / step max (spikes) | final entropy | reason |",
-              "|---|---|---|---|---|---|---|---|"]
-    for cell in cells:
-        for r in cell["runs"]:
-            lines.append(f"| {md(cell['name'])} | {r['seed']} | [{r['run_id']}]({runs_link}/{r['run_id']}/) | {r['verdict']} | "
-                         f"{_num(r['eval_start'])} → {_num(r['eval_final'])} ({_num(r['eval_end'])}) | {kl_text([r])} | {_num(r['final_entropy'])} | "
-                         f"{md(r['reason'])} |")
+              *md_table(run_titles, [[md(cell["name"]), md(r["seed"]), f"[{md(r['run_id'])}]({runs_link}/{r['run_id']}/)", md(r["verdict"]),
+                                      f"{_num(r['eval_start'])} → {_num(r['eval_final'])} ({_num(r['eval_end'])})", md(kl_text([r])),
+                                      _num(r["final_entropy"]), md(r["reason"])] for cell in cells for r in cell["runs"]])]
     studies = tuning_reports(out_dir)
     if studies:
         lines += ["", "## Tuning studies", ""] + [f"- [{md(p.stem.removeprefix('tune_'))}]({p.name})" for p in studies]
     evals = lm_eval_rows(cells)
     if evals:
         lines += ["", "## Held-out evaluation (lm-eval)", "", md(LM_EVAL_TEXT), "",
-                  "| " + " | ".join(title for _, title in LM_EVAL_COLUMNS) + " |", "|" + "---|" * len(LM_EVAL_COLUMNS)]
-        lines += ["| " + " | ".join(md(row[k]) for k, _ in LM_EVAL_COLUMNS) + " |" for row in evals]
+                  *md_table([title for _, title in LM_EVAL_COLUMNS], [[md(row[k]) for k, _ in LM_EVAL_COLUMNS] for row in evals])]
     lines += ["", "## Rollout engines", "", md(ENGINE_TEXT), "",
-              "| " + " | ".join(title for _, title in ENGINE_COLUMNS) + " |", "|" + "---|" * len(ENGINE_COLUMNS)]
-    lines += ["| " + " | ".join(md(row[k]) for k, _ in ENGINE_COLUMNS) + " |" for row in engine_rows(root, cells)]
+              *md_table([title for _, title in ENGINE_COLUMNS], [[md(row[k]) for k, _ in ENGINE_COLUMNS] for row in engine_rows(root, cells)])]
     env = first_env(root, cells)
     if env:
         lines += ["", "## Environment", "", f"- device: {md(env.get('device'))}", f"- git commit: `{md(env.get('git_commit'))}`"]
         lines += [f"- {k}: {md(v)}" for k, v in env.get("versions", {}).items()]
-    lines += ["", "## Matrix", "", "```yaml", matrix["source"].replace("```", "` ` `").rstrip(), "```", ""]
+    lines += ["", "## Matrix", "", "```yaml", visible(matrix["source"]).replace("```", "` ` `").rstrip(), "```", ""]
     return _write(out_dir / "report.md", "\n".join(lines))
 
 

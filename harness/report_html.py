@@ -11,6 +11,7 @@ import statistics
 from html import escape
 from pathlib import Path
 
+from harness.printable import visible
 from harness.plots import PALETTE, bar_chart, line_chart
 from harness.report import (COLUMNS, ENGINE_COLUMNS, ENGINE_TEXT, LM_EVAL_COLUMNS, LM_EVAL_TEXT, algorithm_grid, engine_rows, first_env,
                             lm_eval_rows, method_text, report_notes, tuning_reports)
@@ -40,7 +41,7 @@ svg .frame{fill:none;stroke:#ccc} svg .grid{stroke:#eee}
 
 
 def e(text) -> str:
-    return escape(str(text), quote=True)
+    return escape(visible(text), quote=True)
 
 
 def render_html(root: Path, out_dir: Path, matrix: dict, cells: list[dict], rows: list[dict]) -> str:

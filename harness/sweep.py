@@ -5,13 +5,14 @@ from being launched."""
 from __future__ import annotations
 
 import importlib.util
+from collections import Counter
 from pathlib import Path
 
 import torch
 
-from harness.executor import Job, RunOptions
+from harness.executor import RETRYABLE, Job, RunOptions
 from harness.matrix import Cell, Matrix
-from harness.results import write_json_atomic
+from harness.results import read_summary, write_json_atomic
 
 
 def jobs_of(m: Matrix, results: Path, cells: list[Cell] | None = None, wandb: str | None = None) -> list[Job]:
@@ -83,3 +84,22 @@ def mirror_verdicts(jobs: list[Job], verdicts) -> None:
     root = jobs[0].run_dir.parent
     fields = {root / r.run_id: {"verdict/run": r.verdict, "verdict/cell": v.status, "verdict/reason": v.reason} for v in verdicts for r in v.runs}
     record_verdicts(fields, WandbSettings(**settings), group=jobs[0].options.matrix)
+
+
+def statuses(jobs: list[Job]) -> Counter:
+    """How the runs ended: summary.json's status, or `unfinished` (none, or one that cannot be trusted)."""
+    return Counter((read_summary(j.run_dir) or {"status": "unfinished"})["status"] for j in jobs)
+
+
+def kept_errors(jobs: list[Job]) -> str:
+    """'2 failed, 1 killed': the finished runs among `jobs` that ended in an error ('' when none did)."""
+    counts = statuses(jobs)
+    return ", ".join(f"{counts[s]} {s}" for s in RETRYABLE if counts[s])
+
+
+def nothing_trained(jobs: list[Job]) -> str | None:
+    """'3 failed, 1 oom' when every run ended in an error or was infeasible, so the sweep has nothing to show."""
+    counts = statuses(jobs)
+    if jobs and set(counts) <= {*RETRYABLE, "infeasible"}:
+        return ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    return None

@@ -28,11 +28,14 @@ def _split(problems: list[Problem], eval_size: int) -> tuple[list[Problem], list
     return shuffled[eval_size:], shuffled[:eval_size]
 
 
+ARITH_OPERANDS = range(10, 100)
+
+
 class ArithTask:
     """`23+58=` -> `81`. Reward 1.0 for the exact answer (the completion up to end-of-sequence)."""
 
     def __init__(self, cfg: TaskConfig = TaskConfig()):
-        problems = [Problem(f"{a}+{b}=", str(a + b)) for a in range(10, 100) for b in range(10, 100)]
+        problems = [Problem(f"{a}+{b}=", str(a + b)) for a in ARITH_OPERANDS for b in ARITH_OPERANDS]
         self.train, self.eval = _split(problems, cfg.eval_size)
 
     def reward(self, problem: Problem, completion: str) -> float:
@@ -114,6 +117,20 @@ class BoxedTask:
     def reward(self, problem: Problem, completion: str) -> float:
         found = BOXED.findall(completion)
         return float(bool(found) and normalize_number(found[-1]) == problem.answer)
+
+
+def task_size(cfg: TaskConfig) -> int | None:
+    """Problems the task has before its train/held-out split, without building them; None where that
+    is only known once loaded (an HF dataset). A local JSONL file counts its non-empty lines."""
+    if cfg.name == "arith":
+        return len(ARITH_OPERANDS) ** 2
+    if cfg.name != "boxed" or not cfg.source:
+        return None
+    try:  # as _load finds the file: relative to the working directory
+        with Path(cfg.source).open("rb") as f:
+            return sum(1 for line in f if line.strip())
+    except (OSError, ValueError):  # not a file (an HF dataset id), or a name the OS refuses
+        return None
 
 
 def load_task(cfg: TaskConfig):

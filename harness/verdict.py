@@ -24,7 +24,7 @@ from scipy import stats
 
 from harness.config import RunConfig
 from harness.matrix import Criteria
-from harness.results import finite, read_json, read_metrics, write_json_atomic
+from harness.results import damage, finite, read_json, read_metrics, write_json_atomic
 
 RUN_VERDICTS = ("converged", "no_learning", "diverged", "collapsed", "failed", "oom", "infeasible", "incomplete")
 CELL_VERDICTS = ("Converges", "Inconclusive", "Convergence issue", "Does not converge", "Error", "Infeasible", "Incomplete", "Smoke tested")
@@ -54,6 +54,7 @@ class RunVerdict:
     rollout_tokens_per_s: float | None = None
     lm_eval: dict | None = None  # lm_eval_run.evaluate_run's results, when the matrix asks for them
     trained_to_end: bool = False  # every step ran (status ok): only then is eval_final a final score
+    damage: str | None = None  # why its files cannot be trusted (results.damage): judged as not finished
 
     @property
     def gain(self) -> float | None:
@@ -125,6 +126,10 @@ def _spike_note(v: RunVerdict, c: Criteria) -> str:
 def judge_run(run_dir: Path, seed: int, c: Criteria, kl_in_loss: bool = True) -> RunVerdict:
     v = RunVerdict(run_dir.name, seed, "incomplete", "no summary.json: not run, or interrupted", kl_judged=kl_in_loss)
     if not (run_dir / "summary.json").exists():
+        return v
+    v.damage = damage(run_dir)
+    if v.damage:
+        v.reason = f"not trusted, judged as unfinished: {v.damage}; the next sweep resumes it"
         return v
     summary, rows = read_json(run_dir / "summary.json"), read_metrics(run_dir)
     train_rows = [r for r in rows if r["step"] > 0 and "kl" in r]

@@ -24,7 +24,7 @@ base:
   train: {steps: 4, prompts_per_step: 4, group_size: 4, eval_every: 2, checkpoint_every: 2}
 axes: {quant: [bf16, nf4]}
 include:
-  - {quant: bf16, model: /nonexistent/model-folder, label: raises}   # loading it raises inside the run
+  - {quant: bf16, model: no-such-org/no-such-model, label: raises}   # an HF id, checked when it loads: raises inside the run
   - {quant: bf16, train.steps: 2000, label: killed}                  # SIGKILLed by the test mid-way
 """
 
@@ -42,6 +42,7 @@ def sweep(tmp_path: Path, name: str, *args: str) -> subprocess.Popen:
         [sys.executable, "-m", "harness", "sweep", str(tmp_path / f"{name}.yaml"), "--results", str(tmp_path / "results"),
          "--reports", str(tmp_path / "reports"), "--jobs", "2", *args],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env=os.environ | {"HF_HUB_OFFLINE": "1"},  # the HF id above fails at once instead of trying the network
     )
 
 
@@ -83,7 +84,7 @@ def test_a_raising_run_and_a_killed_run_are_recorded_while_the_others_finish(tmp
     assert status["quant=bf16"]["status"] == status["quant=nf4"]["status"] == "ok"
     assert status["quant=nf4"]["steps_completed"] == 4
     s = read_json(raises / "summary.json")
-    assert s["status"] == "failed" and "/nonexistent/model-folder" in s["error"], s
+    assert s["status"] == "failed" and "no-such-org/no-such-model" in s["error"], s
     s = read_json(killed / "summary.json")
     assert s["status"] == "killed" and "SIGKILL" in s["error"] and s["steps_completed"] >= 2, s
     assert "Traceback" not in out, out  # each run's output is in its worker.log, not the sweep's
@@ -91,10 +92,11 @@ def test_a_raising_run_and_a_killed_run_are_recorded_while_the_others_finish(tmp
     report = (tmp_path / "reports" / "four" / "report.md").read_text()
     assert report.count("**Error**") == 2 and "SIGKILL" in report
 
-    # finished, failed and killed runs all have a summary: a second sweep runs nothing
-    again = sweep(tmp_path, "four")
+    # finished, failed and killed runs all have a summary: with retries off a second sweep runs nothing
+    again = sweep(tmp_path, "four", "--max-retries", "0")
     out, _ = again.communicate(timeout=120)
     assert again.returncode == 0 and "4 already finished, 0 to run" in out, out
+    assert "kept as finished: 1 failed, 1 killed; `--retry failed,killed,oom` runs them again" in out, out
 
 
 def test_ctrl_c_stops_every_run_resumably(tmp_path, tiny_model):
@@ -102,8 +104,11 @@ def test_ctrl_c_stops_every_run_resumably(tmp_path, tiny_model):
     runs = [tmp_path / "results" / "two" / r.run_id for r in load_matrix(tmp_path / "two.yaml").cells[0].runs]
 
     proc = sweep(tmp_path, "two")
-    wait_for(lambda: all(len(read_metrics(d)) >= 7 for d in runs), proc)  # both running at once, past a checkpoint
+    frozen = freeze_when(runs, lambda d: len(read_metrics(d)) >= 7, proc)  # both running at once, past a checkpoint
     proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground sweep
+    for pid in frozen:  # let each run go on only once the sweep's SIGTERM waits for it
+        wait_for(lambda pid=pid: signal.SIGTERM in pending_signals(pid), proc)
+        os.kill(pid, signal.SIGCONT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
     assert "interrupted" in out and "resume" in out
@@ -118,6 +123,52 @@ def test_ctrl_c_stops_every_run_resumably(tmp_path, tiny_model):
         assert steps == list(range(41)), [s for s, n in Counter(steps).items() if n > 1]
         assert len(read_json(d / "env.json")["resumed_at"]) == 1, "restarted, not resumed"
         assert read_json(d / "summary.json")["status"] == "ok"
+
+
+def state(pid: int) -> str:
+    """The process's state letter in /proc (T: stopped); 'X' once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "X"
+
+
+def pending_signals(pid: int) -> set[int]:
+    """Signals sent to the process and not yet handled (a stopped process handles them when continued)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return set()
+    mask = 0
+    for line in status.splitlines():
+        if line.startswith(("SigPnd:", "ShdPnd:")):
+            mask |= int(line.split()[1], 16)
+    return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+
+
+def freeze_when(runs: list[Path], ready, proc: subprocess.Popen, timeout: float = 300) -> list[int]:
+    """SIGSTOP each run's worker once `ready(run_dir)` holds, and return their pids when all are stopped.
+
+    Race-free on a busy machine: the condition is read while the worker is stopped, so a run cannot
+    finish between the test seeing it mid-way and the test's signal arriving."""
+    frozen: dict[Path, int] = {}
+    deadline = time.time() + timeout
+    while len(frozen) < len(runs):
+        for d in runs:
+            if d in frozen:
+                continue
+            for pid in workers_of(d):
+                os.kill(pid, signal.SIGSTOP)
+                wait_for(lambda pid=pid: state(pid) in "Tt", proc)  # stopped, not just signalled
+                if ready(d):
+                    frozen[d] = pid
+                else:
+                    os.kill(pid, signal.SIGCONT)
+        assert proc.poll() is None, proc.stdout.read()
+        assert not any((d / "summary.json").exists() for d in runs), "a run finished before the condition was seen"
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.1)
+    return list(frozen.values())
 
 
 def test_gpu_slots_pin_one_visible_gpu_each(monkeypatch):

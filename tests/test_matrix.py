@@ -102,7 +102,9 @@ def test_vllm_options_are_validated_before_any_run(tmp_path):
     assert "no in-flight equivalent of nvfp4_w4a16" in msg and "rollout_model" in msg
     assert "rollout.quantization" in problems(tmp_path, base + "base: {rollout: {quantization: int3}}\n")
     # an export for vLLM to load lifts the `same` restriction; full weights may go to a colocated engine
-    load_matrix(write(tmp_path, base + "base: {quant: nvfp4_w4a16, rollout: {rollout_model: /some/export}}\n"))
+    export = tmp_path / "export"
+    export.mkdir()
+    load_matrix(write(tmp_path, base + f"base: {{quant: nvfp4_w4a16, rollout: {{rollout_model: {export}}}}}\n"))
     load_matrix(write(tmp_path, base + "base: {train: {trainable: full}}\n"))
 
 
