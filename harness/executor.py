@@ -254,7 +254,9 @@ def last_step(run_dir: Path) -> tuple[int, str]:
 
 def record_lost(job: Job, status: str, error: str) -> dict:
     """summary.json for a run whose process died without writing one (killed, segfault, OOM killer)."""
+    rows = read_metrics(job.run_dir)
+    truncate_logs(job.run_dir, max((r["step"] for r in rows), default=-1))  # the line it died writing is not damage
     summary = {"run_id": job.cfg.run_id, "status": status, "error": error, "memory_estimate": job.options.memory_estimate}
-    summary |= summarize_metrics(read_metrics(job.run_dir))
+    summary |= summarize_metrics(rows)
     write_json_atomic(job.run_dir / "summary.json", summary)
     return summary

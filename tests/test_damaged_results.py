@@ -128,7 +128,10 @@ def test_killed_runs_are_retried_up_to_max_retries_then_kept_until_asked(tmp_pat
     job = Job(cfg, tmp_path / cfg.run_id)
     with pytest.raises(KeyboardInterrupt):
         run_one(cfg, job.run_dir, pick_cpu(), interrupted_at(3))
+    with open(job.run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "reward/me')  # the row it was writing when it died
     record_lost(job, "killed", "the run's process was killed by SIGKILL")  # what the local executor writes for it
+    assert damage(job.run_dir) is None, "a killed run's torn last row is what killing it did, not damage"
     [p] = pending([job], Retry(max_retries=1))
     assert "1 of --max-retries 1" in p.why
     assert pending([job], Retry(max_retries=0)) == []
