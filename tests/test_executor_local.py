@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -104,12 +105,13 @@ def test_ctrl_c_stops_every_run_resumably(tmp_path, tiny_model):
     runs = [tmp_path / "results" / "two" / r.run_id for r in load_matrix(tmp_path / "two.yaml").cells[0].runs]
 
     proc = sweep(tmp_path, "two")
-    frozen = freeze_when(runs, lambda d: len(read_metrics(d)) >= 7, proc)  # both running at once, past a checkpoint
-    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground sweep
-    for pid in frozen:  # let each run go on only once the sweep's SIGTERM waits for it
-        wait_for(lambda pid=pid: signal.SIGTERM in pending_signals(pid), proc)
-        os.kill(pid, signal.SIGCONT)
-    out, _ = proc.communicate(timeout=120)
+    with killed_on_failure(proc, runs):
+        frozen = freeze_when(runs, lambda d: len(read_metrics(d)) >= 7, proc)  # both running at once, past a checkpoint
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground sweep
+        for pid in frozen:  # let each run go on only once the sweep's SIGTERM waits for it
+            wait_for(lambda pid=pid: signal.SIGTERM in pending_signals(pid), proc)
+            os.kill(pid, signal.SIGCONT)
+        out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
     assert "interrupted" in out and "resume" in out
     assert not any((d / "summary.json").exists() for d in runs), "a stopped run must not look finished"
@@ -123,6 +125,18 @@ def test_ctrl_c_stops_every_run_resumably(tmp_path, tiny_model):
         assert steps == list(range(41)), [s for s, n in Counter(steps).items() if n > 1]
         assert len(read_json(d / "env.json")["resumed_at"]) == 1, "restarted, not resumed"
         assert read_json(d / "summary.json")["status"] == "ok"
+
+
+@contextmanager
+def killed_on_failure(proc: subprocess.Popen, runs: list[Path]):
+    """A failing test leaves no sweep waiting on workers it froze: both are killed."""
+    try:
+        yield
+    except BaseException:
+        for pid in [p for d in runs for p in workers_of(d)]:
+            os.kill(pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
 
 
 def state(pid: int) -> str:
