@@ -38,6 +38,11 @@ RECIPE = {
     "eval_every": 25,
     "target": [0.35, 0.55],  # stop at the first checkpoint whose held-out accuracy lands here
     "accept": [0.3, 0.6],  # otherwise the checkpoint closest to the middle, if within this
+    # CPU threads the warm start trains on. One: the same weights whatever the machine's core count (a
+    # matmul's sums split over N threads round differently per N), and no slower where another process
+    # holds a core (two threads on a 2-core machine with one core busy took 415 s instead of 24 s: every
+    # op waits for the descheduled thread). On an idle 2-core machine one thread takes 37 s.
+    "threads": 1,
 }
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
 RESERVED_HELD_OUT = 1000  # arith's first 1000 shuffled problems are never trained on here
@@ -81,6 +86,15 @@ def make_tokenizer():
 
 
 def _build_into(out: Path, recipe: dict, log) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(recipe["threads"])
+    try:
+        _train_into(out, recipe, log)
+    finally:
+        torch.set_num_threads(threads)  # build() also runs inside a sweep or a test process
+
+
+def _train_into(out: Path, recipe: dict, log) -> None:
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     from harness.config import RolloutConfig, RunConfig, TaskConfig

@@ -8,6 +8,14 @@ import pytest
 # QRL_CACHE at an existing one. Set before harness is imported so subprocesses inherit it.
 os.environ.setdefault("QRL_CACHE", tempfile.mkdtemp(prefix="qrl-test-cache-"))
 
+import torch  # noqa: E402
+
+# The runs trained inside this process use one CPU thread. The tiny model trains as fast on one as on two,
+# and with two every op waits for the second thread whenever another process holds a core: with one of the
+# two cores kept busy, in-process tests took 10-20x longer (a 0.5 s GRPO run took 10 s). Subprocesses
+# keep their own defaults unless a test says otherwise.
+torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 

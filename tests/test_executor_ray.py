@@ -4,7 +4,7 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
+import threading
 import uuid
 from pathlib import Path
 
@@ -41,11 +41,19 @@ def ray_cluster():
          "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}", "--object-store-memory=200000000"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    deadline = time.time() + 120
-    while subprocess.run([ray, "status", f"--address=127.0.0.1:{port}"], capture_output=True).returncode != 0:
-        assert head.poll() is None, head.stdout.read()
-        assert time.time() < deadline, "ray head did not start"
-        time.sleep(1)
+    # ready when it says so (`ray start` prints this once its GCS and raylet are up), rather than asking
+    # `ray status` once a second, each a process of its own; the output is kept flowing and for the message
+    said, started = [], threading.Event()
+
+    def follow():
+        for line in head.stdout:
+            said.append(line)
+            if "Ray runtime started" in line:
+                started.set()
+        started.set()  # it exited
+
+    threading.Thread(target=follow, daemon=True).start()
+    assert started.wait(timeout=300) and any("Ray runtime started" in line for line in said), "ray head did not start:\n" + "".join(said)
     yield f"127.0.0.1:{port}"
     head.terminate()
     head.wait(timeout=60)

@@ -2,6 +2,7 @@
 measured CPU peak is that process's RSS), then its summary's peak_memory_gib is compared with the estimate."""
 
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -21,7 +22,9 @@ RUN = "import sys, torch; from pathlib import Path; from harness.config import R
 
 
 def measured_peak(cfg: RunConfig, run_dir: Path) -> float:
-    subprocess.run([sys.executable, "-c", RUN, cfg.model_dump_json(), str(run_dir), "cpu"], check=True, timeout=600, capture_output=True)
+    # on the threads the estimate's runtime probe assumed (this process's: one, see conftest.py)
+    subprocess.run([sys.executable, "-c", RUN, cfg.model_dump_json(), str(run_dir), "cpu"], check=True, timeout=600, capture_output=True,
+                   env=os.environ | {"OMP_NUM_THREADS": str(torch.get_num_threads())})
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "ok", summary.get("error")
     return summary["peak_memory_gib"]

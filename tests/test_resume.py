@@ -4,48 +4,53 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 
 from harness.matrix import load_matrix
 from harness.results import read_json, read_metrics
 
 from conftest import REPO
+from processes import freeze, gone, pids_with, wait_until
 
+# Two runs at a time, one torch thread each: the short one finishes while the long one, started with
+# it, is a third of the way through; 18 or more of its steps are left when the test freezes it.
 MATRIX = """\
 # make sweep MATRIX=resume
 base:
   task: {name: arith, eval_size: 50}
-  train: {steps: 40, prompts_per_step: 4, group_size: 4, eval_every: 10, checkpoint_every: 5}
+  train: {steps: 12, prompts_per_step: 4, group_size: 4, eval_every: 6, checkpoint_every: 5}
 axes: {quant: [bf16]}
-seeds: [0, 1]
+include:
+  - {quant: bf16, train.steps: 30, label: long}
 """
 
 
 def sweep(tmp_path):
     return subprocess.Popen(
         [sys.executable, "-m", "harness", "sweep", str(tmp_path / "resume.yaml"), "--results", str(tmp_path / "results"),
-         "--reports", str(tmp_path / "reports")],
+         "--reports", str(tmp_path / "reports"), "--jobs", "2"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
 
 
 def test_killed_sweep_resumes_without_rerunning_or_duplicating(tmp_path, tiny_model):
     (tmp_path / "resume.yaml").write_text(MATRIX)
-    first, second = (tmp_path / "results" / "resume" / r.run_id for r in load_matrix(tmp_path / "resume.yaml").cells[0].runs)
+    first, second = (tmp_path / "results" / "resume" / c.runs[0].run_id for c in load_matrix(tmp_path / "resume.yaml").cells)
 
     proc = sweep(tmp_path)
-    deadline = time.time() + 300
-    while not ((first / "summary.json").exists() and len(read_metrics(second)) >= 12):
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline, "the sweep did not get far enough in time"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
+    wait_until(lambda: (first / "summary.json").exists() and len(read_metrics(second)) >= 12, proc,
+               "the short run finishing and the long one passing its step-10 checkpoint")
+    worker, = pids_with(str(second))
+    freeze([proc.pid], group=True)  # the sweep first, so that it sees nothing of what follows
+    freeze([worker])
     assert not (second / "summary.json").exists()
     finished = (first / "summary.json").read_bytes(), (first / "metrics.jsonl").read_bytes()
     killed_at = read_metrics(second)[-1]["step"]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    os.kill(worker, signal.SIGCONT)  # its parent's death sent it SIGTERM (PR_SET_PDEATHSIG): it must stop, not train on
+    gone(worker)
+    assert not (second / "summary.json").exists(), "the killed sweep's run trained on to its end"
 
     proc = sweep(tmp_path)
     out, _ = proc.communicate(timeout=300)
@@ -55,11 +60,11 @@ def test_killed_sweep_resumes_without_rerunning_or_duplicating(tmp_path, tiny_mo
     # the finished run was not touched; the killed one continued from its checkpoint
     assert ((first / "summary.json").read_bytes(), (first / "metrics.jsonl").read_bytes()) == finished
     steps = [r["step"] for r in read_metrics(second)]
-    assert steps == list(range(41)), [s for s, n in Counter(steps).items() if n > 1]
+    assert steps == list(range(31)), [s for s, n in Counter(steps).items() if n > 1]
     env = read_json(second / "env.json")
     assert len(env["resumed_at"]) == 1, "the second run was restarted, not resumed"
     assert read_json(second / "summary.json")["status"] == "ok"
-    assert killed_at >= 11
+    assert killed_at >= 11  # rows past the checkpoint it resumed from were dropped, not duplicated
     assert (tmp_path / "reports" / "resume" / "report.md").exists()
 
 
