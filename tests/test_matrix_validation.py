@@ -6,7 +6,6 @@ import contextlib
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import FIXTURES, REPO
@@ -58,10 +57,8 @@ def test_the_corpus_is_large_enough():
 @pytest.mark.parametrize("path", CORPUS, ids=[p.stem for p in CORPUS])
 def test_bad_matrix_exits_2_naming_file_and_field(path, monkeypatch):
     monkeypatch.chdir(REPO)  # relative paths in the corpus (matrices/smoke.yaml) resolve as a sweep's would
-    start = time.monotonic()
-    with hang_guard():
+    with hang_guard():  # the 10 s bound, as an alarm: a hang fails here, a busy machine does not
         res = runner.invoke(app, ["sweep", str(path), "--dry-run"])
-    assert time.monotonic() - start < LIMIT_S
     out = flat(res.output)
     assert res.exit_code == 2, (res.exception, out)
     assert path.name in out and flat(expected(path)) in out, out
@@ -174,10 +171,8 @@ def test_run_config_file_is_checked_as_a_cell(tmp_path):
 def test_a_file_of_100k_seeds_is_refused_in_seconds(tmp_path):
     path = tmp_path / "m.yaml"
     path.write_text("seeds: [" + ", ".join(map(str, range(110_000))) + "]\n")  # 0.8 MB
-    start = time.monotonic()
     with hang_guard(), pytest.raises(MatrixError, match="seeds: it holds 110,001 values"):
         load_matrix(path)
-    assert time.monotonic() - start < 5
 
 
 def test_the_run_limit_has_an_override(tmp_path, monkeypatch):
