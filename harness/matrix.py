@@ -208,12 +208,17 @@ def find_matrix(name_or_path: str, matrices_dir: Path = Path("matrices")) -> Pat
     raise FileNotFoundError(f"no matrix {name_or_path!r} (looked for {candidate}).{hint} Known: {', '.join(known)}")
 
 
-def load_matrix(path: Path | str) -> Matrix:
-    path = Path(path)
+def _yaml_of(path: Path):
+    """The file's YAML (matrix_yaml's strict loader); its problems as a MatrixError naming the file."""
     try:
-        raw = load_yaml(path)
+        return load_yaml(path)
     except YamlProblem as e:
         raise MatrixError(path, [str(e)]) from None
+
+
+def load_matrix(path: Path | str) -> Matrix:
+    path = Path(path)
+    raw = _yaml_of(path)
     if raw is None or raw == {}:
         raise MatrixError(path, ["the file is empty: a matrix needs at least `base:` (a run config) or `axes:`; see matrices/smoke.yaml"])
     if not isinstance(raw, dict):
@@ -314,10 +319,7 @@ def _expand(path: Path, spec: MatrixSpec) -> list[Cell]:
 def load_run_config(path: Path | str) -> RunConfig:
     """One run's config file (the fields of a matrix's `base`, plus `seed`), checked as a matrix's cells are."""
     path = Path(path)
-    try:
-        raw = load_yaml(path)
-    except YamlProblem as e:
-        raise MatrixError(path, [str(e)]) from None
+    raw = _yaml_of(path)
     if not raw or not isinstance(raw, dict):
         got = "the file is empty" if not raw else f"got {type(raw).__name__}"
         raise MatrixError(path, [f"(top level): {got}; a run config is a mapping of {', '.join(RunConfig.model_fields)}"])
