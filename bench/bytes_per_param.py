@@ -3,7 +3,7 @@
     python bench/bytes_per_param.py [--device cuda] [--hidden 1024 --layers 4]
 
 Measured: every tensor a quantized linear layer keeps (packed weights, absmax, the double
-quantization's own state, int8 row scales; harness.quant.quantized_linear_stats), and, as a check
+quantization's own state, int8 row scales; harness.quant.bnb.quantized_linear_stats), and, as a check
 independent of that bookkeeping, the model's whole footprint against the bf16 model's.
 Theory, from the layers' shapes:
   nf4/fp4 (double quant): 0.5 (4 bits) + 1/64 (a uint8 absmax per 64) + 4/(64*256) (a float32 absmax
@@ -45,10 +45,10 @@ EXPORTED = {"nvfp4_w4a16": 0.5 + 1 / 16, "nvfp4_w4a4": 0.5 + 1 / 16, "fp8": 1.0}
 
 
 def measure(model_dir: Path, device: torch.device, quants: list[str]) -> list[dict]:
-    from harness.config import RunConfig
-    from harness.models import load_policy
-    from harness.quant import quantized_linear_stats
-    from harness.system import compute_dtype
+    from harness.config.run import RunConfig
+    from harness.models.loading import load_policy
+    from harness.quant.bnb import quantized_linear_stats
+    from harness.common.system import compute_dtype
 
     dtype = compute_dtype(device, "auto")
     rows, bf16_footprint = [], None
@@ -82,7 +82,7 @@ def measure(model_dir: Path, device: torch.device, quants: list[str]) -> list[di
 
 
 def run(device: torch.device, quants: list[str] = FORMATS, hidden: int = 1024, layers: int = 4) -> list[dict]:
-    from harness.tiny_arith import build
+    from harness.models.tiny_arith import build
 
     with tempfile.TemporaryDirectory() as tmp:
         return measure(wide_model(Path(tmp) / "m", build(log=lambda *_: None), hidden, layers), device, quants)

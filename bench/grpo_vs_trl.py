@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from harness.config import RunConfig
-from harness.system import compute_dtype, device_name
+from harness.config.run import RunConfig
+from harness.common.system import compute_dtype, device_name
 
 PROMPTS, GROUP, MAX_NEW = 16, 8, 5
 NEVER = 10**9  # eval_every / checkpoint_every beyond any run here
@@ -155,7 +155,7 @@ def time_trl(cfg: RunConfig, device: torch.device, warmup: int, steps: int) -> d
     from peft import LoraConfig
     from transformers import AutoTokenizer
 
-    from harness.models import resolve
+    from harness.models.loading import resolve
     from harness.registries import QUANT
     from harness.tasks import Problem, load_task
 

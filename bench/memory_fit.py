@@ -1,4 +1,4 @@
-"""The memory-fit estimate (harness/memory_fit.py) against the measured peak, per format.
+"""The memory-fit estimate (harness/execution/memory_fit.py) against the measured peak, per format.
 
     python bench/memory_fit.py --device cuda --out reports/bench/memory_fit-h200.json
     python bench/memory_fit.py                # CPU: peak RSS of each run's own process
@@ -28,8 +28,8 @@ SMOKE = dict(task={"name": "arith", "eval_size": 500}, rollout={"max_new_tokens"
 
 
 def cases(tmp: Path, quants: list[str], hidden: int, layers: int):
-    from harness.config import RunConfig
-    from harness.tiny_arith import build
+    from harness.config.run import RunConfig
+    from harness.models.tiny_arith import build
 
     tiny = build(log=lambda *_: None)
     wide = wide_model(tmp / "wide", tiny, hidden, layers)
@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--out", type=Path, help="write the figures here as JSON")
     args = p.parse_args()
-    from harness.memory_fit import estimate
+    from harness.execution.memory_fit import estimate
 
     device, rows = torch.device(args.device), []
     with tempfile.TemporaryDirectory() as tmp:

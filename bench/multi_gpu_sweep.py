@@ -29,8 +29,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from harness.executor import last_step  # noqa: E402
-from harness.results import read_json, write_json_atomic  # noqa: E402
+from harness.execution.lifecycle import last_step  # noqa: E402
+from harness.results.layout import read_json, write_json_atomic  # noqa: E402
 
 # the device README: NVLink multicast stays off in NCCL, PyTorch and NVSHMEM, in every child too
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -70,7 +70,7 @@ class Sampler(threading.Thread):
 
 def busy(samples, t0: float, t1: float, n_gpus: int) -> dict:
     """Seconds (1 s samples) in [t0, t1] where each GPU, and every GPU at once, computed (util > 0)
-    and held a run (a harness.worker with a CUDA context on it); and where a process that is not a
+    and held a run (a harness.execution.worker with a CUDA context on it); and where a process that is not a
     run (the sweep itself) held one."""
     window = [s for s in samples if t0 <= s[0] <= t1]
     computing = [{i for i, (u, _) in g.items() if u > 0} for _, g, _ in window]
@@ -84,15 +84,15 @@ def busy(samples, t0: float, t1: float, n_gpus: int) -> dict:
 
 
 def workers(results: Path | None = None) -> dict[int, tuple[Path, str]]:
-    """pid -> (run dir, CUDA_VISIBLE_DEVICES) of each harness.worker (under `results`, when given)."""
+    """pid -> (run dir, CUDA_VISIBLE_DEVICES) of each harness.execution.worker (under `results`, when given)."""
     found = {}
     for proc in Path("/proc").iterdir():
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
-            if b"harness.worker" not in argv or (results and not any(a.decode().startswith(str(results)) for a in argv)):
+            if b"harness.execution.worker" not in argv or (results and not any(a.decode().startswith(str(results)) for a in argv)):
                 continue
             env = dict(kv.split("=", 1) for kv in (proc / "environ").read_bytes().decode().split("\0") if "=" in kv)
-            found[int(proc.name)] = (Path(argv[argv.index(b"harness.worker") + 1].decode()), env.get("CUDA_VISIBLE_DEVICES"))
+            found[int(proc.name)] = (Path(argv[argv.index(b"harness.execution.worker") + 1].decode()), env.get("CUDA_VISIBLE_DEVICES"))
         except (OSError, ValueError, IndexError):
             continue  # gone, or not ours
     return found
@@ -156,7 +156,7 @@ def main() -> None:
     matrix.write_text(yaml.safe_dump(spec, sort_keys=False))
     steps = spec["base"]["train"]["steps"]
 
-    from harness.tiny_arith import build
+    from harness.models.tiny_arith import build
     build(log=lambda *_: None)  # once, before any sweep is timed
 
     gpus = smi("gpu", "index,uuid,pci.bus_id,name")

@@ -1,4 +1,4 @@
-"""The CPU NVFP4 backend (harness/nvfp4_cpu.py) against ModelOpt's CUDA kernel, on the same tensors.
+"""The CPU NVFP4 backend (harness/quant/nvfp4_cpu.py) against ModelOpt's CUDA kernel, on the same tensors.
 
     python bench/nvfp4_cpu_vs_cuda.py        # needs a CUDA GPU and nvidia-modelopt
 
@@ -12,7 +12,7 @@ import torch
 def main() -> None:
     import modelopt.torch.quantization as mtq
 
-    from harness.nvfp4_cpu import nvfp4_fake_quant
+    from harness.quant.nvfp4_cpu import nvfp4_fake_quant
 
     torch.manual_seed(0)
     print("shape, dtype, max |cuda - cpu|, mean |cuda - cpu|, mean |quantization error|")

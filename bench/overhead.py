@@ -91,8 +91,8 @@ def instrument(timer: ExclusiveTimer, stack: contextlib.ExitStack) -> None:
 
 
 def profile(device: torch.device, quant: str = "bf16", steps: int = 12, warmup: int = 3) -> dict:
-    from harness.config import RunConfig
-    from harness.executor import run_one
+    from harness.config.run import RunConfig
+    from harness.execution.lifecycle import run_one
 
     cfg = RunConfig(quant=quant, task={"name": "arith", "eval_size": 100},
                     train={"steps": warmup + steps, "prompts_per_step": 16, "group_size": 8, "eval_every": 10**6, "checkpoint_every": 10**6})

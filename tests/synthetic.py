@@ -2,9 +2,9 @@
 
 import math
 
-from harness.matrix import load_matrix
-from harness.results import write_json_atomic
-from harness.tracking import JsonlTracker
+from harness.config.matrix import load_matrix
+from harness.results.layout import write_json_atomic
+from harness.tracking.files import JsonlTracker
 
 
 def write_sweep(tmp_path, matrix_yaml: str, name: str = "v"):

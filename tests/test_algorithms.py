@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from harness.config import RunConfig
-from harness.executor import run_one
+from harness.config.run import RunConfig
+from harness.execution.lifecycle import run_one
 from harness.recipes import dpo, grpo, rloo, sft
-from harness.results import read_metrics
-from harness.rl_math import aggregate, best_worst_pairs, dpo_loss, group_advantages, loo_advantages
+from harness.results.layout import read_metrics
+from harness.recipes.rl_math import aggregate, best_worst_pairs, dpo_loss, group_advantages, loo_advantages
 from harness.tasks import ArithTask, BoxedTask, Problem
 
 from conftest import tiny_run_config

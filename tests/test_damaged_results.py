@@ -10,9 +10,9 @@ from synthetic import curve_run, write_sweep
 from typer.testing import CliRunner
 
 from harness.cli import app
-from harness.executor import Job, Retry, pending, record_lost, reopen_all, run_one
-from harness.results import damage, read_json, read_metrics
-from harness.verdict import judge
+from harness.execution.lifecycle import Job, Retry, pending, record_lost, reopen_all, run_one
+from harness.results.layout import damage, read_json, read_metrics
+from harness.results.verdict import judge
 
 TWO_SEEDS = """\
 base: {task: {name: arith, eval_size: 50}}

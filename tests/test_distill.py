@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from harness.executor import run_one
-from harness.results import read_metrics
-from harness.rl_math import reverse_kl
+from harness.execution.lifecycle import run_one
+from harness.results.layout import read_metrics
+from harness.recipes.rl_math import reverse_kl
 
 from conftest import tiny_run_config
 from test_grpo import same, spy_on_policy

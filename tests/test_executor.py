@@ -3,8 +3,8 @@ import os
 import pytest
 import torch
 
-from harness.config import RunConfig
-from harness.executor import in_own_process, own_process_needed
+from harness.config.run import RunConfig
+from harness.execution.lifecycle import in_own_process, own_process_needed
 
 
 def test_in_own_process_returns_the_childs_result_and_raises_its_errors():
@@ -26,7 +26,7 @@ def test_a_runs_console_line_shows_its_id_whatever_it_starts_with(tmp_path):
     the sweep's log named some runs and not others."""
     from rich.console import Console
 
-    from harness.executor import Job, one_line
+    from harness.execution.lifecycle import Job, one_line
 
     cfg = next(c for c in (RunConfig(seed=s) for s in range(100)) if c.run_id[0].isalpha())
     console = Console(record=True, width=300)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.matrix import load_matrix
-from harness.results import read_json, read_metrics
+from harness.config.matrix import load_matrix
+from harness.results.layout import read_json, read_metrics
 
 from conftest import REPO
 
@@ -48,14 +48,14 @@ def sweep(tmp_path: Path, name: str, *args: str) -> subprocess.Popen:
 
 
 def workers_of(run_dir: Path) -> list[int]:
-    """pids of live `python -m harness.worker RUN_DIR` processes."""
+    """pids of live `python -m harness.execution.worker RUN_DIR` processes."""
     found = []
     for proc in Path("/proc").iterdir():
         try:
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"harness.worker" in cmdline and str(run_dir).encode() in cmdline:
+        if b"harness.execution.worker" in cmdline and str(run_dir).encode() in cmdline:
             found.append(int(proc.name))
     return found
 
@@ -188,8 +188,8 @@ def freeze_when(runs: list[Path], ready, proc: subprocess.Popen, timeout: float 
 def test_gpu_slots_pin_one_visible_gpu_each(monkeypatch):
     """Slot assignment on a multi-GPU host, without one: each slot's CUDA_VISIBLE_DEVICES names one of the
     GPUs this process may use (ids or UUIDs, as the user listed them); --jobs and cuda:N narrow them."""
-    from harness.executor import ExecutorSettings
-    from harness.executor_local import slots
+    from harness.execution.lifecycle import ExecutorSettings
+    from harness.execution.local import slots
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)  # a fake: this machine has no GPU
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, GPU-8f1c,5")
@@ -207,7 +207,7 @@ def test_a_gpu_slot_no_run_could_start_on_is_refused_before_the_sweep(monkeypatc
     from typer.testing import CliRunner
 
     from harness.cli import app
-    from harness.executor_local import pinned_gpus
+    from harness.execution.local import pinned_gpus
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # a fake one-GPU host: CUDA drops "7" and what follows
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,7")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.matrix import load_matrix
-from harness.results import read_json, read_metrics
-from harness.tracking_wandb import WandbSettings, recorded_step, wandb_run_id
+from harness.config.matrix import load_matrix
+from harness.results.layout import read_json, read_metrics
+from harness.tracking.wandb import WandbSettings, recorded_step, wandb_run_id
 
 from conftest import REPO, tiny_run_config
 
@@ -85,9 +85,9 @@ def test_ray_executor_runs_a_sweep_on_a_local_cluster(tmp_path, tiny_model, ray_
 def test_a_node_without_the_results_folder_sends_the_run_back(tmp_path, tiny_model):
     """What a task does where the driver's marker is not visible (no shared filesystem): it trains in
     a temporary folder and returns it; the driver unpacks it in place. Called directly, no cluster."""
-    from harness.executor import Job
-    from harness.executor_ray import _unpack, ray_task
-    from harness.worker import job_payload
+    from harness.execution.lifecycle import Job
+    from harness.execution.ray import _unpack, ray_task
+    from harness.execution.worker import job_payload
 
     cfg = tiny_run_config(steps=2, eval_every=2, checkpoint_every=2)
     run_dir = tmp_path / "results" / cfg.run_id

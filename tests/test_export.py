@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 import harness.recipes.common as common
 from harness.cli import app
-from harness.executor import run_one
+from harness.execution.lifecycle import run_one
 
 from conftest import tiny_run_config
 

@@ -5,8 +5,8 @@ import re
 import torch
 
 import harness.recipes.common as common
-from harness.executor import run_one
-from harness.results import read_json, read_metrics
+from harness.execution.lifecycle import run_one
+from harness.results.layout import read_json, read_metrics
 
 from conftest import REPO, tiny_run_config
 

@@ -8,14 +8,14 @@ import pytest
 import torch
 from conftest import tiny_run_config
 
-from harness.lm_eval_run import LmEvalSettings, evaluate_run
+from harness.evals.lm_eval import LmEvalSettings, evaluate_run
 
 CPU = torch.device("cpu")
 EVAL_SIZE = 200
 
 
 def arith_config(quant: str):
-    from harness.config import RunConfig
+    from harness.config.run import RunConfig
 
     return RunConfig.model_validate(tiny_run_config().model_dump() | {"quant": quant, "task": {"name": "arith", "eval_size": EVAL_SIZE}})
 
@@ -24,8 +24,8 @@ def test_lm_eval_exact_match_is_the_nf4_runs_eval_reward(tiny_model, tmp_path, m
     """The quantized (NF4) final policy under lm-eval scores the run's held-out set as the run's own
     last eval/reward did (greedy both sides: expected equal); bf16_base adds the unquantized base.
     Run the way a sweep runs it: `eval.lm_eval` reaches run_one as an option, the scores land in summary.json."""
-    from harness.executor import RunOptions, run_one
-    from harness.results import read_json, read_metrics
+    from harness.execution.lifecycle import RunOptions, run_one
+    from harness.results.layout import read_json, read_metrics
 
     cfg, run_dir = arith_config("nf4"), tmp_path / "run"
     attempts = []
@@ -64,8 +64,8 @@ def assert_final_policy_is_nf4_with_the_trained_adapter(cfg, run_dir):
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from harness.lm_eval_run import _load_final_policy
-    from harness.quant import quantized_linear_stats
+    from harness.evals.lm_eval import _load_final_policy
+    from harness.quant.bnb import quantized_linear_stats
 
     model, _ = _load_final_policy(cfg, run_dir, CPU)
     assert quantized_linear_stats(model)["quantized_linear_params"] > 0
@@ -78,7 +78,7 @@ def test_harness_lm_generates_as_the_engine_decodes(tiny_model):
     """No BOS, and special tokens other than eos stay visible: decode_completions keeps a `<pad>`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from harness.lm_eval_run import _harness_lm
+    from harness.evals.lm_eval import _harness_lm
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     lm = _harness_lm(AutoModelForCausalLM.from_pretrained(tiny_model), tokenizer, batch_size=4)
@@ -88,7 +88,7 @@ def test_harness_lm_generates_as_the_engine_decodes(tiny_model):
 
 
 def test_boxed_scoring_is_the_tasks_reward():
-    from harness.lm_eval_tasks.utils import process_results_arith, process_results_boxed
+    from harness.evals.lm_eval_tasks.utils import process_results_arith, process_results_boxed
 
     doc = {"prompt": "q\nPut the final answer in \\boxed{}.\n", "answer": "1200"}
     assert process_results_boxed(doc, ["so \\boxed{1,200}."]) == {"exact_match": 1.0}

@@ -2,7 +2,7 @@ import textwrap
 
 import pytest
 
-from harness.matrix import MatrixError, find_matrix, load_matrix
+from harness.config.matrix import MatrixError, find_matrix, load_matrix
 from harness.registries import QUANT
 from harness.registry import UnknownName
 
@@ -109,7 +109,7 @@ def test_vllm_options_are_validated_before_any_run(tmp_path):
 
 
 def test_engine_options_do_not_change_an_in_process_run():
-    from harness.config import RunConfig
+    from harness.config.run import RunConfig
 
     plain = RunConfig()
     dressed = RunConfig(rollout={"quantization": "fp8", "sleep_level": 2, "max_lora_rank": 64})

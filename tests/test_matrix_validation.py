@@ -12,9 +12,9 @@ from conftest import FIXTURES, REPO
 from typer.testing import CliRunner
 
 from harness.cli import app
-from harness.config import RunConfig
-from harness.folders import folder_name
-from harness.matrix import MatrixError, load_matrix, load_run_config
+from harness.config.run import RunConfig
+from harness.results.folders import folder_name
+from harness.config.matrix import MatrixError, load_matrix, load_run_config
 
 runner = CliRunner()
 CORPUS = sorted((FIXTURES / "bad_matrices").glob("*.yaml"))
@@ -139,8 +139,7 @@ def test_paths_must_exist_but_hf_ids_wait_for_load(tmp_path, monkeypatch):
 def test_lm_eval_names_outside_the_harness_are_checked_where_lm_eval_is_installed(monkeypatch):
     import importlib.util
 
-    from harness import lm_eval_run
-
+    from harness.evals import lm_eval as lm_eval_run
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "lm_eval" else None)
     monkeypatch.setattr(lm_eval_run, "_listed_tasks", lambda: {"hellaswag"})
     asked = []

@@ -1,4 +1,4 @@
-"""harness.memory_fit against measured runs: each run trains in a fresh process (as in a sweep, where the
+"""harness.execution.memory_fit against measured runs: each run trains in a fresh process (as in a sweep, where the
 measured CPU peak is that process's RSS), then its summary's peak_memory_gib is compared with the estimate."""
 
 import json
@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.config import RunConfig
-from harness.memory_fit import capacity_gib, estimate, fits
+from harness.config.run import RunConfig
+from harness.execution.memory_fit import capacity_gib, estimate, fits
 
 CPU = torch.device("cpu")
 TOLERANCE = 0.30  # the issue's acceptance criterion
-RUN = "import sys, torch; from pathlib import Path; from harness.config import RunConfig; from harness.executor import run_one\n" \
+RUN = "import sys, torch; from pathlib import Path; from harness.config.run import RunConfig; from harness.execution.lifecycle import run_one\n" \
       "cfg = RunConfig.model_validate_json(sys.argv[1]); run_one(cfg, Path(sys.argv[2]), torch.device(sys.argv[3]))"
 
 

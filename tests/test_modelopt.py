@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from harness import checkpoint
-from harness.executor import run_one
-from harness.models import load_policy
-from harness.nvfp4_cpu import nvfp4_fake_quant
-from harness.results import read_metrics
+from harness.models import checkpoint
+from harness.execution.lifecycle import run_one
+from harness.models.loading import load_policy
+from harness.quant.nvfp4_cpu import nvfp4_fake_quant
+from harness.results.layout import read_metrics
 
 from conftest import REPO, tiny_run_config
 from test_grpo import same, spy_on_policy
@@ -90,7 +90,7 @@ def test_amax_survives_checkpoint_and_resume(tmp_path, tiny_model, monkeypatch):
 
 
 def test_custom_config_escape_hatch(tmp_path, tiny_model):
-    from harness.config import RunConfig
+    from harness.config.run import RunConfig
 
     harsh = str(REPO / "matrices" / "quant" / "int2_weights.yaml")
     for quant_cfg in (harsh, "FP8_DEFAULT_CFG"):
@@ -107,7 +107,7 @@ def test_custom_config_escape_hatch(tmp_path, tiny_model):
 
 
 def test_bitsandbytes_weights_cannot_train_in_full():
-    from harness.config import RunConfig
+    from harness.config.run import RunConfig
 
     with pytest.raises(ValueError, match="trainable: full needs"):
         RunConfig(quant="nf4", train={"trainable": "full"})

@@ -7,8 +7,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from harness.report import write_report
-from harness.verdict import judge
+from harness.report.markdown import write_report
+from harness.results.verdict import judge
 
 from synthetic import plant, write_sweep
 

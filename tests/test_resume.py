@@ -6,8 +6,8 @@ import subprocess
 import sys
 from collections import Counter
 
-from harness.matrix import load_matrix
-from harness.results import read_json, read_metrics
+from harness.config.matrix import load_matrix
+from harness.results.layout import read_json, read_metrics
 
 from conftest import REPO
 from processes import freeze, gone, pids_with, wait_until
@@ -76,8 +76,7 @@ def test_an_unreadable_checkpoint_falls_back_to_the_previous_one_or_to_none(tmp_
 
     import torch
 
-    from harness import checkpoint
-
+    from harness.models import checkpoint
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters())
     checkpoint.save(tmp_path, model, opt, random.Random(0), step=3)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from harness.rl_math import clipped_surrogate, completion_logprobs, group_advantages, k3_kl, masked_mean, mismatch_metrics, tis_weights
-from harness.rollout import completion_mask
+from harness.recipes.rl_math import clipped_surrogate, completion_logprobs, group_advantages, k3_kl, masked_mean, mismatch_metrics, tis_weights
+from harness.rollout.hf import completion_mask
 
 
 def test_group_advantages_by_hand():

@@ -9,7 +9,7 @@ from conftest import tiny_run_config, with_sampling_defaults
 def test_repeated_prompts_encode_as_each_one_alone(tiny_model):
     from transformers import AutoTokenizer
 
-    from harness.rollout import encode_prompts
+    from harness.rollout.hf import encode_prompts
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     prompts = ["1+2=", "33+44=", "1+2=", "5+5=", "33+44=", "33+44="]
@@ -23,8 +23,8 @@ def test_repeated_prompts_encode_as_each_one_alone(tiny_model):
 def sample(model_dir, **rollout):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from harness.rl_math import completion_logprobs, mismatch_metrics
-    from harness.rollout import HFEngine
+    from harness.recipes.rl_math import completion_logprobs, mismatch_metrics
+    from harness.rollout.hf import HFEngine
     from harness.tasks import load_task
 
     cfg = tiny_run_config()

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from harness.config import TaskConfig
-from harness.executor import run_one
+from harness.config.run import TaskConfig
+from harness.execution.lifecycle import run_one
 from harness.tasks import ArithTask, BoxedTask, Problem
 
 from conftest import FIXTURES, tiny_run_config

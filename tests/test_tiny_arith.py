@@ -2,7 +2,7 @@ import json
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from harness.tiny_arith import build
+from harness.models.tiny_arith import build
 
 
 def test_builtin_model_is_a_standard_hf_folder_with_headroom(tiny_model):
@@ -19,13 +19,13 @@ def test_builtin_model_is_a_standard_hf_folder_with_headroom(tiny_model):
 
 
 def test_second_build_reuses_the_cache(tiny_model, monkeypatch):
-    import harness.tiny_arith
+    import harness.models.tiny_arith
 
     def no_second_build(*args):
         raise AssertionError("built again")
 
     stamp = (tiny_model / "model.safetensors").stat().st_mtime
-    monkeypatch.setattr(harness.tiny_arith, "_build_into", no_second_build)  # not a stopwatch: a busy machine is slow too
+    monkeypatch.setattr(harness.models.tiny_arith, "_build_into", no_second_build)  # not a stopwatch: a busy machine is slow too
     assert build(log=lambda *_: None) == tiny_model
     assert (tiny_model / "model.safetensors").stat().st_mtime == stamp
 
@@ -33,7 +33,7 @@ def test_second_build_reuses_the_cache(tiny_model, monkeypatch):
 def test_an_empty_qrl_cache_means_the_default_not_the_working_directory(monkeypatch):
     from pathlib import Path
 
-    from harness.tiny_arith import cache_root
+    from harness.models.tiny_arith import cache_root
 
     monkeypatch.setenv("QRL_CACHE", "")
     assert cache_root() == Path.home() / ".cache" / "quant-rl"

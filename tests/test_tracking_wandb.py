@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.tracking_wandb import WandbSettings, WandbTracker, read_records, record_verdicts, require_wandb
+from harness.tracking.wandb import WandbSettings, WandbTracker, read_records, record_verdicts, require_wandb
 
 from conftest import tiny_run_config
 

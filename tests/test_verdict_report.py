@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-from harness.report import write_report
-from harness.matrix import Criteria
-from harness.results import read_metrics, write_json_atomic
-from harness.tracking import JsonlTracker
-from harness.verdict import CELL_VERDICTS, RUN_VERDICTS, judge, judge_run
+from harness.report.markdown import write_report
+from harness.config.matrix import Criteria
+from harness.results.layout import read_metrics, write_json_atomic
+from harness.tracking.files import JsonlTracker
+from harness.results.verdict import CELL_VERDICTS, RUN_VERDICTS, judge, judge_run
 
 from synthetic import fake_run, plant, write_sweep
 
@@ -201,7 +201,7 @@ def test_a_stopped_seed_has_no_final_eval_and_a_seed_without_evals_is_not_missin
 
 
 def test_mean_curves_survive_a_seed_that_has_not_run(sweep, tmp_path):
-    from harness.report_html import _mean_curve
+    from harness.report.html import _mean_curve
 
     root, runs = sweep
     plant(runs, "quant=bf16", [0.55, 0.56, None])

@@ -33,7 +33,7 @@ def small_kv_cache():
 
 def perturb(model, seed: int, scale: float = 0.05) -> None:
     """Move the LoRA B matrices (zero at the start) so the adapter changes what the model writes."""
-    from harness.engine_check import perturb as move
+    from harness.rollout.engine_check import perturb as move
 
     move(model, lora=True, seed=seed, scale=scale)
 
@@ -45,8 +45,8 @@ def vllm_config(colocation: str, **rollout):
 
 @pytest.fixture(scope="module", params=["colocated", "server"])
 def engine(request, tiny_model, tmp_path_factory):
-    from harness.models import load_policy
-    from harness.rollout_vllm import VLLMEngine
+    from harness.models.loading import load_policy
+    from harness.rollout.vllm import VLLMEngine
 
     # a checkpoint with its own sampling defaults: both engines must ignore them, or greedy outputs
     # and sampled log-probs part from the trainer's
@@ -72,13 +72,13 @@ def prompts(n=48):
 
 
 def trainer_greedy(engine, texts):
-    from harness.rollout import HFEngine
+    from harness.rollout.hf import HFEngine
 
     return HFEngine(engine.model, engine.tokenizer, engine.cfg).generate(texts, greedy=True).texts
 
 
 def trainer_logprobs(engine, batch):
-    from harness.rl_math import completion_logprobs
+    from harness.recipes.rl_math import completion_logprobs
 
     with torch.no_grad():
         logp, _ = completion_logprobs(engine.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
@@ -91,7 +91,7 @@ def test_greedy_completions_match_the_trainer(engine):
 
 
 def test_sampled_logprobs_match_the_trainer_in_fp32(engine):
-    from harness.rl_math import mismatch_metrics
+    from harness.recipes.rl_math import mismatch_metrics
 
     batch = engine.generate(prompts() * 4)
     assert batch.completion_mask.sum() > 100
@@ -125,7 +125,7 @@ def test_sync_time_is_recorded_and_reset(engine):
 
 
 def test_check_engine_passes_and_catches_a_stale_adapter(tiny_model, tmp_path):
-    from harness.engine_check import run_check
+    from harness.rollout.engine_check import run_check
 
     cfg = vllm_config("colocated")
     good = run_check(cfg, torch.device("cpu"), tmp_path, n_prompts=32)

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 
 import torch
 
-from harness import checkpoint
-from harness.models import load_policy
-from harness.quant import quantized_linear_stats
+from harness.models import checkpoint
+from harness.models.loading import load_policy
+from harness.quant.bnb import quantized_linear_stats
 from harness.recipes import NonFinite
 from harness.registries import ROLLOUT_ENGINES
-from harness.rollout import evaluate
-from harness.system import PeakMemory, compute_dtype
+from harness.rollout.hf import evaluate
+from harness.common.system import PeakMemory, compute_dtype
 from harness.tasks import load_task
 
 
@@ -101,7 +101,7 @@ def token_count(prompt_mask, completion_mask) -> int:
 def end_train(s: Setup, cfg, device, step: int, t0: float) -> tuple[float, float]:
     """After a step's updates: re-calibrate ModelOpt's amax when due; (train seconds, train peak GiB)."""
     if cfg.modelopt.recalibrate_every:
-        from harness.quant_modelopt import recalibrate_if_due
+        from harness.quant.modelopt import recalibrate_if_due
 
         recalibrate_if_due(s.model, cfg, device, step)
     return time.perf_counter() - t0, s.memory.peak_gib()

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from harness.config import RunConfig
-from harness.models import resolve
+from harness.config.run import RunConfig
+from harness.models.loading import resolve
 from harness.recipes.common import end_step, end_train, log_start, optimizer_step, sample_groups, setup, system_metrics, token_count
-from harness.rl_math import completion_logits, masked_mean, mismatch_metrics, reverse_kl, token_logprobs_and_entropy
+from harness.recipes.rl_math import completion_logits, masked_mean, mismatch_metrics, reverse_kl, token_logprobs_and_entropy
 
 
 def run(cfg: RunConfig, run_dir: Path, tracker, device: torch.device, progress=lambda **kw: None) -> dict:

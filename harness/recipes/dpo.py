@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from harness.config import RunConfig
-from harness.models import reference
+from harness.config.run import RunConfig
+from harness.models.loading import reference
 from harness.recipes.common import end_step, end_train, log_start, optimizer_step, sample_groups, setup, system_metrics, token_count
-from harness.rl_math import best_worst_pairs, completion_logprobs, dpo_loss, k3_kl, masked_mean, mismatch_metrics, sequence_logprob
+from harness.recipes.rl_math import best_worst_pairs, completion_logprobs, dpo_loss, k3_kl, masked_mean, mismatch_metrics, sequence_logprob
 
 
 def loss(logp, ref_logp, mask, n_pairs: int, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 
-from harness.config import RunConfig
-from harness.models import reference
+from harness.config.run import RunConfig
+from harness.models.loading import reference
 from harness.recipes.common import end_step, end_train, log_start, optimizer_step, sample_groups, setup, system_metrics, token_count
-from harness.rl_math import aggregate, clipped_surrogate, completion_logprobs, group_advantages, k3_kl, masked_mean, mismatch_metrics, tis_weights
+from harness.recipes.rl_math import aggregate, clipped_surrogate, completion_logprobs, group_advantages, k3_kl, masked_mean, mismatch_metrics, tis_weights
 
 
 def loss(logp, old_logp, ref_logp, advantages, mask, weight, t, max_tokens: int):

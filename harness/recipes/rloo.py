@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from harness.config import RunConfig
-from harness.models import reference
+from harness.config.run import RunConfig
+from harness.models.loading import reference
 from harness.recipes.common import end_step, end_train, log_start, optimizer_step, sample_groups, setup, system_metrics, token_count
-from harness.rl_math import clipped_surrogate, completion_logprobs, k3_kl, loo_advantages, masked_mean, mismatch_metrics, sequence_logprob, zero_std_groups
+from harness.recipes.rl_math import clipped_surrogate, completion_logprobs, k3_kl, loo_advantages, masked_mean, mismatch_metrics, sequence_logprob, zero_std_groups
 
 
 def advantages(rewards, old_logp, ref_logp, mask, beta: float, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from harness.config import RunConfig
-from harness.models import reference
+from harness.config.run import RunConfig
+from harness.models.loading import reference
 from harness.recipes.common import end_step, end_train, log_start, optimizer_step, sample_groups, setup, system_metrics, token_count
-from harness.rl_math import completion_logprobs, k3_kl, masked_mean, mismatch_metrics, zero_std_groups
-from harness.rollout import encode_prompts, pad_completions
+from harness.recipes.rl_math import completion_logprobs, k3_kl, masked_mean, mismatch_metrics, zero_std_groups
+from harness.rollout.hf import encode_prompts, pad_completions
 
 
 def loss(logp, mask) -> torch.Tensor:

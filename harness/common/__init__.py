@@ -1,0 +1,1 @@
+"""Small helpers every concern shares, one per job: device and system facts, text escaping, files, numbers."""

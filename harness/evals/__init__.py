@@ -1,0 +1,1 @@
+"""Evaluation beyond the held-out reward: lm-evaluation-harness tasks."""

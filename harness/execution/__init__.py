@@ -1,0 +1,1 @@
+"""Running runs: a run's lifecycle, the local/Ray/sequential executors, the worker process, memory fit."""

@@ -1,0 +1,165 @@
+"""The `local` executor: every run in a process of its own (`python -m harness.execution.worker`), one per
+slot at a time. A slot is a visible GPU (the run sees only it, through CUDA_VISIBLE_DEVICES) or,
+on CPU, one of `--jobs N` (each run gets 1/N of the cores).
+
+A run that raises records itself (run_one); one whose process dies (SIGKILL, the OOM killer, a
+segfault in a kernel) is recorded here from its exit, with the tail of its worker.log, and the
+sweep goes on. Ctrl-C (or SIGTERM) stops every run without a summary, so the same command
+resumes them from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+
+from harness.execution.lifecycle import ExecutorSettings, Job, last_step, one_line, progress_bar, record_lost
+from harness.common.text import printable
+from harness.results.layout import read_json, write_json_atomic
+from harness.execution.worker import job_payload
+
+POLL_S = 0.5
+STOP_GRACE_S = 60  # a stopped run closes its rollout engine (a vLLM server) before it exits
+
+
+@dataclass(frozen=True)
+class Slot:
+    device: str  # what the run sees: "cuda" (its one GPU) or "cpu"
+    env: dict
+
+
+def slots(settings: ExecutorSettings) -> list[Slot]:
+    dev = settings.device
+    if dev == "cpu" or (dev == "auto" and not torch.cuda.is_available()):
+        n = settings.jobs or 1
+        threads = str(max(1, (os.cpu_count() or 1) // n))  # N runs with all cores each would thrash
+        return [Slot("cpu", {"OMP_NUM_THREADS": threads})] * n
+    gpus = pinned_gpus(dev)
+    if settings.jobs:
+        gpus = gpus[: settings.jobs]
+    return [Slot("cuda", {"CUDA_VISIBLE_DEVICES": g}) for g in gpus]
+
+
+def pinned_gpus(device: str) -> list[str]:
+    """The GPUs a sweep on `device` (auto, cuda, cuda:N) pins its runs to, as CUDA_VISIBLE_DEVICES
+    names them (ids or UUIDs). ValueError, saying what to fix, where a slot would be one no run
+    can start on: each of its runs would fail at once and the queue drain into failed summaries."""
+    if device not in ("auto", "cuda") and not re.fullmatch(r"cuda:\d+", device):
+        raise ValueError(f"--device {device!r}: choose auto, cpu, cuda or cuda:N")
+    listed, seen = os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count()
+    gpus = [str(i) for i in range(seen)] if listed is None else [g.strip() for g in listed.split(",") if g.strip()]
+    if not seen:
+        raise ValueError(f"--device {device}: torch {torch.__version__} sees no CUDA GPU (CUDA_VISIBLE_DEVICES={listed}); "
+                         "--device cpu runs on the CPU")
+    if len(gpus) != seen:  # CUDA drops a listed GPU that does not exist, and every one after it
+        raise ValueError(f"CUDA_VISIBLE_DEVICES={listed} names {len(gpus)} GPUs but torch sees {seen}: "
+                         "list only GPUs this host has (nvidia-smi -L)")
+    if device.startswith("cuda:"):
+        i = int(device.removeprefix("cuda:"))
+        if i >= len(gpus):
+            raise ValueError(f"--device {device}: {len(gpus)} GPU(s) visible ({', '.join(gpus)}), so cuda:0 to cuda:{len(gpus) - 1}")
+        gpus = [gpus[i]]
+    return gpus
+
+
+def run_local(jobs: list[Job], settings: ExecutorSettings, console: Console) -> None:
+    free, queue = slots(settings), list(jobs)
+    running: dict[subprocess.Popen, tuple[Job, Slot, int]] = {}
+    if len(free) > 1:
+        console.print(f"{len(free)} runs at a time ({', '.join(s.env.get('CUDA_VISIBLE_DEVICES', 'cpu') for s in free)}); "
+                      "each run's output goes to its worker.log")
+    with progress_bar(console) as bar, _sigterm_as_interrupt():
+        overall = bar.add_task("sweep", total=len(jobs), info="")
+        try:
+            while queue or running:
+                while queue and free:
+                    job, slot = queue.pop(0), free.pop(0)
+                    running[_start(job, slot)] = (job, slot, bar.add_task(f"  {printable(job.label)}", total=job.cfg.train.steps, info=""))
+                time.sleep(POLL_S)
+                for proc, (job, slot, task) in list(running.items()):
+                    step, info = last_step(job.run_dir)
+                    bar.update(task, completed=step, info=info)
+                    if proc.poll() is None:
+                        continue
+                    del running[proc]
+                    free.append(slot)
+                    bar.remove_task(task)
+                    bar.advance(overall)
+                    bar.console.print(_outcome(job, proc.returncode))
+        except KeyboardInterrupt:
+            _stop(running, bar.console)
+            raise
+
+
+def _start(job: Job, slot: Slot) -> subprocess.Popen:
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(job.run_dir / "job.json", job_payload(job, slot.device))
+    env = os.environ | slot.env | {"QRL_PARENT_PID": str(os.getpid())}
+    with open(job.run_dir / "worker.log", "ab") as log:
+        # its own session: the terminal's Ctrl-C reaches this process only, which stops runs in order
+        return subprocess.Popen([sys.executable, "-m", "harness.execution.worker", str(job.run_dir)], stdout=log, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+
+
+def _outcome(job: Job, code: int) -> str:
+    summary_path = job.run_dir / "summary.json"
+    if summary_path.exists():
+        return one_line(job, read_json(summary_path))
+    if code == 130:  # stopped from outside (SIGINT/SIGTERM to the run itself): resumable, like Ctrl-C
+        return f"[yellow]■[/] {printable(f'{job.label} [{job.cfg.run_id}]')} stopped before it finished; the next sweep resumes it"
+    tail = _log_tail(job)
+    if code < 0:
+        name = signal.Signals(-code).name
+        why = " (the kernel's OOM killer sends SIGKILL: see `dmesg`)" if -code == signal.SIGKILL else ""
+        summary = record_lost(job, "killed", f"the run's process was killed by {name}{why}; worker.log ends: {tail}")
+    else:
+        summary = record_lost(job, "failed", f"the run's process exited with code {code}; worker.log ends: {tail}")
+    return one_line(job, summary)
+
+
+def _log_tail(job: Job, lines: int = 5) -> str:
+    path = job.run_dir / "worker.log"
+    text = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
+    return " | ".join(text[-lines:]) or "(empty)"
+
+
+def _stop(running: dict, console: Console) -> None:
+    """SIGTERM to every run (it stops without a summary, closing its engine), then SIGKILL to the
+    ones still there after STOP_GRACE_S or a second Ctrl-C."""
+    if not running:
+        return
+    console.print(f"[yellow]stopping {len(running)} run(s)[/] (Ctrl-C again to kill them now) ...")
+    for proc in running:
+        proc.send_signal(signal.SIGTERM)
+    deadline = time.time() + STOP_GRACE_S
+    try:
+        while any(p.poll() is None for p in running) and time.time() < deadline:
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        pass
+    for proc in running:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group: a vLLM server the run started goes too
+            proc.wait()
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """A scheduler's SIGTERM stops the sweep the way Ctrl-C does, instead of killing it outright."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

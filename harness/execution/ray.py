@@ -1,0 +1,137 @@
+"""The `ray` executor: every run a Ray task on an existing cluster (`--ray-address auto` finds the
+one `ray start --head` started on this machine; or give host:port), one GPU each where the
+cluster has GPUs, else one CPU.
+
+Each task runs in a fresh worker process (max_calls=1: no CUDA or vLLM state carried between
+runs) and writes into the sweep's results folder when it can see it (a shared filesystem: the
+task looks for a marker file the driver wrote there). A node that cannot see it trains in a
+temporary folder, starting from the run's last checkpoint sent along, and sends the folder back
+to be unpacked in place: the results layout and resume work the same either way.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from rich.console import Console
+
+from harness.execution.lifecycle import ExecutorSettings, Job, last_step, one_line, progress_bar, record_lost
+from harness.common.text import printable
+from harness.results.layout import read_json, write_json_atomic
+from harness.execution.worker import job_payload
+
+POLL_S = 0.5
+STOP_GRACE_S = 60
+
+
+def run_ray(jobs: list[Job], settings: ExecutorSettings, console: Console) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise RuntimeError("the ray executor needs Ray: pip install 'quant-rl-harness[ray]'") from None
+    env = {k: v for k, v in os.environ.items() if k.startswith(("QRL_", "WANDB_", "HF_"))}  # what a run reads from its environment
+    try:
+        ray.init(address=settings.ray_address, runtime_env={"env_vars": env}, logging_level="ERROR", log_to_driver=False)
+    except ConnectionError as e:
+        raise RuntimeError(f"no Ray cluster at --ray-address {settings.ray_address}: start one with `ray start --head` "
+                           f"(or pass host:port of an existing one): {e}") from None
+    root = jobs[0].run_dir.parent
+    marker = root / f".ray-{uuid.uuid4().hex}"
+    marker.write_text("the sweep's results folder, as a Ray task sees it\n")
+    try:
+        gpus = 0 if settings.device == "cpu" else ray.cluster_resources().get("GPU", 0)
+        task = ray.remote(max_calls=1, max_retries=0)(ray_task).options(num_gpus=1 if gpus else 0, num_cpus=1)
+        device = "cuda" if gpus else "cpu"
+        console.print(f"ray: {ray.cluster_resources().get('CPU', 0):.0f} CPUs, {gpus:.0f} GPUs; {len(jobs)} runs, one {device.upper()} each")
+        _drive(ray, {task.remote(job_payload(job, device), str(marker), _snapshot(job.run_dir)): job for job in jobs}, console)
+    finally:
+        marker.unlink(missing_ok=True)
+        ray.shutdown()
+
+
+def _drive(ray, refs: dict, console: Console) -> None:
+    with progress_bar(console) as bar:
+        overall = bar.add_task("sweep", total=len(refs), info="")
+        tasks = {ref: bar.add_task(f"  {printable(job.label)}", total=job.cfg.train.steps, info="") for ref, job in refs.items()}
+        try:
+            while refs:
+                ready, _ = ray.wait(list(refs), num_returns=1, timeout=POLL_S)
+                for ref, job in refs.items():
+                    step, info = last_step(job.run_dir)
+                    bar.update(tasks[ref], completed=step, info=info)
+                for ref in ready:
+                    job = refs.pop(ref)
+                    bar.remove_task(tasks[ref])
+                    bar.advance(overall)
+                    bar.console.print(one_line(job, _collect(ray, ref, job)))
+        except KeyboardInterrupt:
+            _stop(ray, list(refs), bar.console)
+            raise
+
+
+def _collect(ray, ref, job: Job) -> dict:
+    try:
+        out = ray.get(ref)
+    except ray.exceptions.TaskCancelledError:
+        raise KeyboardInterrupt from None  # cancelled from outside (`ray job stop`, a dashboard): stop like Ctrl-C
+    except ray.exceptions.RayError as e:  # the worker process or its node died: there is no summary to read
+        if (job.run_dir / "summary.json").exists():
+            return read_json(job.run_dir / "summary.json")
+        return record_lost(job, "killed", f"the run's Ray task died: {type(e).__name__}: {str(e)[:1500]}")
+    if out["folder"] is not None:
+        _unpack(out["folder"], job.run_dir)
+        write_json_atomic(job.run_dir / "summary.json", out["summary"])  # last, as on a shared filesystem
+    return out["summary"]
+
+
+def _stop(ray, refs: list, console: Console) -> None:
+    """KeyboardInterrupt inside every running task (the run stops without a summary), then force."""
+    if not refs:
+        return
+    console.print(f"[yellow]stopping {len(refs)} run(s)[/] ...")
+    for ref in refs:
+        ray.cancel(ref)
+    deadline = time.time() + STOP_GRACE_S
+    while refs and time.time() < deadline:
+        done, refs = ray.wait(refs, num_returns=len(refs), timeout=1)
+    for ref in refs:
+        ray.cancel(ref, force=True)
+
+
+def ray_task(payload: dict, marker: str, snapshot: bytes | None) -> dict:
+    """Inside the Ray worker: run the job where the results folder is, or in a temporary one."""
+    from harness.execution.worker import run_job
+
+    if Path(marker).exists():
+        return {"summary": run_job(payload), "folder": None}
+    with tempfile.TemporaryDirectory(prefix="qrl-ray-") as tmp:
+        run_dir = Path(tmp) / Path(payload["run_dir"]).name
+        run_dir.mkdir()
+        if snapshot:
+            _unpack(snapshot, run_dir)
+        summary = run_job(payload | {"run_dir": str(run_dir)})
+        return {"summary": summary, "folder": _snapshot(run_dir)}
+
+
+def _snapshot(run_dir: Path) -> bytes | None:
+    """A run folder as a gzipped tar (None when there is nothing in it yet)."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return None
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for path in sorted(run_dir.iterdir()):
+            tar.add(path, arcname=path.name)
+    return buf.getvalue()
+
+
+def _unpack(data: bytes, run_dir: Path) -> None:
+    """Everything but summary.json, which the caller writes atomically once the rest is in place."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        tar.extractall(run_dir, members=[m for m in tar.getmembers() if m.name != "summary.json"], filter="data")

@@ -1,0 +1,105 @@
+"""From a validated matrix to the jobs an executor runs: run folders, what each run does besides
+training (tracking, lm-eval), and the memory-fit pre-check that keeps runs which cannot fit
+from being launched."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from harness.execution.lifecycle import RETRYABLE, Job, RunOptions
+from harness.config.matrix import Cell, Matrix
+from harness.results.layout import read_summary, write_json_atomic
+
+
+def jobs_of(m: Matrix, results: Path, cells: list[Cell] | None = None, wandb: str | None = None) -> list[Job]:
+    """One job per run of `cells` (default: all), under results/<matrix>/<run_id>; writes matrix.json.
+    `wandb` (off, offline, online) overrides the matrix's tracking.wandb.mode."""
+    root = results / m.name
+    write_json_atomic(root / "matrix.json", m.to_json())
+    tracking = m.spec.tracking.wandb
+    if wandb == "off":
+        tracking = None
+    elif wandb is not None:
+        from harness.tracking.wandb import WandbSettings
+
+        tracking = (tracking or WandbSettings()).model_copy(update={"mode": wandb})
+    if tracking is not None:
+        from harness.tracking.wandb import require_wandb
+
+        require_wandb()
+    lm_eval = m.spec.eval.lm_eval
+    if lm_eval is not None and importlib.util.find_spec("lm_eval") is None:
+        raise RuntimeError("eval.lm_eval needs lm-evaluation-harness: pip install -e '.[eval]'")
+    jobs = []
+    for cell in cells or m.cells:
+        options = RunOptions(
+            matrix=m.name, label=cell.name, tags=tuple(f"{k}={v}" for k, v in cell.key.items()),
+            wandb=tracking.model_dump() if tracking else None, lm_eval=lm_eval.model_dump(mode="json") if lm_eval else None,
+        )
+        jobs += [Job(cfg, root / cfg.run_id, options) for cfg in cell.runs]
+    return jobs
+
+
+def precheck(jobs: list[Job], device: torch.device, capacity_gib: float) -> tuple[list[Job], list[Job]]:
+    """(jobs to launch, each carrying its memory estimate; jobs found infeasible, recorded as such).
+
+    An infeasible run's summary.json has status `infeasible`, the estimate and the capacity; it is
+    estimated again by the next sweep (which may run on a larger device) rather than skipped."""
+    from harness.execution.memory_fit import estimate
+
+    launch, infeasible = [], []
+    for job in jobs:
+        est = estimate(job.cfg, device)
+        need = est.get("fit_gib")
+        if need is not None and need > capacity_gib:
+            error = f"needs about {need:.2f} GiB (estimate), {capacity_gib:.2f} GiB available on {device.type}: not launched"
+            write_json_atomic(job.run_dir / "summary.json",
+                              {"run_id": job.cfg.run_id, "status": "infeasible", "error": error, "memory_estimate": est, "capacity_gib": capacity_gib})
+            infeasible.append(job)
+        else:
+            (job.run_dir / "summary.json").unlink(missing_ok=True)  # an earlier sweep's `infeasible`
+            launch.append(Job(job.cfg, job.run_dir, job.options.model_copy(update={"memory_estimate": est})))
+    return launch, infeasible
+
+
+def build_models(cfgs) -> None:
+    """Built-in models once, here, rather than by several runs at once."""
+    from harness.registries import MODELS
+
+    for name in sorted({cfg.model for cfg in cfgs if cfg.model.startswith("builtin:")}):
+        MODELS.get(name.removeprefix("builtin:"))()
+
+
+def mirror_verdicts(jobs: list[Job], verdicts) -> None:
+    """The verdicts, known once the whole sweep is judged, into the W&B runs that mirrored its runs."""
+    settings = next((j.options.wandb for j in jobs if j.options.wandb), None)
+    if settings is None:
+        return
+    from harness.tracking.wandb import WandbSettings, record_verdicts
+
+    root = jobs[0].run_dir.parent
+    fields = {root / r.run_id: {"verdict/run": r.verdict, "verdict/cell": v.status, "verdict/reason": v.reason} for v in verdicts for r in v.runs}
+    record_verdicts(fields, WandbSettings(**settings), group=jobs[0].options.matrix)
+
+
+def statuses(jobs: list[Job]) -> Counter:
+    """How the runs ended: summary.json's status, or `unfinished` (none, or one that cannot be trusted)."""
+    return Counter((read_summary(j.run_dir) or {"status": "unfinished"})["status"] for j in jobs)
+
+
+def kept_errors(jobs: list[Job]) -> str:
+    """'2 failed, 1 killed': the finished runs among `jobs` that ended in an error ('' when none did)."""
+    counts = statuses(jobs)
+    return ", ".join(f"{counts[s]} {s}" for s in RETRYABLE if counts[s])
+
+
+def nothing_trained(jobs: list[Job]) -> str | None:
+    """'3 failed, 1 oom' when every run ended in an error or was infeasible, so the sweep has nothing to show."""
+    counts = statuses(jobs)
+    if jobs and set(counts) <= {*RETRYABLE, "infeasible"}:
+        return ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    return None

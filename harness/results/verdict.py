@@ -1,0 +1,380 @@
+"""Verdicts from results/ alone: per run, then per cell over its seeds against its baseline cell.
+
+Thresholds come from the matrix's `criteria:` (saved in results/<matrix>/matrix.json). The rules,
+and the curves that chose them, are in the README's "Verdicts"; in short:
+- a run is judged on its *final score*, the mean of its evals in the last `final_window` of training,
+  not on one evaluation (seed sd 0.030 -> 0.021 on the H200 smoke study);
+- it *diverges* on a non-finite value, on a sustained KL rise (the rolling median of `kl` over
+  `kl_window` steps above `kl_max`, for recipes with a KL term in their loss) or on a held-out reward
+  that collapses (final score more than `drop_max` below its best eval). Single-step k3 spikes are
+  counted and shown, never judged: k3 is heavy-tailed (9 of 24 H200 seeds spike above 1.0 while
+  their 10-step median stays under 0.3, and TRL's GRPOTrainer shows the same);
+- a cell that learns and is stable is Converges, Inconclusive or Convergence issue as its interval
+  of Δ versus the baseline lies above, across or below -tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from scipy import stats
+
+from harness.config.run import RunConfig
+from harness.config.matrix import Criteria
+from harness.results.layout import damage, finite, read_json, read_metrics, write_json_atomic
+
+RUN_VERDICTS = ("converged", "no_learning", "diverged", "collapsed", "failed", "oom", "infeasible", "incomplete")
+CELL_VERDICTS = ("Converges", "Inconclusive", "Convergence issue", "Does not converge", "Error", "Infeasible", "Incomplete", "Smoke tested")
+MAX_SEEDS_SUGGESTED = 64  # beyond this the suggestion reads "more than 64": the difference sits on the tolerance itself
+
+
+@dataclass
+class RunVerdict:
+    run_id: str
+    seed: int
+    verdict: str
+    reason: str
+    eval_start: float | None = None
+    eval_end: float | None = None  # the last eval
+    eval_final: float | None = None  # the final score: mean of the evals at final_steps
+    final_steps: list[int] = field(default_factory=list)
+    eval_best: float | None = None
+    eval_se: float | None = None  # binomial standard error of one eval at the final score: sqrt(p(1-p)/n)
+    max_kl: float | None = None  # the largest single-step kl
+    kl_median_max: float | None = None  # the largest rolling median of kl over kl_window steps
+    kl_spikes: int = 0  # steps whose kl exceeds kl_max
+    kl_judged: bool = True  # False: the recipe has no KL term in its loss, so kl is information
+    final_entropy: float | None = None
+    peak_memory_gib: float | None = None
+    memory_estimate_gib: float | None = None  # the pre-check's estimate of peak_memory_gib
+    median_step_s: float | None = None
+    rollout_tokens_per_s: float | None = None
+    lm_eval: dict | None = None  # lm_eval_run.evaluate_run's results, when the matrix asks for them
+    trained_to_end: bool = False  # every step ran (status ok): only then is eval_final a final score
+    damage: str | None = None  # why its files cannot be trusted (results.damage): judged as not finished
+
+    @property
+    def gain(self) -> float | None:
+        return None if self.eval_start is None or self.eval_final is None else self.eval_final - self.eval_start
+
+
+def rolling_median(xs: list[float], window: int) -> list[float]:
+    """Median of each full window of `window` consecutive values (of all of them when there are fewer)."""
+    if len(xs) < window:
+        return [statistics.median(xs)] if xs else []
+    return [statistics.median(xs[i - window:i]) for i in range(window, len(xs) + 1)]
+
+
+def final_window(evals: list[tuple[int, float]], fraction: float) -> list[tuple[int, float]]:
+    """The evals after step 0 in the last `fraction` of training; at least the last one."""
+    later = [(s, x) for s, x in evals if s > 0]
+    if not later:
+        return []
+    cut = later[-1][0] * (1 - fraction) - 1e-9  # 200 x (1 - 0.45) is 110.00000000000001: keep the eval at step 110
+    return [(s, x) for s, x in later if s >= cut]
+
+
+def _eval_n(rows: list[dict], run_dir: Path) -> int | None:
+    """Prompts per eval: logged as eval/n; runs from before it was logged have it in config.json."""
+    n = next((r["eval/n"] for r in reversed(rows) if "eval/n" in r), None)
+    if n is None and (run_dir / "config.json").exists():
+        n = (read_json(run_dir / "config.json").get("task") or {}).get("eval_size")
+    return n
+
+
+def _kl_facts(v: RunVerdict, train_rows: list[dict], c: Criteria) -> int | None:
+    """Fill the kl evidence; the step at which the rolling median first exceeds kl_max, if it does."""
+    steps = [(r["step"], r["kl"]) for r in train_rows if finite(r.get("kl"))]
+    kls = [k for _, k in steps]
+    v.max_kl = max(kls, default=None)
+    v.kl_spikes = sum(k > c.kl_max for k in kls)
+    medians = rolling_median(kls, c.kl_window)
+    v.kl_median_max = max(medians, default=None)
+    first = next((i for i, m in enumerate(medians) if m > c.kl_max), None)
+    return None if first is None else steps[min(first + c.kl_window, len(steps)) - 1][0]
+
+
+def _instability(v: RunVerdict, train_rows: list[dict], c: Criteria, evals: list[tuple[int, float]]) -> list[str]:
+    """Why the run is unstable, in words; empty when it is not."""
+    why = []
+    over = _kl_facts(v, train_rows, c)
+    if over is not None and v.kl_judged:
+        why.append(f"kl rolling median over {c.kl_window} steps above kl_max {c.kl_max} from step {over} (largest "
+                   f"{v.kl_median_max:.3f}): a sustained rise, not a spike")
+    # Fallen (the final score) and not recovered (the last eval): a run still climbing has its best eval last,
+    # and the mean of a rising window alone would sit below that best.
+    if v.eval_final is not None and v.eval_best is not None and min(v.eval_best - v.eval_final, v.eval_best - v.eval_end) > c.drop_max:
+        best_step = next(s for s, x in evals if s > 0 and x == v.eval_best)
+        why.append(f"held-out eval/reward collapsed: best {v.eval_best:.3f} at step {best_step}, final {v.eval_final:.3f} "
+                   f"(last {v.eval_end:.3f}), {v.eval_best - v.eval_final:.3f} below it (drop_max {c.drop_max})")
+    return why
+
+
+def _spike_note(v: RunVerdict, c: Criteria) -> str:
+    if not v.kl_judged:
+        return "; kl not judged: no KL term in this recipe's loss"
+    if not v.kl_spikes:
+        return ""
+    s = "s" if v.kl_spikes > 1 else ""
+    return (f"; {v.kl_spikes} single-step kl spike{s} above {c.kl_max} (largest {v.max_kl:.2f}), "
+            f"rolling median ≤ {v.kl_median_max:.3f}: not judged")
+
+
+def judge_run(run_dir: Path, seed: int, c: Criteria, kl_in_loss: bool = True) -> RunVerdict:
+    v = RunVerdict(run_dir.name, seed, "incomplete", "no summary.json: not run, or interrupted", kl_judged=kl_in_loss)
+    if not (run_dir / "summary.json").exists():
+        return v
+    v.damage = damage(run_dir)
+    if v.damage:
+        v.reason = f"not trusted, judged as unfinished: {v.damage}; the next sweep resumes it"
+        return v
+    summary, rows = read_json(run_dir / "summary.json"), read_metrics(run_dir)
+    train_rows = [r for r in rows if r["step"] > 0 and "kl" in r]
+    evals = [(r["step"], r["eval/reward"]) for r in rows if "eval/reward" in r]
+    if evals and evals[0][0] == 0:
+        v.eval_start = evals[0][1]
+    window = final_window(evals, c.final_window)
+    if window:
+        v.eval_end, v.final_steps = window[-1][1], [s for s, _ in window]
+        v.eval_final = statistics.fmean(x for _, x in window)
+        v.eval_best = max(x for s, x in evals if s > 0)
+        n = _eval_n(rows, run_dir)
+        v.eval_se = math.sqrt(v.eval_final * (1 - v.eval_final) / n) if n and 0 <= v.eval_final <= 1 else None
+    v.final_entropy = train_rows[-1]["entropy"] if train_rows else None
+    v.peak_memory_gib = summary.get("peak_memory_gib")
+    v.memory_estimate_gib = (summary.get("memory_estimate") or {}).get("peak_gib")
+    v.lm_eval = summary.get("lm_eval")
+    v.median_step_s = summary.get("median_step_s")
+    tps = sorted(r["throughput/rollout_tokens_per_s"] for r in train_rows if "throughput/rollout_tokens_per_s" in r)
+    v.rollout_tokens_per_s = tps[len(tps) // 2] if tps else None
+
+    status = summary.get("status")
+    v.trained_to_end = status == "ok"
+    if status in ("failed", "oom", "infeasible", "killed"):  # killed: its process died (executor_local, executor_ray)
+        v.verdict = "failed" if status == "killed" else status
+        v.reason = summary.get("error") or status
+        return v
+    bad = next(((r["step"], k) for r in rows for k, x in r.items() if isinstance(x, float) and not finite(x)), None)
+    if status == "nan" or bad:
+        _kl_facts(v, train_rows, c)
+        v.verdict = "diverged"
+        v.reason = summary.get("error") or f"non-finite {bad[1]} at step {bad[0]}"
+        return v
+    unstable = _instability(v, train_rows, c, evals)
+    if unstable:
+        v.verdict, v.reason = "diverged", "; ".join(unstable)
+        return v
+    if v.gain is None:  # finished, so no later sweep reruns it: it must not count as a missing seed
+        v.verdict, v.reason = "no_learning", "finished without a step-0 and a final eval/reward: learning not shown"
+        return v
+    score = f"eval/reward {v.eval_start:.3f} → {v.eval_final:.3f} (mean of steps {_steps(v.final_steps)})"
+    if v.gain < c.min_gain:
+        if v.final_entropy is not None and v.final_entropy < c.entropy_floor:
+            v.verdict = "collapsed"
+            v.reason = f"entropy {v.final_entropy:.3g} under entropy_floor {c.entropy_floor} at step {train_rows[-1]['step']}, gain {_signed(v.gain)}"
+        else:
+            v.verdict, v.reason = "no_learning", f"{score}: gain {_signed(v.gain)} under min_gain {c.min_gain}"
+        return v
+    v.verdict, v.reason = "converged", f"{score}, gain {v.gain:+.3f}{_spike_note(v, c)}"
+    return v
+
+
+def _signed(x: float) -> str:
+    return f"{round(x, 3) + 0.0:+.3f}"  # + 0.0: a gain of -1e-17 reads +0.000, not -0.000
+
+
+def _steps(steps: list[int]) -> str:
+    return ", ".join(map(str, steps)) if len(steps) <= 3 else f"{steps[0]}–{steps[-1]}"
+
+
+@dataclass
+class Difference:
+    """Δ = ours - theirs in final score, with one-sided bounds at `confidence`."""
+
+    mean: float
+    lower: float
+    upper: float
+    method: str
+    paired: bool
+    sds: tuple[float, ...]  # paired: (sd of the differences,); unpaired: (sd of ours, sd of theirs)
+
+
+def difference(ours: dict[int, float], theirs: dict[int, float], confidence: float) -> Difference | None:
+    """Seeds shared by both cells are paired (same seed: same prompts drawn, same initial noise);
+    otherwise Welch's unpaired interval. None with fewer than 2 seeds on a side."""
+    shared = sorted(ours)
+    if ours.keys() == theirs.keys() and len(shared) >= 2:  # pairing a subset would drop the other seeds unseen
+        d = [ours[s] - theirs[s] for s in shared]
+        mean, sd = statistics.fmean(d), statistics.stdev(d)
+        half = stats.t.ppf(confidence, len(d) - 1) * sd / math.sqrt(len(d))
+        half = float(half)
+        return Difference(mean, mean - half, mean + half, f"paired one-sided t bounds over {len(d)} seeds", True, (sd,))
+    if len(ours) < 2 or len(theirs) < 2:
+        return None
+    a, b = list(ours.values()), list(theirs.values())
+    mean = statistics.fmean(a) - statistics.fmean(b)
+    half = float(stats.t.ppf(confidence, welch_df(a, b))) * math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+    return Difference(mean, mean - half, mean + half, "Welch one-sided t bounds", False, (statistics.stdev(a), statistics.stdev(b)))
+
+
+def welch_df(a: list[float], b: list[float]) -> float:
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    if va + vb == 0:
+        return len(a) + len(b) - 2
+    return (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+
+
+def seeds_to_decide(d: Difference, tolerance: float, confidence: float, power: float) -> int | None:
+    """Seeds per arm with which the bound would likely clear -tolerance (with `power`), were the true Δ
+    and the seed spread what was observed: the smallest n with (t_conf + t_power) x se(n) <= |Δ + tolerance|.
+    None: more than MAX_SEEDS_SUGGESTED."""
+    margin = abs(d.mean + tolerance)
+    for n in range(2, MAX_SEEDS_SUGGESTED + 1):
+        if d.paired:
+            se, df = d.sds[0] / math.sqrt(n), n - 1
+        else:
+            va, vb = d.sds[0] ** 2 / n, d.sds[1] ** 2 / n
+            se = math.sqrt(va + vb)
+            df = (va + vb) ** 2 / ((va**2 + vb**2) / (n - 1)) if va + vb > 0 else 2 * n - 2
+        if (stats.t.ppf(confidence, df) + stats.t.ppf(power, df)) * se <= margin:
+            return n
+    return None
+
+
+@dataclass
+class CellVerdict:
+    name: str
+    key: dict
+    label: str | None
+    baseline: str | None
+    status: str
+    reason: str
+    runs: list[RunVerdict]
+    eval_final_mean: float | None = None  # mean final score of the seeds that trained to the end
+    eval_final_ci: tuple[float, float] | None = None  # two-sided t-interval at `confidence`
+    eval_se: float | None = None  # binomial standard error of one eval at that score
+    delta_vs_baseline: float | None = None  # mean final score minus the baseline's
+    delta_lower_bound: float | None = None  # one-sided bounds at `confidence`: non-inferior above -tolerance,
+    delta_upper_bound: float | None = None  # shown worse below it
+    test: str | None = None  # which interval, in words, for the report
+    seeds_to_decide: int | None = None  # Inconclusive: seeds per arm that would likely decide it
+
+    def stat(self, field: str) -> list[float]:
+        return [x for r in self.runs if (x := getattr(r, field)) is not None]
+
+
+def t_interval(xs: list[float], confidence: float) -> tuple[float, float]:
+    """Two-sided Student-t interval for the mean of xs (n >= 2)."""
+    n, mean = len(xs), statistics.fmean(xs)
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * statistics.stdev(xs) / math.sqrt(n)
+    return float(mean - half), float(mean + half)
+
+
+def final_scores(runs: list[RunVerdict]) -> dict[int, float]:
+    """seed -> final score of the runs that trained to the end: a crashed, killed or NaN-stopped run
+    has only the evals from before it stopped."""
+    return {r.seed: r.eval_final for r in runs if r.trained_to_end and finite(r.eval_final)}
+
+
+def judge_cell(name, key, label, runs: list[RunVerdict], baseline_name: str | None, baseline: CellVerdict | None, c: Criteria,
+               baseline_declared: bool) -> CellVerdict:
+    """baseline_declared: the matrix names a baseline, so a cell without one (its baseline cell was
+    excluded) has nothing to be non-inferior to. The baseline cell itself is judged on learning and
+    stability alone."""
+    cell = CellVerdict(name, key, label, baseline_name, "", "", runs)
+    finished = [r for r in runs if r.verdict != "incomplete"]
+    errors = [r for r in runs if r.verdict in ("failed", "oom")]
+    infeasible = [r for r in runs if r.verdict == "infeasible"]
+    learned = [r for r in finished if r.verdict == "converged"]  # learned and stable
+    gained = [r for r in finished if r.trained_to_end and r.gain is not None and r.gain >= c.min_gain]  # learned, stable or not
+    ends = final_scores(finished)
+    if ends:
+        cell.eval_final_mean = statistics.fmean(ends.values())
+        ses = [r.eval_se for r in finished if r.seed in ends and r.eval_se is not None]  # the runs the mean is over
+        cell.eval_se = statistics.fmean(ses) if ses else None
+    if len(ends) >= 2:
+        cell.eval_final_ci = t_interval(list(ends.values()), c.confidence)
+    seeds = f"{len(finished)}/{len(runs)} seeds finished"
+    comparable = baseline is not None and baseline.name != name and baseline.status not in ("Incomplete", "Error", "Infeasible")
+    d = difference(ends, final_scores(baseline.runs), c.confidence) if comparable else None
+    if d:  # the evidence column shows Δ whatever the verdict
+        cell.delta_vs_baseline, cell.delta_lower_bound, cell.delta_upper_bound, cell.test = d.mean, d.lower, d.upper, d.method
+
+    stable = f"all {len(finished)} seeds learn (gain ≥ {c.min_gain}) and are stable"
+    if errors:
+        cell.status, cell.reason = "Error", f"seed {errors[0].seed}: {errors[0].reason}"
+    elif infeasible:
+        cell.status, cell.reason = "Infeasible", infeasible[0].reason
+    elif not finished:
+        cell.status, cell.reason = "Incomplete", seeds
+    elif len(finished) < c.min_seeds:
+        cell.status = "Smoke tested"
+        cell.reason = f"{seeds}, fewer than min_seeds {c.min_seeds}: " + "; ".join(f"seed {r.seed} {r.verdict}" for r in finished)
+    elif not gained:  # ❌ is "it does not learn"; learning that is unstable is a convergence issue
+        cell.status, cell.reason = "Does not converge", "; ".join(f"seed {r.seed}: {r.reason}" for r in finished)
+    elif len(learned) < len(finished):
+        bad = [r for r in finished if r.verdict != "converged"]
+        kinds = sorted({r.verdict.replace("_", " ") for r in bad})
+        others = "while the others learn" if learned else f"although {len(gained)} gain ≥ {c.min_gain}"
+        cell.status = "Convergence issue"
+        cell.reason = (f"{len(bad)}/{len(finished)} seeds {' or '.join(kinds)} {others}: "
+                       + "; ".join(f"seed {r.seed}: {r.reason}" for r in bad))
+    elif baseline_name is None and baseline_declared:
+        cell.status = "Smoke tested"
+        cell.reason = f"{stable}, but its baseline cell is excluded from the matrix: no non-inferiority test"
+    elif baseline is None or baseline.name == name:
+        alone = " (the baseline: judged on learning and stability alone)" if baseline_name == name else ""
+        cell.status, cell.reason = "Converges", stable + alone
+    elif not comparable:
+        cell.status, cell.reason = "Incomplete", f"baseline cell is {baseline.status}: no comparison possible"
+    elif d is None:
+        cell.status, cell.reason = "Smoke tested", "too few seeds in this cell or its baseline for the non-inferiority test"
+    else:
+        bounds = f"Δ {d.mean:+.3f}, {c.confidence:.0%} bounds [{d.lower:+.3f}, {d.upper:+.3f}] vs -{c.tolerance}"
+        if d.lower > -c.tolerance:
+            cell.status, cell.reason = "Converges", f"{stable}; non-inferior to the baseline ({bounds})"
+        elif d.upper < -c.tolerance:
+            cell.status, cell.reason = "Convergence issue", f"learns, but shown worse than the baseline ({bounds})"
+        else:
+            cell.status = "Inconclusive"
+            cell.seeds_to_decide = need = seeds_to_decide(d, c.tolerance, c.confidence, c.power)
+            more = (f"about {need} seeds per cell would likely decide it" if need
+                    else f"more than {MAX_SEEDS_SUGGESTED} seeds per cell: Δ sits on the tolerance itself")
+            cell.reason = (f"{stable}, but not shown non-inferior nor worse ({bounds}): {more} "
+                           f"({c.power:.0%} power, if Δ and the seed spread stay as observed)")
+    return cell
+
+
+def judge(root: Path, write: bool = True) -> list[CellVerdict]:
+    """Judge every cell of the sweep in `root` (and write root/verdicts.json)."""
+    matrix = read_json(root / "matrix.json")
+    c = Criteria(**matrix["criteria"])
+    runs = {cell["name"]: [judge_run(root / r["run_id"], r["seed"], c, _kl_in_loss(root / r["run_id"], r)) for r in cell["runs"]]
+            for cell in matrix["cells"]}
+    done: dict[str, CellVerdict] = {}
+    # baselines first, so every other cell can be compared with its baseline's verdict
+    for cell in sorted(matrix["cells"], key=lambda x: x["baseline"] not in (None, x["name"])):
+        base = done.get(cell["baseline"]) if cell["baseline"] else None
+        v = judge_cell(cell["name"], cell["key"], cell["label"], runs[cell["name"]], cell["baseline"], base, c, bool(matrix["baseline"]))
+        missing = sum(r.verdict == "incomplete" for r in v.runs)
+        if missing and v.status not in ("Incomplete", "Smoke tested"):
+            v.reason += f" ({missing} of {len(v.runs)} seeds not finished yet)"
+        done[cell["name"]] = v
+    verdicts = [done[cell["name"]] for cell in matrix["cells"]]
+    if write:
+        write_json_atomic(root / "verdicts.json", [asdict(v) | {"runs": [asdict(r) | {"gain": r.gain} for r in v.runs]} for v in verdicts])
+    return verdicts
+
+
+def _kl_in_loss(run_dir: Path, run: dict) -> bool:
+    """matrix.json says (RunConfig.kl_in_loss); a sweep saved before it did is read from the run's config.json,
+    and a run with neither is judged on KL, as every run was before."""
+    if "kl_in_loss" in run:
+        return run["kl_in_loss"]
+    try:
+        return RunConfig.model_validate(read_json(run_dir / "config.json")).kl_in_loss
+    except (OSError, ValueError):  # no config.json, or one an older harness wrote
+        return True

@@ -1,0 +1,1 @@
+"""Where a run's metrics go: local JSONL files, and W&B when asked."""

@@ -1,0 +1,1 @@
+"""Optuna searches over a cell's `tune:` space, and their report."""
