@@ -29,7 +29,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from harness.execution.lifecycle import last_step  # noqa: E402
+from harness.results.layout import read_metrics  # noqa: E402
 from harness.results.layout import read_json, write_json_atomic  # noqa: E402
 
 # the device README: NVLink multicast stays off in NCCL, PyTorch and NVSHMEM, in every child too
@@ -127,7 +127,7 @@ def kill_on_last_gpu(last_gpu: str, steps: int):
             live = workers(results)
             mine = [(pid, d) for pid, (d, gpu) in live.items() if gpu == last_gpu]
             for pid, d in mine:
-                if (step := last_step(d)[0]) >= steps // 4:
+                if (step := max((r["step"] for r in read_metrics(d)), default=0)) >= steps // 4:
                     os.kill(pid, signal.SIGKILL)
                     return {"killed": {"run": d.name, "pid": pid, "gpu": last_gpu, "at_step": step, "t": time.time()},
                             "running_elsewhere": {d2.name: gpu2 for p2, (d2, gpu2) in live.items() if p2 != pid}}

@@ -10,7 +10,8 @@ from synthetic import curve_run, write_sweep
 from typer.testing import CliRunner
 
 from harness.cli import app
-from harness.execution.lifecycle import Job, Retry, pending, record_lost, reopen_all, run_one
+from harness.execution.jobs import Job, Retry, pending, reopen_all
+from harness.execution.lifecycle import record_lost, run_one
 from harness.results.layout import damage, read_json, read_metrics
 from harness.results.verdict import judge
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from harness.config.run import RunConfig
-from harness.execution.lifecycle import in_own_process, own_process_needed
+from harness.execution.isolation import in_own_process, own_process_needed
 
 
 def test_in_own_process_returns_the_childs_result_and_raises_its_errors():
@@ -26,12 +26,15 @@ def test_a_runs_console_line_shows_its_id_whatever_it_starts_with(tmp_path):
     the sweep's log named some runs and not others."""
     from rich.console import Console
 
-    from harness.execution.lifecycle import Job, one_line
+    from harness.execution.events import Ended
+    from harness.execution.jobs import Job
+    from harness.execution.progress import RichProgress
 
     cfg = next(c for c in (RunConfig(seed=s) for s in range(100)) if c.run_id[0].isalpha())
     console = Console(record=True, width=300)
-    console.print(one_line(Job(cfg, tmp_path), {"status": "ok", "eval_start": 0.5, "eval_end": 0.75, "wall_s": 3}))
-    console.print(one_line(Job(cfg, tmp_path), {"status": "killed", "error": "by [bold]SIGKILL[/bold]"}))
+    with RichProgress(console) as show:
+        show(Ended(Job(cfg, tmp_path), {"status": "ok", "eval_start": 0.5, "eval_end": 0.75, "wall_s": 3}))
+        show(Ended(Job(cfg, tmp_path), {"status": "killed", "error": "by [bold]SIGKILL[/bold]"}))
     ok, killed = console.export_text().splitlines()
     assert f"seed={cfg.seed} [{cfg.run_id}] eval 0.500 → 0.750" in ok
     assert f"[{cfg.run_id}] killed: by [bold]SIGKILL[/bold]" in killed

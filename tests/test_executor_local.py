@@ -188,7 +188,7 @@ def freeze_when(runs: list[Path], ready, proc: subprocess.Popen, timeout: float 
 def test_gpu_slots_pin_one_visible_gpu_each(monkeypatch):
     """Slot assignment on a multi-GPU host, without one: each slot's CUDA_VISIBLE_DEVICES names one of the
     GPUs this process may use (ids or UUIDs, as the user listed them); --jobs and cuda:N narrow them."""
-    from harness.execution.lifecycle import ExecutorSettings
+    from harness.execution.jobs import ExecutorSettings
     from harness.execution.local import slots
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)  # a fake: this machine has no GPU

@@ -85,7 +85,7 @@ def test_ray_executor_runs_a_sweep_on_a_local_cluster(tmp_path, tiny_model, ray_
 def test_a_node_without_the_results_folder_sends_the_run_back(tmp_path, tiny_model):
     """What a task does where the driver's marker is not visible (no shared filesystem): it trains in
     a temporary folder and returns it; the driver unpacks it in place. Called directly, no cluster."""
-    from harness.execution.lifecycle import Job
+    from harness.execution.jobs import Job
     from harness.execution.ray import _unpack, ray_task
     from harness.execution.worker import job_payload
 

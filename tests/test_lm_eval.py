@@ -24,7 +24,8 @@ def test_lm_eval_exact_match_is_the_nf4_runs_eval_reward(tiny_model, tmp_path, m
     """The quantized (NF4) final policy under lm-eval scores the run's held-out set as the run's own
     last eval/reward did (greedy both sides: expected equal); bf16_base adds the unquantized base.
     Run the way a sweep runs it: `eval.lm_eval` reaches run_one as an option, the scores land in summary.json."""
-    from harness.execution.lifecycle import RunOptions, run_one
+    from harness.execution.jobs import RunOptions
+    from harness.execution.lifecycle import run_one
     from harness.results.layout import read_json, read_metrics
 
     cfg, run_dir = arith_config("nf4"), tmp_path / "run"

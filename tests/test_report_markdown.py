@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from markdown_it import MarkdownIt
 
-from harness.report.markdown import write_report
+from harness.report import write_report
 from harness.results.verdict import judge
 from synthetic import plant, write_sweep
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from harness.report.markdown import write_report
+from harness.report import write_report
 from harness.config.matrix import Criteria
 from harness.results.layout import read_metrics, write_json_atomic
 from harness.tracking.files import JsonlTracker

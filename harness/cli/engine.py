@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from harness.cli import DEVICE, RESULTS, _fail, _folder, _load, _run_config, app, console
+from harness.cli.app import DEVICE, RESULTS, fail, folder, load, run_config, app, console
 from harness.config.run import RunConfig
 from harness.common.text import printable
 
@@ -33,17 +33,17 @@ def check_engine(
     from harness.common.system import pick_device
 
     if plant is not None and plant not in PLANTS:
-        raise _fail(f"--plant {plant!r}: valid: {', '.join(PLANTS)}")
+        raise fail(f"--plant {plant!r}: valid: {', '.join(PLANTS)}")
     if (config is None) == (matrix is None):
-        raise _fail("give a config file or --matrix NAME, not both")
+        raise fail("give a config file or --matrix NAME, not both")
     if config is not None:
-        cfgs, root = [(config.stem, _run_config(config))], results / _folder(config.stem)
+        cfgs, root = [(config.stem, run_config(config))], results / folder(config.stem)
     else:
-        m = _load(matrix)
+        m = load(matrix)
         try:
             chosen = m.select(cell or "") if cell else list(m.cells)
         except ValueError as e:
-            raise _fail(f"--cell: {e}") from None
+            raise fail(f"--cell: {e}") from None
         cfgs, root = [(c.name, c.runs[0]) for c in chosen], results / m.name
     dev = pick_device(device)
     by_key: dict[str, tuple[list[str], RunConfig]] = {}
@@ -51,7 +51,7 @@ def check_engine(
         if cfg.rollout.engine == "vllm":
             by_key.setdefault(check_key(cfg, dev), ([], cfg))[0].append(name)
     if not by_key:
-        raise _fail("no vLLM configuration to check (colocation in_process uses the trainer's own model)")
+        raise fail("no vLLM configuration to check (colocation in_process uses the trainer's own model)")
     build_models(cfg for _, cfg in by_key.values())
     table = Table("cells", "ok", "sleep/wake", "greedy = trainer", "Δ logprob (tol)", "Δ vs stale", "why", title="engine checks", title_justify="left")
     failed = 0

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from harness.cli import DEVICE, REPORTS, RESULTS, _fail, _folder, _load, _one_cell, app, console
+from harness.cli.app import DEVICE, REPORTS, RESULTS, app, console, failing, interruptible, load, one_cell
 from harness.common.text import printable
-from harness.execution.sweep import build_models
 
 
 @app.command()
@@ -39,57 +36,46 @@ def tune(
     reports/MATRIX/tune_STUDY.{md,html}, linked from the matrix's report.
 
     Example: harness tune smoke --cell quant=nf4 --trials 8"""
+    from harness.tune import session as tuning
     from harness.tune import study as t
-    from harness.tune.report import slug, write_tune_report
-    from harness.config.tune_space import check_space
 
-    m = _load(matrix)
-    c = _one_cell(m, cell)
-    problems = check_space(c.runs[0], m.spec.tune)
-    if problems:
-        raise _fail(f"{m.path}: the tune space makes invalid configs for cell {c.name}:\n" + "\n".join(f"  - {p}" for p in problems))
-    name = _folder(study) if study else slug(c.name.replace("=", "-").replace(",", "_"))  # a folder under results/ and reports/
-    spec = m.spec.tune
-    s = t.Study(name=name, storage=storage or t.default_storage(results, m.name), matrix=m.name, cell=c.name, cell_cfg=c.runs[0],
-                spec=spec, trials=trials or spec.trials, root=results / m.name / "tune" / name)
-    try:
-        optuna_study, notes = t.create(s)
-    except t.StudyMismatch as e:
-        raise _fail(str(e)) from None
-    for note in notes:
+    m = load(matrix)
+    c = one_cell(m, cell)
+    with failing():
+        session = tuning.open_session(m, c, trials, study, storage, results)
+    for note in session.notes:
         console.print(f"[yellow]note:[/] {printable(note)}", highlight=False)
-
     if apply:
-        _apply(m, c, s, optuna_study, trial, out)
+        with failing():
+            path, best = tuning.apply_trial(session, trial, out)
+        console.print(printable(f"wrote {path}: {m.name} plus the cell {c.name} with trial {best.number}'s {best.params}\n"
+                                f"run it: make sweep MATRIX={path.stem}"), highlight=False)
         return
-    requeued = t.requeue_lost(optuna_study, spec.max_retries)
+    requeued = tuning.requeue(session)
     if requeued:
         console.print(f"[yellow]note:[/] queued again (killed or interrupted): trial {', '.join(map(str, requeued))}", highlight=False)
-    build_models([s.cell_cfg])
-    console.print(f"[bold]study {printable(name)}[/] ({printable(t.shown(s.storage))}): {printable(c.name)}, {s.trials} trials, "
+    s = session.study
+    console.print(f"[bold]study {printable(s.name)}[/] ({printable(t.shown(s.storage))}): {printable(c.name)}, {s.trials} trials, "
                   f"{workers} worker(s); runs under {printable(s.root)}", highlight=False)
     try:
-        if workers == 1:
-            _work_here(s, device)
-        else:
-            _work_in_processes(s, workers, device)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: finished trials are kept; run the same command again to resume "
-                      "(the interrupted trial runs again from its last checkpoint).")
-        raise typer.Exit(130) from None
+        with failing(), interruptible("finished trials are kept; run the same command again to resume "
+                                      "(the interrupted trial runs again from its last checkpoint)."):
+            _run(session, workers, device)
     finally:
-        path = write_tune_report(t.load(s), s, reports)
-        _refresh_matrix_report(m.name, results, reports)
+        path = tuning.write_reports(session, results, reports)
         console.print(f"tuning report: {printable(path)} and {printable(path.with_suffix('.html'))}")
-    best = t.best_trials(t.load(s))
-    for b in best:
+    for b in t.best_trials(t.load(s)):
         console.print(f"best: {t.trial_line(b)}", markup=False, highlight=False)
 
 
-def _work_here(s, device: str) -> None:
+def _run(session, workers: int, device: str) -> None:
+    """The session's trials, with progress bars: per step in this process, per trial from the storage with workers."""
+    from harness.execution.events import step_info
+    from harness.execution.progress import progress_bar
+    from harness.tune import session as tuning
     from harness.tune import study as t
-    from harness.execution.lifecycle import progress_bar, step_info
 
+    s = session.study
     with progress_bar(console) as bar:
         overall = bar.add_task("trials", total=s.trials, completed=t.tally(t.load(s))["done"], info="")
         current: dict[int, int] = {}
@@ -106,68 +92,4 @@ def _work_here(s, device: str) -> None:
             bar.console.print(t.trial_line(frozen), markup=False, highlight=False)
             bar.update(overall, completed=t.tally(t.load(s))["done"])
 
-        t.work(s, 0, device, on_trial=on_trial, on_step=on_step)
-
-
-def _work_in_processes(s, workers: int, device: str) -> None:
-    """Spawned workers (CUDA and OpenMP don't survive fork) sharing the CPU's cores; this process
-    shows the study's progress from the storage."""
-    import multiprocessing
-
-    from harness.tune import study as t
-    from harness.execution.lifecycle import progress_bar
-
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=t.work, args=(s, i, device), kwargs={"threads": threads}, name=f"tune-worker-{i}") for i in range(workers)]
-    for p in procs:
-        p.start()
-    try:
-        with progress_bar(console) as bar:
-            overall = bar.add_task("trials", total=s.trials, info="")
-            while any(p.is_alive() for p in procs):
-                bar.update(overall, completed=t.tally(t.load(s))["done"])
-                time.sleep(2)
-            bar.update(overall, completed=t.tally(t.load(s))["done"])
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-            p.join()
-    failed = [f"{p.name} (exit {p.exitcode})" for p in procs if p.exitcode]
-    if failed:
-        raise _fail(f"worker(s) failed: {', '.join(failed)}; their output is above. Finished trials are kept.")
-
-
-def _apply(m, c, s, optuna_study, number: Optional[int], out: Optional[Path]) -> None:
-    from harness.tune import study as t
-    from optuna.trial import TrialState
-
-    if number is not None:
-        chosen = [x for x in optuna_study.get_trials(deepcopy=False) if x.number == number]
-        if not chosen or chosen[0].state != TrialState.COMPLETE:
-            raise _fail(f"--trial {number}: no finished trial with that number in study {s.name}")
-        best = chosen[0]
-    else:
-        front = t.best_trials(optuna_study)
-        if not front:
-            raise _fail(f"study {s.name} has no finished trial yet: run `harness tune {m.name} --cell ...` first")
-        best = front[0]
-    target = out or m.path.with_name(f"{m.name}-tuned-{s.name}.yaml")
-    try:
-        path = t.apply(m.path, c.key, s, best, target)
-    except (FileExistsError, ValueError) as e:
-        raise _fail(str(e)) from None
-    console.print(printable(f"wrote {path}: {m.name} plus the cell {c.name} with trial {best.number}'s {best.params}\n"
-                            f"run it: make sweep MATRIX={path.stem}"), highlight=False)
-
-
-def _refresh_matrix_report(matrix: str, results: Path, reports: Path) -> None:
-    """Re-write the matrix's report (if its sweep has run) so it links the tuning report."""
-    from harness.report.markdown import write_report
-    from harness.results.verdict import judge
-
-    root = results / matrix
-    if (root / "matrix.json").exists():
-        judge(root)
-        write_report(root, reports / matrix)
+        tuning.run_trials(session, workers, device, on_trial, on_step, lambda done: bar.update(overall, completed=done))

@@ -17,12 +17,15 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import yaml
 from pydantic import Field
 
 from harness.config.run import Frozen, RunConfig
+
+if TYPE_CHECKING:
+    import torch
 
 TEMPLATES = Path(__file__).parent / "lm_eval_tasks"
 HARNESS_TASKS = {"qrl_arith": "arith", "qrl_boxed": "boxed"}  # lm-eval task -> the harness task whose held-out set it scores
@@ -77,6 +80,8 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, device: torch.device, settings: 
             del model
             gc.collect()
             if device.type == "cuda":
+                import torch
+
                 torch.cuda.empty_cache()
     return out
 
@@ -199,6 +204,8 @@ def _load_final_policy(cfg: RunConfig, run_dir: Path, device: torch.device):
         raise ValueError(f"{folder}: the adapter does not fit this base ({len(missing)} LoRA weights missing, e.g. {missing[0]})")
     # the quantizers' calibrated amax (ModelOpt formats) is checkpointed beside the adapter; an
     # unquantized base has no quantizers and ignores them (strict=False), as restore() does
+    import torch
+
     extra = torch.load(folder / checkpoint.STATE, map_location=device, weights_only=False)["model"]
     if extra:
         model.load_state_dict(extra, strict=False)

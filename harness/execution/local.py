@@ -20,10 +20,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from rich.console import Console
 
-from harness.execution.lifecycle import ExecutorSettings, Job, last_step, one_line, progress_bar, record_lost
-from harness.common.text import printable
+from harness.execution.events import Ended, Note, OnEvent, Started
+from harness.execution.jobs import ExecutorSettings, Job
+from harness.execution.lifecycle import last_step, record_lost
 from harness.results.layout import read_json, write_json_atomic
 from harness.execution.worker import job_payload
 
@@ -71,32 +71,29 @@ def pinned_gpus(device: str) -> list[str]:
     return gpus
 
 
-def run_local(jobs: list[Job], settings: ExecutorSettings, console: Console) -> None:
+def run_local(jobs: list[Job], settings: ExecutorSettings, on_event: OnEvent) -> None:
     free, queue = slots(settings), list(jobs)
-    running: dict[subprocess.Popen, tuple[Job, Slot, int]] = {}
+    running: dict[subprocess.Popen, tuple[Job, Slot]] = {}
     if len(free) > 1:
-        console.print(f"{len(free)} runs at a time ({', '.join(s.env.get('CUDA_VISIBLE_DEVICES', 'cpu') for s in free)}); "
-                      "each run's output goes to its worker.log")
-    with progress_bar(console) as bar, _sigterm_as_interrupt():
-        overall = bar.add_task("sweep", total=len(jobs), info="")
+        on_event(Note(f"{len(free)} runs at a time ({', '.join(s.env.get('CUDA_VISIBLE_DEVICES', 'cpu') for s in free)}); "
+                      "each run's output goes to its worker.log"))
+    with _sigterm_as_interrupt():
         try:
             while queue or running:
                 while queue and free:
                     job, slot = queue.pop(0), free.pop(0)
-                    running[_start(job, slot)] = (job, slot, bar.add_task(f"  {printable(job.label)}", total=job.cfg.train.steps, info=""))
+                    running[_start(job, slot)] = (job, slot)
+                    on_event(Started(job))
                 time.sleep(POLL_S)
-                for proc, (job, slot, task) in list(running.items()):
-                    step, info = last_step(job.run_dir)
-                    bar.update(task, completed=step, info=info)
+                for proc, (job, slot) in list(running.items()):
+                    on_event(last_step(job))
                     if proc.poll() is None:
                         continue
                     del running[proc]
                     free.append(slot)
-                    bar.remove_task(task)
-                    bar.advance(overall)
-                    bar.console.print(_outcome(job, proc.returncode))
+                    on_event(_outcome(job, proc.returncode))
         except KeyboardInterrupt:
-            _stop(running, bar.console)
+            _stop(running, on_event)
             raise
 
 
@@ -110,12 +107,12 @@ def _start(job: Job, slot: Slot) -> subprocess.Popen:
                                 env=env, start_new_session=True)
 
 
-def _outcome(job: Job, code: int) -> str:
+def _outcome(job: Job, code: int) -> Ended | Note:
     summary_path = job.run_dir / "summary.json"
     if summary_path.exists():
-        return one_line(job, read_json(summary_path))
+        return Ended(job, read_json(summary_path))
     if code == 130:  # stopped from outside (SIGINT/SIGTERM to the run itself): resumable, like Ctrl-C
-        return f"[yellow]■[/] {printable(f'{job.label} [{job.cfg.run_id}]')} stopped before it finished; the next sweep resumes it"
+        return Note(f"■ {job.label} [{job.cfg.run_id}] stopped before it finished; the next sweep resumes it")
     tail = _log_tail(job)
     if code < 0:
         name = signal.Signals(-code).name
@@ -123,7 +120,7 @@ def _outcome(job: Job, code: int) -> str:
         summary = record_lost(job, "killed", f"the run's process was killed by {name}{why}; worker.log ends: {tail}")
     else:
         summary = record_lost(job, "failed", f"the run's process exited with code {code}; worker.log ends: {tail}")
-    return one_line(job, summary)
+    return Ended(job, summary)
 
 
 def _log_tail(job: Job, lines: int = 5) -> str:
@@ -132,12 +129,12 @@ def _log_tail(job: Job, lines: int = 5) -> str:
     return " | ".join(text[-lines:]) or "(empty)"
 
 
-def _stop(running: dict, console: Console) -> None:
+def _stop(running: dict, on_event: OnEvent) -> None:
     """SIGTERM to every run (it stops without a summary, closing its engine), then SIGKILL to the
     ones still there after STOP_GRACE_S or a second Ctrl-C."""
     if not running:
         return
-    console.print(f"[yellow]stopping {len(running)} run(s)[/] (Ctrl-C again to kill them now) ...")
+    on_event(Note(f"stopping {len(running)} run(s) (Ctrl-C again to kill them now) ..."))
     for proc in running:
         proc.send_signal(signal.SIGTERM)
     deadline = time.time() + STOP_GRACE_S

@@ -19,10 +19,10 @@ import time
 import uuid
 from pathlib import Path
 
-from rich.console import Console
 
-from harness.execution.lifecycle import ExecutorSettings, Job, last_step, one_line, progress_bar, record_lost
-from harness.common.text import printable
+from harness.execution.events import Ended, Note, OnEvent, Started
+from harness.execution.jobs import ExecutorSettings, Job
+from harness.execution.lifecycle import last_step, record_lost
 from harness.results.layout import read_json, write_json_atomic
 from harness.execution.worker import job_payload
 
@@ -30,7 +30,7 @@ POLL_S = 0.5
 STOP_GRACE_S = 60
 
 
-def run_ray(jobs: list[Job], settings: ExecutorSettings, console: Console) -> None:
+def run_ray(jobs: list[Job], settings: ExecutorSettings, on_event: OnEvent) -> None:
     try:
         import ray
     except ImportError:
@@ -48,31 +48,27 @@ def run_ray(jobs: list[Job], settings: ExecutorSettings, console: Console) -> No
         gpus = 0 if settings.device == "cpu" else ray.cluster_resources().get("GPU", 0)
         task = ray.remote(max_calls=1, max_retries=0)(ray_task).options(num_gpus=1 if gpus else 0, num_cpus=1)
         device = "cuda" if gpus else "cpu"
-        console.print(f"ray: {ray.cluster_resources().get('CPU', 0):.0f} CPUs, {gpus:.0f} GPUs; {len(jobs)} runs, one {device.upper()} each")
-        _drive(ray, {task.remote(job_payload(job, device), str(marker), _snapshot(job.run_dir)): job for job in jobs}, console)
+        on_event(Note(f"ray: {ray.cluster_resources().get('CPU', 0):.0f} CPUs, {gpus:.0f} GPUs; {len(jobs)} runs, one {device.upper()} each"))
+        _drive(ray, {task.remote(job_payload(job, device), str(marker), _snapshot(job.run_dir)): job for job in jobs}, on_event)
     finally:
         marker.unlink(missing_ok=True)
         ray.shutdown()
 
 
-def _drive(ray, refs: dict, console: Console) -> None:
-    with progress_bar(console) as bar:
-        overall = bar.add_task("sweep", total=len(refs), info="")
-        tasks = {ref: bar.add_task(f"  {printable(job.label)}", total=job.cfg.train.steps, info="") for ref, job in refs.items()}
-        try:
-            while refs:
-                ready, _ = ray.wait(list(refs), num_returns=1, timeout=POLL_S)
-                for ref, job in refs.items():
-                    step, info = last_step(job.run_dir)
-                    bar.update(tasks[ref], completed=step, info=info)
-                for ref in ready:
-                    job = refs.pop(ref)
-                    bar.remove_task(tasks[ref])
-                    bar.advance(overall)
-                    bar.console.print(one_line(job, _collect(ray, ref, job)))
-        except KeyboardInterrupt:
-            _stop(ray, list(refs), bar.console)
-            raise
+def _drive(ray, refs: dict, on_event: OnEvent) -> None:
+    for job in refs.values():
+        on_event(Started(job))  # queued on the cluster: Ray starts them as it has room
+    try:
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1, timeout=POLL_S)
+            for job in refs.values():
+                on_event(last_step(job))
+            for ref in ready:
+                job = refs.pop(ref)
+                on_event(Ended(job, _collect(ray, ref, job)))
+    except KeyboardInterrupt:
+        _stop(ray, list(refs), on_event)
+        raise
 
 
 def _collect(ray, ref, job: Job) -> dict:
@@ -90,11 +86,11 @@ def _collect(ray, ref, job: Job) -> dict:
     return out["summary"]
 
 
-def _stop(ray, refs: list, console: Console) -> None:
+def _stop(ray, refs: list, on_event: OnEvent) -> None:
     """KeyboardInterrupt inside every running task (the run stops without a summary), then force."""
     if not refs:
         return
-    console.print(f"[yellow]stopping {len(refs)} run(s)[/] ...")
+    on_event(Note(f"stopping {len(refs)} run(s) ..."))
     for ref in refs:
         ray.cancel(ref)
     deadline = time.time() + STOP_GRACE_S

@@ -7,12 +7,14 @@ from __future__ import annotations
 import importlib.util
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from harness.execution.lifecycle import RETRYABLE, Job, RunOptions
+from harness.execution.jobs import RETRYABLE, Job, RunOptions
 from harness.config.matrix import Cell, Matrix
 from harness.results.layout import read_summary, write_json_atomic
+
+if TYPE_CHECKING:
+    import torch
 
 
 def jobs_of(m: Matrix, results: Path, cells: list[Cell] | None = None, wandb: str | None = None) -> list[Job]:

