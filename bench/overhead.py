@@ -59,7 +59,11 @@ def instrument(timer: ExclusiveTimer, stack: contextlib.ExitStack) -> None:
     """Wrap the four core calls and the harness's per-step pieces where the recipe looks them up."""
     import transformers
 
-    from harness import checkpoint, rollout, system, tasks, tracking
+    from harness import tasks
+    from harness.common import system
+    from harness.models import checkpoint
+    from harness.rollout import hf as rollout
+    from harness.tracking import files as tracking
     from harness.recipes import common, grpo
 
     targets = [

@@ -83,6 +83,16 @@ def test_a_damaged_line_in_the_middle_is_caught(tmp_path):
     assert "line 4 of 9 is not a metrics row" in damage(runs[0])
 
 
+def test_a_torn_config_json_does_not_stop_the_judging(tmp_path):
+    """A run logged without eval/n has its eval size read from config.json; torn, it is unknown, not a crash."""
+    root, cells = write_sweep(tmp_path, TWO_SEEDS)
+    for d in cells["quant=bf16"]:
+        curve_run(d, *CURVE, eval_n=None)
+        (d / "config.json").write_text('{"task": {"eval_size": 5')
+    v = judge(root)[0]
+    assert [r.verdict for r in v.runs] == ["converged", "converged"]
+
+
 def test_a_torn_matrix_json_is_named(tmp_path):
     root, _ = sweep_of_two(tmp_path)
     cut(root / "matrix.json", 0.5)

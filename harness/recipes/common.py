@@ -1,25 +1,46 @@
-"""Pieces every recipe's loop shares: setup, group sampling, system metrics, end of step."""
+"""Pieces every recipe's loop shares: setup, group sampling, system metrics, end of step.
+
+Functions and small dataclasses rather than a trainer base class, so that each recipe stays one
+file that reads top to bottom, calling these where its loop needs them.
+"""
 
 from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from harness.common.system import PeakMemory, compute_dtype
+from harness.config.run import RunConfig
 from harness.models import checkpoint
 from harness.models.loading import load_policy
 from harness.quant.bnb import quantized_linear_stats
 from harness.recipes import NonFinite
 from harness.registries import ROLLOUT_ENGINES
-from harness.rollout.hf import evaluate
-from harness.common.system import PeakMemory, compute_dtype
-from harness.tasks import load_task
+from harness.rollout.hf import Rollout, evaluate
+from harness.tasks import Problem, load_task
+from harness.tracking.files import Tracker
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What the caller hands a recipe's `run`, carried on its Setup so that the shared pieces below
+    take the Setup alone instead of these five threaded through every call."""
+
+    cfg: RunConfig
+    run_dir: Path
+    tracker: Tracker
+    device: torch.device
+    progress: Callable[..., None]
 
 
 @dataclass
 class Setup:
+    ctx: RunContext  # what the recipe was handed
     task: object
     model: torch.nn.Module
     tokenizer: object
@@ -38,9 +59,10 @@ class Setup:
         self.engine.close()  # a vLLM server must not outlive its run, whatever ended it
 
 
-def setup(cfg, device: torch.device, run_dir) -> Setup:
+def setup(ctx: RunContext) -> Setup:
     """The policy, then its rollout engine: the trainer is built first because bitsandbytes
     quantizes while loading, and loading it after vLLM took the GPU is known to crash."""
+    cfg, device, run_dir = ctx.cfg, ctx.device, ctx.run_dir
     torch.manual_seed(cfg.seed)
     dtype = compute_dtype(device, cfg.train.dtype)
     model, tokenizer = load_policy(cfg, device, dtype)
@@ -53,15 +75,26 @@ def setup(cfg, device: torch.device, run_dir) -> Setup:
     }
     task = load_task(cfg.task)
     engine = ROLLOUT_ENGINES.get(cfg.rollout.engine)(model, tokenizer, cfg, device, run_dir)
-    return Setup(task, model, tokenizer, engine, params, torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=0.0),
+    return Setup(ctx, task, model, tokenizer, engine, params, torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=0.0),
                  random.Random(cfg.seed), PeakMemory(device), dtype, facts | engine.facts)
 
 
-def sample_groups(s: Setup, cfg, device):
+@dataclass(frozen=True)
+class Sampled:
+    """One step's rollouts, named: the recipe's training half, system_metrics and end_step all read
+    them, and a tuple of five made every call site repeat (and risk misordering) the unpacking."""
+
+    problems: list[Problem]  # the problem of each completion: each prompt repeated group_size times, in order
+    batch: Rollout
+    rewards: torch.Tensor  # [N], the task's reward of each completion
+    seconds: float  # generation alone: waking the engine and syncing weights are timed apart (time/wake_s, time/sync_s)
+    peak_gib: float
+
+
+def sample_groups(s: Setup) -> Sampled:
     """`prompts_per_step` training prompts, `group_size` completions each, scored by the task; then
-    the engine hands the device back to the trainer. Returns (problems repeated per completion,
-    the Rollout, rewards, seconds, peak GiB); the seconds are generation alone: waking the engine
-    and syncing the trainer's weights into it are timed apart (time/wake_s, time/sync_s)."""
+    the engine hands the device back to the trainer."""
+    cfg, device = s.ctx.cfg, s.ctx.device
     s.engine.sync()
     s.memory.reset()
     t0 = time.perf_counter()
@@ -71,19 +104,21 @@ def sample_groups(s: Setup, cfg, device):
     rewards = torch.tensor([s.task.reward(p, text) for p, text in zip(grouped, batch.texts)], device=device)
     rollout_s, peak = time.perf_counter() - t0, s.memory.peak_gib()
     s.engine.release()
-    return grouped, batch, rewards, rollout_s, peak
+    return Sampled(grouped, batch, rewards, rollout_s, peak)
 
 
-def system_metrics(s: Setup, batch, n_rollouts: int, rewards, rollout: tuple[float, float], train: tuple[float, float], trained_tokens: int) -> dict:
+def system_metrics(s: Setup, sampled: Sampled, train: tuple[float, float], trained_tokens: int) -> dict:
     """Reward, timing, throughput and memory of one step; the engine's own (sync, sleep, wake) included.
-    trained_tokens: prompt and completion tokens through the trainer's forward and backward, all updates."""
-    (rollout_s, rollout_peak), (train_s, train_peak) = rollout, train
-    n_tokens = batch.completion_mask.sum().item()
+    train: end_train's (seconds, peak GiB). trained_tokens: prompt and completion tokens through the
+    trainer's forward and backward, all updates (a recipe may train on other tokens than it sampled)."""
+    rollout_s, rollout_peak, rewards = sampled.seconds, sampled.peak_gib, sampled.rewards
+    train_s, train_peak = train
+    n_tokens = sampled.batch.completion_mask.sum().item()
     engine = s.engine.pop_metrics()
     return engine | {
         "reward/mean": rewards.mean().item(),
         "reward/std": rewards.std().item(),
-        "completion_length": n_tokens / n_rollouts,
+        "completion_length": n_tokens / len(sampled.problems),
         "time/rollout_s": rollout_s,
         "time/train_s": train_s,
         "throughput/rollout_tokens_per_s": n_tokens / rollout_s,
@@ -98,26 +133,27 @@ def token_count(prompt_mask, completion_mask) -> int:
     return int(prompt_mask.sum().item() + completion_mask.sum().item())
 
 
-def end_train(s: Setup, cfg, device, step: int, t0: float) -> tuple[float, float]:
+def end_train(s: Setup, step: int, t0: float) -> tuple[float, float]:
     """After a step's updates: re-calibrate ModelOpt's amax when due; (train seconds, train peak GiB)."""
-    if cfg.modelopt.recalibrate_every:
+    if s.ctx.cfg.modelopt.recalibrate_every:
         from harness.quant.modelopt import recalibrate_if_due
 
-        recalibrate_if_due(s.model, cfg, device, step)
+        recalibrate_if_due(s.model, s.ctx.cfg, s.ctx.device, step)
     return time.perf_counter() - t0, s.memory.peak_gib()
 
 
-def log_start(s: Setup, run_dir, tracker) -> int:
+def log_start(s: Setup) -> int:
     """Resume from the last checkpoint if there is one; else log the step-0 evaluation. The start step."""
-    start = checkpoint.restore(run_dir, s.model, s.optimizer, s.rng)
+    start = checkpoint.restore(s.ctx.run_dir, s.model, s.optimizer, s.rng)
     if start == 0:
-        tracker.log({"eval/reward": evaluate(s.engine, s.task, s.task.eval), "eval/n": len(s.task.eval)}, step=0)
+        s.ctx.tracker.log({"eval/reward": evaluate(s.engine, s.task, s.task.eval), "eval/n": len(s.task.eval)}, step=0)
     return start
 
 
-def end_step(s: Setup, cfg, run_dir, tracker, progress, step: int, metrics: dict, grouped, batch, rewards) -> None:
+def end_step(s: Setup, step: int, metrics: dict, sampled: Sampled) -> None:
     """Stop on non-finite numbers; evaluate, log, keep samples, checkpoint, report progress."""
-    t = cfg.train
+    t, tracker = s.ctx.cfg.train, s.ctx.tracker
+    grouped, batch, rewards = sampled.problems, sampled.batch, sampled.rewards
     if not all(x == x and abs(x) != float("inf") for x in metrics.values()):
         tracker.log(metrics, step)
         bad = sorted(k for k, v in metrics.items() if not (v == v and abs(v) != float("inf")))
@@ -129,8 +165,8 @@ def end_step(s: Setup, cfg, run_dir, tracker, progress, step: int, metrics: dict
         picks = range(0, min(len(grouped), 4 * t.group_size), t.group_size)
         tracker.log_samples([{"prompt": grouped[i].prompt, "completion": batch.texts[i], "reward": rewards[i].item()} for i in picks], step)
     if step % t.checkpoint_every == 0 or step == t.steps:
-        checkpoint.save(run_dir, s.model, s.optimizer, s.rng, step)
-    progress(step=step, total=t.steps, reward=metrics["reward/mean"], eval=metrics.get("eval/reward"))
+        checkpoint.save(s.ctx.run_dir, s.model, s.optimizer, s.rng, step)
+    s.ctx.progress(step=step, total=t.steps, reward=metrics["reward/mean"], eval=metrics.get("eval/reward"))
 
 
 def optimizer_step(s: Setup, loss: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
@@ -141,3 +177,20 @@ def optimizer_step(s: Setup, loss: torch.Tensor, max_grad_norm: float) -> torch.
     if torch.isfinite(loss) and torch.isfinite(grad_norm):
         s.optimizer.step()
     return grad_norm
+
+
+@dataclass
+class MetricBuffer:
+    """A step's per-update values, logged as their means: with `updates_per_batch` above 1 a step's
+    row speaks for all of its updates, not the last. Values are read off the device as they come
+    (as `.item()`), so the graph each one hangs on is not kept alive to the end of the step."""
+
+    values: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, metrics: Mapping[str, torch.Tensor | float]) -> None:
+        for name, value in metrics.items():
+            self.values.setdefault(name, []).append(value.item() if isinstance(value, torch.Tensor) else value)
+
+    def means(self) -> dict[str, float]:
+        """In the order the names were first added; empty when nothing was (a step with no update)."""
+        return {name: sum(v) / len(v) for name, v in self.values.items()}

@@ -26,21 +26,34 @@ import torch
 
 from harness.config.run import RunConfig
 from harness.models.loading import resolve
-from harness.recipes.common import end_step, end_train, log_start, optimizer_step, sample_groups, setup, system_metrics, token_count
+from harness.recipes.common import (
+    MetricBuffer,
+    RunContext,
+    end_step,
+    end_train,
+    log_start,
+    optimizer_step,
+    sample_groups,
+    setup,
+    system_metrics,
+    token_count,
+)
 from harness.recipes.rl_math import completion_logits, masked_mean, mismatch_metrics, reverse_kl, token_logprobs_and_entropy
+from harness.tracking.files import Tracker
 
 
-def run(cfg: RunConfig, run_dir: Path, tracker, device: torch.device, progress=lambda **kw: None) -> dict:
+def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, progress=lambda **kw: None) -> dict:
     from transformers import AutoModelForCausalLM
 
     t = cfg.train
-    with setup(cfg, device, run_dir) as s:
+    with setup(RunContext(cfg, run_dir, tracker, device, progress)) as s:
         teacher = AutoModelForCausalLM.from_pretrained(resolve(cfg.teacher or cfg.model), dtype=s.dtype, device_map={"": device})
         teacher.requires_grad_(False).eval()
-        start = log_start(s, run_dir, tracker)
+        start = log_start(s)
         for step in range(start + 1, t.steps + 1):
             # --- rollout: the quantized student samples; the reward is only measured
-            grouped, batch, rewards, rollout_s, rollout_peak = sample_groups(s, cfg, device)
+            sampled = sample_groups(s)
+            batch = sampled.batch
 
             # --- train: reverse KL to the teacher at every completion position
             s.memory.reset()
@@ -50,7 +63,7 @@ def run(cfg: RunConfig, run_dir: Path, tracker, device: torch.device, progress=l
             with torch.no_grad():
                 teacher_logits = completion_logits(teacher, *args)
             s.model.train()
-            buf: dict[str, list[float]] = {}
+            buf = MetricBuffer()
             mismatch = {}
             for _ in range(t.updates_per_batch):
                 student_logits = completion_logits(s.model, *args)
@@ -59,11 +72,10 @@ def run(cfg: RunConfig, run_dir: Path, tracker, device: torch.device, progress=l
                 # before the first update the student is the policy the engine sampled for
                 mismatch = mismatch or mismatch_metrics(logp, batch.sampler_logprobs, mask, t.mismatch_cap)
                 grad_norm = optimizer_step(s, kl, t.max_grad_norm)
-                for name, value in (("loss", kl), ("kl", kl), ("grad_norm", grad_norm), ("entropy", masked_mean(entropy, mask))):
-                    buf.setdefault(name, []).append(value.item())
-            train = end_train(s, cfg, device, step, t0)
+                buf.add({"loss": kl, "kl": kl, "grad_norm": grad_norm, "entropy": masked_mean(entropy, mask)})
+            train = end_train(s, step, t0)
 
-            metrics = {name: sum(v) / len(v) for name, v in buf.items()} | mismatch
-            metrics |= system_metrics(s, batch, len(grouped), rewards, (rollout_s, rollout_peak), train, t.updates_per_batch * token_count(batch.prompt_mask, mask))
-            end_step(s, cfg, run_dir, tracker, progress, step, metrics, grouped, batch, rewards)
+            metrics = buf.means() | mismatch
+            metrics |= system_metrics(s, sampled, train, t.updates_per_batch * token_count(batch.prompt_mask, mask))
+            end_step(s, step, metrics, sampled)
         return s.facts

@@ -29,8 +29,28 @@ import torch
 
 from harness.config.run import RunConfig
 from harness.models.loading import reference
-from harness.recipes.common import end_step, end_train, log_start, optimizer_step, sample_groups, setup, system_metrics, token_count
-from harness.recipes.rl_math import best_worst_pairs, completion_logprobs, dpo_loss, k3_kl, masked_mean, mismatch_metrics, sequence_logprob
+from harness.recipes.common import (
+    MetricBuffer,
+    RunContext,
+    end_step,
+    end_train,
+    log_start,
+    optimizer_step,
+    sample_groups,
+    setup,
+    system_metrics,
+    token_count,
+)
+from harness.recipes.rl_math import (
+    best_worst_pairs,
+    completion_logprobs,
+    dpo_loss,
+    k3_kl,
+    masked_mean,
+    mismatch_metrics,
+    sequence_logprob,
+)
+from harness.tracking.files import Tracker
 
 
 def loss(logp, ref_logp, mask, n_pairs: int, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -41,14 +61,15 @@ def loss(logp, ref_logp, mask, n_pairs: int, beta: float) -> tuple[torch.Tensor,
                              "rewards/margins": (chosen - rejected).mean(), "rewards/accuracies": (chosen > rejected).float().mean()}
 
 
-def run(cfg: RunConfig, run_dir: Path, tracker, device: torch.device, progress=lambda **kw: None) -> dict:
+def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, progress=lambda **kw: None) -> dict:
     t = cfg.train
-    with setup(cfg, device, run_dir) as s:
+    with setup(RunContext(cfg, run_dir, tracker, device, progress)) as s:
         model = s.model
-        start = log_start(s, run_dir, tracker)
+        start = log_start(s)
         for step in range(start + 1, t.steps + 1):
             # --- rollout: sample a group of completions per prompt and score them
-            grouped, batch, rewards, rollout_s, rollout_peak = sample_groups(s, cfg, device)
+            sampled = sample_groups(s)
+            batch, rewards = sampled.batch, sampled.rewards
 
             # --- train: best and worst completion of each group as a pair, DPO loss against the reference
             s.memory.reset()
@@ -57,7 +78,7 @@ def run(cfg: RunConfig, run_dir: Path, tracker, device: torch.device, progress=l
             n_pairs, pick = len(chosen), torch.cat([chosen, rejected])
             mask = batch.completion_mask[pick]
             args = (batch.prompt_ids[pick], batch.prompt_mask[pick], batch.completion_ids[pick], mask, cfg.rollout.temperature)
-            buf: dict[str, list[float]] = {}
+            buf = MetricBuffer()
             mismatch = {}
             if n_pairs:
                 with torch.no_grad(), reference(model) as ref:
@@ -69,14 +90,12 @@ def run(cfg: RunConfig, run_dir: Path, tracker, device: torch.device, progress=l
                     mismatch = mismatch or mismatch_metrics(logp.detach(), batch.sampler_logprobs[pick], mask, t.mismatch_cap)
                     loss_value, logged = loss(logp, ref_logp, mask, n_pairs, t.beta)
                     grad_norm = optimizer_step(s, loss_value, t.max_grad_norm)
-                    logged |= {"loss": loss_value, "grad_norm": grad_norm, "kl": masked_mean(k3_kl(logp, ref_logp), mask),
-                               "entropy": masked_mean(entropy, mask)}
-                    for name, value in logged.items():
-                        buf.setdefault(name, []).append(value.item())
-            train = end_train(s, cfg, device, step, t0)
+                    buf.add(logged | {"loss": loss_value, "grad_norm": grad_norm, "kl": masked_mean(k3_kl(logp, ref_logp), mask),
+                                      "entropy": masked_mean(entropy, mask)})
+            train = end_train(s, step, t0)
 
-            metrics = {name: sum(v) / len(v) for name, v in buf.items()} | mismatch
-            metrics |= system_metrics(s, batch, len(grouped), rewards, (rollout_s, rollout_peak), train, (t.updates_per_batch if n_pairs else 0) * token_count(args[1], mask))
+            metrics = buf.means() | mismatch
+            metrics |= system_metrics(s, sampled, train, (t.updates_per_batch if n_pairs else 0) * token_count(args[1], mask))
             metrics |= {"frac_reward_zero_std": 1 - n_pairs / t.prompts_per_step, "pairs": n_pairs}
-            end_step(s, cfg, run_dir, tracker, progress, step, metrics, grouped, batch, rewards)
+            end_step(s, step, metrics, sampled)
         return s.facts

@@ -34,8 +34,29 @@ import torch
 
 from harness.config.run import RunConfig
 from harness.models.loading import reference
-from harness.recipes.common import end_step, end_train, log_start, optimizer_step, sample_groups, setup, system_metrics, token_count
-from harness.recipes.rl_math import aggregate, clipped_surrogate, completion_logprobs, group_advantages, k3_kl, masked_mean, mismatch_metrics, tis_weights
+from harness.recipes.common import (
+    MetricBuffer,
+    RunContext,
+    end_step,
+    end_train,
+    log_start,
+    optimizer_step,
+    sample_groups,
+    setup,
+    system_metrics,
+    token_count,
+)
+from harness.recipes.rl_math import (
+    aggregate,
+    clipped_surrogate,
+    completion_logprobs,
+    group_advantages,
+    k3_kl,
+    masked_mean,
+    mismatch_metrics,
+    tis_weights,
+)
+from harness.tracking.files import Tracker
 
 
 def loss(logp, old_logp, ref_logp, advantages, mask, weight, t, max_tokens: int):
@@ -46,14 +67,15 @@ def loss(logp, old_logp, ref_logp, advantages, mask, weight, t, max_tokens: int)
     return aggregate(weight * surrogate + t.beta * kl, mask, t.loss_type, max_tokens), kl, clipped
 
 
-def run(cfg: RunConfig, run_dir: Path, tracker, device: torch.device, progress=lambda **kw: None) -> dict:
+def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, progress=lambda **kw: None) -> dict:
     t = cfg.train
-    with setup(cfg, device, run_dir) as s:
+    with setup(RunContext(cfg, run_dir, tracker, device, progress)) as s:
         model = s.model
-        start = log_start(s, run_dir, tracker)
+        start = log_start(s)
         for step in range(start + 1, t.steps + 1):
             # --- rollout: sample a group of completions per prompt and score them
-            grouped, batch, rewards, rollout_s, rollout_peak = sample_groups(s, cfg, device)
+            sampled = sample_groups(s)
+            batch, rewards = sampled.batch, sampled.rewards
 
             # --- train: advantages, reference log-probs, clipped surrogate + beta * KL
             s.memory.reset()
@@ -66,7 +88,7 @@ def run(cfg: RunConfig, run_dir: Path, tracker, device: torch.device, progress=l
             with torch.no_grad(), reference(model) as ref:
                 ref_logp, _ = completion_logprobs(ref, *args)
             model.train()
-            buf: dict[str, list[float]] = {}
+            buf = MetricBuffer()
             n_updates = t.updates_per_batch if mask.any() else 0  # every group dropped: no update, not a zero-gradient AdamW step
             old_logp = None
             for _ in range(n_updates):
@@ -76,17 +98,16 @@ def run(cfg: RunConfig, run_dir: Path, tracker, device: torch.device, progress=l
                     weight = tis_weights(old_logp, batch.sampler_logprobs, t.tis_cap) if t.tis_cap else 1.0
                 loss_value, kl, clipped = loss(logp, old_logp, ref_logp, advantages, mask, weight, t, cfg.rollout.max_new_tokens)
                 grad_norm = optimizer_step(s, loss_value, t.max_grad_norm)
-                for name, value in (("loss", loss_value), ("grad_norm", grad_norm), ("kl", masked_mean(kl, mask)),
-                                    ("entropy", masked_mean(entropy, mask)), ("clip_ratio", masked_mean(clipped.float(), mask))):
-                    buf.setdefault(name, []).append(value.item())
+                buf.add({"loss": loss_value, "grad_norm": grad_norm, "kl": masked_mean(kl, mask),
+                         "entropy": masked_mean(entropy, mask), "clip_ratio": masked_mean(clipped.float(), mask)})
             if old_logp is None:  # no update: the sampled tokens scored for the mismatch metrics alone
                 with torch.no_grad():
                     old_logp, _ = completion_logprobs(model, *args)
-            train = end_train(s, cfg, device, step, t0)
+            train = end_train(s, step, t0)
 
-            metrics = {name: sum(v) / len(v) for name, v in buf.items()}
-            metrics |= system_metrics(s, batch, len(grouped), rewards, (rollout_s, rollout_peak), train, n_updates * token_count(batch.prompt_mask, batch.completion_mask))
+            metrics = buf.means()
+            metrics |= system_metrics(s, sampled, train, n_updates * token_count(batch.prompt_mask, batch.completion_mask))
             metrics |= {"frac_reward_zero_std": zero_std.float().mean().item(),
                         **mismatch_metrics(old_logp, batch.sampler_logprobs, batch.completion_mask, t.mismatch_cap)}
-            end_step(s, cfg, run_dir, tracker, progress, step, metrics, grouped, batch, rewards)
+            end_step(s, step, metrics, sampled)
         return s.facts

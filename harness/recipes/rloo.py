@@ -25,8 +25,29 @@ import torch
 
 from harness.config.run import RunConfig
 from harness.models.loading import reference
-from harness.recipes.common import end_step, end_train, log_start, optimizer_step, sample_groups, setup, system_metrics, token_count
-from harness.recipes.rl_math import clipped_surrogate, completion_logprobs, k3_kl, loo_advantages, masked_mean, mismatch_metrics, sequence_logprob, zero_std_groups
+from harness.recipes.common import (
+    MetricBuffer,
+    RunContext,
+    end_step,
+    end_train,
+    log_start,
+    optimizer_step,
+    sample_groups,
+    setup,
+    system_metrics,
+    token_count,
+)
+from harness.recipes.rl_math import (
+    clipped_surrogate,
+    completion_logprobs,
+    k3_kl,
+    loo_advantages,
+    masked_mean,
+    mismatch_metrics,
+    sequence_logprob,
+    zero_std_groups,
+)
+from harness.tracking.files import Tracker
 
 
 def advantages(rewards, old_logp, ref_logp, mask, beta: float, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,14 +62,15 @@ def loss(logp, old_logp, advantages, mask, clip_low: float, clip_high: float):
     return sequence_logprob(surrogate, mask).mean(), clipped
 
 
-def run(cfg: RunConfig, run_dir: Path, tracker, device: torch.device, progress=lambda **kw: None) -> dict:
+def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, progress=lambda **kw: None) -> dict:
     t = cfg.train
-    with setup(cfg, device, run_dir) as s:
+    with setup(RunContext(cfg, run_dir, tracker, device, progress)) as s:
         model = s.model
-        start = log_start(s, run_dir, tracker)
+        start = log_start(s)
         for step in range(start + 1, t.steps + 1):
             # --- rollout: sample a group of completions per prompt and score them
-            grouped, batch, rewards, rollout_s, rollout_peak = sample_groups(s, cfg, device)
+            sampled = sample_groups(s)
+            batch, rewards = sampled.batch, sampled.rewards
 
             # --- train: KL-penalised rewards, leave-one-out advantages, REINFORCE on whole completions
             s.memory.reset()
@@ -58,7 +80,7 @@ def run(cfg: RunConfig, run_dir: Path, tracker, device: torch.device, progress=l
             with torch.no_grad(), reference(model) as ref:
                 ref_logp, _ = completion_logprobs(ref, *args)
             model.train()
-            buf: dict[str, list[float]] = {}
+            buf = MetricBuffer()
             old_logp = None
             for _ in range(t.updates_per_batch):
                 logp, entropy = completion_logprobs(model, *args)
@@ -67,14 +89,13 @@ def run(cfg: RunConfig, run_dir: Path, tracker, device: torch.device, progress=l
                     adv, penalised = advantages(rewards, old_logp, ref_logp, mask, t.beta, t.group_size)
                 loss_value, clipped = loss(logp, old_logp, adv, mask, t.clip_low, t.clip_high)
                 grad_norm = optimizer_step(s, loss_value, t.max_grad_norm)
-                for name, value in (("loss", loss_value), ("grad_norm", grad_norm), ("kl", masked_mean(k3_kl(logp, ref_logp), mask)),
-                                    ("entropy", masked_mean(entropy, mask)), ("clip_ratio", masked_mean(clipped.float(), mask))):
-                    buf.setdefault(name, []).append(value.item())
-            train = end_train(s, cfg, device, step, t0)
+                buf.add({"loss": loss_value, "grad_norm": grad_norm, "kl": masked_mean(k3_kl(logp, ref_logp), mask),
+                         "entropy": masked_mean(entropy, mask), "clip_ratio": masked_mean(clipped.float(), mask)})
+            train = end_train(s, step, t0)
 
-            metrics = {name: sum(v) / len(v) for name, v in buf.items()}
-            metrics |= system_metrics(s, batch, len(grouped), rewards, (rollout_s, rollout_peak), train, t.updates_per_batch * token_count(batch.prompt_mask, mask))
+            metrics = buf.means()
+            metrics |= system_metrics(s, sampled, train, t.updates_per_batch * token_count(batch.prompt_mask, mask))
             metrics |= {"frac_reward_zero_std": zero_std_groups(rewards, t.group_size).float().mean().item(), "reward/kl_penalised_mean": penalised.mean().item(),
                         **mismatch_metrics(old_logp, batch.sampler_logprobs, mask, t.mismatch_cap)}
-            end_step(s, cfg, run_dir, tracker, progress, step, metrics, grouped, batch, rewards)
+            end_step(s, step, metrics, sampled)
         return s.facts

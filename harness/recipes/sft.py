@@ -24,9 +24,21 @@ import torch
 
 from harness.config.run import RunConfig
 from harness.models.loading import reference
-from harness.recipes.common import end_step, end_train, log_start, optimizer_step, sample_groups, setup, system_metrics, token_count
+from harness.recipes.common import (
+    MetricBuffer,
+    RunContext,
+    end_step,
+    end_train,
+    log_start,
+    optimizer_step,
+    sample_groups,
+    setup,
+    system_metrics,
+    token_count,
+)
 from harness.recipes.rl_math import completion_logprobs, k3_kl, masked_mean, mismatch_metrics, zero_std_groups
 from harness.rollout.hf import encode_prompts, pad_completions
+from harness.tracking.files import Tracker
 
 
 def loss(logp, mask) -> torch.Tensor:
@@ -43,42 +55,42 @@ def reference_batch(tokenizer, task, problems, device):
     return prompt_ids, prompt_mask, ids, mask
 
 
-def run(cfg: RunConfig, run_dir: Path, tracker, device: torch.device, progress=lambda **kw: None) -> dict:
+def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, progress=lambda **kw: None) -> dict:
     t = cfg.train
-    with setup(cfg, device, run_dir) as s:
+    with setup(RunContext(cfg, run_dir, tracker, device, progress)) as s:
         model = s.model
-        start = log_start(s, run_dir, tracker)
+        start = log_start(s)
         for step in range(start + 1, t.steps + 1):
             # --- rollout, to measure only: the policy's samples of this step's prompts, rewarded
-            grouped, batch, rewards, rollout_s, rollout_peak = sample_groups(s, cfg, device)
+            sampled = sample_groups(s)
+            batch, rewards = sampled.batch, sampled.rewards
 
-            sampled = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, cfg.rollout.temperature)
+            args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, cfg.rollout.temperature)
             with torch.no_grad():  # measured apart from time/train_s, which is the SFT update alone
-                old_logp, entropy = completion_logprobs(model, *sampled)
+                old_logp, entropy = completion_logprobs(model, *args)
                 with reference(model) as ref:
-                    ref_logp, _ = completion_logprobs(ref, *sampled)
+                    ref_logp, _ = completion_logprobs(ref, *args)
 
             # --- train: cross-entropy of the reference answers of the same prompts
             s.memory.reset()
             t0 = time.perf_counter()
-            refs = reference_batch(s.tokenizer, s.task, grouped[:: t.group_size], device)
+            refs = reference_batch(s.tokenizer, s.task, sampled.problems[:: t.group_size], device)
             model.train()
-            buf: dict[str, list[float]] = {}
+            buf = MetricBuffer()
             for _ in range(t.updates_per_batch):
                 logp, _ = completion_logprobs(model, *refs)  # the model itself (temperature 1) imitates the answers
                 loss_value = loss(logp, refs[3])
                 grad_norm = optimizer_step(s, loss_value, t.max_grad_norm)
-                buf.setdefault("loss", []).append(loss_value.item())
-                buf.setdefault("grad_norm", []).append(grad_norm.item())
-            train = end_train(s, cfg, device, step, t0)
+                buf.add({"loss": loss_value, "grad_norm": grad_norm})
+            train = end_train(s, step, t0)
 
             mask = batch.completion_mask
-            metrics = {name: sum(v) / len(v) for name, v in buf.items()}
+            metrics = buf.means()
             # the policy's samples before this step's update: the same kl and entropy as the RL recipes log
             metrics |= {"kl": masked_mean(k3_kl(old_logp, ref_logp), mask).item(), "entropy": masked_mean(entropy, mask).item(),
                         "frac_reward_zero_std": zero_std_groups(rewards, t.group_size).float().mean().item(),
                         "sft/reference_tokens": refs[3].sum().item(),
                         **mismatch_metrics(old_logp, batch.sampler_logprobs, mask, t.mismatch_cap)}
-            metrics |= system_metrics(s, batch, len(grouped), rewards, (rollout_s, rollout_peak), train, t.updates_per_batch * token_count(refs[1], refs[3]))
-            end_step(s, cfg, run_dir, tracker, progress, step, metrics, grouped, batch, rewards)
+            metrics |= system_metrics(s, sampled, train, t.updates_per_batch * token_count(refs[1], refs[3]))
+            end_step(s, step, metrics, sampled)
         return s.facts

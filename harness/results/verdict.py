@@ -81,7 +81,10 @@ def _eval_n(rows: list[dict], run_dir: Path) -> int | None:
     """Prompts per eval: logged as eval/n; runs from before it was logged have it in config.json."""
     n = next((r["eval/n"] for r in reversed(rows) if "eval/n" in r), None)
     if n is None and (run_dir / "config.json").exists():
-        n = (read_json(run_dir / "config.json").get("task") or {}).get("eval_size")
+        try:
+            n = (read_json(run_dir / "config.json").get("task") or {}).get("eval_size")
+        except ValueError:  # a torn config.json: the eval's size is unknown, the run is still judged
+            return None
     return n
 
 
