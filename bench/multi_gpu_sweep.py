@@ -29,8 +29,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from harness.results.layout import read_metrics  # noqa: E402
-from harness.results.layout import read_json, write_json_atomic  # noqa: E402
+from harness.common.files import write_json_atomic  # noqa: E402
+from harness.results.layout import read_json, read_metrics  # noqa: E402
 
 # the device README: NVLink multicast stays off in NCCL, PyTorch and NVSHMEM, in every child too
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}

@@ -24,6 +24,9 @@ from pathlib import Path
 
 import torch
 
+from harness.common.files import write_atomic
+from harness.common.text import number
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -48,9 +51,7 @@ def memory(device: str) -> dict:
 def memory_markdown(result: dict) -> str:
     lines = ["| case | estimate GiB | measured GiB | estimate / measured |", "|---|---|---|---|"]
     for r in result["rows"]:
-        measured = "–" if r["measured_gib"] is None else f"{r['measured_gib']:.3f}"
-        ratio = "–" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        lines.append(f"| {r['case']} | {r['estimate_gib']:.3f} | {measured} | {ratio} |")
+        lines.append(f"| {r['case']} | {r['estimate_gib']:.3f} | {number(r['measured_gib'])} | {number(r['ratio'], 2)} |")
     return "\n".join(lines)
 
 
@@ -95,9 +96,7 @@ def main() -> None:
 def save(out_dir: Path, tag: str, result: dict, sections: list[str]) -> None:
     """After every part, so a crash or Ctrl-C keeps what was measured."""
     for name, text in ((f"bench-{tag}.json", json.dumps(result, indent=1)), (f"bench-{tag}.md", "\n".join(sections))):
-        tmp = out_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out_dir / name)
+        write_atomic(out_dir / name, text)
 
 
 if __name__ == "__main__":

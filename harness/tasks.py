@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.config.run import TaskConfig
+from harness.task_base import Task
 
 SPLIT_SEED = 1234  # fixed: the held-out set must not move with the run's seed
 
@@ -32,7 +33,10 @@ ARITH_OPERANDS = range(10, 100)
 
 
 class ArithTask:
-    """`23+58=` -> `81`. Reward 1.0 for the exact answer (the completion up to end-of-sequence)."""
+    """`23+58=` -> `81`. Reward 1.0 for the exact answer (the completion up to end-of-sequence). A task_base.Task."""
+
+    train: list[Problem]
+    eval: list[Problem]
 
     def __init__(self, cfg: TaskConfig = TaskConfig()):
         problems = [Problem(f"{a}+{b}=", str(a + b)) for a in ARITH_OPERANDS for b in ARITH_OPERANDS]
@@ -63,8 +67,11 @@ class BoxedTask:
     """GSM8K-style problems; the reward is 1.0 when the last \\boxed{...} equals the reference.
 
     `task.source` is a local JSONL file (one {"question", "answer"} object per line, GSM8K's
-    "... #### 42" answers accepted) or, online, an HF dataset id loaded with `datasets`.
+    "... #### 42" answers accepted) or, online, an HF dataset id loaded with `datasets`. A task_base.Task.
     """
+
+    train: list[Problem]
+    eval: list[Problem]
 
     def __init__(self, cfg: TaskConfig):
         if not cfg.source:
@@ -133,7 +140,7 @@ def task_size(cfg: TaskConfig) -> int | None:
         return None
 
 
-def load_task(cfg: TaskConfig):
+def load_task(cfg: TaskConfig) -> Task:
     from harness.registries import TASKS
 
     return TASKS.get(cfg.name)(cfg)

@@ -2,8 +2,8 @@
 
 import math
 
+from harness.common.files import write_json_atomic
 from harness.config.matrix import load_matrix
-from harness.results.layout import write_json_atomic
 from harness.tracking.files import JsonlTracker
 
 

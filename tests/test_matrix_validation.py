@@ -222,21 +222,19 @@ def test_dry_run_prints_markup_in_labels_literally(tmp_path):
 
 
 def test_matrices_listing_prints_descriptions_and_errors_literally(tmp_path, monkeypatch):
-    import harness.cli
-
-    (tmp_path / "a.yaml").write_text("description: 'uses [/] and [red]'\naxes: {quant: [bf16]}\n")
-    (tmp_path / "b.yaml").write_text("axes: {quant: ['[/]']}\n")
-    monkeypatch.setattr(harness.cli, "MATRICES", tmp_path)
+    (tmp_path / "matrices").mkdir()
+    (tmp_path / "matrices" / "a.yaml").write_text("description: 'uses [/] and [red]'\naxes: {quant: [bf16]}\n")
+    (tmp_path / "matrices" / "b.yaml").write_text("axes: {quant: ['[/]']}\n")
+    monkeypatch.chdir(tmp_path)  # matrices/ of the working directory is the one listed
     res = runner.invoke(app, ["matrices"])
     assert res.exit_code == 0, res.output
     assert "uses [/] and [red]" in res.output and "unknown quant format '[/]'" in flat(res.output)
 
 
 def test_the_error_printer_shows_markup_as_text():
-    import harness.cli
-    from harness.cli import _fail
+    from harness.cli.app import console, fail
 
-    with harness.cli.console.capture() as cap:
-        exit_ = _fail("cell [/] and [bold]x[/bold] and \x1b[2J")
+    with console.capture() as cap:
+        exit_ = fail("cell [/] and [bold]x[/bold] and \x1b[2J")
     assert exit_.exit_code == 2
     assert "cell [/] and [bold]x[/bold] and \\x1b[2J" in cap.get()

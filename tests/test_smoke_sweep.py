@@ -2,20 +2,21 @@
 
 import json
 import statistics
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO
+import harness
 
 
 @pytest.mark.slow
 def test_smoke_sweep_learns_and_the_control_does_not(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "harness", "sweep", "smoke", "--results", str(tmp_path / "results"),
-                          "--reports", str(tmp_path / "reports"), "--jobs", "2"], cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    """Through the Python API, as the README shows it: each run still trains in a process of its own."""
+    result = harness.sweep("smoke", results=tmp_path / "results", reports=tmp_path / "reports", executor=harness.settings(jobs=2))
+    assert result.statuses == {"ok": 8}, result.statuses
     cells = {c["name"]: c for c in json.loads((tmp_path / "results" / "smoke" / "verdicts.json").read_text())}
+    assert {v.name: v.status for v in result.verdicts} == {n: c["status"] for n, c in cells.items()}
+    table = harness.cells(result.plan).set_index("cell")
+    assert table["status"].to_dict() == {n: c["status"] for n, c in cells.items()}, "the DataFrame says what verdicts.json says"
     gain = lambda name: statistics.fmean(r["gain"] for r in cells[name]["runs"])  # noqa: E731
     assert gain("quant=bf16") >= 0.05
     assert gain("quant=nf4") >= 0.05

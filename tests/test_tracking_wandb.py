@@ -44,7 +44,8 @@ def tracker(run_dir: Path, config: dict) -> WandbTracker:
 def fragments(run_dir: Path) -> list[dict]:
     """Each offline-run-* folder's transaction log, oldest first, as run record, config, history
     rows by step, summary updates and exit code."""
-    wandb.teardown()  # run.finish() returns before wandb's core has written the log's tail; this waits for it
+    # workaround(wandb 0.31): run.finish() returns before wandb's core has written the log's tail; teardown waits for it
+    wandb.teardown()
     out = []
     for path in run_dir.glob("wandb/offline-run-*/run-*.wandb"):
         f = {"path": path, "config": {}, "history": {}, "summary": {}, "exit": None}

@@ -144,7 +144,7 @@ def test_tuning_report_and_link_from_the_matrix_report(planted, tmp_path):
     assert "Parameter importances" in page
 
     from synthetic import write_sweep
-    from harness.report.markdown import write_report
+    from harness.report import write_report
     from harness.results.verdict import judge
 
     root, _ = write_sweep(tmp_path / "results", "# make sweep MATRIX=m\naxes: {quant: [bf16]}\n", "m")

@@ -10,7 +10,8 @@ import pytest
 
 from harness.report import write_report
 from harness.config.matrix import Criteria
-from harness.results.layout import read_metrics, write_json_atomic
+from harness.common.files import write_json_atomic
+from harness.results.layout import read_metrics
 from harness.tracking.files import JsonlTracker
 from harness.results.verdict import CELL_VERDICTS, RUN_VERDICTS, judge, judge_run
 

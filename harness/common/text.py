@@ -18,3 +18,18 @@ def visible(text: object) -> str:
 def printable(text: object) -> str:
     """`text` as rich markup that prints it literally: markup escaped, control characters shown as \\xNN."""
     return escape(visible(text))
+
+
+def number(x: float | None, digits: int = 3, *, signed: bool = False, none: str = "–") -> str:
+    """`x` with `digits` decimals (and its sign, `signed`), or `none` for None: a number in a table or a log line."""
+    if x is None:
+        return none
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def significant(x: object, digits: int = 4, *, none: str = "–") -> str:
+    """A float in `digits` significant digits, any other value (an int, a choice) as str, `none` for None:
+    a searched parameter's value or an objective's."""
+    if x is None:
+        return none
+    return f"{x:.{digits}g}" if isinstance(x, float) else str(x)

@@ -12,12 +12,11 @@ import collections
 import copy
 import itertools
 import math
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from harness.config.run import SEED_MAX, Frozen, RunConfig, set_dotted
 from harness.results.folders import folder_name
@@ -28,12 +27,14 @@ from harness.config.strict_yaml import YamlProblem, load_yaml, parse_yaml
 from harness.config.preflight import check_run
 from harness.tracking.wandb import WandbSettings
 from harness.config.tune_space import TuneSpec
+from harness.common.validation import validation_problems
+from harness.errors import HarnessError
 
 AXIS_ALIASES = {"colocation": "rollout.colocation"}
 MAX_SHOWN = 40  # problems listed; the rest are counted
 
 
-class MatrixError(ValueError):
+class MatrixError(HarnessError, ValueError):
     def __init__(self, path: Path | str, problems: list[str]):
         self.problems = problems
         shown = problems[:MAX_SHOWN] + ([f"... and {len(problems) - MAX_SHOWN} more"] if len(problems) > MAX_SHOWN else [])
@@ -227,7 +228,7 @@ def load_matrix(path: Path | str) -> Matrix:
     try:
         spec = MatrixSpec.model_validate(raw)
     except ValidationError as e:
-        raise MatrixError(path, [_error(err, MatrixSpec) for err in e.errors()]) from None
+        raise MatrixError(path, validation_problems(e, MatrixSpec)) from None
     try:
         name = folder_name(path.stem)
     except ValueError as e:
@@ -294,7 +295,7 @@ def _expand(path: Path, spec: MatrixSpec) -> list[Cell]:
             merged["seed"] = spec.seeds[0]
             first = RunConfig.model_validate(merged)
         except ValidationError as e:
-            problems += [f"cell {tag}: {_error(err, RunConfig)}" for err in e.errors()]
+            problems += [f"cell {tag}: {p}" for p in validation_problems(e, RunConfig)]
             continue
         except ValueError as e:  # set_dotted through a value; key_problem catches the cases it knows first
             problems.append(f"cell {tag}: {e}")
@@ -326,7 +327,7 @@ def load_run_config(path: Path | str) -> RunConfig:
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise MatrixError(path, [_error(err, RunConfig) for err in e.errors()]) from None
+        raise MatrixError(path, validation_problems(e, RunConfig)) from None
     problems = check_run(cfg)
     if problems:
         raise MatrixError(path, problems)
@@ -339,36 +340,3 @@ def _get(tree: dict, dotted: str):
             return None
         tree = tree[part]
     return tree
-
-
-def _loc(loc: tuple) -> str:
-    return ".".join(str(x) for x in loc) or "(top level)"
-
-
-def _error(err: dict, root: type[BaseModel]) -> str:
-    """One pydantic error as "dotted.field: what is wrong (got VALUE)"; a rule across fields names its fields itself."""
-    msg = _msg(err, root)
-    value = err.get("input")
-    if err["type"] != "extra_forbidden" and isinstance(value, (str, int, float, bool)) and not err["type"].startswith("value_error"):
-        shown = repr(value) if not isinstance(value, bool) else str(value).lower()
-        msg += f" (got {shown[:60]})"
-    return f"{_loc(err['loc'])}: {msg}" if err["loc"] else msg
-
-
-def _msg(err: dict, root: type[BaseModel]) -> str:
-    if err["type"] == "extra_forbidden":
-        fields = _fields_at(root, err["loc"][:-1])
-        return f"unknown field; valid: {', '.join(fields)}"
-    return err["msg"].removeprefix("Value error, ")
-
-
-def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        if field is None:
-            return []
-        nested = [a for a in typing.get_args(field.annotation) or (field.annotation,) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if not nested:
-            return []
-        model = nested[0]
-    return sorted(model.model_fields)

@@ -116,8 +116,8 @@ class RolloutConfig(Frozen):
 
     @property
     def engine(self) -> str:
-        """The rollout engine (registries.ROLLOUT_ENGINES) this colocation mode runs on."""
-        return "hf" if self.colocation == "in_process" else "vllm"
+        """The rollout engine (registries.ROLLOUT_ENGINES) this colocation mode runs on, as registries.COLOCATION says."""
+        return COLOCATION.value(self.colocation)
 
 
 class LoraConfig(Frozen):

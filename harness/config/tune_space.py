@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
+from harness.common.validation import validation_problems
 from harness.config.run import Frozen, RunConfig, set_dotted
 
 OBJECTIVES = {  # name -> (summary.json field, direction)
@@ -152,8 +153,7 @@ def check_space(cell_cfg: RunConfig, spec: TuneSpec) -> list[str]:
             try:
                 trial_config(cell_cfg, spec, {name: value})
             except ValidationError as e:
-                where = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-                problems.append(f"tune.params.{name} = {value!r}: {where}")
+                problems.append(f"tune.params.{name} = {value!r}: {'; '.join(validation_problems(e, RunConfig))}")
     return problems
 
 

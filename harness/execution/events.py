@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from harness.common.text import number
+
 if TYPE_CHECKING:
     from harness.execution.lifecycle import Job
 
@@ -94,8 +96,8 @@ class Ended:
         s, where = self.summary, f"{self.job.label} [{self.job.cfg.run_id}]"
         if not self.ok:
             return f"✗ {where} {s['status']}: {s['error']}"
-        fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
-        return f"✓ {where} eval {fmt(s.get('eval_start'))} → {fmt(s.get('eval_end'))} in {s['wall_s']:.0f} s"
+        start, end = number(s.get("eval_start"), none="n/a"), number(s.get("eval_end"), none="n/a")
+        return f"✓ {where} eval {start} → {end} in {s['wall_s']:.0f} s"
 
 
 Event = Planned | Rerun | Note | Infeasible | Started | Stepped | Ended

@@ -16,12 +16,12 @@ from harness.execution.isolation import in_own_process, own_process_needed
 from harness.execution.jobs import ExecutorSettings, Job, RunOptions
 from harness.recipes import NonFinite, Pruned
 from harness.registries import ALGORITHMS, EXECUTORS
+from harness.common.files import write_json_atomic
 from harness.results.layout import (
     read_json,
     read_metrics,
     summarize_metrics,
     truncate_logs,
-    write_json_atomic,
 )
 from harness.common.system import device_identity, device_name, git_commit, library_versions, pick_device
 from harness.tracking.files import JsonlTracker, Trackers

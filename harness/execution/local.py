@@ -24,7 +24,8 @@ import torch
 from harness.execution.events import Ended, Note, OnEvent, Started
 from harness.execution.jobs import ExecutorSettings, Job
 from harness.execution.lifecycle import last_step, record_lost
-from harness.results.layout import read_json, write_json_atomic
+from harness.common.files import write_json_atomic
+from harness.results.layout import read_json
 from harness.execution.worker import job_payload
 
 POLL_S = 0.5

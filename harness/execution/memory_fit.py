@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
-from harness.config.run import RunConfig
+from harness.common.files import write_atomic
 from harness.common.system import GIB
+from harness.config.run import RunConfig
+from harness.quant.base import QuantFormat
 
 # bitsandbytes 4-bit (Params4bit, quantize_4bit in bnb 0.50): 4 bits a weight, a uint8 absmax per 64
 # under double quantization (float32 without), those quantized per 256 with a float32 absmax, and per
@@ -73,7 +75,7 @@ def estimate(cfg: RunConfig, device: torch.device) -> dict:
     except (OSError, ValueError, ImportError) as e:
         return {"peak_gib": None, "reason": f"{type(e).__name__}: {str(e)[:300]}"}
     fmt, t, r, cuda = QUANT.get(cfg.quant), cfg.train, cfg.rollout, device.type == "cuda"
-    bnb, modelopt = getattr(fmt, "kind", None), hasattr(fmt, "config_name")  # bnb: int8/nf4/fp4, else None
+    bnb, modelopt = fmt.kind, fmt.fake_quant  # bnb: int8/nf4/fp4, else None
     dtype = compute_dtype(device, t.dtype)
     b = dtype.itemsize
     # prepare_model_for_kbit_training casts embeddings, norms, lm_head and biases to float32, so under
@@ -162,10 +164,10 @@ def _layer_bytes(text, act: int, seq: int, full: bool, cfg: RunConfig, targets: 
     return saved, sum(width for _, width in groups.values())
 
 
-def _bytes_per_weight(fmt, linears, b: int) -> float:
-    kind = getattr(fmt, "kind", None)
+def _bytes_per_weight(fmt: QuantFormat, linears, b: int) -> float:
+    kind = fmt.kind
     if kind is None:  # bf16 base or ModelOpt fake quant
-        return b + (MODELOPT_BUFFER_BYTES if hasattr(fmt, "config_name") else 0)
+        return b + (MODELOPT_BUFFER_BYTES if fmt.fake_quant else 0)
     numel = sum(m.weight.numel() for m in linears)
     if kind == "int8":
         return 1 + 4 * sum(m.out_features for m in linears) / numel
@@ -246,7 +248,7 @@ def runtime_gib(cfg: RunConfig, model_type: str = "qwen2") -> float:
 
     modules = ["torch", "transformers", "peft", "bitsandbytes", "harness.execution.lifecycle", f"harness.recipes.{cfg.algorithm}",
                f"transformers.models.{model_type}.modeling_{model_type}"]  # the last: loaded lazily by from_pretrained
-    modules += EXTRA_IMPORTS["modelopt"] if hasattr(QUANT.get(cfg.quant), "config_name") else []
+    modules += EXTRA_IMPORTS["modelopt"] if QUANT.get(cfg.quant).fake_quant else []
     modules += EXTRA_IMPORTS["vllm"] if cfg.rollout.colocation == "colocated" else []
     key = json.dumps([sorted(modules), library_versions(), torch.get_num_threads()], sort_keys=True)
     path = cache_root() / "memory_fit_runtime.json"
@@ -257,10 +259,8 @@ def runtime_gib(cfg: RunConfig, model_type: str = "qwen2") -> float:
                 "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS:')))")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600,
                              env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # written whole, then renamed: concurrent sweeps read either
-        tmp.write_text(json.dumps(stored() | {key: int(out.stdout.split()[-1]) * 1024 / GIB}, indent=1))
-        os.replace(tmp, path)
+        # written whole, then renamed: concurrent sweeps read either
+        write_atomic(path, json.dumps(stored() | {key: int(out.stdout.split()[-1]) * 1024 / GIB}, indent=1))
     _runtime_cache.setdefault(key, stored().get(key))
     return _runtime_cache[key]
 

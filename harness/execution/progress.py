@@ -6,7 +6,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from harness.common.text import printable
+from harness.common.text import number, printable
 from harness.execution.events import Ended, Event, Infeasible, Note, Planned, Rerun, Started, Stepped, step_info
 
 
@@ -30,7 +30,8 @@ class RichProgress:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.bar.stop()
+        if self.overall is not None:  # started by a sweep with runs to run; stopping one never started prints a blank line
+            self.bar.stop()
 
     def __call__(self, event: Event) -> None:
         where = lambda job: printable(f"{job.label} [{job.cfg.run_id}]")  # noqa: E731  (rich takes "[bead269e9bd2]" for a style)
@@ -58,8 +59,8 @@ class RichProgress:
             self._advance()
             s = event.summary
             if event.ok:
-                fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
-                self.console.print(f"[green]✓[/] {where(event.job)} eval {fmt(s.get('eval_start'))} → {fmt(s.get('eval_end'))} in {s['wall_s']:.0f} s")
+                start, end = number(s.get("eval_start"), none="n/a"), number(s.get("eval_end"), none="n/a")
+                self.console.print(f"[green]✓[/] {where(event.job)} eval {start} → {end} in {s['wall_s']:.0f} s")
             else:
                 self.console.print(f"[red]✗[/] {where(event.job)} {printable(s['status'])}: {printable(s['error'])}")
 

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 from harness.execution.jobs import RETRYABLE, Job, RunOptions
 from harness.config.matrix import Cell, Matrix
-from harness.results.layout import read_summary, write_json_atomic
+from harness.common.files import write_json_atomic
+from harness.results.layout import read_summary
 
 if TYPE_CHECKING:
     import torch

@@ -24,7 +24,8 @@ def run_job(payload: dict) -> dict:
     from transformers.utils import logging as hf_logging
 
     from harness.config.run import RunConfig
-    from harness.execution.lifecycle import RunOptions, run_one
+    from harness.execution.jobs import RunOptions
+    from harness.execution.lifecycle import run_one
     from harness.common.system import pick_device
 
     hf_logging.disable_progress_bar()  # the executor draws progress from metrics.jsonl; bars would only fill the log
@@ -32,50 +33,25 @@ def run_job(payload: dict) -> dict:
     return run_one(cfg, Path(payload["run_dir"]), pick_device(payload["device"]), options=RunOptions(**payload["options"]))
 
 
-def _die_with_parent(parent: int) -> None:
-    """Linux: when the executor is killed outright, its runs get SIGTERM instead of training on
-    unattended (the next sweep would then resume them a second time, into the same folder)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # it died before prctl took effect
-        raise KeyboardInterrupt
-
-
 def _stop(signum, frame):
     raise KeyboardInterrupt
 
 
-def _wait_for_folder(run_dir: Path):
-    """An flock on the run folder, waited for: a run stopped a moment ago (its sweep was killed)
-    may still be writing its last checkpoint when the next sweep starts it again."""
-    import fcntl
-    import time
-
-    f = open(run_dir / ".lock", "w")
-    said = False
-    while True:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return f
-        except BlockingIOError:
-            if not said:
-                print(f"waiting for another process to stop training into {run_dir}", flush=True)
-                said = True
-            time.sleep(0.5)
-
-
 def main(run_dir: Path) -> int:
+    from harness.common.files import locked
+    from harness.common.processes import die_with_parent
     from harness.results.layout import read_json
 
     signal.signal(signal.SIGTERM, _stop)
     try:
         if "QRL_PARENT_PID" in os.environ:
-            _die_with_parent(int(os.environ["QRL_PARENT_PID"]))
-        with _wait_for_folder(run_dir):
+            # the executor killed outright: its runs get SIGTERM instead of training on unattended (the next
+            # sweep would then resume them a second time, into the same folder)
+            die_with_parent(int(os.environ["QRL_PARENT_PID"]))
+        # a run stopped a moment ago (its sweep was killed) may still be writing its last checkpoint
+        # when the next sweep starts it again: wait for it
+        waiting = f"waiting for another process to stop training into {run_dir}"
+        with locked(run_dir / ".lock", on_wait=lambda: print(waiting, flush=True)):
             if not (run_dir / "summary.json").exists():  # the process it waited for may have finished the run
                 run_job(read_json(run_dir / "job.json"))
     except KeyboardInterrupt:

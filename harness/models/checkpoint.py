@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from harness.common.files import fsync
+
 STATE = "trainer_state.pt"
 
 
@@ -35,21 +37,13 @@ def save(run_dir: Path, model, optimizer, rng: random.Random, step: int) -> None
     }
     torch.save(state, tmp / STATE)
     for path in [*tmp.iterdir(), tmp]:  # without it a host crash can keep the rename and lose the bytes
-        _fsync(path)
+        fsync(path)
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync(run_dir)
+    fsync(run_dir)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def is_peft(model) -> bool:

@@ -72,7 +72,7 @@ def export(run_dir: Path, out: Path) -> Path:
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)
     fmt = QUANT.get(cfg.quant)
-    if fmt.calibrated:  # a ModelOpt format
+    if fmt.fake_quant:  # a ModelOpt format: its fake quantizers are exported too
         from modelopt.torch.export import export_hf_checkpoint
 
         from harness.quant.modelopt import calibration_loop, quantize
@@ -80,8 +80,8 @@ def export(run_dir: Path, out: Path) -> Path:
         if checkpoint.is_peft(trained):
             quantize(plain, fmt.resolve_config(cfg.modelopt.quant_cfg, device), calibration_loop(plain, cfg, device))
             inner = plain
-        # dtype given explicitly: after peft's merge the config carries it as a string, which
-        # ModelOpt 0.47 then passes to Tensor.to() as a device name
+        # workaround(modelopt 0.47): dtype given explicitly: after peft's merge the config carries it as a
+        # string, which ModelOpt then passes to Tensor.to() as a device name
         export_hf_checkpoint(inner, dtype=dtype, export_dir=out / "modelopt")
     (out / "export.json").write_text(json.dumps({
         "run_id": cfg.run_id, "step": step, "quant": cfg.quant, "trainable": cfg.train.trainable,

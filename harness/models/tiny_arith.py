@@ -10,7 +10,6 @@ Built deterministically from RECIPE, cached under a folder keyed by the recipe's
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -20,6 +19,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from harness.common.files import locked, replacing
 
 RECIPE = {
     "version": 1,
@@ -63,14 +64,11 @@ def build(recipe: dict = RECIPE, log=print) -> Path:
     if (target / "warm_start.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f"{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent build waits and then reuses ours
+    with locked(target.parent / f"{target.name}.lock"):  # a concurrent build waits and then reuses ours
         if not (target / "warm_start.json").exists():
-            tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            _build_into(tmp, recipe, log)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
+            with replacing(target) as tmp:
+                _build_into(tmp, recipe, log)
+                shutil.rmtree(target, ignore_errors=True)  # a build without its warm_start.json: torn
     return target
 
 

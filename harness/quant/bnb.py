@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 class _DropCastNotice(logging.Filter):
@@ -17,16 +19,19 @@ class _DropCastNotice(logging.Filter):
         return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
 
 
-# bitsandbytes logs this on every int8 matmul (24k lines in one smoke sweep), burying real output.
+# workaround(bitsandbytes 0.50): it logs this on every int8 matmul (24k lines in one smoke sweep), burying real output.
 logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropCastNotice())
 
 
 @dataclass(frozen=True)
 class BnbFormat:
+    """A quant.base.QuantFormat."""
+
     name: str
     kind: str | None  # None: not quantized; "int8"; or the 4-bit type "nf4"/"fp4"
     double_quant: bool = True
     calibrated: bool = False  # no amax to (re)calibrate
+    fake_quant: ClassVar[bool] = False
 
     @property
     def quantized(self) -> bool:
@@ -44,8 +49,8 @@ class BnbFormat:
             source, dtype=dtype, quantization_config=self.hf_quantization_config(dtype), device_map={"": device}
         )
         for module in model.modules():
-            # bitsandbytes 0.50 repacks a 4-bit layer for an inference-only CPU kernel the first time
-            # it runs in eval mode and never unpacks it on train(); after the first held-out evaluation
+            # workaround(bitsandbytes 0.50): it repacks a 4-bit layer for an inference-only CPU kernel the first
+            # time it runs in eval mode and never unpacks it on train(); after the first held-out evaluation
             # every training forward would then go through that kernel. RL alternates the two modes.
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
@@ -53,9 +58,13 @@ class BnbFormat:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
         return model
 
+    def resolve_config(self, quant_cfg: str | None, device: torch.device) -> None:
+        return None  # not a ModelOpt format
+
     def hf_quantization_config(self, compute_dtype: torch.dtype):
         if self.kind is None:
             return None
+        import torch  # here, not at the top: validating a config loads the format, and must not import torch
         from transformers import BitsAndBytesConfig
 
         if self.kind == "int8":

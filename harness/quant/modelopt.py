@@ -15,17 +15,25 @@ import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
 import yaml
+
+if TYPE_CHECKING:
+    import torch  # imported where used: validating a config loads the format, and must not import torch
 
 
 @dataclass(frozen=True)
 class ModelOptFormat:
+    """A quant.base.QuantFormat."""
+
     name: str
     config_name: str | None  # a ModelOpt *_CFG; None: taken from modelopt.quant_cfg
     trains_full_weights: bool = True
     calibrated: bool = True
+    kind: ClassVar[None] = None  # weights stay in the compute dtype: fake quantization, not bitsandbytes storage
+    double_quant: ClassVar[bool] = False
+    fake_quant: ClassVar[bool] = True
 
     def load_base(self, source: str, cfg, device, dtype):
         from transformers import AutoModelForCausalLM
@@ -52,6 +60,7 @@ class ModelOptFormat:
 
 def route_nvfp4_to_cpu(config: dict) -> dict:
     """Point every NVFP4 quantizer at the pure-torch CPU backend (ModelOpt's kernel needs CUDA)."""
+    # workaround(modelopt 0.47): its NVFP4 fake-quant kernel asserts CUDA; quant/nvfp4_cpu.py is the CPU stand-in
     from harness.quant import nvfp4_cpu
     nvfp4_cpu.register()
     for entry in config.get("quant_cfg", []):
@@ -73,7 +82,7 @@ def recalibrate_if_due(model, cfg, device, step: int) -> None:
     if every and step % every == 0:
         import modelopt.torch.quantization as mtq
 
-        # ModelOpt finds two states through the peft wrapper; the wrapped model still runs the adapters
+        # workaround(modelopt 0.47): it finds two states through the peft wrapper; the wrapped model still runs the adapters
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         mtq.calibrate(inner, algorithm="max", forward_loop=calibration_loop(inner, cfg, device))
 
@@ -102,6 +111,7 @@ def calibration_texts(cfg) -> list[str]:
 
 def calibration_loop(model, cfg, device):
     """A forward loop over the calibration texts, batched and truncated as NeMo RL's knobs say."""
+    import torch
     from transformers import AutoTokenizer
 
     from harness.models.loading import resolve

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from harness.common.files import write_atomic
 from harness.report.html import render_html
-from harness.report.markdown import _write, cell_rows, load, write_markdown
+from harness.report.markdown import cell_rows, load, write_markdown
 
 
 def write_report(root: Path, out_dir: Path) -> Path:
@@ -16,5 +17,5 @@ def write_report(root: Path, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     matrix, cells = load(root)
     rows = cell_rows(root, matrix, cells)
-    _write(out_dir / "report.html", render_html(root, out_dir, matrix, cells, rows))
+    write_atomic(out_dir / "report.html", render_html(root, out_dir, matrix, cells, rows))
     return write_markdown(root, out_dir, matrix, cells, rows)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import html
 import os
-import statistics
 from pathlib import Path
 
 from harness.config.matrix import Criteria
-from harness.common.text import visible
+from harness.common.files import write_atomic
+from harness.common.numbers import mean, median
+from harness.common.text import number, visible
 from harness.results.layout import read_json, read_metrics, read_summary
 
 FIXED_AXES = ("algorithm", "quant", "rollout.colocation")
@@ -27,14 +28,6 @@ def md(text) -> str:
 def md_table(titles: list[str], rows: list[list[str]]) -> list[str]:
     """A GFM table: the titles escaped, the cells already Markdown (escape what comes from runs with `md`)."""
     return ["| " + " | ".join(md(t) for t in titles) + " |", "|" + "---|" * len(titles)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
-def _num(x, digits=3, signed=False) -> str:
-    return "–" if x is None else (f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}")
-
-
-def _median(xs):
-    return statistics.median(xs) if xs else None
 
 
 def load(root: Path) -> tuple[dict, list[dict]]:
@@ -54,7 +47,7 @@ def kl_text(runs: list[dict]) -> str:
     medians = [r["kl_median_max"] for r in runs if r["kl_median_max"] is not None]
     peaks = [r["max_kl"] for r in runs if r["max_kl"] is not None]
     if not medians:
-        return _num(max(peaks, default=None))
+        return number(max(peaks, default=None))
     spikes = sum(r["kl_spikes"] for r in runs)
     judged = "" if all(r["kl_judged"] for r in runs) else " (not judged)"
     return f"{max(medians):.3f} / {max(peaks):.2f} ({spikes} spike{'s' if spikes != 1 else ''}){judged}"
@@ -79,17 +72,17 @@ def cell_rows(root: Path, matrix: dict, cells: list[dict]) -> list[dict]:
             "variant": variant,
             "status": cell["status"],
             "reason": cell["reason"],
-            "eval_end_mean": _num(cell["eval_final_mean"]),
-            "eval_end": _num(cell["eval_final_mean"]) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+            "eval_end_mean": number(cell["eval_final_mean"]),
+            "eval_end": number(cell["eval_final_mean"]) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
             + (f" ±{se:.3f}" if se else ""),
-            "eval_start": _num(statistics.fmean(get("eval_start")) if get("eval_start") else None),
-            "delta": _num(cell["delta_vs_baseline"], signed=True) + (f" [{lo:+.3f}, {hi:+.3f}]" if lo is not None else ""),
+            "eval_start": number(mean(get("eval_start"))),
+            "delta": number(cell["delta_vs_baseline"], signed=True) + (f" [{lo:+.3f}, {hi:+.3f}]" if lo is not None else ""),
             "max_kl": kl_text(runs),
-            "entropy": _num(statistics.fmean(get("final_entropy")) if get("final_entropy") else None),
-            "memory": _num(max(get("peak_memory_gib"), default=None), 2)
+            "entropy": number(mean(get("final_entropy"))),
+            "memory": number(max(get("peak_memory_gib"), default=None), 2)
             + (f" ({est:.2f})" if (est := max(get("memory_estimate_gib"), default=None)) is not None else ""),
-            "tokens_per_s": _num(_median(get("rollout_tokens_per_s")), 0),
-            "step_s": _num(_median(get("median_step_s")), 2),
+            "tokens_per_s": number(median(get("rollout_tokens_per_s")), 0),
+            "step_s": number(median(get("median_step_s")), 2),
             "seeds": f"{sum(r['verdict'] != 'incomplete' for r in runs)}/{len(runs)}",
             "test": cell["test"],
         })
@@ -125,8 +118,8 @@ def engine_rows(root: Path, cells: list[dict]) -> list[dict]:
                "hand_off": facts.get("hand_off", "–")}
         for key, _, digits in ENGINE_METRICS:
             values = [m[key] for m in steps if isinstance(m.get(key), (int, float))]
-            pick = max(values, default=None) if key.startswith("memory/") else _median(values)
-            row[key] = _num(pick, digits)
+            pick = max(values, default=None) if key.startswith("memory/") else median(values)
+            row[key] = number(pick, digits)
         rows.append(row)
     return rows
 
@@ -141,7 +134,6 @@ LM_EVAL_TEXT = ("lm-evaluation-harness on each run's final policy after training
 def lm_eval_rows(cells: list[dict]) -> list[dict]:
     """Per cell, task and metric: the lm-eval score on the quantized and on the bf16 base, beside eval/reward."""
     rows = []
-    mean = lambda xs: _num(statistics.fmean(xs)) if xs else "–"  # noqa: E731
     for cell in cells:
         runs = [r for r in cell["runs"] if r.get("lm_eval")]
         done = [r for r in runs if "quantized" in r["lm_eval"]]
@@ -151,9 +143,10 @@ def lm_eval_rows(cells: list[dict]) -> list[dict]:
                             and isinstance(v, (int, float))})
             for metric in names:
                 pick = lambda key: [x for r in done if isinstance(x := scores(r, key).get(metric), (int, float))]  # noqa: E731
-                rows.append({"cell": cell["name"], "task": task, "metric": metric, "quantized": mean(pick("quantized")), "bf16": mean(pick("bf16")),
+                rows.append({"cell": cell["name"], "task": task, "metric": metric,
+                             "quantized": number(mean(pick("quantized"))), "bf16": number(mean(pick("bf16"))),
                              # the last eval: the policy lm-eval scored
-                             "eval_reward": mean([r["eval_end"] for r in done if r["eval_end"] is not None]),
+                             "eval_reward": number(mean([r["eval_end"] for r in done if r["eval_end"] is not None])),
                              "n": str(scores(done[0], "quantized").get("n", "–")), "seeds": f"{len(done)}/{len(cell['runs'])}"})
         for r in runs:
             if "error" in r["lm_eval"]:
@@ -233,8 +226,9 @@ def write_markdown(root: Path, out_dir: Path, matrix: dict, cells: list[dict], r
     run_titles = ["cell", "seed", "run", "verdict", "eval start → final (last)", "KL median max / step max (spikes)", "final entropy", "reason"]
     lines += ["", md(method_text(matrix)), "", "## Runs", "",
               *md_table(run_titles, [[md(cell["name"]), md(r["seed"]), f"[{md(r['run_id'])}]({runs_link}/{r['run_id']}/)", md(r["verdict"]),
-                                      f"{_num(r['eval_start'])} → {_num(r['eval_final'])} ({_num(r['eval_end'])})", md(kl_text([r])),
-                                      _num(r["final_entropy"]), md(r["reason"])] for cell in cells for r in cell["runs"]])]
+                                      f"{number(r['eval_start'])} → {number(r['eval_final'])} ({number(r['eval_end'])})",
+                                      md(kl_text([r])), number(r["final_entropy"]), md(r["reason"])]
+                                     for cell in cells for r in cell["runs"]])]
     studies = tuning_reports(out_dir)
     if studies:
         lines += ["", "## Tuning studies", ""] + [f"- [{md(p.stem.removeprefix('tune_'))}]({p.name})" for p in studies]
@@ -249,18 +243,7 @@ def write_markdown(root: Path, out_dir: Path, matrix: dict, cells: list[dict], r
         lines += ["", "## Environment", "", f"- device: {md(env.get('device'))}", f"- git commit: `{md(env.get('git_commit'))}`"]
         lines += [f"- {k}: {md(v)}" for k, v in env.get("versions", {}).items()]
     lines += ["", "## Matrix", "", "```yaml", visible(matrix["source"]).replace("```", "` ` `").rstrip(), "```", ""]
-    return _write(out_dir / "report.md", "\n".join(lines))
-
-
-def write_report(root: Path, out_dir: Path) -> Path:
-    """Write report.md and report.html; returns the Markdown path."""
-    from harness.report.html import render_html
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    matrix, cells = load(root)
-    rows = cell_rows(root, matrix, cells)
-    _write(out_dir / "report.html", render_html(root, out_dir, matrix, cells, rows))
-    return write_markdown(root, out_dir, matrix, cells, rows)
+    return write_atomic(out_dir / "report.md", "\n".join(lines))
 
 
 def report_notes(out_dir: Path) -> str:
@@ -281,10 +264,3 @@ def first_env(root: Path, cells: list[dict]) -> dict | None:
             if (root / r["run_id"] / "env.json").exists():
                 return read_json(root / r["run_id"] / "env.json")
     return None
-
-
-def _write(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path

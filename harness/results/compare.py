@@ -3,9 +3,9 @@ which cells changed status, and how far their evidence moved."""
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 
+from harness.common.numbers import median
 from harness.results.verdict import CellVerdict
 
 
@@ -26,10 +26,6 @@ class CellChange:
         return self.status_a != self.status_b
 
 
-def _median(xs):
-    return statistics.median(xs) if xs else None
-
-
 def compare(a: list[CellVerdict], b: list[CellVerdict]) -> list[CellChange]:
     """Cells of both sweeps, matched by name; changed statuses first."""
     by_a, by_b = {c.name: c for c in a}, {c.name: c for c in b}
@@ -41,6 +37,6 @@ def compare(a: list[CellVerdict], b: list[CellVerdict]) -> list[CellChange]:
             if cell:
                 setattr(change, f"final_{side}", cell.eval_final_mean)
                 setattr(change, f"memory_{side}", max(cell.stat("peak_memory_gib"), default=None))
-                setattr(change, f"step_s_{side}", _median(cell.stat("median_step_s")))
+                setattr(change, f"step_s_{side}", median(cell.stat("median_step_s")))
         out.append(change)
     return sorted(out, key=lambda c: not c.changed)

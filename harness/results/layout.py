@@ -10,28 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """tmp + fsync + rename: a reader sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from harness.common.files import write_atomic, write_json_atomic
+from harness.errors import HarnessError
 
 
-class DamagedFile(ValueError):
+class DamagedFile(HarnessError, ValueError):
     """A results file that cannot be read as what it should be; the message names the file."""
 
 
@@ -80,10 +66,7 @@ def truncate_logs(run_dir: Path, last_step: int) -> None:
 
 def _truncate(run_dir: Path, name: str, last_step: int) -> None:
     rows = [r for r in read_metrics(run_dir, name) if r["step"] <= last_step]
-    path = run_dir / name
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    write_atomic(run_dir / name, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def is_finished(run_dir: Path) -> bool:

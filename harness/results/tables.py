@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import statistics
-import uuid
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from harness.common.files import replacing
+from harness.common.numbers import mean, median
 from harness.errors import SweepNotFound, Unavailable, UsageError
 from harness.results.layout import read_json, read_metrics, read_summary
 from harness.results.verdict import RunVerdict, judge
@@ -130,15 +129,15 @@ def cells(root: str | Path) -> pd.DataFrame:
             "status": v.status, "reason": v.reason, "seeds": len(v.runs),
             "seeds_finished": sum(r.verdict != "incomplete" for r in v.runs),
             "seeds_converged": sum(r.verdict == "converged" for r in v.runs),
-            "eval_start_mean": _mean(v.stat("eval_start")), "eval_final_mean": v.eval_final_mean,
+            "eval_start_mean": mean(v.stat("eval_start")), "eval_final_mean": v.eval_final_mean,
             "eval_final_ci_lower": ci[0], "eval_final_ci_upper": ci[1], "eval_se": v.eval_se,
             "delta_vs_baseline": v.delta_vs_baseline, "delta_lower_bound": v.delta_lower_bound,
             "delta_upper_bound": v.delta_upper_bound, "test": v.test, "seeds_to_decide": v.seeds_to_decide,
             "max_kl": max(v.stat("max_kl"), default=None), "kl_median_max": max(v.stat("kl_median_max"), default=None),
-            "kl_spikes": sum(r.kl_spikes for r in v.runs), "final_entropy_mean": _mean(v.stat("final_entropy")),
+            "kl_spikes": sum(r.kl_spikes for r in v.runs), "final_entropy_mean": mean(v.stat("final_entropy")),
             "peak_memory_gib": max(v.stat("peak_memory_gib"), default=None),
             "memory_estimate_gib": max(v.stat("memory_estimate_gib"), default=None),
-            "rollout_tokens_per_s": _median(v.stat("rollout_tokens_per_s")), "median_step_s": _median(v.stat("median_step_s")),
+            "rollout_tokens_per_s": median(v.stat("rollout_tokens_per_s")), "median_step_s": median(v.stat("median_step_s")),
         }
         records.append(row)
     return _frame(records, [*axes, *CELL_COLUMNS], _CELL_DTYPES)
@@ -153,9 +152,7 @@ def write(table: pd.DataFrame, path: str | Path, fmt: str) -> Path:
         raise UsageError(f"table format {fmt!r}: valid: {', '.join(FORMATS)}")
     if fmt == "parquet":
         _require_pyarrow()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"  # created as any file is (umask)
-    try:
+    with replacing(path) as tmp:
         if fmt == "csv":
             table.to_csv(tmp, index=False)
         elif fmt == "parquet":
@@ -163,10 +160,6 @@ def write(table: pd.DataFrame, path: str | Path, fmt: str) -> Path:
         else:
             rows = [{str(k): _json_value(v) for k, v in row.items()} for row in table.to_dict(orient="records")]
             tmp.write_text(json.dumps(rows, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -220,16 +213,6 @@ def _scalar(value: Any) -> Any:
     if isinstance(value, (list, tuple, dict)):
         return json.dumps(value, default=str)
     return value
-
-
-def _mean(xs: list[float]) -> float | None:
-    xs = [x for x in xs if isinstance(x, (int, float))]
-    return statistics.fmean(xs) if xs else None
-
-
-def _median(xs: list[float]) -> float | None:
-    xs = [x for x in xs if isinstance(x, (int, float))]
-    return statistics.median(xs) if xs else None
 
 
 def _frame(records: list[dict], columns: list[str], dtypes: dict[str, str]) -> pd.DataFrame:

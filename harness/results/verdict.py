@@ -22,9 +22,10 @@ from pathlib import Path
 
 from scipy import stats
 
+from harness.common.files import write_json_atomic
 from harness.config.run import RunConfig
 from harness.config.matrix import Criteria
-from harness.results.layout import damage, finite, read_json, read_metrics, write_json_atomic
+from harness.results.layout import damage, finite, read_json, read_metrics
 
 RUN_VERDICTS = ("converged", "no_learning", "diverged", "collapsed", "failed", "oom", "infeasible", "incomplete")
 CELL_VERDICTS = ("Converges", "Inconclusive", "Convergence issue", "Does not converge", "Error", "Infeasible", "Incomplete", "Smoke tested")

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
+from harness.common.files import write_json_atomic
 from harness.config.run import RunConfig
-from harness.results.layout import read_json, write_json_atomic
+from harness.results.layout import read_json
 
 PLANTS = ("stale-adapter",)  # faults a user can plant to see the check catch them
 
@@ -66,7 +67,7 @@ def require(cfg: RunConfig, root: Path, device: torch.device) -> dict:
 
 def check_in_right_process(cfg: RunConfig, device: torch.device, workdir: Path, plant: str | None = None) -> dict:
     """run_check, in a process of its own where the engine needs one (executor.own_process_needed)."""
-    from harness.execution.lifecycle import in_own_process, own_process_needed
+    from harness.execution.isolation import in_own_process, own_process_needed
 
     if own_process_needed(cfg, device):
         return in_own_process(run_check, cfg, device, workdir, plant)

@@ -1,22 +1,28 @@
 """Rollout engines (registries.ROLLOUT_ENGINES) and the held-out evaluation that uses them.
 
-Every engine takes (model, tokenizer, cfg, device, workdir) and has the same four methods, so a
-recipe does not know which one it drives:
+Every engine takes (model, tokenizer, cfg, device, workdir) and satisfies rollout.base.RolloutEngine,
+so a recipe does not know which one it drives:
   sync()                                 make the engine generate from the trainer's current weights
   generate(prompts, greedy) -> Rollout   (syncs first when the weights changed)
   release()                              hand the device back to the trainer before it trains
   pop_metrics() -> dict                  sync/sleep timings and memory since the last call
+  mark_synced()                          take the current weights as pushed (check-engine's planted fault)
   close()                                free the engine (stop its server)
+  facts: dict, sleeps: bool              what summary.json records; whether release() sleeps
 `hf` (here): the trainer's own model generates with transformers `generate`: nothing to sync.
-`vllm` (rollout_vllm.py): vLLM in the trainer's process or as a server, the adapter synced.
+`vllm` (rollout/vllm.py): vLLM in the trainer's process or as a server, the adapter synced.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import GenerationConfig
+
+if TYPE_CHECKING:
+    from harness.rollout.base import RolloutEngine
 
 
 @dataclass
@@ -75,12 +81,20 @@ def decode_completions(tokenizer, completion: torch.Tensor, mask: torch.Tensor) 
 
 
 class HFEngine:
+    """A rollout.base.RolloutEngine."""
+
+    facts: dict
+    sleeps = False  # the trainer's own model: nothing to put to sleep
+
     def __init__(self, model, tokenizer, cfg, device=None, workdir=None):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg.rollout
         self.facts = {"rollout_engine": "hf"}
 
     def sync(self) -> None:
         pass  # the trainer's own model generates: nothing to push
+
+    def mark_synced(self) -> None:
+        pass  # nor ever stale
 
     def release(self) -> None:
         pass  # nor to hand over
@@ -135,7 +149,7 @@ class HFEngine:
         return Rollout(prompt_ids, prompt_mask, completion, mask, logprobs, decode_completions(self.tokenizer, completion, mask))
 
 
-def evaluate(engine, task, problems, batch_size: int = 512) -> float:
+def evaluate(engine: RolloutEngine, task, problems, batch_size: int = 512) -> float:
     """Held-out accuracy: greedy decoding, mean reward."""
     total = 0.0
     for i in range(0, len(problems), batch_size):

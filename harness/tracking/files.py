@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-from harness.results.layout import write_json_atomic
+from harness.common.files import write_json_atomic
 
 
 class Tracker(Protocol):
@@ -50,7 +50,7 @@ class Trackers:
     """Several trackers as one, called in order: the JSONL tracker goes last, so its summary.json
     (the mark of a finished run) is written after every mirror has finished."""
 
-    def __init__(self, trackers: list):
+    def __init__(self, trackers: list[Tracker]):
         self.trackers = trackers
 
     def log_config(self, config: dict) -> None:

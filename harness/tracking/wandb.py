@@ -43,7 +43,8 @@ def wandb_run_id(run_dir: Path, group: str, settings: WandbSettings) -> str:
 def _init(run_dir: Path, settings: WandbSettings, group: str, **run):
     import wandb
 
-    wandb.setup(wandb.Settings(silent=True))  # the warnings wandb prints after init heed these, not init's
+    # workaround(wandb 0.31): the warnings wandb prints after init heed setup's settings, not init's
+    wandb.setup(wandb.Settings(silent=True))
     return wandb.init(id=wandb_run_id(run_dir, group, settings), resume="allow", dir=run_dir, mode=settings.mode,
                       project=settings.project or group, entity=settings.entity, group=group,
                       reinit="create_new",  # never hand back another, unfinished run of this process
@@ -132,6 +133,7 @@ def read_records(path: Path):
     """The records (wandb.proto.wandb_internal_pb2.Record) of a .wandb transaction log, which wandb's Go
     core writes and no longer ships a Python reader for: a 7-byte header (":W&B", 0xBEE1, version), then
     32 KiB LevelDB log blocks of chunks with a CRC32 of type and data. Stops at a torn or corrupt chunk."""
+    # workaround(wandb 0.31): no Python reader of its transaction log ships with it; this one reads its format
     from wandb.proto.wandb_internal_pb2 import Record
 
     block, data, pos, parts = 32 * 1024, path.read_bytes(), 7, []

@@ -18,7 +18,9 @@ from urllib.parse import quote
 import optuna
 from optuna.trial import TrialState
 
-from harness.report.markdown import _write, md
+from harness.common.files import write_atomic
+from harness.common.text import significant
+from harness.report.markdown import md
 from harness.report.html import CSS, e
 from harness.tune.study import Study, best_trials, shown, tally
 from harness.config.tune_space import binomial_se
@@ -49,10 +51,6 @@ def paths(reports: Path, study: Study) -> tuple[Path, Path]:
     return base.with_suffix(".md"), base
 
 
-def _num(x, digits=4) -> str:
-    return "–" if x is None else f"{x:.{digits}g}" if isinstance(x, float) else str(x)
-
-
 def trial_rows(s: optuna.Study, study: Study, out_dir: Path) -> list[dict]:
     rows = []
     for t in s.get_trials(deepcopy=False):
@@ -67,11 +65,11 @@ def trial_rows(s: optuna.Study, study: Study, out_dir: Path) -> list[dict]:
         run_id = a.get("run_id")
         rows.append({
             "number": str(t.number), "state": t.state.name.lower(),
-            "params": ", ".join(f"{k}={_num(v)}" for k, v in t.params.items()),
-            "values": (", ".join(_num(v) for v in t.values) if t.state == TrialState.COMPLETE else
-                       f"({_num(t.values[0])} at step {t.last_step})" if t.values and t.last_step is not None else "–"),
-            "eval_start": _num(a.get("eval_start")), "steps": _num(a.get("steps_completed")),
-            "memory": _num(a.get("peak_memory_gib"), 3), "wall": _num(a.get("wall_s"), 3),
+            "params": ", ".join(f"{k}={significant(v)}" for k, v in t.params.items()),
+            "values": (", ".join(significant(v) for v in t.values) if t.state == TrialState.COMPLETE else
+                       f"({significant(t.values[0])} at step {t.last_step})" if t.values and t.last_step is not None else "–"),
+            "eval_start": significant(a.get("eval_start")), "steps": significant(a.get("steps_completed")),
+            "memory": significant(a.get("peak_memory_gib"), 3), "wall": significant(a.get("wall_s"), 3),
             "worker": a.get("worker", "–"), "run": run_id or "–",
             "run_link": os.path.relpath(study.run_dir(run_id), out_dir) + "/" if run_id else None,
             "note": note,
@@ -164,8 +162,8 @@ def write_tune_report(s: optuna.Study, study: Study, reports: Path) -> Path:
     out_dir = md_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     info, rows, figs = summary(s, study), trial_rows(s, study, out_dir), plots(s, study, plot_dir)
-    _write(md_path.with_suffix(".html"), _html(study, info, rows, figs, out_dir))
-    return _write(md_path, _markdown(study, info, rows, figs, out_dir))
+    write_atomic(md_path.with_suffix(".html"), _html(study, info, rows, figs, out_dir))
+    return write_atomic(md_path, _markdown(study, info, rows, figs, out_dir))
 
 
 def _commands(study: Study) -> list[tuple[str, str]]:
@@ -187,7 +185,7 @@ def _best_lines(study: Study, info: dict) -> list[tuple[str, str]]:
     out = []
     for t in info["best"]:
         values = ", ".join(f"{o} {v:.4g}" for o, v in zip(study.spec.objectives, t.values))
-        params = ", ".join(f"{k}={_num(v)}" for k, v in t.params.items())
+        params = ", ".join(f"{k}={significant(v)}" for k, v in t.params.items())
         if study.spec.lora_alpha == "ratio" and "lora.r" in t.params:
             params += f" (lora.alpha={t.params['lora.r'] * study.cell_cfg.lora.alpha / study.cell_cfg.lora.r:g})"
         out.append((f"trial {t.number}", f"{params}: {values}"))

@@ -17,13 +17,11 @@ A trial's fate is read from the storage, not from any one worker:
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import socket
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -34,10 +32,14 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from pydantic import ValidationError
 
+from harness.common.files import locked, replacing
+from harness.common.text import significant
+from harness.common.validation import validation_problems
 from harness.config.run import RunConfig
 from harness.recipes import Pruned
 from harness.results.layout import is_finished, read_json, read_metrics
 from harness.config.tune_space import OBJECTIVES, TuneSpec, defaults, trial_config
+from harness.errors import HarnessError
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # each worker prints its own line per trial
@@ -47,7 +49,7 @@ class RunFailed(Exception):
     """The trial's run ended with status failed, nan or oom: the trial fails, the study goes on."""
 
 
-class StudyMismatch(ValueError):
+class StudyMismatch(HarnessError, ValueError):
     """The stored study was made for another cell configuration or search space."""
 
 
@@ -262,12 +264,15 @@ def objective(trial: optuna.Trial, study: Study, device: torch.device, on_step: 
     try:
         cfg = trial_config(study.cell_cfg, spec, params)
     except ValidationError as e:  # a combination of values the space allows but a run config does not
+        error = "; ".join(validation_problems(e, RunConfig))
         trial.set_user_attr("status", "invalid")
-        trial.set_user_attr("error", str(e)[:2000])
-        raise RunFailed(f"invalid config: {e}") from None
+        trial.set_user_attr("error", error[:2000])
+        raise RunFailed(f"invalid config: {error}") from None
     run_dir = study.run_dir(cfg.run_id)
     trial.set_user_attr("run_id", cfg.run_id)
-    with _exclusive(run_dir) as mine:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # two trials with the same parameters (or a worker taken for dead while still alive) must not train into one folder
+    with locked(run_dir / ".lock", wait=False) as mine:
         if not mine:
             error = f"another trial is running the same configuration ({cfg.run_id})"
             trial.set_user_attr("status", "busy")
@@ -276,23 +281,10 @@ def objective(trial: optuna.Trial, study: Study, device: torch.device, on_step: 
         return _run_trial(trial, study, cfg, run_dir, device, on_step)
 
 
-@contextmanager
-def _exclusive(run_dir: Path):
-    """An flock on the run folder: two trials with the same parameters (or a worker taken for
-    dead while still alive) must not train into one folder at once."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-
-
 def _run_trial(trial, study: Study, cfg: RunConfig, run_dir: Path, device, on_step) -> float | list[float]:
     from harness.models import checkpoint
-    from harness.execution.lifecycle import in_own_process, own_process_needed, run_one
+    from harness.execution.isolation import in_own_process, own_process_needed
+    from harness.execution.lifecycle import run_one
 
     spec = study.spec
     prunable = len(spec.objectives) == 1
@@ -328,17 +320,13 @@ def _run_trial(trial, study: Study, cfg: RunConfig, run_dir: Path, device, on_st
 
 
 def trial_line(t: optuna.trial.FrozenTrial, worker: int | None = None) -> str:
-    params = " ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
+    params = " ".join(f"{k}={significant(v, none='None')}" for k, v in t.params.items())
     who = f" (worker {worker})" if worker is not None else ""
     if t.state == TrialState.COMPLETE:
         outcome = "→ " + ", ".join(f"{v:.4g}" for v in t.values)
     else:
         outcome = f"{t.state.name.lower()}: {t.user_attrs.get('error') or ''}".rstrip(": ")
     return f"trial {t.number}{who}: {params} {outcome} [{t.user_attrs.get('run_id', '?')}]"
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def best_trials(s: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -383,19 +371,17 @@ def apply(matrix_path: Path, cell_key: dict[str, Any], study: Study, trial: optu
     else:
         nxt = next((line for line in lines[at + 1:] if line.strip() and not line.lstrip().startswith("#")), "  -")
         text = header + "".join(lines[:at + 1]) + _indent(note + item, nxt[:len(nxt) - len(nxt.lstrip())]) + "".join(lines[at + 1:])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text)
-    try:
-        cells = load_matrix(tmp).cells
-    except MatrixError as ex:
-        raise ValueError(f"the tuned matrix does not validate (kept at {tmp} for inspection): {ex}") from None
-    new = [c for c in cells if c.label == entry["label"]]
-    if len(cells) != len(load_matrix(matrix_path).cells) + 1:
-        raise ValueError(f"the tuned matrix does not keep every cell of {matrix_path} (kept at {tmp} for inspection)")
-    if len(new) != 1 or new[0].runs[0].model_dump(exclude={"seed"}) != cfg.model_dump(exclude={"seed"}):
-        raise ValueError(f"the tuned matrix's new cell is not the trial's configuration (kept at {tmp} for inspection)")
-    os.replace(tmp, out)
+    with replacing(out, keep=True) as tmp:  # renamed to `out` once it validates; kept beside it when it does not
+        tmp.write_text(text)
+        try:
+            cells = load_matrix(tmp).cells
+        except MatrixError as ex:
+            raise ValueError(f"the tuned matrix does not validate (kept at {tmp} for inspection): {ex}") from None
+        new = [c for c in cells if c.label == entry["label"]]
+        if len(cells) != len(load_matrix(matrix_path).cells) + 1:
+            raise ValueError(f"the tuned matrix does not keep every cell of {matrix_path} (kept at {tmp} for inspection)")
+        if len(new) != 1 or new[0].runs[0].model_dump(exclude={"seed"}) != cfg.model_dump(exclude={"seed"}):
+            raise ValueError(f"the tuned matrix's new cell is not the trial's configuration (kept at {tmp} for inspection)")
     return out
 
 

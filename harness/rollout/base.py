@@ -1,0 +1,47 @@
+"""What a rollout engine (registries.ROLLOUT_ENGINES) is: every method and attribute its callers use
+(the recipes' shared loop in recipes/common.py, rollout.hf.evaluate, rollout/engine_check.py).
+
+An engine class is built as Engine(model, tokenizer, cfg, device, workdir) from the trainer's policy,
+its tokenizer, the RunConfig, the trainer's device and the run's folder; the registry checks that
+the class declares every member below. Imports nothing heavy: the registry imports this module.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from harness.rollout.hf import Rollout
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    facts: dict
+    """What summary.json records about the engine (its name, version, how it hands the device back, ...)."""
+
+    sleeps: bool
+    """release() puts the engine to sleep, freeing its device memory, and the next generate() wakes it."""
+
+    def sync(self) -> None:
+        """Make the engine generate from the trainer's current weights (wake it first if it sleeps)."""
+        ...
+
+    def generate(self, prompts: list[str], greedy: bool = False) -> Rollout:
+        """Completions of `prompts`, sampled (with the sampler's log-probs) or greedy; syncs first when the weights changed."""
+        ...
+
+    def release(self) -> None:
+        """Hand the device back to the trainer before it trains."""
+        ...
+
+    def pop_metrics(self) -> dict:
+        """Sync/sleep/wake timings and memory readings since the last call (time/sync_s always)."""
+        ...
+
+    def mark_synced(self) -> None:
+        """Take the trainer's current weights as already pushed (check-engine's planted stale-adapter fault)."""
+        ...
+
+    def close(self) -> None:
+        """Free the engine (stop its server); it must not outlive its run."""
+        ...
