@@ -47,10 +47,10 @@ EXPORTED = {"nvfp4_w4a16": 0.5 + 1 / 16, "nvfp4_w4a4": 0.5 + 1 / 16, "fp8": 1.0}
 
 
 def measure(model_dir: Path, device: torch.device, quants: list[str]) -> list[dict]:
+    from harness.common.system import compute_dtype
     from harness.config.run import RunConfig
     from harness.models.loading import load_policy
     from harness.quant.bnb import quantized_linear_stats
-    from harness.common.system import compute_dtype
 
     dtype = compute_dtype(device, "auto")
     rows, bf16_footprint = [], None

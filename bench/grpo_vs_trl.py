@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from harness.config.run import RunConfig
 from harness.common.system import compute_dtype, device_name
+from harness.config.run import RunConfig
 
 PROMPTS, GROUP, MAX_NEW = 16, 8, 5
 NEVER = 10**9  # eval_every / checkpoint_every beyond any run here

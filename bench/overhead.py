@@ -62,9 +62,9 @@ def instrument(timer: ExclusiveTimer, stack: contextlib.ExitStack) -> None:
     from harness import tasks
     from harness.common import system
     from harness.models import checkpoint
+    from harness.recipes import common, grpo
     from harness.rollout import hf as rollout
     from harness.tracking import files as tracking
-    from harness.recipes import common, grpo
 
     targets = [
         (transformers.GenerationMixin, "generate", "generate"),

@@ -33,9 +33,9 @@ def engine_config(colocation: str, max_new_tokens: int):
 
 
 def measure(engine_name: str, device: torch.device, batches: list[int], max_new_tokens: int, repeats: int) -> list[dict]:
+    from harness.common.system import compute_dtype
     from harness.models.loading import load_policy
     from harness.registries import ROLLOUT_ENGINES
-    from harness.common.system import compute_dtype
     from harness.tasks import load_task
 
     cfg = engine_config(ENGINES[engine_name], max_new_tokens)

@@ -202,7 +202,7 @@ def report(sweep: Plan | str | Path, results: str | Path = "results", reports: s
 
 
 def _write_report(root: Path, reports: Path) -> Path:
-    from harness.report import write_report
+    from harness.reports import write_report
     from harness.results.layout import DamagedFile
 
     try:
@@ -279,8 +279,8 @@ def tune(matrix: str | Path | Matrix, cell: str, trials: int | None = None, work
          storage: str | None = None, results: str | Path = "results", reports: str | Path = "reports", device: str = "auto",
          on_trial=None, on_step=None) -> Path:
     """Optuna over the `tune:` space of one cell (README, "Tuning"): run the study's remaining trials
-    (resuming it), write its report; the report's path. `harness.tune.session` has the steps apart."""
-    from harness.tune import session as tuning
+    (resuming it), write its report; the report's path. `harness.tuning.session` has the steps apart."""
+    from harness.tuning import session as tuning
 
     m = load(matrix)
     matching = select(m, cell)

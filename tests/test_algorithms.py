@@ -5,16 +5,16 @@ import math
 
 import pytest
 import torch
+from test_grpo import same, spy_on_policy
 
 from harness.config.run import RunConfig
 from harness.execution.lifecycle import run_one
 from harness.recipes import dpo, grpo, rloo, sft
-from harness.results.layout import read_metrics
 from harness.recipes.rl_math import aggregate, best_worst_pairs, dpo_loss, group_advantages, loo_advantages
+from harness.results.layout import read_metrics
 from harness.tasks import ArithTask, BoxedTask, Problem
 
 from conftest import tiny_run_config
-from test_grpo import same, spy_on_policy
 
 REWARDS = torch.tensor([1.0, 0, 0, 0, 1, 1, 0, 0])
 

@@ -40,7 +40,7 @@ def import_graph() -> dict[str, set[str]]:
                     base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
                 if base.split(".")[0] != "harness":
                     return
-                for alias in node.names:  # `from harness.tune import study` imports the module harness.tune.study
+                for alias in node.names:  # `from harness.tuning import study` imports the module harness.tuning.study
                     edges.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
             for child in ast.iter_child_nodes(node):
                 visit(child)

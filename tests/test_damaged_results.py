@@ -5,8 +5,6 @@ import json
 import os
 
 import pytest
-from conftest import tiny_run_config
-from synthetic import curve_run, write_sweep
 from typer.testing import CliRunner
 
 from harness.cli import app
@@ -14,6 +12,9 @@ from harness.execution.jobs import Job, Retry, pending, reopen_all
 from harness.execution.lifecycle import record_lost, run_one
 from harness.results.layout import damage, read_json, read_metrics
 from harness.results.verdict import judge
+
+from conftest import tiny_run_config
+from synthetic import curve_run, write_sweep
 
 TWO_SEEDS = """\
 base: {task: {name: arith, eval_size: 50}}

@@ -2,13 +2,13 @@ import math
 
 import pytest
 import torch
+from test_grpo import same, spy_on_policy
 
 from harness.execution.lifecycle import run_one
-from harness.results.layout import read_metrics
 from harness.recipes.rl_math import reverse_kl
+from harness.results.layout import read_metrics
 
 from conftest import tiny_run_config
-from test_grpo import same, spy_on_policy
 
 
 def test_reverse_kl_by_hand_on_two_tokens():

@@ -16,7 +16,6 @@ from harness.tracking.wandb import WandbSettings, recorded_step, wandb_run_id
 
 from conftest import REPO, tiny_run_config
 
-
 MATRIX = """\
 base:
   task: {name: arith, eval_size: 50}

@@ -6,9 +6,10 @@ import socket
 
 import pytest
 import torch
-from conftest import tiny_run_config
 
 from harness.evals.lm_eval import LmEvalSettings, evaluate_run
+
+from conftest import tiny_run_config
 
 CPU = torch.device("cpu")
 EVAL_SIZE = 200

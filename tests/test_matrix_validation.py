@@ -8,13 +8,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import FIXTURES, REPO
 from typer.testing import CliRunner
 
 from harness.cli import app
+from harness.config.matrix import MatrixError, load_matrix, load_run_config
 from harness.config.run import RunConfig
 from harness.results.folders import folder_name
-from harness.config.matrix import MatrixError, load_matrix, load_run_config
+
+from conftest import FIXTURES, REPO
 
 runner = CliRunner()
 CORPUS = sorted((FIXTURES / "bad_matrices").glob("*.yaml"))

@@ -2,15 +2,15 @@
 
 import pytest
 import torch
+from test_grpo import same, spy_on_policy
 
-from harness.models import checkpoint
 from harness.execution.lifecycle import run_one
+from harness.models import checkpoint
 from harness.models.loading import load_policy
 from harness.quant.nvfp4_cpu import nvfp4_fake_quant
 from harness.results.layout import read_metrics
 
 from conftest import REPO, tiny_run_config
-from test_grpo import same, spy_on_policy
 
 FORMATS = ["nvfp4_w4a16", "nvfp4_w4a4", "fp8", "int8_sq", "int4_awq"]
 

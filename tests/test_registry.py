@@ -6,7 +6,6 @@ import sys
 import types
 
 import pytest
-from conftest import REPO
 
 from harness import registries
 from harness.execution import Executor
@@ -14,6 +13,8 @@ from harness.quant.base import QuantFormat
 from harness.recipes import Recipe
 from harness.registry import Choices, Names, Registry, UnknownName, mismatch, protocol_members
 from harness.rollout.base import RolloutEngine
+
+from conftest import REPO
 
 ALL = {name: reg for name, reg in vars(registries).items() if isinstance(reg, Names)}
 TYPED = {name: reg for name, reg in ALL.items() if isinstance(reg, Registry)}

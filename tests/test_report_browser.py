@@ -7,7 +7,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from harness.report import write_report
+from harness.reports import write_report
 from harness.results.verdict import judge
 
 from synthetic import plant, write_sweep

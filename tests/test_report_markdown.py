@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from markdown_it import MarkdownIt
 
-from harness.report import write_report
+from harness.reports import write_report
 from harness.results.verdict import judge
-from synthetic import plant, write_sweep
 
 from conftest import REPO
+from synthetic import plant, write_sweep
 
 DELIMITER = re.compile(r"^\|(\s*:?-+:?\s*\|)+\s*$")
 ODD = """\

@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from harness.recipes.rl_math import clipped_surrogate, completion_logprobs, group_advantages, k3_kl, masked_mean, mismatch_metrics, tis_weights
+from harness.recipes.rl_math import (
+    clipped_surrogate,
+    completion_logprobs,
+    group_advantages,
+    k3_kl,
+    masked_mean,
+    mismatch_metrics,
+    tis_weights,
+)
 from harness.rollout.hf import completion_mask
 
 

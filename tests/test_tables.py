@@ -7,11 +7,12 @@ import sys
 
 import pandas as pd
 import pytest
-from synthetic import curve_run, fake_run, write_sweep
 
 from harness.errors import SweepNotFound, Unavailable, UsageError
 from harness.results import tables
 from harness.results.verdict import judge
+
+from synthetic import curve_run, fake_run, write_sweep
 
 MATRIX = """\
 axes: {quant: [bf16, nf4]}

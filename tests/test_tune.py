@@ -7,13 +7,12 @@ import sys
 
 import pytest
 import yaml
-
 from optuna.trial import TrialState
 
-from harness.models import checkpoint
 from harness.config.matrix import MatrixError, load_matrix
-from harness.results.layout import read_json, read_metrics
 from harness.config.tune_space import TuneSpec, check_space, defaults, trial_config
+from harness.models import checkpoint
+from harness.results.layout import read_json, read_metrics
 
 from conftest import REPO
 from processes import freeze, wait_until
@@ -32,7 +31,7 @@ def write_matrix(path, tune: dict, train: dict | None = None) -> None:
 
 
 def make_study(tmp_path, tune: dict, name="s", trials=3, train=None):
-    from harness.tune import study as t
+    from harness.tuning import study as t
     path = tmp_path / "m.yaml"
     write_matrix(path, tune, train)
     m = load_matrix(path)
@@ -88,7 +87,7 @@ def test_trial_config_alpha_follows_rank_at_the_matrix_ratio(tmp_path):
 def planted(tmp_path_factory, tiny_model):
     """One study whose queued trials are: the matrix's values, a run that raises (its model folder
     does not exist), a second good run, and a learning rate that wrecks the model at once."""
-    from harness.tune import study as t
+    from harness.tuning import study as t
     tmp_path = tmp_path_factory.mktemp("planted")
     tune = {"params": {"model": {"choices": ["builtin:tiny-arith", str(tmp_path / "no-such-model")]},
                        "train.lr": {"choices": [1.0e-3, 2.0e-3, 0.05]}},
@@ -126,9 +125,9 @@ def test_a_failing_trial_fails_alone_and_the_pruner_stops_a_bad_one(planted):
 
 
 def test_tuning_report_and_link_from_the_matrix_report(planted, tmp_path):
-    from harness.tune import study as t
-    from harness.report.markdown import md
-    from harness.tune.report import write_tune_report
+    from harness.reports.markdown import md
+    from harness.tuning import study as t
+    from harness.tuning.report import write_tune_report
 
     study, s, _ = planted
     path = write_tune_report(s, study, tmp_path / "reports")
@@ -143,9 +142,10 @@ def test_tuning_report_and_link_from_the_matrix_report(planted, tmp_path):
     assert page.count("data:image/svg+xml;base64,") == 2  # the HTML embeds its plots: one file to send
     assert "Parameter importances" in page
 
-    from synthetic import write_sweep
-    from harness.report import write_report
+    from harness.reports import write_report
     from harness.results.verdict import judge
+
+    from synthetic import write_sweep
 
     root, _ = write_sweep(tmp_path / "results", "# make sweep MATRIX=m\naxes: {quant: [bf16]}\n", "m")
     judge(root)
@@ -155,7 +155,7 @@ def test_tuning_report_and_link_from_the_matrix_report(planted, tmp_path):
 
 
 def test_apply_writes_a_new_matrix_with_the_trial_as_a_cell(planted, tmp_path):
-    from harness.tune import study as t
+    from harness.tuning import study as t
     study, s, _ = planted
     original = tmp_path / "orig.yaml"
     original.write_text("# make sweep MATRIX=orig\n# a comment that must survive\n"
@@ -187,7 +187,7 @@ def test_apply_writes_a_new_matrix_with_the_trial_as_a_cell(planted, tmp_path):
 
 
 def test_a_study_refuses_another_space_under_its_name(planted):
-    from harness.tune import study as t
+    from harness.tuning import study as t
     study, _, _ = planted
     other = study.__class__(**(study.__dict__ | {"spec": study.spec.model_copy(update={"lora_alpha": "fixed"})}))
     with pytest.raises(t.StudyMismatch, match="another tune"):
@@ -204,7 +204,7 @@ def tune_cli(tmp_path, *args):
 
 
 def test_two_worker_processes_share_one_sqlite_study(tmp_path, tiny_model):
-    from harness.tune import study as t
+    from harness.tuning import study as t
     study = make_study(tmp_path, {"trials": 4, "sampler": "random"}, name="quant-bf16", trials=4)
     proc = tune_cli(tmp_path, "--workers", "2")
     out, _ = proc.communicate(timeout=600)
@@ -224,7 +224,7 @@ def test_a_killed_study_resumes_and_finishes(tmp_path, tiny_model, journal):
     """SIGKILL mid-trial; the same command again: the dead worker's trial is failed (its process is
     gone; on another host, its heartbeat stops) and queued again with its parameters, and its run
     continues from its last checkpoint. A journal file has no heartbeats, so the same-host check is all it has."""
-    from harness.tune import study as t
+    from harness.tuning import study as t
     study = make_study(tmp_path, {"trials": 2, "heartbeat_s": 1, "sampler": "random"}, name="quant-bf16", trials=2,
                        train={"steps": 20, "eval_every": 10, "checkpoint_every": 5})
     storage = ["--storage", str(tmp_path / "study.journal")] if journal else []

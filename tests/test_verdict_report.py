@@ -8,12 +8,12 @@ import json
 
 import pytest
 
-from harness.report import write_report
-from harness.config.matrix import Criteria
 from harness.common.files import write_json_atomic
+from harness.config.matrix import Criteria
+from harness.reports import write_report
 from harness.results.layout import read_metrics
-from harness.tracking.files import JsonlTracker
 from harness.results.verdict import CELL_VERDICTS, RUN_VERDICTS, judge, judge_run
+from harness.tracking.files import JsonlTracker
 
 from synthetic import fake_run, plant, write_sweep
 
@@ -202,7 +202,7 @@ def test_a_stopped_seed_has_no_final_eval_and_a_seed_without_evals_is_not_missin
 
 
 def test_mean_curves_survive_a_seed_that_has_not_run(sweep, tmp_path):
-    from harness.report.html import _mean_curve
+    from harness.reports.html import _mean_curve
 
     root, runs = sweep
     plant(runs, "quant=bf16", [0.55, 0.56, None])

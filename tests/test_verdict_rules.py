@@ -10,11 +10,12 @@ import math
 import statistics
 
 import pytest
-from conftest import FIXTURES
-from synthetic import curve_run, write_sweep
 
 from harness.config.matrix import Criteria
 from harness.results.verdict import Difference, final_window, judge, judge_cell, judge_run, rolling_median, seeds_to_decide
+
+from conftest import FIXTURES
+from synthetic import curve_run, write_sweep
 
 STUDY = json.loads((FIXTURES / "smoke_seed_study_h200.json").read_text())["runs"]
 C = Criteria()  # the defaults the matrices use: kl_max 1.0 over a 10-step median, drop_max 0.15, last 25% of training
@@ -173,8 +174,8 @@ def test_seeds_to_decide_by_hand():
 
 def test_a_sweep_saved_before_kl_in_loss_reads_it_from_each_runs_config(tmp_path):
     """matrix.json of an older sweep has no kl_in_loss: the run's config.json decides, and without one KL is judged."""
-    from harness.config.run import RunConfig
     from harness.common.files import write_json_atomic
+    from harness.config.run import RunConfig
     from harness.results.verdict import _kl_in_loss
 
     write_json_atomic(tmp_path / "sft" / "config.json", RunConfig(algorithm="sft").model_dump(mode="json"))

@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
 
-from harness.cli.app import DEVICE, RESULTS, fail, folder, load, run_config, app, console
-from harness.config.run import RunConfig
+from harness.cli.app import DEVICE, RESULTS, app, console, fail, folder, load, run_config
 from harness.common.text import number, printable
+from harness.config.run import RunConfig
 
 
 @app.command("check-engine")
 def check_engine(
-    config: Optional[Path] = typer.Argument(None, help="A RunConfig YAML file with a vLLM colocation (colocated or server)."),
-    matrix: Optional[str] = typer.Option(None, help="Check every distinct vLLM configuration of this matrix instead."),
-    cell: Optional[str] = typer.Option(None, help='With --matrix: only the cells matching these axis=value pairs, e.g. "quant=nf4".'),
-    plant: Optional[str] = typer.Option(None, help="Plant a fault the check must catch: stale-adapter (never cached)."),
+    config: Path | None = typer.Argument(None, help="A RunConfig YAML file with a vLLM colocation (colocated or server)."),
+    matrix: str | None = typer.Option(None, help="Check every distinct vLLM configuration of this matrix instead."),
+    cell: str | None = typer.Option(None, help='With --matrix: only the cells matching these axis=value pairs, e.g. "quant=nf4".'),
+    plant: str | None = typer.Option(None, help="Plant a fault the check must catch: stale-adapter (never cached)."),
     force: bool = typer.Option(False, "--force", help="Run again even where a cached result exists (e.g. after a driver change)."),
     results: Path = RESULTS,
     device: str = DEVICE,
@@ -28,9 +27,9 @@ def check_engine(
 
     A sweep runs the same check before the first run of each configuration and caches it in
     results/MATRIX/engine_checks/; a failed check turns that configuration's cells into Error."""
-    from harness.rollout.engine_check import PLANTS, cached, check_in_right_process, check_key
-    from harness.execution.sweep import build_models
     from harness.common.system import pick_device
+    from harness.execution.sweep import build_models
+    from harness.rollout.engine_check import PLANTS, cached, check_in_right_process, check_key
 
     if plant is not None and plant not in PLANTS:
         raise fail(f"--plant {plant!r}: valid: {', '.join(PLANTS)}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
@@ -68,7 +67,7 @@ def models_build(name: str = typer.Argument("tiny-arith", help="Built-in model: 
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="A run folder, e.g. results/smoke/7612ad3e9041."),
-    out: Optional[Path] = typer.Option(None, help="Where to write the checkpoint (default: <run>/export)."),
+    out: Path | None = typer.Option(None, help="Where to write the checkpoint (default: <run>/export)."),
 ):
     """Save a run's policy as a BF16 HF checkpoint: LoRA merged into the dequantized base."""
     from harness.models.export import export as export_run

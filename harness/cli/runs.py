@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
 
 from harness import api
 from harness.cli.app import (
-    DEVICE, EXECUTOR, JOBS, MAX_RETRIES, MEMORY_GIB, RAY_ADDRESS, REPORTS, RESULTS, RETRY, WANDB,
-    app, console, fail, failing, folder, interruptible, load, one_cell, run_config,
+    DEVICE,
+    EXECUTOR,
+    JOBS,
+    MAX_RETRIES,
+    MEMORY_GIB,
+    RAY_ADDRESS,
+    REPORTS,
+    RESULTS,
+    RETRY,
+    WANDB,
+    app,
+    console,
+    fail,
+    failing,
+    folder,
+    interruptible,
+    load,
+    one_cell,
+    run_config,
 )
 from harness.common.numbers import mean
 from harness.common.text import number, printable
@@ -25,13 +41,13 @@ def sweep(
     results: Path = RESULTS,
     reports: Path = REPORTS,
     executor: str = EXECUTOR,
-    jobs: Optional[int] = JOBS,
+    jobs: int | None = JOBS,
     ray_address: str = RAY_ADDRESS,
-    memory_gib: Optional[float] = MEMORY_GIB,
-    wandb: Optional[str] = WANDB,
+    memory_gib: float | None = MEMORY_GIB,
+    wandb: str | None = WANDB,
     device: str = DEVICE,
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the matrix and list the cells and run ids; train nothing."),
-    retry: Optional[str] = RETRY,
+    retry: str | None = RETRY,
     max_retries: int = MAX_RETRIES,
 ):
     """Run every cell of a matrix (skipping finished runs), then judge and report.
@@ -61,16 +77,16 @@ def sweep(
 
 @app.command()
 def run(
-    config: Optional[Path] = typer.Argument(None, help="A RunConfig YAML file (fields as in a matrix's `base`)."),
-    matrix: Optional[str] = typer.Option(None, help="Take the run from this matrix instead of a config file."),
-    cell: Optional[str] = typer.Option(None, help='With --matrix: the cell, as axis=value pairs, e.g. "quant=nf4".'),
-    seed: Optional[int] = typer.Option(None, help="Run only this seed of the cell (default: all its seeds)."),
+    config: Path | None = typer.Argument(None, help="A RunConfig YAML file (fields as in a matrix's `base`)."),
+    matrix: str | None = typer.Option(None, help="Take the run from this matrix instead of a config file."),
+    cell: str | None = typer.Option(None, help='With --matrix: the cell, as axis=value pairs, e.g. "quant=nf4".'),
+    seed: int | None = typer.Option(None, help="Run only this seed of the cell (default: all its seeds)."),
     results: Path = RESULTS,
     executor: str = EXECUTOR,
-    memory_gib: Optional[float] = MEMORY_GIB,
-    wandb: Optional[str] = WANDB,
+    memory_gib: float | None = MEMORY_GIB,
+    wandb: str | None = WANDB,
     device: str = DEVICE,
-    retry: Optional[str] = RETRY,
+    retry: str | None = RETRY,
     max_retries: int = MAX_RETRIES,
 ):
     """Run one config file, or one cell of a matrix, into results/ (resuming it if interrupted)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -20,9 +19,9 @@ def table(
     matrix: str = typer.Argument(..., help="The sweep: a matrix name (its results under --results) or a results folder."),
     kind: str = typer.Option("steps", help="steps: one row per logged step per run (every metric a column); "
                              "runs: one row per run (summary and verdict); cells: one row per cell (status and evidence)."),
-    csv: Optional[Path] = typer.Option(None, "--csv", help="Write the table as CSV to this file."),
-    parquet: Optional[Path] = typer.Option(None, "--parquet", help="Write it as Parquet (needs pyarrow)."),
-    json: Optional[Path] = typer.Option(None, "--json", help="Write it as JSON records."),
+    csv: Path | None = typer.Option(None, "--csv", help="Write the table as CSV to this file."),
+    parquet: Path | None = typer.Option(None, "--parquet", help="Write it as Parquet (needs pyarrow)."),
+    json: Path | None = typer.Option(None, "--json", help="Write it as JSON records."),
     results: Path = RESULTS,
 ):
     """Write a sweep's results as a table: the same DataFrames harness.steps / runs / cells return.

@@ -1,9 +1,9 @@
-"""`harness tune`: the command. The study itself is harness/tune/study.py; the report, tune_report.py."""
+"""`harness tune`: the command, with its progress bars. The session is harness/tuning/session.py, the
+study harness/tuning/study.py, the report harness/tuning/report.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -14,15 +14,15 @@ from harness.common.text import printable
 @app.command()
 def tune(
     matrix: str = typer.Argument(..., help="Matrix name (matrices/NAME.yaml) or a path; its `tune:` section is the search space."),
-    cell: Optional[str] = typer.Option(None, help='The cell to tune, as field=value pairs, e.g. "quant=nf4,algorithm=grpo".'),
-    trials: Optional[int] = typer.Option(None, help="Trials the study runs in all, counting those already done (default: tune.trials)."),
+    cell: str | None = typer.Option(None, help='The cell to tune, as field=value pairs, e.g. "quant=nf4,algorithm=grpo".'),
+    trials: int | None = typer.Option(None, help="Trials the study runs in all, counting those already done (default: tune.trials)."),
     workers: int = typer.Option(1, min=1, help="Local worker processes sharing the study (more can join from elsewhere: same --storage)."),
-    study: Optional[str] = typer.Option(None, help="Study name (default: from the cell, e.g. quant-nf4)."),
-    storage: Optional[str] = typer.Option(None, help="An RDB URL (sqlite:///..., postgresql://...) or a journal file path; "
+    study: str | None = typer.Option(None, help="Study name (default: from the cell, e.g. quant-nf4)."),
+    storage: str | None = typer.Option(None, help="An RDB URL (sqlite:///..., postgresql://...) or a journal file path; "
                                           "default: sqlite results/MATRIX/tune/optuna.db. Only RDB storages retry a killed worker's trial."),
     apply: bool = typer.Option(False, "--apply", help="Run nothing: write the best trial as a new matrix file (see --out, --trial)."),
-    trial: Optional[int] = typer.Option(None, help="With --apply: this trial instead of the best (two objectives: the front's highest eval/reward)."),
-    out: Optional[Path] = typer.Option(None, help="With --apply: the new matrix file (default: matrices/MATRIX-tuned-STUDY.yaml; never overwritten)."),
+    trial: int | None = typer.Option(None, help="With --apply: this trial instead of the best (two objectives: the front's highest eval/reward)."),
+    out: Path | None = typer.Option(None, help="With --apply: the new matrix file (default: matrices/MATRIX-tuned-STUDY.yaml; never overwritten)."),
     results: Path = RESULTS,
     reports: Path = REPORTS,
     device: str = DEVICE,
@@ -36,8 +36,8 @@ def tune(
     reports/MATRIX/tune_STUDY.{md,html}, linked from the matrix's report.
 
     Example: harness tune smoke --cell quant=nf4 --trials 8"""
-    from harness.tune import session as tuning
-    from harness.tune import study as t
+    from harness.tuning import session as tuning
+    from harness.tuning import study as t
 
     m = load(matrix)
     c = one_cell(m, cell)
@@ -72,8 +72,8 @@ def _run(session, workers: int, device: str) -> None:
     """The session's trials, with progress bars: per step in this process, per trial from the storage with workers."""
     from harness.execution.events import step_info
     from harness.execution.progress import progress_bar
-    from harness.tune import session as tuning
-    from harness.tune import study as t
+    from harness.tuning import session as tuning
+    from harness.tuning import study as t
 
     s = session.study
     with progress_bar(console) as bar:

@@ -18,17 +18,17 @@ from typing import Annotated, Any
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from harness.common.validation import validation_problems
+from harness.config.matrix_checks import exclude_patterns, excluded, key_problem, max_runs_problem, size_problems
+from harness.config.preflight import check_run
 from harness.config.run import SEED_MAX, Frozen, RunConfig, set_dotted
-from harness.results.folders import folder_name
+from harness.config.strict_yaml import YamlProblem, load_yaml, parse_yaml
+from harness.config.tune_space import TuneSpec
+from harness.errors import HarnessError
 from harness.evals.lm_eval import LmEvalSettings
 from harness.evals.lm_eval import precheck as lm_eval_precheck
-from harness.config.matrix_checks import exclude_patterns, excluded, key_problem, max_runs_problem, size_problems
-from harness.config.strict_yaml import YamlProblem, load_yaml, parse_yaml
-from harness.config.preflight import check_run
+from harness.results.folders import folder_name
 from harness.tracking.wandb import WandbSettings
-from harness.config.tune_space import TuneSpec
-from harness.common.validation import validation_problems
-from harness.errors import HarnessError
 
 AXIS_ALIASES = {"colocation": "rollout.colocation"}
 MAX_SHOWN = 40  # problems listed; the rest are counted

@@ -187,9 +187,9 @@ def _load_final_policy(cfg: RunConfig, run_dir: Path, device: torch.device):
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from harness.common.system import compute_dtype
     from harness.models import checkpoint
     from harness.models.loading import load_policy
-    from harness.common.system import compute_dtype
 
     folder = run_dir / "adapter"
     if not (folder / checkpoint.STATE).exists():

@@ -10,21 +10,21 @@ from pathlib import Path
 
 import torch
 
+from harness.common.files import write_json_atomic
+from harness.common.system import device_identity, device_name, git_commit, library_versions, pick_device
 from harness.config.run import RunConfig
 from harness.execution.events import Ended, OnEvent, Started, Stepped
 from harness.execution.isolation import in_own_process, own_process_needed
 from harness.execution.jobs import ExecutorSettings, Job, RunOptions
 from harness.recipes import NonFinite, Pruned
 from harness.registries import ALGORITHMS, EXECUTORS
-from harness.common.files import write_json_atomic
 from harness.results.layout import (
     read_json,
     read_metrics,
     summarize_metrics,
     truncate_logs,
 )
-from harness.common.system import device_identity, device_name, git_commit, library_versions, pick_device
-from harness.tracking.files import JsonlTracker, Trackers
+from harness.tracking.files import JsonlTracker, Tracker, Trackers
 
 
 def run_one(cfg: RunConfig, run_dir: Path, device: torch.device, progress=None, options: RunOptions = RunOptions()) -> dict:
@@ -73,7 +73,7 @@ def run_one(cfg: RunConfig, run_dir: Path, device: torch.device, progress=None, 
     return summary
 
 
-def _trackers(cfg: RunConfig, run_dir: Path, options: RunOptions):
+def _trackers(cfg: RunConfig, run_dir: Path, options: RunOptions) -> Tracker:
     """The JSONL tracker (the source of truth, its summary.json written last), mirrored to W&B when asked."""
     mirrors = []
     if options.wandb is not None:

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
+from harness.common.files import write_json_atomic
 from harness.execution.events import Ended, Note, OnEvent, Started
 from harness.execution.jobs import ExecutorSettings, Job
 from harness.execution.lifecycle import last_step, record_lost
-from harness.common.files import write_json_atomic
-from harness.results.layout import read_json
 from harness.execution.worker import job_payload
+from harness.results.layout import read_json
 
 POLL_S = 0.5
 STOP_GRACE_S = 60  # a stopped run closes its rollout engine (a vLLM server) before it exits

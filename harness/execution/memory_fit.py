@@ -63,9 +63,9 @@ def estimate(cfg: RunConfig, device: torch.device) -> dict:
     """Expected `memory/peak_gib` of `cfg` on `device`, its parts in GiB, and `fit_gib`, what the device must
     hold (CUDA: + allocator overhead and context; + a vLLM server sharing it). peak_gib is None, with a
     reason, when the model's config, tokenizer or task cannot be read (an HF id offline, say)."""
+    from harness.common.system import compute_dtype
     from harness.models.loading import resolve
     from harness.registries import QUANT
-    from harness.common.system import compute_dtype
 
     try:
         source = resolve(cfg.model)
@@ -242,9 +242,9 @@ def runtime_gib(cfg: RunConfig, model_type: str = "qwen2") -> float:
     """RSS of a fresh Python process that imported what the run imports and ran one autograd op (thread
     pools start on first use): measured by a probe process once per library versions, cached in memory and
     in $QRL_CACHE/memory_fit_runtime.json."""
-    from harness.registries import QUANT
     from harness.common.system import library_versions
     from harness.models.tiny_arith import cache_root
+    from harness.registries import QUANT
 
     modules = ["torch", "transformers", "peft", "bitsandbytes", "harness.execution.lifecycle", f"harness.recipes.{cfg.algorithm}",
                f"transformers.models.{model_type}.modeling_{model_type}"]  # the last: loaded lazily by from_pretrained

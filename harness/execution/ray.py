@@ -19,13 +19,12 @@ import time
 import uuid
 from pathlib import Path
 
-
+from harness.common.files import write_json_atomic
 from harness.execution.events import Ended, Note, OnEvent, Started
 from harness.execution.jobs import ExecutorSettings, Job
 from harness.execution.lifecycle import last_step, record_lost
-from harness.common.files import write_json_atomic
-from harness.results.layout import read_json
 from harness.execution.worker import job_payload
+from harness.results.layout import read_json
 
 POLL_S = 0.5
 STOP_GRACE_S = 60

@@ -9,9 +9,9 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from harness.execution.jobs import RETRYABLE, Job, RunOptions
-from harness.config.matrix import Cell, Matrix
 from harness.common.files import write_json_atomic
+from harness.config.matrix import Cell, Matrix
+from harness.execution.jobs import RETRYABLE, Job, RunOptions
 from harness.results.layout import read_summary
 
 if TYPE_CHECKING:

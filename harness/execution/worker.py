@@ -23,10 +23,10 @@ def job_payload(job, device: str) -> dict:
 def run_job(payload: dict) -> dict:
     from transformers.utils import logging as hf_logging
 
+    from harness.common.system import pick_device
     from harness.config.run import RunConfig
     from harness.execution.jobs import RunOptions
     from harness.execution.lifecycle import run_one
-    from harness.common.system import pick_device
 
     hf_logging.disable_progress_bar()  # the executor draws progress from metrics.jsonl; bars would only fill the log
     cfg = RunConfig.model_validate(payload["config"])

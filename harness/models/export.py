@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
-from harness.models import checkpoint
 from harness.config.run import RunConfig
+from harness.models import checkpoint
 from harness.models.loading import load_policy, resolve
 from harness.registries import QUANT
 from harness.results.layout import read_json
+
 
 def run_dtype(run_dir: Path) -> torch.dtype:
     """The dtype the run computed in (summary.json), so the export reproduces what was trained:

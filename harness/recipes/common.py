@@ -21,7 +21,9 @@ from harness.models.loading import load_policy
 from harness.quant.bnb import quantized_linear_stats
 from harness.recipes import NonFinite
 from harness.registries import ROLLOUT_ENGINES
+from harness.rollout.base import RolloutEngine
 from harness.rollout.hf import Rollout, evaluate
+from harness.task_base import Task
 from harness.tasks import Problem, load_task
 from harness.tracking.files import Tracker
 
@@ -41,10 +43,10 @@ class RunContext:
 @dataclass
 class Setup:
     ctx: RunContext  # what the recipe was handed
-    task: object
+    task: Task
     model: torch.nn.Module
     tokenizer: object
-    engine: object
+    engine: RolloutEngine
     params: list
     optimizer: torch.optim.Optimizer
     rng: random.Random  # picks the prompts; checkpointed so a resume continues the stream

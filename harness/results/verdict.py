@@ -23,8 +23,8 @@ from pathlib import Path
 from scipy import stats
 
 from harness.common.files import write_json_atomic
-from harness.config.run import RunConfig
 from harness.config.matrix import Criteria
+from harness.config.run import RunConfig
 from harness.results.layout import damage, finite, read_json, read_metrics
 
 RUN_VERDICTS = ("converged", "no_learning", "diverged", "collapsed", "failed", "oom", "infeasible", "incomplete")

@@ -88,11 +88,11 @@ def perturb(model, lora: bool, seed: int = 0, scale: float = 0.05) -> None:
 
 def run_check(cfg: RunConfig, device: torch.device, workdir: Path, plant: str | None = None, n_prompts: int = 64) -> dict:
     """Build the trainer and its vLLM engine as a run would, and check them (see the module doc)."""
+    from harness.common.system import compute_dtype
     from harness.models.loading import load_policy, reference
     from harness.recipes.rl_math import completion_logprobs, masked_mean
     from harness.rollout.hf import HFEngine
     from harness.rollout.vllm import VLLMEngine
-    from harness.common.system import compute_dtype
     from harness.tasks import load_task
 
     t0 = time.perf_counter()

@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 
 from harness.common.processes import die_with_parent
+from harness.common.system import GIB, compute_dtype
 from harness.config.run import VLLM_LORA_RANKS, RunConfig
 from harness.models.loading import resolve
 from harness.rollout.hf import Rollout, decode_completions, encode_prompts, pad_completions
-from harness.common.system import GIB, compute_dtype
 
 SERVED_NAME = "policy"
 

@@ -12,10 +12,22 @@ from html import escape
 from pathlib import Path
 
 from harness.common.text import visible
-from harness.report.plots import PALETTE, bar_chart, line_chart
-from harness.report.markdown import (COLUMNS, ENGINE_COLUMNS, ENGINE_TEXT, LM_EVAL_COLUMNS, LM_EVAL_TEXT, algorithm_grid, engine_rows, first_env,
-                            lm_eval_rows, method_text, report_notes, tuning_reports)
 from harness.config.matrix import Criteria
+from harness.reports.markdown import (
+    COLUMNS,
+    ENGINE_COLUMNS,
+    ENGINE_TEXT,
+    LM_EVAL_COLUMNS,
+    LM_EVAL_TEXT,
+    algorithm_grid,
+    engine_rows,
+    first_env,
+    lm_eval_rows,
+    method_text,
+    report_notes,
+    tuning_reports,
+)
+from harness.reports.plots import PALETTE, bar_chart, line_chart
 from harness.results.layout import finite, read_metrics, read_samples
 from harness.results.verdict import rolling_median
 

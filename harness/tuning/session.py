@@ -15,7 +15,7 @@ from harness.config.matrix import Cell, Matrix
 from harness.errors import HarnessError, UsageError
 
 if TYPE_CHECKING:
-    from harness.tune.study import Study
+    from harness.tuning.study import Study
 
 
 @dataclass
@@ -32,8 +32,8 @@ def open_session(m: Matrix, cell: Cell, trials: int | None = None, name: str | N
     """The study of `cell` (created, or resumed with its trials), after its tune space is checked."""
     from harness.config.tune_space import check_space
     from harness.results.folders import folder_name
-    from harness.tune import study as t
-    from harness.tune.report import slug
+    from harness.tuning import study as t
+    from harness.tuning.report import slug
 
     problems = check_space(cell.runs[0], m.spec.tune)
     if problems:
@@ -54,7 +54,7 @@ def run_trials(session: Session, workers: int = 1, device: str = "auto", on_tria
     """Run the study's remaining trials. One worker runs here (on_trial per finished trial, on_step per step); more are spawned processes,
     whose progress is read from the storage (on_progress with the number of trials done)."""
     from harness.execution.sweep import build_models
-    from harness.tune import study as t
+    from harness.tuning import study as t
 
     s = session.study
     build_models([s.cell_cfg])
@@ -66,7 +66,7 @@ def run_trials(session: Session, workers: int = 1, device: str = "auto", on_tria
 
 def requeue(session: Session) -> list[int]:
     """Queue again the trials lost to a killed or interrupted worker (up to tune.max_retries each)."""
-    from harness.tune import study as t
+    from harness.tuning import study as t
 
     return t.requeue_lost(session.optuna_study, session.study.spec.max_retries)
 
@@ -75,7 +75,7 @@ def _work_in_processes(s: Study, workers: int, device: str, on_progress: Callabl
     """Spawned workers (CUDA and OpenMP don't survive fork) sharing the CPU's cores."""
     import multiprocessing
 
-    from harness.tune import study as t
+    from harness.tuning import study as t
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = multiprocessing.get_context("spawn")
@@ -100,10 +100,10 @@ def _work_in_processes(s: Study, workers: int, device: str, on_progress: Callabl
 def write_reports(session: Session, results: Path, reports: Path) -> Path:
     """The tuning report (reports/<matrix>/tune_<study>.md and .html), and the matrix's report
     rewritten (if its sweep has run) so it links it. The tuning report's Markdown path."""
-    from harness.report import write_report
+    from harness.reports import write_report
     from harness.results.verdict import judge
-    from harness.tune import study as t
-    from harness.tune.report import write_tune_report
+    from harness.tuning import study as t
+    from harness.tuning.report import write_tune_report
 
     path = write_tune_report(t.load(session.study), session.study, reports)
     root = results / session.matrix.name
@@ -117,7 +117,7 @@ def apply_trial(session: Session, number: int | None = None, out: Path | None = 
     """Write trial `number` (default: the best) as a new matrix file beside the matrix: (its path, the trial)."""
     from optuna.trial import TrialState
 
-    from harness.tune import study as t
+    from harness.tuning import study as t
 
     m, s = session.matrix, session.study
     if number is not None:

@@ -10,10 +10,10 @@ import html
 import os
 from pathlib import Path
 
-from harness.config.matrix import Criteria
 from harness.common.files import write_atomic
 from harness.common.numbers import mean, median
 from harness.common.text import number, visible
+from harness.config.matrix import Criteria
 from harness.results.layout import read_json, read_metrics, read_summary
 
 FIXED_AXES = ("algorithm", "quant", "rollout.colocation")

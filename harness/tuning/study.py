@@ -22,9 +22,10 @@ import os
 import socket
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 import torch
@@ -36,10 +37,10 @@ from harness.common.files import locked, replacing
 from harness.common.text import significant
 from harness.common.validation import validation_problems
 from harness.config.run import RunConfig
-from harness.recipes import Pruned
-from harness.results.layout import is_finished, read_json, read_metrics
 from harness.config.tune_space import OBJECTIVES, TuneSpec, defaults, trial_config
 from harness.errors import HarnessError
+from harness.recipes import Pruned
+from harness.results.layout import is_finished, read_json, read_metrics
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # each worker prints its own line per trial
@@ -195,9 +196,9 @@ def work(study: Study, worker: int, device: str, on_trial: Callable[[optuna.tria
          on_step: Callable[..., None] | None = None, threads: int | None = None) -> None:
     """Run trials until the study has `study.trials` done, then return. Trials running in other
     workers are waited for (they finish, or go stale and are queued again here)."""
-    from harness.common.system import pick_device
-
     from transformers.utils import logging as hf_logging
+
+    from harness.common.system import pick_device
 
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per trial would break up the study's output
     if threads:
@@ -282,9 +283,9 @@ def objective(trial: optuna.Trial, study: Study, device: torch.device, on_step: 
 
 
 def _run_trial(trial, study: Study, cfg: RunConfig, run_dir: Path, device, on_step) -> float | list[float]:
-    from harness.models import checkpoint
     from harness.execution.isolation import in_own_process, own_process_needed
     from harness.execution.lifecycle import run_one
+    from harness.models import checkpoint
 
     spec = study.spec
     prunable = len(spec.objectives) == 1

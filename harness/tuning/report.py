@@ -20,10 +20,10 @@ from optuna.trial import TrialState
 
 from harness.common.files import write_atomic
 from harness.common.text import significant
-from harness.report.markdown import md
-from harness.report.html import CSS, e
-from harness.tune.study import Study, best_trials, shown, tally
 from harness.config.tune_space import binomial_se
+from harness.reports.html import CSS, e
+from harness.reports.markdown import md
+from harness.tuning.study import Study, best_trials, shown, tally
 
 COLUMNS = [("number", "trial"), ("state", "state"), ("params", "parameters"), ("values", "objective"), ("eval_start", "eval start"),
            ("steps", "steps"), ("memory", "peak GiB"), ("wall", "wall s"), ("worker", "worker"), ("run", "run"), ("note", "note")]
@@ -170,7 +170,7 @@ def _commands(study: Study) -> list[tuple[str, str]]:
     """The commands that reach this same study: its --results and --storage when not the defaults."""
     from shlex import quote as sh
 
-    from harness.tune.study import default_storage
+    from harness.tuning.study import default_storage
 
     results = study.root.parents[2]
     where = (f" --results {sh(str(results))}" if results != Path("results") else "") + \

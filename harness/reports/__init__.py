@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.common.files import write_atomic
-from harness.report.html import render_html
-from harness.report.markdown import cell_rows, load, write_markdown
+from harness.reports.html import render_html
+from harness.reports.markdown import cell_rows, load, write_markdown
 
 
 def write_report(root: Path, out_dir: Path) -> Path:
