@@ -1,6 +1,7 @@
 # make sweep MATRIX=smoke   - run a matrix end to end and write reports/$(MATRIX)/report.md
 # make tune MATRIX=smoke CELL="quant=nf4" TRIALS=8 [WORKERS=2]  - Optuna over the cell's `tune:` space
 # make test                 - the test suite (what CI runs)
+# make lint                 - ruff over harness/, tests/, bench/ (CI runs it too)
 # make bench                - harness vs TRL, overhead, rollout engines, bytes/param, memory fit -> reports/bench/
 MATRIX ?= smoke
 VENV   ?= .venv
@@ -28,7 +29,7 @@ ALL_EXTRAS := dev,modelopt,tune,ray,wandb,eval
 # one 2-thread run takes 48 s. With a GPU (nvidia-smi present) the harness's default: one run per GPU.
 JOBS   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || nproc)
 
-.PHONY: setup core extras sweep tune report test test-slow bench matrices clean-results
+.PHONY: setup core extras sweep tune report test test-slow lint bench matrices clean-results
 setup: $(VENV)/.installed
 
 # The harness and its core requirements. pip puts torch in first (uv does not look at the local CPU build's
@@ -89,6 +90,10 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# ruff, pinned in the dev extra, with the rules pyproject.toml selects
+lint: setup
+	$(VENV)/bin/ruff check harness tests bench
 
 bench: setup
 	@$(call install,-e ".[bench]")

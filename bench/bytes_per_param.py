@@ -64,7 +64,8 @@ def measure(model_dir: Path, device: torch.device, quants: list[str]) -> list[di
         base = model.get_base_model()
         head = base.get_output_embeddings()
         # the base's linear layers (peft keeps them as `base_layer` under its wrappers); not the head, not LoRA's own
-        linears = [m for name, m in base.named_modules() if isinstance(m, torch.nn.Linear) and m is not head and "lora_" not in name]
+        linears = [m for name, m in base.named_modules()
+                   if isinstance(m, torch.nn.Linear) and m is not head and "lora_" not in name]
         n_linear = sum(m.in_features * m.out_features for m in linears)
         stats = quantized_linear_stats(model)
         lora = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
@@ -77,7 +78,8 @@ def measure(model_dir: Path, device: torch.device, quants: list[str]) -> list[di
             dtype.itemsize + (footprint - bf16_footprint) / n_linear
         rows.append({"quant": quant, "linear_params": n_linear, "layers": len(linears),
                      "measured": stats["bytes_per_param"] if stats["bytes_per_param"] is not None else by_footprint,
-                     "theory": theory(quant, linears, dtype.itemsize), "exported_theory": EXPORTED.get(quant), "model_bytes": footprint,
+                     "theory": theory(quant, linears, dtype.itemsize), "exported_theory": EXPORTED.get(quant),
+                     "model_bytes": footprint,
                      "compute_dtype": str(dtype).removeprefix("torch.")})
         del model
     return rows
@@ -91,7 +93,8 @@ def run(device: torch.device, quants: list[str] = FORMATS, hidden: int = 1024, l
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| format | measured bytes/param (training) | theory | exported checkpoint (theory) | linear params |", "|---|---|---|---|---|"]
+    lines = ["| format | measured bytes/param (training) | theory | exported checkpoint (theory) | linear params |",
+             "|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['quant']} | not run: {r['error']} | | | |")

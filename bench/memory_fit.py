@@ -60,13 +60,16 @@ def main() -> None:
         for name, cfg in cases(Path(tmp), args.quant, args.hidden, args.layers):
             est = estimate(cfg, device)
             run_dir = Path(tmp) / cfg.run_id
-            done = subprocess.run([sys.executable, "-c", RUN, cfg.model_dump_json(), str(run_dir), args.device], capture_output=True, text=True)
+            done = subprocess.run([sys.executable, "-c", RUN, cfg.model_dump_json(), str(run_dir), args.device],
+                                  capture_output=True, text=True)
             summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
             if summary.get("status") != "ok":
-                print(f"{name}: {summary.get('status', 'no summary')}: {summary.get('error') or done.stderr[-2000:]}", file=sys.stderr)
+                print(f"{name}: {summary.get('status', 'no summary')}: {summary.get('error') or done.stderr[-2000:]}",
+                      file=sys.stderr)
             measured = summary.get("peak_memory_gib")
             rows.append({"case": name, "quant": cfg.quant, "estimate_gib": est["peak_gib"], "measured_gib": measured,
-                         "ratio": est["peak_gib"] / measured if measured else None, "phase": est["phase"], "parts_gib": est["parts"]})
+                         "ratio": est["peak_gib"] / measured if measured else None, "phase": est["phase"],
+                         "parts_gib": est["parts"]})
             r = rows[-1]
             print(f"{name:28s} estimate {r['estimate_gib']:.3f} GiB  measured {number(measured, none='None')} GiB"
                   + (f"  ({r['ratio'] - 1:+.0%})" if r["ratio"] else ""), flush=True)

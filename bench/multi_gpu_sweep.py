@@ -89,10 +89,12 @@ def workers(results: Path | None = None) -> dict[int, tuple[Path, str]]:
     for proc in Path("/proc").iterdir():
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
-            if b"harness.execution.worker" not in argv or (results and not any(a.decode().startswith(str(results)) for a in argv)):
+            if b"harness.execution.worker" not in argv or (
+                    results and not any(a.decode().startswith(str(results)) for a in argv)):
                 continue
             env = dict(kv.split("=", 1) for kv in (proc / "environ").read_bytes().decode().split("\0") if "=" in kv)
-            found[int(proc.name)] = (Path(argv[argv.index(b"harness.execution.worker") + 1].decode()), env.get("CUDA_VISIBLE_DEVICES"))
+            found[int(proc.name)] = (Path(argv[argv.index(b"harness.execution.worker") + 1].decode()),
+                                     env.get("CUDA_VISIBLE_DEVICES"))
         except (OSError, ValueError, IndexError):
             continue  # gone, or not ours
     return found
@@ -187,17 +189,19 @@ def summary(gpus, sweeps) -> str:
     for s in sweeps:
         ok = sum(r["status"] == "ok" for r in s["runs"].values())
         b = s["busy"]
-        lines.append(f"| {s['name']} | {s['exit']} | {s['wall_s']} | {ok}/{len(s['runs'])} | {b['all_util_gt0_s']}/{b['samples']} "
-                     f"| {b['all_hold_run_s']}/{b['samples']} | {b['other_process_s']} | {', '.join(f'{m:.0f}' for m in b['max_mib'].values())} |")
+        lines.append(f"| {s['name']} | {s['exit']} | {s['wall_s']} | {ok}/{len(s['runs'])} "
+                     f"| {b['all_util_gt0_s']}/{b['samples']} | {b['all_hold_run_s']}/{b['samples']} | {b['other_process_s']} "
+                     f"| {', '.join(f'{m:.0f}' for m in b['max_mib'].values())} |")
     wall = {s["name"]: s["wall_s"] for s in sweeps}
     if {"all-gpus", "one-gpu-by-uuid"} <= wall.keys():
         lines += ["", f"Wall time of the same 4 runs over {len(gpus)} GPUs: {wall['all-gpus']} s; over GPU 0 alone: "
                   f"{wall['one-gpu-by-uuid']} s ({wall['one-gpu-by-uuid'] / wall['all-gpus']:.2f}x)."]
-    lines += ["", "| sweep | run | quant | CUDA_VISIBLE_DEVICES | GPU UUID (env.json) | PCI bus | status | steps |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| sweep | run | quant | CUDA_VISIBLE_DEVICES | GPU UUID (env.json) | PCI bus | status | steps |",
+              "|---|---|---|---|---|---|---|---|"]
     for s in sweeps:
         for run, r in s["runs"].items():
-            lines.append(f"| {s['name']} | {run} | {r['quant']} | {r['cuda_visible_devices']} | {r['gpu_uuid']} | {r['gpu_pci_bus_id']} "
-                         f"| {r['status']} | {r['steps_completed']} |")
+            lines.append(f"| {s['name']} | {run} | {r['quant']} | {r['cuda_visible_devices']} | {r['gpu_uuid']} "
+                         f"| {r['gpu_pci_bus_id']} | {r['status']} | {r['steps_completed']} |")
     kill = next((s for s in sweeps if s["name"] == "kill"), None)
     if kill and kill.get("killed"):
         k = kill["killed"]

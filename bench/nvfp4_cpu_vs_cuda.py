@@ -27,7 +27,8 @@ def main() -> None:
                 cpu = nvfp4_fake_quant(layer[0].weight.detach().cpu(), q.amax.detach().cpu()).float()
             diff = (cuda - cpu).abs()
             err = (cuda - layer[0].weight.float().cpu()).abs().mean()
-            print(f"{out_f}x{in_f}, {str(dtype).removeprefix('torch.')}, {diff.max().item():.3e}, {diff.mean().item():.3e}, {err.item():.3e}")
+            print(f"{out_f}x{in_f}, {str(dtype).removeprefix('torch.')}, {diff.max().item():.3e}, "
+                  f"{diff.mean().item():.3e}, {err.item():.3e}")
 
 
 if __name__ == "__main__":

@@ -99,7 +99,8 @@ def profile(device: torch.device, quant: str = "bf16", steps: int = 12, warmup: 
     from harness.execution.lifecycle import run_one
 
     cfg = RunConfig(quant=quant, task={"name": "arith", "eval_size": 100},
-                    train={"steps": warmup + steps, "prompts_per_step": 16, "group_size": 8, "eval_every": 10**6, "checkpoint_every": 10**6})
+                    train={"steps": warmup + steps, "prompts_per_step": 16, "group_size": 8, "eval_every": 10**6,
+                           "checkpoint_every": 10**6})
     timer = ExclusiveTimer(device.type == "cuda")
     marks: list[tuple[int, float, dict]] = []
 
@@ -126,7 +127,8 @@ def profile(device: torch.device, quant: str = "bf16", steps: int = 12, warmup: 
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| quant | s/step | generate | forward | backward | optimizer.step | overhead share | top overhead costs (ms/step) |",
+    lines = ["| quant | s/step | generate | forward | backward | optimizer.step | overhead share "
+             "| top overhead costs (ms/step) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
         core = " | ".join(f"{r['core_s'][k] * 1e3:.0f} ms" for k in CORE)

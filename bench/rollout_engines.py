@@ -28,7 +28,8 @@ def engine_config(colocation: str, max_new_tokens: int):
     from harness.config.run import RunConfig
 
     # enforce_eager off on CUDA: CUDA graphs are what a user measuring throughput would run
-    rollout = {"colocation": colocation, "max_new_tokens": max_new_tokens} | ({"enforce_eager": False} if colocation != "in_process" else {})
+    rollout = {"colocation": colocation, "max_new_tokens": max_new_tokens} | (
+        {"enforce_eager": False} if colocation != "in_process" else {})
     return RunConfig(rollout=rollout)
 
 
@@ -70,7 +71,8 @@ def measure(engine_name: str, device: torch.device, batches: list[int], max_new_
     return rows
 
 
-def run(device: torch.device, batches=(16, 64, 256), max_new_tokens: int = 16, repeats: int = 3, engines=("hf", "vllm")) -> list[dict]:
+def run(device: torch.device, batches=(16, 64, 256), max_new_tokens: int = 16, repeats: int = 3,
+        engines=("hf", "vllm")) -> list[dict]:
     rows = []
     for name in engines:
         try:

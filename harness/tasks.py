@@ -77,7 +77,8 @@ class BoxedTask:
         if not cfg.source:
             raise ValueError("task.source: the boxed task needs a JSONL file or an HF dataset id")
         rows = self._load(cfg.source)
-        problems = [Problem(r["question"].strip() + INSTRUCTION, self.reference(r["answer"]), self.solution(r["answer"])) for r in rows]
+        problems = [Problem(r["question"].strip() + INSTRUCTION, self.reference(r["answer"]), self.solution(r["answer"]))
+                    for r in rows]
         self.train, self.eval = _split(problems, cfg.eval_size)
 
     @staticmethod
@@ -95,7 +96,8 @@ class BoxedTask:
         try:
             import datasets
         except ImportError:
-            raise ValueError(f"task.source {source!r} is not a file; loading it from the HF hub needs `pip install quant-rl-harness[eval]`") from None
+            raise ValueError(f"task.source {source!r} is not a file; "
+                             "loading it from the HF hub needs `pip install quant-rl-harness[eval]`") from None
         name, _, config = source.partition(":")  # "openai/gsm8k:main"
         return list(datasets.load_dataset(name, config or None, split="train"))
 

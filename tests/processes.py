@@ -20,7 +20,8 @@ def wait_until(condition, proc: subprocess.Popen, what: str, timeout: float = 60
     deadline = time.monotonic() + timeout
     while not condition():
         if proc.poll() is not None:
-            raise AssertionError(f"the process exited ({proc.returncode}) before {what}:\n{proc.stdout.read() if proc.stdout else ''}")
+            raise AssertionError(f"the process exited ({proc.returncode}) before {what}:\n"
+                                 f"{proc.stdout.read() if proc.stdout else ''}")
         assert time.monotonic() < deadline, f"no sign after {timeout:.0f} s of {what}: hung?"
         time.sleep(every)
 

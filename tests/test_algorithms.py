@@ -46,7 +46,8 @@ def test_loss_aggregation_by_hand(loss_type, expected):
     assert aggregate(PER_TOKEN, MASK, loss_type, max_tokens=5).item() == pytest.approx(expected)
     # a dropped group's sequences (mask all 0) count neither as tokens nor as sequences
     dropped = torch.tensor([[1, 1, 1], [0, 0, 0]])
-    assert aggregate(PER_TOKEN, dropped, loss_type, 5).item() == pytest.approx({"dapo": -1, "grpo": -1, "dr_grpo": -3 / 5}[loss_type])
+    assert aggregate(PER_TOKEN, dropped, loss_type, 5).item() == pytest.approx(
+        {"dapo": -1, "grpo": -1, "dr_grpo": -3 / 5}[loss_type])
 
 
 def test_grpo_loss_by_hand():
@@ -113,7 +114,8 @@ def test_sft_loss_and_reference_batch_by_hand(tiny_model):
     from transformers import AutoTokenizer
 
     logp = torch.log(torch.tensor([[0.5, 0.25], [0.8, 0.1]]))
-    assert sft.loss(logp, torch.tensor([[1, 1], [1, 0]])).item() == pytest.approx((math.log(2) + math.log(4) + math.log(1.25)) / 3)
+    assert sft.loss(logp, torch.tensor([[1, 1], [1, 0]])).item() == pytest.approx(
+        (math.log(2) + math.log(4) + math.log(1.25)) / 3)
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     task = ArithTask()
@@ -144,7 +146,8 @@ def test_grpo_options_are_rejected_for_other_algorithms():
 
 RECIPE_METRICS = {
     "rloo": {"loss", "kl", "entropy", "clip_ratio", "grad_norm", "reward/kl_penalised_mean", "frac_reward_zero_std"},
-    "dpo": {"loss", "kl", "entropy", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "pairs"},
+    "dpo": {"loss", "kl", "entropy", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+            "pairs"},
     "sft": {"loss", "kl", "entropy", "grad_norm", "sft/reference_tokens"},
     "grpo": {"loss", "kl", "entropy", "clip_ratio", "grad_norm", "frac_reward_zero_std"},
 }
@@ -188,7 +191,8 @@ def test_old_logprobs_come_from_the_first_update_not_a_forward_of_their_own(tmp_
     calls = []
     original = module.completion_logprobs
     monkeypatch.setattr(module, "completion_logprobs", lambda *a, **k: calls.append(1) or original(*a, **k))
-    cfg = tiny_run_config(steps=2, updates_per_batch=2, clip_low=0.0001, clip_high=0.0001).model_copy(update={"algorithm": algorithm})
+    cfg = tiny_run_config(steps=2, updates_per_batch=2, clip_low=0.0001, clip_high=0.0001).model_copy(
+        update={"algorithm": algorithm})
     summary = run_one(cfg, tmp_path / cfg.run_id, torch.device("cpu"))
     assert summary["status"] == "ok", summary.get("traceback")
     assert len(calls) == 2 * (1 + 2)

@@ -32,7 +32,8 @@ def test_a_sweep_from_python_runs_judges_reports_and_loads_as_dataframes(tmp_pat
 
     steps = harness.steps(result.plan)
     assert len(steps) == 2 * 3, "steps 0 (the start's eval), 1 and 2 of each run"
-    assert list(steps.columns[:4]) == ["cell", "quant", "seed", "run_id"] or {"cell", "quant", "seed", "run_id"} <= set(steps.columns)
+    assert (list(steps.columns[:4]) == ["cell", "quant", "seed", "run_id"]
+            or {"cell", "quant", "seed", "run_id"} <= set(steps.columns))
     assert set(steps["seed"]) == {0, 1} and set(steps["quant"]) == {"bf16"}
     assert steps["eval/reward"].notna().all(), "every step was evaluated (eval_every: 1)"
     cells = harness.cells("api", results=tmp_path / "results")

@@ -105,12 +105,14 @@ def test_no_module_is_over_400_lines():
 
 def _imported(*argv: str) -> set[str]:
     """Top-level packages a fresh `python -m harness ARGV` imported (from -X importtime)."""
-    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "harness", *argv], capture_output=True, text=True, cwd=PACKAGE.parent)
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "harness", *argv], capture_output=True, text=True,
+                         cwd=PACKAGE.parent)
     assert out.returncode == 0, out.stdout + out.stderr
     return {line.split("|")[-1].strip().split(".")[0] for line in out.stderr.splitlines() if line.startswith("import time:")}
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["sweep", "--help"], ["sweep", "smoke", "--dry-run"], ["matrices"], ["table", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["sweep", "--help"], ["sweep", "smoke", "--dry-run"], ["matrices"],
+                                  ["table", "--help"]])
 def test_cheap_commands_import_no_heavy_library(argv):
     """`harness --help` answered in 0.24 s on the CI machine once torch (1 s) stayed out; the
     check is on what is imported, which decides that, not on a stopwatch."""

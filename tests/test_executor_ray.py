@@ -52,7 +52,8 @@ def ray_cluster():
         started.set()  # it exited
 
     threading.Thread(target=follow, daemon=True).start()
-    assert started.wait(timeout=300) and any("Ray runtime started" in line for line in said), "ray head did not start:\n" + "".join(said)
+    assert started.wait(timeout=300) and any("Ray runtime started" in line for line in said), (
+        "ray head did not start:\n" + "".join(said))
     yield f"127.0.0.1:{port}"
     head.terminate()
     head.wait(timeout=60)

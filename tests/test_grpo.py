@@ -47,7 +47,8 @@ def test_nf4_grpo_trains_lora_only_and_logs_every_metric(tmp_path, tiny_model, m
     assert summary["status"] == "ok", summary.get("traceback")
 
     model, before = seen["model"], seen["at_load"]
-    linear4bit = [m for m in model.modules() if type(m).__module__.startswith("bitsandbytes") and type(m).__name__ == "Linear4bit"]
+    linear4bit = [m for m in model.modules()
+                  if type(m).__module__.startswith("bitsandbytes") and type(m).__name__ == "Linear4bit"]
     assert len(linear4bit) == 4 * 7  # every linear of the 4 decoder layers is NF4
     after = dict(model.named_parameters())
     lora = [n for n in after if "lora_" in n]

@@ -18,7 +18,8 @@ EVAL_SIZE = 200
 def arith_config(quant: str):
     from harness.config.run import RunConfig
 
-    return RunConfig.model_validate(tiny_run_config().model_dump() | {"quant": quant, "task": {"name": "arith", "eval_size": EVAL_SIZE}})
+    return RunConfig.model_validate(tiny_run_config().model_dump()
+                                    | {"quant": quant, "task": {"name": "arith", "eval_size": EVAL_SIZE}})
 
 
 def test_lm_eval_exact_match_is_the_nf4_runs_eval_reward(tiny_model, tmp_path, monkeypatch):
@@ -111,6 +112,7 @@ def test_unknown_and_mismatched_tasks_fail_before_loading_anything(tmp_path):
 
 @pytest.mark.slow  # indexes lm-eval's ~15k task files (~13 s)
 def test_a_name_in_neither_the_harness_nor_lm_evals_registry_fails_before_loading(tmp_path):
-    with pytest.raises(ValueError, match="unknown lm-eval task.*gsm8kk \\(did you mean gsm8k\\?\\).*harness's tasks are qrl_arith"):
+    with pytest.raises(ValueError, match="unknown lm-eval task.*gsm8kk \\(did you mean gsm8k\\?\\)"
+                                         ".*harness's tasks are qrl_arith"):
         evaluate_run(arith_config("nf4"), tmp_path, CPU, LmEvalSettings(tasks=("qrl_arith", "gsm8kk")))
     assert not any(tmp_path.iterdir())

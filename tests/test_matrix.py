@@ -31,7 +31,8 @@ def test_expansion_product_exclude_include_seeds(tmp_path):
         baseline: {quant: bf16}
     """))
     names = [c.name for c in m.cells]
-    assert names == ["quant=bf16,lora.r=8", "quant=bf16,lora.r=16", "quant=nf4,lora.r=16", "quant=bf16,lora.r=8,train.lr=0.0 (control)"]
+    assert names == ["quant=bf16,lora.r=8", "quant=bf16,lora.r=16", "quant=nf4,lora.r=16",
+                     "quant=bf16,lora.r=8,train.lr=0.0 (control)"]
     assert all(len(c.runs) == 3 for c in m.cells)
     nf4 = m.cells[2]
     assert nf4.runs[0].quant == "nf4" and nf4.runs[0].lora.r == 16 and nf4.runs[0].train.steps == 5
@@ -69,7 +70,8 @@ def test_bad_type_and_range_name_the_field(tmp_path):
 
 def test_unknown_top_level_key(tmp_path):
     msg = problems(tmp_path, "axis: {quant: [bf16]}\n")
-    assert "axis: unknown field; valid: axes, base, baseline, criteria, description, eval, exclude, include, seeds, tracking, tune" in msg
+    assert ("axis: unknown field; valid: axes, base, baseline, criteria, description, eval, exclude, include, seeds, "
+            "tracking, tune") in msg
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
@@ -82,12 +84,14 @@ def test_every_problem_is_reported_at_once(tmp_path):
 
 
 def test_baseline_must_be_an_axis(tmp_path):
-    assert "baseline.model: not an axis of this matrix; axes: quant" in problems(tmp_path, "axes: {quant: [bf16]}\nbaseline: {model: x}\n")
+    assert "baseline.model: not an axis of this matrix; axes: quant" in problems(
+        tmp_path, "axes: {quant: [bf16]}\nbaseline: {model: x}\n")
 
 
 def test_colocation_alias_and_unregistered_mode(tmp_path):
     msg = problems(tmp_path, "axes: {colocation: [in_process, colocatd]}\n")
-    assert "cell rollout.colocation=colocatd" in msg and "did you mean 'colocated'" in msg and "Valid: colocated, in_process, server" in msg
+    assert ("cell rollout.colocation=colocatd" in msg and "did you mean 'colocated'" in msg
+            and "Valid: colocated, in_process, server" in msg)
     m = load_matrix(write(tmp_path, "axes: {colocation: [in_process, server]}\nbaseline: {colocation: in_process}\n"))
     assert m.baseline_of(m.cells[1]).name == "rollout.colocation=in_process"  # the alias works in `baseline:` too
 
@@ -95,7 +99,8 @@ def test_colocation_alias_and_unregistered_mode(tmp_path):
 def test_vllm_options_are_validated_before_any_run(tmp_path):
     base = "axes: {colocation: [colocated]}\n"
     assert "max_lora_rank 8 is below lora.r 16" in problems(tmp_path, base + "base: {rollout: {max_lora_rank: 8}}\n")
-    assert "max_lora_rank 12 is not a vLLM LoRA rank; valid: 1, 8, 16" in problems(tmp_path, base + "base: {rollout: {max_lora_rank: 12}}\n")
+    assert "max_lora_rank 12 is not a vLLM LoRA rank; valid: 1, 8, 16" in problems(
+        tmp_path, base + "base: {rollout: {max_lora_rank: 12}}\n")
     msg = problems(tmp_path, "axes: {colocation: [server]}\nbase: {train: {trainable: full}}\n")
     assert "server syncs LoRA adapters over HTTP" in msg and "colocated" in msg
     msg = problems(tmp_path, base + "base: {quant: nvfp4_w4a16}\n")

@@ -72,7 +72,8 @@ def test_the_real_cli_prints_no_traceback(tmp_path, args):
     (tmp_path / "binary.yaml").write_bytes(bytes(range(256)))
     (tmp_path / "directory").mkdir()
     (tmp_path / "directory.yaml").mkdir()
-    target = {"binary": tmp_path / "binary.yaml", "directory": tmp_path / "directory", "directory.yaml": tmp_path / "directory.yaml"}[args[0]]
+    target = {"binary": tmp_path / "binary.yaml", "directory": tmp_path / "directory",
+              "directory.yaml": tmp_path / "directory.yaml"}[args[0]]
     out = subprocess.run([sys.executable, "-m", "harness", "sweep", str(target), "--dry-run"], cwd=REPO, capture_output=True,
                          text=True, timeout=60, check=False)
     text = out.stdout + out.stderr
@@ -85,7 +86,8 @@ def test_the_real_cli_prints_no_traceback(tmp_path, args):
 
 def test_numbers_are_numbers():
     for bad in ({"train": {"steps": True}}, {"train": {"lr": float("inf")}}, {"train": {"lr": "nan"}},
-                {"rollout": {"colocation": "colocated", "enforce_eager": 1}}, {"rollout": {"colocation": "colocated", "sleep_level": True}}):
+                {"rollout": {"colocation": "colocated", "enforce_eager": 1}},
+                {"rollout": {"colocation": "colocated", "sleep_level": True}}):
         with pytest.raises(ValueError):
             RunConfig.model_validate(bad)
     assert RunConfig.model_validate({"train": {"lr": "1e-3"}}).train.lr == 1e-3  # PyYAML reads `1e-3` as a string
@@ -125,12 +127,14 @@ def test_paths_must_exist_but_hf_ids_wait_for_load(tmp_path, monkeypatch):
     (tmp_path / "models" / "mine").mkdir(parents=True)
     (tmp_path / "q.jsonl").write_text('{"question": "1+1?", "answer": "2"}\n' * 40)
     path = tmp_path / "m.yaml"
-    for ok in ("model: org/name", "model: models/mine", "model: ./models/mine", "task: {name: boxed, source: q.jsonl, eval_size: 8}",
+    for ok in ("model: org/name", "model: models/mine", "model: ./models/mine",
+               "task: {name: boxed, source: q.jsonl, eval_size: 8}",
                "task: {name: boxed, source: openai/gsm8k:main}"):
         path.write_text(f"base: {{{ok}}}\n")
         load_matrix(path)
     for bad, field in (("model: ./models/other", "model: no folder"), ("model: a/b/c", "model: no folder"),
-                       ("task: {name: boxed, source: q.jsonl, eval_size: 30}", "task.eval_size: 30 held-out prompts, but the boxed task has 40"),
+                       ("task: {name: boxed, source: q.jsonl, eval_size: 30}",
+                        "task.eval_size: 30 held-out prompts, but the boxed task has 40"),
                        ("teacher: ~/no-such-teacher, algorithm: distill", "teacher: no folder")):
         path.write_text(f"base: {{{bad}}}\n")
         with pytest.raises(MatrixError, match=field):
@@ -207,7 +211,8 @@ def test_a_matrix_named_dots_stays_inside_results(tmp_path):
     path = tmp_path / "...yaml"
     path.write_text("axes: {quant: [bf16]}\n")
     assert path.stem == ".." and load_matrix(path).name == "__"
-    res = runner.invoke(app, ["report", str(path), "--results", str(tmp_path / "results"), "--reports", str(tmp_path / "reports")])
+    res = runner.invoke(app, ["report", str(path), "--results", str(tmp_path / "results"), "--reports",
+                              str(tmp_path / "reports")])
     assert res.exit_code == 2 and f"{tmp_path / 'results' / '__'}" in flat(res.output)  # where the sweep would have put it
 
 
@@ -216,7 +221,8 @@ def test_a_matrix_named_dots_stays_inside_results(tmp_path):
 
 def test_dry_run_prints_markup_in_labels_literally(tmp_path):
     path = tmp_path / "m.yaml"
-    path.write_text('axes: {quant: [bf16]}\ninclude: [{quant: bf16, train.lr: 0.0, label: "zero [/] [bold]lr\\e[31m"}]\n')  # \e: ESC
+    # \e: ESC
+    path.write_text('axes: {quant: [bf16]}\ninclude: [{quant: bf16, train.lr: 0.0, label: "zero [/] [bold]lr\\e[31m"}]\n')
     res = runner.invoke(app, ["sweep", str(path), "--dry-run"])
     assert res.exit_code == 0, res.output
     assert "zero [/] [bold]lr\\x1b[31m" in res.output and "\x1b" not in res.output

@@ -17,14 +17,15 @@ from harness.execution.memory_fit import capacity_gib, estimate, fits
 
 CPU = torch.device("cpu")
 TOLERANCE = 0.30  # the issue's acceptance criterion
-RUN = "import sys, torch; from pathlib import Path; from harness.config.run import RunConfig; from harness.execution.lifecycle import run_one\n" \
+RUN = "import sys, torch; from pathlib import Path; from harness.config.run import RunConfig; " \
+      "from harness.execution.lifecycle import run_one\n" \
       "cfg = RunConfig.model_validate_json(sys.argv[1]); run_one(cfg, Path(sys.argv[2]), torch.device(sys.argv[3]))"
 
 
 def measured_peak(cfg: RunConfig, run_dir: Path) -> float:
     # on the threads the estimate's runtime probe assumed (this process's: one, see conftest.py)
-    subprocess.run([sys.executable, "-c", RUN, cfg.model_dump_json(), str(run_dir), "cpu"], check=True, timeout=600, capture_output=True,
-                   env=os.environ | {"OMP_NUM_THREADS": str(torch.get_num_threads())})
+    subprocess.run([sys.executable, "-c", RUN, cfg.model_dump_json(), str(run_dir), "cpu"], check=True, timeout=600,
+                   capture_output=True, env=os.environ | {"OMP_NUM_THREADS": str(torch.get_num_threads())})
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "ok", summary.get("error")
     return summary["peak_memory_gib"]
@@ -32,13 +33,15 @@ def measured_peak(cfg: RunConfig, run_dir: Path) -> float:
 
 def report(name: str, est: dict, measured: float) -> str:
     parts = ", ".join(f"{k} {v:.3f}" for k, v in est["parts"].items() if v)
-    return f"{name}: estimated {est['peak_gib']:.3f} GiB vs measured {measured:.3f} GiB ({est['peak_gib'] / measured - 1:+.0%}); {parts}"
+    return (f"{name}: estimated {est['peak_gib']:.3f} GiB vs measured {measured:.3f} GiB "
+            f"({est['peak_gib'] / measured - 1:+.0%}); {parts}")
 
 
 @pytest.mark.parametrize("quant", ["bf16", "nf4"])
 def test_tiny_model_smoke_shapes(tiny_model, tmp_path, quant):
     """The smoke matrix's per-step shapes for a few steps: here the runtime dominates."""
-    cfg = RunConfig(quant=quant, task={"name": "arith", "eval_size": 500}, rollout={"max_new_tokens": 5}, lora={"r": 16, "alpha": 32},
+    cfg = RunConfig(quant=quant, task={"name": "arith", "eval_size": 500}, rollout={"max_new_tokens": 5},
+                    lora={"r": 16, "alpha": 32},
                     train={"steps": 3, "prompts_per_step": 16, "group_size": 8, "eval_every": 25, "checkpoint_every": 25})
     est = estimate(cfg, CPU)
     measured = measured_peak(cfg, tmp_path / cfg.run_id)
@@ -53,9 +56,9 @@ def wide_model(folder: Path, tiny: Path, hidden: int = 512, layers: int = 2) -> 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2,
-                         vocab_size=32768, max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
-                         bos_token_id=None)
+    config = Qwen2Config(hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=32768, max_position_embeddings=512, tie_word_embeddings=False,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=None)
     Qwen2ForCausalLM(config).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny / name, folder / name)
@@ -69,7 +72,8 @@ def boxed_questions(path: Path, n: int = 40) -> Path:
     for _ in range(n):
         a, b = rng.randint(2, 99), rng.randint(2, 99)
         filler = " Each of them is counted once." * rng.randint(0, 4)
-        rows.append({"question": f"Tom has {a} apples and buys {b} more.{filler} How many apples does he have?", "answer": f"#### {a + b}"})
+        rows.append({"question": f"Tom has {a} apples and buys {b} more.{filler} How many apples does he have?",
+                     "answer": f"#### {a + b}"})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -78,9 +82,11 @@ def test_wide_model(tiny_model, tmp_path):
     """Weights, activations and logits of a few hundred MB each: the model terms, not the runtime, decide.
     float32 whatever the CPU, so the terms have those sizes on bf16-capable CPUs too."""
     model = wide_model(tmp_path / "wide", tiny_model)
-    cfg = RunConfig(model=str(model), task={"name": "boxed", "source": str(boxed_questions(tmp_path / "q.jsonl")), "eval_size": 4},
-                    rollout={"max_new_tokens": 16}, train={"steps": 2, "prompts_per_step": 8, "group_size": 4, "eval_every": 25, "dtype": "float32",
-                                                            "checkpoint_every": 25})
+    cfg = RunConfig(model=str(model),
+                    task={"name": "boxed", "source": str(boxed_questions(tmp_path / "q.jsonl")), "eval_size": 4},
+                    rollout={"max_new_tokens": 16},
+                    train={"steps": 2, "prompts_per_step": 8, "group_size": 4, "eval_every": 25, "dtype": "float32",
+                           "checkpoint_every": 25})
     est = estimate(cfg, CPU)
     measured = measured_peak(cfg, tmp_path / cfg.run_id)
     print(report("wide bf16", est, measured))
@@ -101,7 +107,8 @@ def test_unreachable_hub_id(monkeypatch):
 
 
 def test_capacity_cpu():
-    total = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal:"))
+    total = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                 if line.startswith("MemTotal:"))
     cap = capacity_gib(CPU)
     assert 0 < cap <= total / 1024**3
     assert not fits({"peak_gib": 1.0, "fit_gib": cap + 1}, cap) and fits({"peak_gib": 1.0, "fit_gib": cap / 2}, cap)

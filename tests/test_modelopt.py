@@ -118,7 +118,8 @@ def test_calibration_on_a_named_dataset(tiny_model):
 
     cfg = tiny_run_config().model_copy(update={"quant": "nvfp4_w4a4"})
     own, _ = load_policy(cfg, torch.device("cpu"), torch.float32)
-    named = cfg.model_copy(update={"modelopt": cfg.modelopt.model_copy(update={"quant_calib_dataset": str(FIXTURES / "calib.jsonl")})})
+    named = cfg.model_copy(update={"modelopt": cfg.modelopt.model_copy(
+        update={"quant_calib_dataset": str(FIXTURES / "calib.jsonl")})})
     other, _ = load_policy(named, torch.device("cpu"), torch.float32)
     a = {k: v for k, v in own.state_dict().items() if k.endswith("input_quantizer._amax")}
     b = {k: v for k, v in other.state_dict().items() if k.endswith("input_quantizer._amax")}

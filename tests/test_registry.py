@@ -164,7 +164,8 @@ def test_engine_classes_satisfy_the_engine_protocol():
     from harness.rollout.hf import HFEngine
     from harness.rollout.vllm import VLLMEngine
 
-    assert protocol_members(RolloutEngine) == ["close", "facts", "generate", "mark_synced", "pop_metrics", "release", "sleeps", "sync"]
+    assert protocol_members(RolloutEngine) == ["close", "facts", "generate", "mark_synced", "pop_metrics", "release", "sleeps",
+                                               "sync"]
     for cls in (HFEngine, VLLMEngine):
         assert mismatch(cls, RolloutEngine) is None, cls
     assert isinstance(HFEngine(None, None, RunConfig()), RolloutEngine)

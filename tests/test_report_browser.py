@@ -18,7 +18,8 @@ axes: {quant: [bf16, nf4, int8]}
 seeds: [0, 1]
 baseline: {quant: bf16}
 """
-INJECTED = "<script>document.title='pwned';document.documentElement.setAttribute('data-pwned','1')</script><img src=x onerror=\"document.title='pwned'\">"
+INJECTED = ("<script>document.title='pwned';document.documentElement.setAttribute('data-pwned','1')</script>"
+            "<img src=x onerror=\"document.title='pwned'\">")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

@@ -46,7 +46,8 @@ def table_problems(text: str) -> list[str]:
         while j < len(lines) and lines[j].startswith("|"):
             rows.append(lines[j])
             j += 1
-        problems += [f"line {i}: a row of {len(cells(r))} cells in a table of {width}: {r[:120]}" for r in rows if len(cells(r)) != width]
+        problems += [f"line {i}: a row of {len(cells(r))} cells in a table of {width}: {r[:120]}"
+                     for r in rows if len(cells(r)) != width]
     drawn = sum(t.type == "table_open" for t in MarkdownIt("commonmark").enable("table").parse(text))
     if drawn != len(candidates):
         problems.append(f"{len(candidates)} tables written, {drawn} drawn by markdown-it")

@@ -31,7 +31,8 @@ def sample(model_dir, **rollout):
     cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_validate({"max_new_tokens": 12, **rollout})})
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     torch.manual_seed(0)
-    batch = HFEngine(model, AutoTokenizer.from_pretrained(model_dir), cfg).generate([p.prompt for p in load_task(cfg.task).train[:16]] * 4)
+    batch = HFEngine(model, AutoTokenizer.from_pretrained(model_dir), cfg).generate(
+        [p.prompt for p in load_task(cfg.task).train[:16]] * 4)
     with torch.no_grad():
         logp, _ = completion_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
                                       cfg.rollout.temperature)

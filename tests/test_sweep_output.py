@@ -27,7 +27,8 @@ axes: {quant: [bf16]}
 
 def harness(tmp_path, *args):
     env = os.environ | {"HF_HUB_OFFLINE": "1", "COLUMNS": "300"}
-    return subprocess.run([sys.executable, "-m", "harness", *args, "--results", str(tmp_path / "results"), "--reports", str(tmp_path / "reports")],
+    return subprocess.run([sys.executable, "-m", "harness", *args, "--results", str(tmp_path / "results"),
+                           "--reports", str(tmp_path / "reports")],
                           cwd=REPO, capture_output=True, text=True, env=env, timeout=600, check=False)
 
 

@@ -63,7 +63,8 @@ def test_tune_section_errors_name_the_field(tmp_path):
     write_matrix(path, {"params": {"lora.r": {"choices": [0, 8]}}})  # valid space, but r=0 is not a valid config
     m = load_matrix(path)
     problems = check_space(m.cells[0].runs[0], m.spec.tune)
-    assert len(problems) == 1 and problems[0].startswith("tune.params.lora.r = 0: lora.r: Input should be greater than or equal to 1")
+    assert len(problems) == 1 and problems[0].startswith(
+        "tune.params.lora.r = 0: lora.r: Input should be greater than or equal to 1")
 
 
 def test_trial_config_alpha_follows_rank_at_the_matrix_ratio(tmp_path):
@@ -166,7 +167,8 @@ def test_apply_writes_a_new_matrix_with_the_trial_as_a_cell(planted, tmp_path):
     best = s.trials[2]  # lr 2e-3
     out = t.apply(original, {"quant": "bf16"}, study, best, tmp_path / "orig-tuned.yaml")
     text = out.read_text()
-    assert text.startswith("# make sweep MATRIX=orig-tuned") and "# a comment that must survive" in text and "# axis comment" in text
+    assert (text.startswith("# make sweep MATRIX=orig-tuned") and "# a comment that must survive" in text
+            and "# axis comment" in text)
     m = load_matrix(out)
     tuned = [c for c in m.cells if c.included]
     assert len(tuned) == 1 and tuned[0].label == f"tuned: study s, trial {best.number}"
@@ -177,7 +179,8 @@ def test_apply_writes_a_new_matrix_with_the_trial_as_a_cell(planted, tmp_path):
 
     # a matrix that already has `include:` keeps its entries; the tuned one is added to them
     with_include = tmp_path / "inc.yaml"
-    with_include.write_text(original.read_text() + "include:\n  # the control\n  - quant: bf16\n    train.lr: 0.0\n    label: control\n")
+    with_include.write_text(original.read_text()
+                            + "include:\n  # the control\n  - quant: bf16\n    train.lr: 0.0\n    label: control\n")
     m2 = load_matrix(t.apply(with_include, {"quant": "bf16"}, study, best, tmp_path / "inc-tuned.yaml"))
     assert sorted(c.label for c in m2.cells if c.included) == ["control", f"tuned: study s, trial {best.number}"]
     flow = tmp_path / "flow.yaml"  # a flow-style list can't take a line: refused rather than shadowed by a second `include:`
@@ -198,7 +201,8 @@ def tune_cli(tmp_path, *args):
     # One torch thread: this tiny model trains as fast on one as on two, and a second thread makes every op wait
     # for a core another process may hold (3x slower with one core busy). --workers N sets 1 each itself.
     return subprocess.Popen([sys.executable, "-m", "harness", "tune", str(tmp_path / "m.yaml"), "--cell", "quant=bf16",
-                             "--results", str(tmp_path / "results"), "--reports", str(tmp_path / "reports"), "--device", "cpu", *args],
+                             "--results", str(tmp_path / "results"), "--reports", str(tmp_path / "reports"), "--device", "cpu",
+                             *args],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env=os.environ | {"OMP_NUM_THREADS": "1"})
 

@@ -53,7 +53,8 @@ def test_every_run_and_cell_verdict(sweep):
     fake_run(runs["quant=nf4,train.lr=0.0 (broken)"][2], 0.4, 0.39, entropy=0.01)  # entropy collapse, no learning
     fake_run(runs["quant=bf16"][0].parent / "killed", 0.4, 0.4, status="killed", error="killed by SIGKILL")  # not a cell's run
     for d in runs["quant=fp4,lora.r=8 (too big)"]:  # what the memory pre-check writes instead of launching
-        write_json_atomic(d / "summary.json", {"status": "infeasible", "error": "needs about 90.00 GiB (estimate), 80.00 GiB available",
+        write_json_atomic(d / "summary.json", {"status": "infeasible",
+                                               "error": "needs about 90.00 GiB (estimate), 80.00 GiB available",
                                                "memory_estimate": {"peak_gib": 89.5, "fit_gib": 90.0}})
     plant(runs, "quant=int8,lora.r=4 (noisy)", [0.62, 0.53, 0.44], start=0.30)  # Δ -0.02 but sd 0.09: neither shown
     # the "half" cell never ran
@@ -78,7 +79,8 @@ def test_every_run_and_cell_verdict(sweep):
     assert run_verdicts == set(RUN_VERDICTS)
     fp4 = cells["quant=fp4"].runs
     assert fp4[1].verdict == "diverged" and "non-finite loss at step 4" in fp4[1].reason
-    assert fp4[2].verdict == "diverged" and "kl rolling median over 10 steps above kl_max 1.0 from step 10 (largest 1.275)" in fp4[2].reason
+    assert (fp4[2].verdict == "diverged"
+            and "kl rolling median over 10 steps above kl_max 1.0 from step 10 (largest 1.275)" in fp4[2].reason)
     broken = cells["quant=nf4,train.lr=0.0 (broken)"].runs
     assert [r.verdict for r in broken] == ["oom", "failed", "collapsed"]
     assert "entropy 0.01 under entropy_floor 0.05" in broken[2].reason
@@ -195,7 +197,8 @@ def test_a_stopped_seed_has_no_final_eval_and_a_seed_without_evals_is_not_missin
     JsonlTracker(runs["quant=nf4"][2]).finish({"status": "ok"})  # finished, never evaluated: no sweep reruns it
     cells = {c.name: c for c in judge(root)}
     fp4 = cells["quant=fp4"]
-    assert fp4.runs[2].eval_end == 0.41 and fp4.eval_final_mean == pytest.approx(0.805), "the NaN-stopped seed's step-5 eval is not final"
+    assert fp4.runs[2].eval_end == 0.41 and fp4.eval_final_mean == pytest.approx(0.805), (
+        "the NaN-stopped seed's step-5 eval is not final")
     nf4 = cells["quant=nf4"]
     assert nf4.runs[2].verdict == "no_learning" and "learning not shown" in nf4.runs[2].reason
     assert nf4.status == "Convergence issue"

@@ -113,7 +113,8 @@ def test_a_run_still_climbing_is_not_a_collapse(tmp_path):
 @pytest.fixture(scope="module")
 def study_verdicts(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
-    return {(r["quant"], r["seed"]): judge_run(write_study_run(root / f"{r['quant']}{r['seed']}", r["quant"], r["seed"]), r["seed"], C)
+    return {(r["quant"], r["seed"]): judge_run(write_study_run(root / f"{r['quant']}{r['seed']}", r["quant"], r["seed"]),
+                                               r["seed"], C)
             for r in STUDY}
 
 

@@ -41,7 +41,8 @@ def perturb(model, seed: int, scale: float = 0.05) -> None:
 
 def vllm_config(colocation: str, **rollout):
     cfg = tiny_run_config(dtype="float32")
-    return cfg.model_copy(update={"rollout": cfg.rollout.model_validate({"colocation": colocation, "quantization": "bf16", **rollout})})
+    return cfg.model_copy(update={"rollout": cfg.rollout.model_validate(
+        {"colocation": colocation, "quantization": "bf16", **rollout})})
 
 
 @pytest.fixture(scope="module", params=["colocated", "server"])
@@ -82,7 +83,8 @@ def trainer_logprobs(engine, batch):
     from harness.recipes.rl_math import completion_logprobs
 
     with torch.no_grad():
-        logp, _ = completion_logprobs(engine.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+        logp, _ = completion_logprobs(engine.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                      batch.completion_mask)
     return logp
 
 

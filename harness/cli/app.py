@@ -37,7 +37,8 @@ JOBS = typer.Option(None, min=1, help="local: runs at a time (default: one per v
 RAY_ADDRESS = typer.Option("auto", help="ray: the cluster, host:port, or auto (the one `ray start --head` started here).")
 MEMORY_GIB = typer.Option(None, min=0, help="Memory of the device each run gets, for the fit pre-check (default: this device's; "
                           "on CPU shared by --jobs). Runs estimated above it are marked infeasible, not launched.")
-WANDB = typer.Option(None, help="Mirror runs to W&B: offline (no network; `wandb sync` later), online, or off. Default: the matrix's tracking.wandb.")
+WANDB = typer.Option(None, help="Mirror runs to W&B: offline (no network; `wandb sync` later), online, or off. "
+                     "Default: the matrix's tracking.wandb.")
 RETRY = typer.Option(None, help="Run again the finished runs that ended with these statuses (comma-separated: failed, killed, "
                      "oom), from their checkpoints; their old summary.json is kept in <run>/attempts/.")
 MAX_RETRIES = typer.Option(1, min=0, help="Runs that were killed or ran out of memory are run again by the next sweep, "

@@ -16,9 +16,11 @@ from harness.config.run import RunConfig
 def check_engine(
     config: Path | None = typer.Argument(None, help="A RunConfig YAML file with a vLLM colocation (colocated or server)."),
     matrix: str | None = typer.Option(None, help="Check every distinct vLLM configuration of this matrix instead."),
-    cell: str | None = typer.Option(None, help='With --matrix: only the cells matching these axis=value pairs, e.g. "quant=nf4".'),
+    cell: str | None = typer.Option(None, help='With --matrix: only the cells matching these axis=value pairs, '
+                                    'e.g. "quant=nf4".'),
     plant: str | None = typer.Option(None, help="Plant a fault the check must catch: stale-adapter (never cached)."),
-    force: bool = typer.Option(False, "--force", help="Run again even where a cached result exists (e.g. after a driver change)."),
+    force: bool = typer.Option(False, "--force", help="Run again even where a cached result exists "
+                                                      "(e.g. after a driver change)."),
     results: Path = RESULTS,
     device: str = DEVICE,
 ):
@@ -52,7 +54,8 @@ def check_engine(
     if not by_key:
         raise fail("no vLLM configuration to check (colocation in_process uses the trainer's own model)")
     build_models(cfg for _, cfg in by_key.values())
-    table = Table("cells", "ok", "sleep/wake", "greedy = trainer", "Δ logprob (tol)", "Δ vs stale", "why", title="engine checks", title_justify="left")
+    table = Table("cells", "ok", "sleep/wake", "greedy = trainer", "Δ logprob (tol)", "Δ vs stale", "why", title="engine checks",
+                  title_justify="left")
     failed = 0
     for names, cfg in by_key.values():
         with console.status(f"checking {printable(', '.join(names))} ..."):
@@ -66,9 +69,9 @@ def check_engine(
             f"level {sleep['level']}: {sleep['identical']}/{sleep['of']} identical, {sleep['freed_gib']:.2f} GiB freed"
         fmt = lambda x: number(x, 4)  # noqa: E731
         agree = record.get("greedy_agreement_with_trainer")
-        table.add_row(printable("\n".join(names)), "yes" if record["ok"] else "[red]NO[/]", printable(sleep_text), "–" if agree is None else f"{agree:.0%}",
-                      f"{fmt(record.get('logprob_diff_mean'))} ({record['tolerance']})", fmt(record.get("stale_logprob_diff_mean")),
-                      printable("; ".join(record["failures"]) or "–"))
+        table.add_row(printable("\n".join(names)), "yes" if record["ok"] else "[red]NO[/]", printable(sleep_text),
+                      "–" if agree is None else f"{agree:.0%}", f"{fmt(record.get('logprob_diff_mean'))} ({record['tolerance']})",
+                      fmt(record.get("stale_logprob_diff_mean")), printable("; ".join(record["failures"]) or "–"))
     console.print(table)
     if failed:
         raise typer.Exit(1)

@@ -24,7 +24,8 @@ def matrices():
     for path in sorted(matrices_dir().glob("*.yaml")):
         try:
             m = load_matrix(path)
-            table.add_row(printable(m.name), str(len(m.cells)), str(sum(len(c.runs) for c in m.cells)), printable(m.spec.description))
+            table.add_row(printable(m.name), str(len(m.cells)), str(sum(len(c.runs) for c in m.cells)),
+                          printable(m.spec.description))
         except MatrixError as e:
             table.add_row(printable(path.stem), "–", "–", f"[red]invalid: {printable(e.problems[0])}[/]")
     console.print(table)
@@ -45,7 +46,8 @@ def extras(matrix: str = typer.Argument(..., help="Matrix name (matrices/NAME.ya
 def axes():
     """List every name a matrix may use on each axis, with what backs it."""
     fields = {"QUANT": "quant", "ALGORITHMS": "algorithm", "TASKS": "task.name", "MODELS": "model: builtin:<name>",
-              "COLOCATION": "rollout.colocation", "ROLLOUT_ENGINES": "chosen by rollout.colocation", "EXECUTORS": "harness sweep --executor"}
+              "COLOCATION": "rollout.colocation", "ROLLOUT_ENGINES": "chosen by rollout.colocation",
+              "EXECUTORS": "harness sweep --executor"}
     for attr, field in fields.items():
         reg = getattr(registries, attr)
         table = Table("name", "what it is", title=f"{reg.axis}s  ({field})", title_justify="left")

@@ -71,7 +71,8 @@ def sweep(
     mirror_verdicts(list(planned.jobs), verdicts)
     failed = nothing_trained(list(planned.jobs))
     if failed:
-        console.print(f"[red]no run of {printable(m.name)} trained[/]: {failed}. Each run's error is in the report and its summary.json")
+        console.print(f"[red]no run of {printable(m.name)} trained[/]: {failed}. "
+                      "Each run's error is in the report and its summary.json")
         raise typer.Exit(1)
 
 
@@ -115,7 +116,8 @@ def run(
 
 
 @app.command()
-def report(matrix: str = typer.Argument(..., help="Matrix name whose results to judge."), results: Path = RESULTS, reports: Path = REPORTS):
+def report(matrix: str = typer.Argument(..., help="Matrix name whose results to judge."), results: Path = RESULTS,
+           reports: Path = REPORTS):
     """Re-judge a sweep's results and rewrite its report; trains nothing."""
     _judge_and_report(results / folder(Path(matrix).stem), reports)
 
@@ -134,11 +136,14 @@ def compare(
             raise fail(f"{root} is not a sweep's results folder (no matrix.json); expected e.g. results/smoke")
     with failing():
         changes = compare_sweeps(api.judge(a, write=False), api.judge(b, write=False))
-    moved = lambda x, y, d=3: f"{number(x, d)} → {number(y, d)}" + (f" ({y - x:+.{d}f})" if x is not None and y is not None else "")  # noqa: E731
-    table = Table("cell", "status", "final eval/reward", "peak mem GiB", "median step s", title=printable(f"{a} → {b}"), title_justify="left")
+    moved = lambda x, y, d=3: f"{number(x, d)} → {number(y, d)}" + (  # noqa: E731
+        f" ({y - x:+.{d}f})" if x is not None and y is not None else "")
+    table = Table("cell", "status", "final eval/reward", "peak mem GiB", "median step s", title=printable(f"{a} → {b}"),
+                  title_justify="left")
     for c in changes:
         status = f"[bold red]{c.status_a or 'absent'} → {c.status_b or 'absent'}[/]" if c.changed else c.status_a
-        table.add_row(printable(c.name), status, moved(c.final_a, c.final_b), moved(c.memory_a, c.memory_b, 2), moved(c.step_s_a, c.step_s_b, 2))
+        table.add_row(printable(c.name), status, moved(c.final_a, c.final_b), moved(c.memory_a, c.memory_b, 2),
+                      moved(c.step_s_a, c.step_s_b, 2))
     console.print(table)
     n = sum(c.changed for c in changes)
     console.print(f"{n} of {len(changes)} cells changed status")
@@ -147,7 +152,8 @@ def compare(
 
 
 def _list_cells(m) -> None:
-    table = Table("cell", "seeds", "run ids", "baseline", title=f"{printable(m.name)}: {len(m.cells)} cells (valid)", title_justify="left")
+    table = Table("cell", "seeds", "run ids", "baseline", title=f"{printable(m.name)}: {len(m.cells)} cells (valid)",
+                  title_justify="left")
     for cell in m.cells:
         base = m.baseline_of(cell)
         table.add_row(printable(cell.name), ",".join(str(r.seed) for r in cell.runs), " ".join(r.run_id for r in cell.runs),

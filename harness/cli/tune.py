@@ -13,16 +13,23 @@ from harness.common.text import printable
 
 @app.command()
 def tune(
-    matrix: str = typer.Argument(..., help="Matrix name (matrices/NAME.yaml) or a path; its `tune:` section is the search space."),
+    matrix: str = typer.Argument(..., help="Matrix name (matrices/NAME.yaml) or a path; "
+                                           "its `tune:` section is the search space."),
     cell: str | None = typer.Option(None, help='The cell to tune, as field=value pairs, e.g. "quant=nf4,algorithm=grpo".'),
-    trials: int | None = typer.Option(None, help="Trials the study runs in all, counting those already done (default: tune.trials)."),
-    workers: int = typer.Option(1, min=1, help="Local worker processes sharing the study (more can join from elsewhere: same --storage)."),
+    trials: int | None = typer.Option(None, help="Trials the study runs in all, counting those already done "
+                                                 "(default: tune.trials)."),
+    workers: int = typer.Option(1, min=1, help="Local worker processes sharing the study "
+                                               "(more can join from elsewhere: same --storage)."),
     study: str | None = typer.Option(None, help="Study name (default: from the cell, e.g. quant-nf4)."),
     storage: str | None = typer.Option(None, help="An RDB URL (sqlite:///..., postgresql://...) or a journal file path; "
-                                          "default: sqlite results/MATRIX/tune/optuna.db. Only RDB storages retry a killed worker's trial."),
-    apply: bool = typer.Option(False, "--apply", help="Run nothing: write the best trial as a new matrix file (see --out, --trial)."),
-    trial: int | None = typer.Option(None, help="With --apply: this trial instead of the best (two objectives: the front's highest eval/reward)."),
-    out: Path | None = typer.Option(None, help="With --apply: the new matrix file (default: matrices/MATRIX-tuned-STUDY.yaml; never overwritten)."),
+                                          "default: sqlite results/MATRIX/tune/optuna.db. "
+                                          "Only RDB storages retry a killed worker's trial."),
+    apply: bool = typer.Option(False, "--apply", help="Run nothing: write the best trial as a new matrix file "
+                                                      "(see --out, --trial)."),
+    trial: int | None = typer.Option(None, help="With --apply: this trial instead of the best "
+                                                "(two objectives: the front's highest eval/reward)."),
+    out: Path | None = typer.Option(None, help="With --apply: the new matrix file "
+                                               "(default: matrices/MATRIX-tuned-STUDY.yaml; never overwritten)."),
     results: Path = RESULTS,
     reports: Path = REPORTS,
     device: str = DEVICE,
@@ -53,10 +60,11 @@ def tune(
         return
     requeued = tuning.requeue(session)
     if requeued:
-        console.print(f"[yellow]note:[/] queued again (killed or interrupted): trial {', '.join(map(str, requeued))}", highlight=False)
+        console.print(f"[yellow]note:[/] queued again (killed or interrupted): trial {', '.join(map(str, requeued))}",
+                      highlight=False)
     s = session.study
-    console.print(f"[bold]study {printable(s.name)}[/] ({printable(t.shown(s.storage))}): {printable(c.name)}, {s.trials} trials, "
-                  f"{workers} worker(s); runs under {printable(s.root)}", highlight=False)
+    console.print(f"[bold]study {printable(s.name)}[/] ({printable(t.shown(s.storage))}): {printable(c.name)}, "
+                  f"{s.trials} trials, {workers} worker(s); runs under {printable(s.root)}", highlight=False)
     try:
         with failing(), interruptible("finished trials are kept; run the same command again to resume "
                                       "(the interrupted trial runs again from its last checkpoint)."):

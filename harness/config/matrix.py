@@ -46,17 +46,19 @@ class Criteria(Frozen):
 
     Why each rule looks the way it does (with the curves behind it) is in the README, "Verdicts"."""
 
-    min_gain: float = Field(0.05, ge=0, le=1, description="held-out gain (final score - step-0 eval/reward) that counts as learning")
+    min_gain: float = Field(0.05, ge=0, le=1, description="held-out gain (final score - step-0 eval/reward) "
+                            "that counts as learning")
     final_window: float = Field(0.25, gt=0, le=1, description="the final score is the mean of the evals in this last fraction "
                                 "of training (steps >= (1 - final_window) x last step); one eval is too noisy to judge on")
     kl_max: float = Field(1.0, gt=0, description="diverged when the rolling median of `kl` over kl_window steps exceeds this "
                           "(recipes with a KL term in their loss only); single steps above it are counted as spikes, not judged")
     kl_window: int = Field(10, ge=1, description="steps in the rolling median of `kl`: long enough that one heavy-tailed k3 "
                            "estimate cannot move it, short enough to catch a sustained rise")
-    drop_max: float = Field(0.15, gt=0, le=1, description="diverged when the final score and the last eval are both more than this "
-                            "below the run's best eval/reward: held-out reward collapsed and did not recover")
+    drop_max: float = Field(0.15, gt=0, le=1, description="diverged when the final score and the last eval are both more "
+                            "than this below the run's best eval/reward: held-out reward collapsed and did not recover")
     entropy_floor: float = Field(0.02, ge=0, description="final entropy under this while not learning: collapsed")
-    tolerance: float = Field(0.05, gt=0, le=1, description="how far below the baseline's final score still counts as non-inferior")
+    tolerance: float = Field(0.05, gt=0, le=1, description="how far below the baseline's final score still counts "
+                             "as non-inferior")
     confidence: float = Field(0.9, gt=0.5, lt=1, description="confidence of the one-sided bounds on Δ and of the "
                               "reported intervals")
     power: float = Field(0.8, gt=0.5, lt=1, description="for an Inconclusive cell: the chance that the suggested seed "
@@ -99,7 +101,8 @@ class MatrixSpec(Frozen):
             raise ValueError("empty: list at least one seed, e.g. seeds: [0]")
         twice = sorted(s for s, n in collections.Counter(seeds).items() if n > 1)
         if twice:
-            raise ValueError(f"seed {', '.join(map(str, twice))} listed twice: each seed is one run of every cell; list distinct seeds")
+            raise ValueError(f"seed {', '.join(map(str, twice))} listed twice: each seed is one run of every cell; "
+                             "list distinct seeds")
         return seeds
 
     @model_validator(mode="after")
@@ -221,7 +224,8 @@ def load_matrix(path: Path | str) -> Matrix:
     path = Path(path)
     raw = _yaml_of(path)
     if raw is None or raw == {}:
-        raise MatrixError(path, ["the file is empty: a matrix needs at least `base:` (a run config) or `axes:`; see matrices/smoke.yaml"])
+        raise MatrixError(path, ["the file is empty: a matrix needs at least `base:` (a run config) or `axes:`; "
+                                 "see matrices/smoke.yaml"])
     if not isinstance(raw, dict):
         fields = ", ".join(MatrixSpec.model_fields)
         raise MatrixError(path, [f"(top level): expected a mapping with {fields}; got {type(raw).__name__}"])

@@ -36,7 +36,8 @@ def key_problem(where: str, dotted: str) -> str | None:
         field = model.model_fields.get(part)
         if field is None:
             return f"{where}: unknown field {part!r}; valid: {', '.join(sorted(model.model_fields))}"
-        nested = [a for a in typing.get_args(field.annotation) or (field.annotation,) if isinstance(a, type) and issubclass(a, BaseModel)]
+        nested = [a for a in typing.get_args(field.annotation) or (field.annotation,)
+                  if isinstance(a, type) and issubclass(a, BaseModel)]
         if not nested:
             return (f"{where}: {'.'.join(parts[:i + 1])} is a single value, not a group of fields; "
                     f"write it as `{'.'.join(parts[:i + 1])}: VALUE`")

@@ -72,10 +72,12 @@ def _model_folder(field: str, value: str) -> str | None:
     if kind == "dir":
         return None
     if kind:
-        return f"{field}: {_short(value)} is a file; give a local HF model folder (with config.json), an HF id (org/name) or builtin:tiny-arith"
+        return (f"{field}: {_short(value)} is a file; give a local HF model folder (with config.json), an HF id (org/name) "
+                "or builtin:tiny-arith")
     if not looks_like_path(value):
         return None  # an HF id: from_pretrained finds it (or says why not) when the run loads it
-    return f"{field}: no folder {_short(value)}{_cwd_note(value)}; give a local HF model folder, an HF id (org/name) or builtin:tiny-arith"
+    return (f"{field}: no folder {_short(value)}{_cwd_note(value)}; give a local HF model folder, an HF id (org/name) "
+            "or builtin:tiny-arith")
 
 
 def _file(field: str, value: str, what: str) -> str | None:
@@ -96,7 +98,8 @@ def _task(cfg: RunConfig) -> str | None:
         return f"task.source: the {task.name} task makes its own problems and would ignore it; remove it, or use task.name: boxed"
     if task.name == "boxed":
         if not source:
-            return "task.source: the boxed task needs a JSONL file (a question and an answer per line) or an HF dataset id (openai/gsm8k:main)"
+            return ("task.source: the boxed task needs a JSONL file (a question and an answer per line) "
+                    "or an HF dataset id (openai/gsm8k:main)")
         if looks_like_path(source, DATA_SUFFIXES) or _kind(Path(source)):
             missing = _file("task.source", source, "a JSONL file (a question and an answer per line) or an HF dataset id")
             if missing:
@@ -115,8 +118,10 @@ def _task(cfg: RunConfig) -> str | None:
 def _quant_cfg(value: str) -> str | None:
     if not value.lower().endswith((".yaml", ".yml")):
         if value.endswith("_CFG") and not looks_like_path(value):
-            return None  # a ModelOpt name: checked against modelopt.torch.quantization when the run loads (its import takes seconds)
-        return f"modelopt.quant_cfg: {_short(value)!r} is neither a ModelOpt config name (NAME_CFG, e.g. NVFP4_DEFAULT_CFG) nor a YAML file"
+            # a ModelOpt name: checked against modelopt.torch.quantization when the run loads (its import takes seconds)
+            return None
+        return (f"modelopt.quant_cfg: {_short(value)!r} is neither a ModelOpt config name (NAME_CFG, e.g. NVFP4_DEFAULT_CFG) "
+                "nor a YAML file")
     missing = _file("modelopt.quant_cfg", value, "a ModelOpt config YAML file (as matrices/quant/int2_weights.yaml) or a "
                                                  "ModelOpt config name (NVFP4_DEFAULT_CFG)")
     if missing:
@@ -128,5 +133,6 @@ def _quant_cfg(value: str) -> str | None:
     except YamlProblem as e:
         return f"modelopt.quant_cfg: {value} {e}"
     if not isinstance(data, dict) or "quant_cfg" not in data:
-        return f"modelopt.quant_cfg: {value} is not a ModelOpt config: a mapping with a quant_cfg: list, as matrices/quant/int2_weights.yaml"
+        return (f"modelopt.quant_cfg: {value} is not a ModelOpt config: a mapping with a quant_cfg: list, "
+                "as matrices/quant/int2_weights.yaml")
     return None

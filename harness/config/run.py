@@ -82,17 +82,23 @@ class RolloutConfig(Frozen):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(5, ge=1)
     quantization: Literal["same", "bf16", "bitsandbytes", "fp8"] = Field(
-        "same", description="vLLM's weights: same (the trainer's format where vLLM has it), bf16 (unquantized), bitsandbytes (NF4), fp8")
+        "same", description="vLLM's weights: same (the trainer's format where vLLM has it), bf16 (unquantized), "
+                            "bitsandbytes (NF4), fp8")
     kv_cache_dtype: str = Field("auto", description="vLLM kv_cache_dtype: auto, fp8, fp8_e4m3, fp8_e5m2, ...")
-    rollout_model: str | None = Field(None, description="a different checkpoint for vLLM (e.g. a pre-quantized export); the trainer's adapter is still synced")
+    rollout_model: str | None = Field(None, description="a different checkpoint for vLLM (e.g. a pre-quantized export); "
+                                      "the trainer's adapter is still synced")
     dtype: DTYPES = Field("auto", description="vLLM's dtype; auto: the trainer's compute dtype")
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="share of the GPU vLLM may take (weights + KV cache)")
     enforce_eager: bool = Field(True, description="no CUDA graphs: faster start, slower decode")
-    max_lora_rank: int | None = Field(None, description=f"vLLM's LoRA slot size, one of {VLLM_LORA_RANKS}; default: the smallest >= lora.r")
-    sleep_mode: bool = Field(True, description="colocated on CUDA: vLLM sleeps while the trainer trains, wakes for the next rollout")
-    sleep_level: Literal[1, 2] = Field(1, description="1: weights to CPU, KV cache dropped; 2: both dropped, weights reloaded on wake")
+    max_lora_rank: int | None = Field(None, description=f"vLLM's LoRA slot size, one of {VLLM_LORA_RANKS}; "
+                                      "default: the smallest >= lora.r")
+    sleep_mode: bool = Field(True, description="colocated on CUDA: vLLM sleeps while the trainer trains, "
+                             "wakes for the next rollout")
+    sleep_level: Literal[1, 2] = Field(1, description="1: weights to CPU, KV cache dropped; "
+                                       "2: both dropped, weights reloaded on wake")
     offload_trainer: bool = Field(False, description="colocated on CUDA: move the trainer's model to CPU while vLLM generates")
-    check_tolerance: float = Field(0.05, gt=0, description="engine check: largest mean |trainer - vLLM| log-prob per sampled token after an adapter sync")
+    check_tolerance: float = Field(0.05, gt=0, description="engine check: largest mean |trainer - vLLM| log-prob "
+                                   "per sampled token after an adapter sync")
 
     @field_validator("colocation")
     @classmethod
@@ -130,8 +136,10 @@ class LoraConfig(Frozen):
 class ModelOptConfig(Frozen):
     """ModelOpt fake-quantization knobs, named as in NeMo RL's QARL parameters."""
 
-    quant_cfg: str | None = Field(None, description="with quant: modelopt, a ModelOpt config name (NVFP4_DEFAULT_CFG) or a YAML file")
-    quant_calib_dataset: str | None = Field(None, description="calibrate on this JSONL file (a 'text' field per line) or HF dataset id instead of the task's prompts")
+    quant_cfg: str | None = Field(None, description="with quant: modelopt, a ModelOpt config name (NVFP4_DEFAULT_CFG) "
+                                  "or a YAML file")
+    quant_calib_dataset: str | None = Field(None, description="calibrate on this JSONL file (a 'text' field per line) "
+                                            "or HF dataset id instead of the task's prompts")
     quant_calib_size: int = Field(128, ge=1, description="texts used to calibrate amax")
     quant_batch_size: int = Field(32, ge=1)
     quant_sequence_length: int = Field(64, ge=1)
@@ -159,10 +167,13 @@ class TrainConfig(Frozen):
     eval_every: int = Field(25, ge=1)
     checkpoint_every: int = Field(25, ge=1)
     gradient_checkpointing: bool = False
-    trainable: Literal["lora", "full"] = Field("lora", description="full: every base weight trains (QAT through the fake quantizer)")
+    trainable: Literal["lora", "full"] = Field("lora", description="full: every base weight trains "
+                                               "(QAT through the fake quantizer)")
     dtype: DTYPES = Field("auto", description="the trainer's compute dtype; auto: bf16 where the hardware has it, else float32")
-    tis_cap: float | None = Field(None, gt=1, description="truncated importance sampling: weight each token's loss by min(p_train/p_sampler, tis_cap)")
-    mismatch_cap: float = Field(2.0, gt=1, description="mismatch/ratio_out_of_cap_frac counts tokens whose p_train/p_sampler is outside [1/cap, cap]")
+    tis_cap: float | None = Field(None, gt=1, description="truncated importance sampling: weight each token's loss "
+                                  "by min(p_train/p_sampler, tis_cap)")
+    mismatch_cap: float = Field(2.0, gt=1, description="mismatch/ratio_out_of_cap_frac counts tokens whose p_train/p_sampler "
+                                "is outside [1/cap, cap]")
 
 
 # train options only some recipes read (harness/recipes/): set for another algorithm they would be ignored, so it is an error
@@ -219,7 +230,8 @@ class RunConfig(Frozen):
         if self.modelopt.recalibrate_every and not fmt.calibrated:
             raise ValueError(f"modelopt.recalibrate_every applies to ModelOpt formats, not {self.quant}")
         if self.train.trainable == "full" and not fmt.trains_full_weights:
-            raise ValueError(f"train.trainable: full needs a base whose weights can train (bf16 or a ModelOpt format), not {self.quant}")
+            raise ValueError("train.trainable: full needs a base whose weights can train (bf16 or a ModelOpt format), "
+                             f"not {self.quant}")
         if self.rollout.engine == "vllm":
             self._check_vllm_options()
         return self
@@ -234,7 +246,8 @@ class RunConfig(Frozen):
             ignored.setdefault(("distill",), []).append("teacher")
         if ignored:
             parts = [f"{', '.join(fields)} configure{'s' if len(fields) == 1 else ''} "
-                     + ("the grpo loss" if users == ("grpo",) else f"the {' and '.join(users)} recipe{'s' if len(users) > 1 else ''}")
+                     + ("the grpo loss" if users == ("grpo",)
+                        else f"the {' and '.join(users)} recipe{'s' if len(users) > 1 else ''}")
                      for users, fields in ignored.items()]
             raise ValueError(f"{'; '.join(parts)}; algorithm {self.algorithm} has no such option (it would be ignored): "
                              "remove it, or set it only on cells whose algorithm reads it")
@@ -245,7 +258,8 @@ class RunConfig(Frozen):
             raise ValueError("rollout.colocation: server syncs LoRA adapters over HTTP; vLLM's server has no endpoint to replace "
                              "full weights, so train.trainable: full needs colocation colocated (weights pushed in-process)")
         if self.train.trainable == "lora" and r.max_lora_rank is not None and r.max_lora_rank < self.lora.r:
-            raise ValueError(f"rollout.max_lora_rank {r.max_lora_rank} is below lora.r {self.lora.r}: vLLM could not load the adapter")
+            raise ValueError(f"rollout.max_lora_rank {r.max_lora_rank} is below lora.r {self.lora.r}: "
+                             "vLLM could not load the adapter")
         if self.lora.r > VLLM_LORA_RANKS[-1]:
             raise ValueError(f"lora.r {self.lora.r} is above vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}")
         if r.quantization == "same" and r.rollout_model is None and self.quant not in VLLM_SAME:

@@ -65,7 +65,8 @@ def parse_yaml(text: str) -> object:
         raise YamlProblem(f"not valid YAML: {_where(e)}") from None
     except yaml.reader.ReaderError as e:
         line = text.count("\n", 0, e.position) + 1
-        raise YamlProblem(f"not valid YAML: line {line}: the character {chr(e.character) if isinstance(e.character, int) else e.character!r} "
+        raise YamlProblem(f"not valid YAML: line {line}: the character "
+                          f"{chr(e.character) if isinstance(e.character, int) else e.character!r} "
                           "is not allowed in YAML; write it as an escape in double quotes (\"\\x1b\")") from None
     except yaml.YAMLError as e:
         raise YamlProblem(f"not valid YAML: {e}") from None
@@ -81,7 +82,8 @@ def _where(e: yaml.MarkedYAMLError) -> str:
     def at(mark, sep: str) -> str:
         return f"{sep}line {mark.line + 1}, column {mark.column + 1}" if mark else ""
 
-    context = f"{e.context} ({at(e.context_mark, '')[0:]}): " if e.context and e.context_mark else f"{e.context}: " if e.context else ""
+    context = (f"{e.context} ({at(e.context_mark, '')[0:]}): " if e.context and e.context_mark
+               else f"{e.context}: " if e.context else "")
     return context + f"{e.problem or 'invalid'}{at(e.problem_mark, ' at ')}"
 
 
@@ -128,7 +130,8 @@ def check_node(root) -> None:
         aliased = biggest > _distinct(root)
         why = ("YAML aliases (*name) expand it to" if aliased else "it holds") + f" {_count(biggest)} values"
         raise YamlProblem(f"{where}: {why}; a matrix may hold at most {MAX_VALUES:,}"
-                          + (": write the repeated part out once, or use fewer aliases" if aliased else ": is this the right file?"))
+                          + (": write the repeated part out once, or use fewer aliases" if aliased
+                             else ": is this the right file?"))
 
 
 def _distinct(root) -> int:

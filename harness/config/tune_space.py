@@ -107,7 +107,8 @@ class TuneSpec(Frozen):
         if self.lora_alpha == "ratio" and "lora.alpha" in self.params:
             raise ValueError("params.lora.alpha is searched, so lora_alpha must be `fixed`, not `ratio`")
         if self.objectives not in (["eval_reward"], ["eval_reward", "peak_memory"]):
-            raise ValueError("objectives: [eval_reward] or [eval_reward, peak_memory]: eval/reward is what is pruned on and ranked first")
+            raise ValueError("objectives: [eval_reward] or [eval_reward, peak_memory]: "
+                             "eval/reward is what is pruned on and ranked first")
         if len(self.objectives) > 1 and self.pruner.name != "none":
             raise ValueError("Optuna prunes single-objective studies only: with two objectives set pruner: {name: none}")
         return self

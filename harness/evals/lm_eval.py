@@ -37,7 +37,8 @@ class LmEvalSettings(Frozen):
         "or any task in lm-eval's registry (its dataset may need the network)"))
     limit: int | None = Field(None, ge=1, description="the first N documents of each task; None: the whole held-out set")
     batch_size: int = Field(64, ge=1, description="prompts per generate() call")
-    bf16_base: bool = Field(False, description="also evaluate the same adapter on the unquantized base (the format's cost at inference)")
+    bf16_base: bool = Field(False, description="also evaluate the same adapter on the unquantized base "
+                                               "(the format's cost at inference)")
 
 
 def evaluate_run(cfg: RunConfig, run_dir: Path, device: torch.device, settings: LmEvalSettings) -> dict:

@@ -78,7 +78,8 @@ class Stepped:
     eval: float | None = None
 
     def __str__(self) -> str:
-        return f"{self.job.label} step {self.step}/{self.job.cfg.train.steps}" + (f"  {step_info(self.reward, self.eval)}" if self.reward is not None else "")
+        return f"{self.job.label} step {self.step}/{self.job.cfg.train.steps}" + (
+            f"  {step_info(self.reward, self.eval)}" if self.reward is not None else "")
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,8 @@ def _pending(job: Job, retry: Retry) -> Pending | None:
     if status in LOST:
         used = sum(a.get("status") in LOST for a in past_attempts(job.run_dir))
         if used < retry.max_retries:
-            return Pending(job, f"ended {status}: retried from its checkpoint ({used + 1} of --max-retries {retry.max_retries})", summary)
+            return Pending(job, f"ended {status}: retried from its checkpoint ({used + 1} of --max-retries {retry.max_retries})",
+                           summary)
     return None
 
 

@@ -50,7 +50,8 @@ def run_one(cfg: RunConfig, run_dir: Path, device: torch.device, progress=None, 
 
     tracker = _trackers(cfg, run_dir, options)
     tracker.log_config(cfg.model_dump(mode="json"))
-    summary = {"run_id": cfg.run_id, "status": "ok", "error": None, "device": env["device"], "memory_estimate": options.memory_estimate}
+    summary = {"run_id": cfg.run_id, "status": "ok", "error": None, "device": env["device"],
+               "memory_estimate": options.memory_estimate}
     start = time.time()
     try:
         if cfg.rollout.engine == "vllm":  # checked once per configuration, cached beside the sweep's runs

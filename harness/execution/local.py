@@ -67,7 +67,8 @@ def pinned_gpus(device: str) -> list[str]:
     if device.startswith("cuda:"):
         i = int(device.removeprefix("cuda:"))
         if i >= len(gpus):
-            raise ValueError(f"--device {device}: {len(gpus)} GPU(s) visible ({', '.join(gpus)}), so cuda:0 to cuda:{len(gpus) - 1}")
+            raise ValueError(f"--device {device}: {len(gpus)} GPU(s) visible ({', '.join(gpus)}), "
+                             f"so cuda:0 to cuda:{len(gpus) - 1}")
         gpus = [gpus[i]]
     return gpus
 
@@ -104,8 +105,8 @@ def _start(job: Job, slot: Slot) -> subprocess.Popen:
     env = os.environ | slot.env | {"QRL_PARENT_PID": str(os.getpid())}
     with open(job.run_dir / "worker.log", "ab") as log:
         # its own session: the terminal's Ctrl-C reaches this process only, which stops runs in order
-        return subprocess.Popen([sys.executable, "-m", "harness.execution.worker", str(job.run_dir)], stdout=log, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
+        return subprocess.Popen([sys.executable, "-m", "harness.execution.worker", str(job.run_dir)], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def _outcome(job: Job, code: int) -> Ended | Note:

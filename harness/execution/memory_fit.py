@@ -183,7 +183,8 @@ def _lora_targets(cfg: RunConfig, linears: dict) -> list[str]:
     return [k for k in linears if any(k == t or k.endswith("." + t) for t in cfg.lora.target_modules)]
 
 
-def _vllm_bytes(cfg: RunConfig, device: torch.device, parts: dict, adapter_bytes: float, weights_compute: float) -> tuple[float, float]:
+def _vllm_bytes(cfg: RunConfig, device: torch.device, parts: dict, adapter_bytes: float,
+                weights_compute: float) -> tuple[float, float]:
     """(vLLM's share of this process's peak, a vLLM server's share of the same device)."""
     r = cfg.rollout
     if r.engine != "vllm":
@@ -200,8 +201,8 @@ def _vllm_bytes(cfg: RunConfig, device: torch.device, parts: dict, adapter_bytes
     # its own unquantized weights
     space = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
     node = Path("/sys/devices/system/node/node0/meminfo")  # as the worker reads it; else MemTotal
-    total = next(int(x.split("MemTotal:")[1].split()[0]) * 1024 for x in (node if node.exists() else Path("/proc/meminfo")).read_text()
-                 .splitlines() if "MemTotal:" in x)
+    total = next(int(x.split("MemTotal:")[1].split()[0]) * 1024
+                 for x in (node if node.exists() else Path("/proc/meminfo")).read_text().splitlines() if "MemTotal:" in x)
     share = int(space) * GIB + weights_compute if space else r.gpu_memory_utilization * total
     if r.colocation == "colocated":  # the trainer's runtime, weights and adapters are already in that RSS
         return max(share - (0 if space else parts["runtime"] + parts["base_weights"] + adapter_bytes), 0.0), 0.0
@@ -254,8 +255,9 @@ def runtime_gib(cfg: RunConfig, model_type: str = "qwen2") -> float:
     path = cache_root() / "memory_fit_runtime.json"
     stored = lambda: json.loads(path.read_text()) if path.exists() else {}  # noqa: E731
     if key not in _runtime_cache and key not in stored():
-        code = (f"import importlib, torch\nfor m in {modules!r}:\n    try: importlib.import_module(m)\n"  # a module a run lacks
-                "    except ImportError: pass\nx = torch.ones(64, 64, requires_grad=True); (x @ x).sum().backward()\n"  # is not one it loads
+        # a module a run lacks is not one it loads
+        code = (f"import importlib, torch\nfor m in {modules!r}:\n    try: importlib.import_module(m)\n"
+                "    except ImportError: pass\nx = torch.ones(64, 64, requires_grad=True); (x @ x).sum().backward()\n"
                 "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS:')))")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600,
                              env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))

@@ -12,7 +12,8 @@ from harness.execution.events import Ended, Event, Infeasible, Note, Planned, Re
 
 def progress_bar(console: Console) -> Progress:
     """An overall bar plus one per run, each with its latest reward and eval (tasks take an `info` field)."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn())
     return Progress(*columns, console=console, transient=False)
 
 
@@ -36,8 +37,8 @@ class RichProgress:
     def __call__(self, event: Event) -> None:
         where = lambda job: printable(f"{job.label} [{job.cfg.run_id}]")  # noqa: E731  (rich takes "[bead269e9bd2]" for a style)
         if isinstance(event, Planned):
-            self.console.print(f"[bold]{printable(event.what)}[/]: {event.total} runs, {event.total - event.todo} already finished, "
-                               f"{event.todo} to run")
+            self.console.print(f"[bold]{printable(event.what)}[/]: {event.total} runs, "
+                               f"{event.total - event.todo} already finished, {event.todo} to run")
             if event.todo:
                 self.bar.start()
                 self.overall = self.bar.add_task("sweep", total=event.todo, info="")
@@ -49,7 +50,8 @@ class RichProgress:
             self.console.print(f"[red]✗[/] {where(event.job)} infeasible: {printable(event.error)}")
             self._advance()
         elif isinstance(event, Started):
-            self.runs[event.job.cfg.run_id] = self.bar.add_task(f"  {printable(event.job.label)}", total=event.job.cfg.train.steps, info="")
+            self.runs[event.job.cfg.run_id] = self.bar.add_task(f"  {printable(event.job.label)}",
+                                                                total=event.job.cfg.train.steps, info="")
         elif isinstance(event, Stepped) and event.job.cfg.run_id in self.runs:
             self.bar.update(self.runs[event.job.cfg.run_id], completed=event.step, info=step_info(event.reward, event.eval))
         elif isinstance(event, Ended):

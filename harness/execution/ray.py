@@ -35,7 +35,8 @@ def run_ray(jobs: list[Job], settings: ExecutorSettings, on_event: OnEvent) -> N
         import ray
     except ImportError:
         raise RuntimeError("the ray executor needs Ray: pip install 'quant-rl-harness[ray]'") from None
-    env = {k: v for k, v in os.environ.items() if k.startswith(("QRL_", "WANDB_", "HF_"))}  # what a run reads from its environment
+    # what a run reads from its environment
+    env = {k: v for k, v in os.environ.items() if k.startswith(("QRL_", "WANDB_", "HF_"))}
     try:
         ray.init(address=settings.ray_address, runtime_env={"env_vars": env}, logging_level="ERROR", log_to_driver=False)
     except ConnectionError as e:
@@ -48,7 +49,8 @@ def run_ray(jobs: list[Job], settings: ExecutorSettings, on_event: OnEvent) -> N
         gpus = 0 if settings.device == "cpu" else ray.cluster_resources().get("GPU", 0)
         task = ray.remote(max_calls=1, max_retries=0)(ray_task).options(num_gpus=1 if gpus else 0, num_cpus=1)
         device = "cuda" if gpus else "cpu"
-        on_event(Note(f"ray: {ray.cluster_resources().get('CPU', 0):.0f} CPUs, {gpus:.0f} GPUs; {len(jobs)} runs, one {device.upper()} each"))
+        on_event(Note(f"ray: {ray.cluster_resources().get('CPU', 0):.0f} CPUs, {gpus:.0f} GPUs; "
+                      f"{len(jobs)} runs, one {device.upper()} each"))
         _drive(ray, {task.remote(job_payload(job, device), str(marker), _snapshot(job.run_dir)): job for job in jobs}, on_event)
     finally:
         marker.unlink(missing_ok=True)

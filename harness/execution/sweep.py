@@ -61,7 +61,8 @@ def precheck(jobs: list[Job], device: torch.device, capacity_gib: float) -> tupl
         if need is not None and need > capacity_gib:
             error = f"needs about {need:.2f} GiB (estimate), {capacity_gib:.2f} GiB available on {device.type}: not launched"
             write_json_atomic(job.run_dir / "summary.json",
-                              {"run_id": job.cfg.run_id, "status": "infeasible", "error": error, "memory_estimate": est, "capacity_gib": capacity_gib})
+                              {"run_id": job.cfg.run_id, "status": "infeasible", "error": error, "memory_estimate": est,
+                               "capacity_gib": capacity_gib})
             infeasible.append(job)
         else:
             (job.run_dir / "summary.json").unlink(missing_ok=True)  # an earlier sweep's `infeasible`
@@ -85,7 +86,8 @@ def mirror_verdicts(jobs: list[Job], verdicts) -> None:
     from harness.tracking.wandb import WandbSettings, record_verdicts
 
     root = jobs[0].run_dir.parent
-    fields = {root / r.run_id: {"verdict/run": r.verdict, "verdict/cell": v.status, "verdict/reason": v.reason} for v in verdicts for r in v.runs}
+    fields = {root / r.run_id: {"verdict/run": r.verdict, "verdict/cell": v.status, "verdict/reason": v.reason}
+              for v in verdicts for r in v.runs}
     record_verdicts(fields, WandbSettings(**settings), group=jobs[0].options.matrix)
 
 

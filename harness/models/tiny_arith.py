@@ -102,7 +102,8 @@ def _train_into(out: Path, recipe: dict, log) -> None:
     start = time.time()
     torch.manual_seed(recipe["seed"])
     tokenizer = make_tokenizer()
-    arch = {k: recipe[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size", "max_position_embeddings")}
+    arch = {k: recipe[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                   "num_key_value_heads", "vocab_size", "max_position_embeddings")}
     config = Qwen2Config(**arch, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None)
     model = Qwen2ForCausalLM(config)
 
@@ -113,7 +114,8 @@ def _train_into(out: Path, recipe: dict, log) -> None:
     rng = random.Random(recipe["seed"])
     history, best = [], None
     middle = sum(recipe["target"]) / 2
-    log(f"building builtin:tiny-arith ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), once; cached at {out.parent}")
+    log(f"building builtin:tiny-arith ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), once; "
+        f"cached at {out.parent}")
     for step in range(1, recipe["max_steps"] + 1):
         batch = rng.sample(train, recipe["batch_size"])
         input_ids, labels = _sft_batch(tokenizer, batch)

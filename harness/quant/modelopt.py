@@ -65,7 +65,8 @@ def route_nvfp4_to_cpu(config: dict) -> dict:
     nvfp4_cpu.register()
     for entry in config.get("quant_cfg", []):
         c = entry.get("cfg") if isinstance(entry, dict) else None
-        if isinstance(c, dict) and c.get("num_bits") in ((2, 1), [2, 1]) and (c.get("block_sizes") or {}).get("type") == "dynamic":
+        if (isinstance(c, dict) and c.get("num_bits") in ((2, 1), [2, 1])
+                and (c.get("block_sizes") or {}).get("type") == "dynamic"):
             c["backend"] = nvfp4_cpu.BACKEND
     return config
 
@@ -101,7 +102,8 @@ def calibration_texts(cfg) -> list[str]:
         try:
             import datasets
         except ImportError:
-            raise ValueError(f"modelopt.quant_calib_dataset {source!r} is not a file; an HF dataset needs `pip install quant-rl-harness[eval]`") from None
+            raise ValueError(f"modelopt.quant_calib_dataset {source!r} is not a file; "
+                             "an HF dataset needs `pip install quant-rl-harness[eval]`") from None
         rows = datasets.load_dataset(source, split="train").select(range(n))
     texts = [r.get("text") or r.get("prompt") or r.get("question") for r in list(rows)[:n]]
     if not all(isinstance(t, str) for t in texts):

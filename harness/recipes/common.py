@@ -161,11 +161,13 @@ def end_step(s: Setup, step: int, metrics: dict, sampled: Sampled) -> None:
         bad = sorted(k for k, v in metrics.items() if not (v == v and abs(v) != float("inf")))
         raise NonFinite(f"non-finite {', '.join(bad)} at step {step}")
     if step % t.eval_every == 0 or step == t.steps:
-        metrics |= {"eval/reward": evaluate(s.engine, s.task, s.task.eval), "eval/n": len(s.task.eval)}  # n: the eval's binomial error
+        # n: the eval's binomial error
+        metrics |= {"eval/reward": evaluate(s.engine, s.task, s.task.eval), "eval/n": len(s.task.eval)}
     tracker.log(metrics, step)
     if step in (1, t.steps):  # what the model wrote at the start and at the end, one per prompt
         picks = range(0, min(len(grouped), 4 * t.group_size), t.group_size)
-        tracker.log_samples([{"prompt": grouped[i].prompt, "completion": batch.texts[i], "reward": rewards[i].item()} for i in picks], step)
+        tracker.log_samples([{"prompt": grouped[i].prompt, "completion": batch.texts[i], "reward": rewards[i].item()}
+                             for i in picks], step)
     if step % t.checkpoint_every == 0 or step == t.steps:
         checkpoint.save(s.ctx.run_dir, s.model, s.optimizer, s.rng, step)
     s.ctx.progress(step=step, total=t.steps, reward=metrics["reward/mean"], eval=metrics.get("eval/reward"))

@@ -58,7 +58,8 @@ def loss(logp, ref_logp, mask, n_pairs: int, beta: float) -> tuple[torch.Tensor,
     seq, ref_seq = sequence_logprob(logp, mask), sequence_logprob(ref_logp, mask)
     per_pair, chosen, rejected = dpo_loss(seq[:n_pairs], seq[n_pairs:], ref_seq[:n_pairs], ref_seq[n_pairs:], beta)
     return per_pair.mean(), {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
-                             "rewards/margins": (chosen - rejected).mean(), "rewards/accuracies": (chosen > rejected).float().mean()}
+                             "rewards/margins": (chosen - rejected).mean(),
+                             "rewards/accuracies": (chosen > rejected).float().mean()}
 
 
 def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, progress=lambda **kw: None) -> dict:

@@ -20,7 +20,8 @@ def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return rewards.view(-1, group_size).float().std(1) == 0
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group",
+                     eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
     """r - mean_group for consecutive groups of `group_size` completions, divided by the group's std
     (scale "group", GRPO), the whole batch's std ("batch") or nothing ("none", Dr. GRPO).
 
@@ -93,7 +94,8 @@ def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion
     attention = torch.cat([prompt_mask, completion_mask], dim=1)
     position_ids = (attention.cumsum(1) - 1).clamp(min=0)
     n_completion = completion_ids.shape[1]
-    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, logits_to_keep=n_completion + 1).logits
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
+                   logits_to_keep=n_completion + 1).logits
     return logits[:, :-1].float() / temperature
 
 

@@ -95,7 +95,8 @@ def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, p
 
             metrics = buf.means()
             metrics |= system_metrics(s, sampled, train, t.updates_per_batch * token_count(batch.prompt_mask, mask))
-            metrics |= {"frac_reward_zero_std": zero_std_groups(rewards, t.group_size).float().mean().item(), "reward/kl_penalised_mean": penalised.mean().item(),
+            metrics |= {"frac_reward_zero_std": zero_std_groups(rewards, t.group_size).float().mean().item(),
+                        "reward/kl_penalised_mean": penalised.mean().item(),
                         **mismatch_metrics(old_logp, batch.sampler_logprobs, mask, t.mismatch_cap)}
             end_step(s, step, metrics, sampled)
         return s.facts

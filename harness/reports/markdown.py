@@ -27,7 +27,8 @@ def md(text) -> str:
 
 def md_table(titles: list[str], rows: list[list[str]]) -> list[str]:
     """A GFM table: the titles escaped, the cells already Markdown (escape what comes from runs with `md`)."""
-    return ["| " + " | ".join(md(t) for t in titles) + " |", "|" + "---|" * len(titles)] + ["| " + " | ".join(r) + " |" for r in rows]
+    return (["| " + " | ".join(md(t) for t in titles) + " |", "|" + "---|" * len(titles)]
+            + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def load(root: Path) -> tuple[dict, list[dict]]:
@@ -90,10 +91,11 @@ def cell_rows(root: Path, matrix: dict, cells: list[dict]) -> list[dict]:
 
 
 # The rollout engines side by side: medians over a cell's steps (pooled over seeds), except the largest memory reading
-ENGINE_METRICS = [("throughput/rollout_tokens_per_s", "rollout tok/s", 0), ("time/rollout_s", "rollout s", 3), ("time/sync_s", "sync s", 3),
-                  ("time/sleep_s", "sleep s", 3), ("time/wake_s", "wake s", 3), ("memory/sleep_freed_gib", "freed by sleep GiB", 2),
-                  ("memory/rollout_peak_gib", "rollout peak GiB", 2), ("memory/device_used_gib", "device used GiB", 2),
-                  ("memory/server_gib", "server GiB", 2), ("mismatch/logprob_diff_mean", "|Δ logprob|", 5), ("mismatch/k3_kl", "k3 KL", 6),
+ENGINE_METRICS = [("throughput/rollout_tokens_per_s", "rollout tok/s", 0), ("time/rollout_s", "rollout s", 3),
+                  ("time/sync_s", "sync s", 3), ("time/sleep_s", "sleep s", 3), ("time/wake_s", "wake s", 3),
+                  ("memory/sleep_freed_gib", "freed by sleep GiB", 2), ("memory/rollout_peak_gib", "rollout peak GiB", 2),
+                  ("memory/device_used_gib", "device used GiB", 2), ("memory/server_gib", "server GiB", 2),
+                  ("mismatch/logprob_diff_mean", "|Δ logprob|", 5), ("mismatch/k3_kl", "k3 KL", 6),
                   ("mismatch/is_ratio_mean", "IS ratio", 4), ("mismatch/ratio_out_of_cap_frac", "ratio out of cap", 4)]
 ENGINE_COLUMNS = [("cell", "cell"), ("engine", "engine"), ("rollout_quant", "rollout weights"), ("hand_off", "hand-off")] + \
                  [(k, title) for k, title, _ in ENGINE_METRICS]
@@ -125,7 +127,8 @@ def engine_rows(root: Path, cells: list[dict]) -> list[dict]:
 
 
 LM_EVAL_COLUMNS = [("cell", "cell"), ("task", "task"), ("metric", "metric"), ("quantized", "quantized base + adapter"),
-                   ("bf16", "bf16 base + adapter"), ("eval_reward", "harness last eval/reward"), ("n", "documents"), ("seeds", "seeds")]
+                   ("bf16", "bf16 base + adapter"), ("eval_reward", "harness last eval/reward"),
+                   ("n", "documents"), ("seeds", "seeds")]
 LM_EVAL_TEXT = ("lm-evaluation-harness on each run's final policy after training (eval.lm_eval in the matrix), mean over the "
                 "cell's seeds. qrl_* tasks score the run's own held-out set, so they should agree with its eval/reward; "
                 "the bf16 column puts the same adapter on the unquantized base.")
@@ -139,29 +142,30 @@ def lm_eval_rows(cells: list[dict]) -> list[dict]:
         done = [r for r in runs if "quantized" in r["lm_eval"]]
         for task in sorted({t for r in done for t in r["lm_eval"]["quantized"]}):
             scores = lambda r, key: (r["lm_eval"].get(key) or {}).get(task) or {}  # noqa: E731
-            names = sorted({m for r in done for m, v in scores(r, "quantized").items() if m != "n" and not m.endswith("_stderr")
-                            and isinstance(v, (int, float))})
+            names = sorted({m for r in done for m, v in scores(r, "quantized").items()
+                            if m != "n" and not m.endswith("_stderr") and isinstance(v, (int, float))})
             for metric in names:
                 pick = lambda key: [x for r in done if isinstance(x := scores(r, key).get(metric), (int, float))]  # noqa: E731
                 rows.append({"cell": cell["name"], "task": task, "metric": metric,
                              "quantized": number(mean(pick("quantized"))), "bf16": number(mean(pick("bf16"))),
                              # the last eval: the policy lm-eval scored
                              "eval_reward": number(mean([r["eval_end"] for r in done if r["eval_end"] is not None])),
-                             "n": str(scores(done[0], "quantized").get("n", "–")), "seeds": f"{len(done)}/{len(cell['runs'])}"})
+                             "n": str(scores(done[0], "quantized").get("n", "–")),
+                             "seeds": f"{len(done)}/{len(cell['runs'])}"})
         for r in runs:
             if "error" in r["lm_eval"]:
-                rows.append({"cell": cell["name"], "task": "(failed)", "metric": r["lm_eval"]["error"], "quantized": "–", "bf16": "–",
-                             "eval_reward": "–", "n": "–", "seeds": f"seed {r['seed']}"})
+                rows.append({"cell": cell["name"], "task": "(failed)", "metric": r["lm_eval"]["error"],
+                             "quantized": "–", "bf16": "–", "eval_reward": "–", "n": "–", "seeds": f"seed {r['seed']}"})
     return rows
 
 
 COLUMNS = [("workflow", "Workflow"), ("quantization", "Quantization"), ("colocation", "Colocation"), ("variant", "Variant"),
            ("status", "Status"), ("eval_start", "eval/reward start"), ("eval_end", "final eval/reward [CI] ±1 eval se"),
-           ("delta", "Δ vs baseline [one-sided bounds]"), ("max_kl", "KL median max / step max (spikes)"), ("entropy", "final entropy"),
-           ("memory", "peak mem GiB (est.)"), ("tokens_per_s", "rollout tok/s"), ("step_s", "median step s"), ("seeds", "seeds"),
-           ("reason", "why")]
-STATUS_MARK = {"Converges": "✅", "Inconclusive": "❔", "Convergence issue": "⚠️", "Does not converge": "❌", "Error": "💥", "Infeasible": "🚫", "Incomplete": "⏳",
-               "Smoke tested": "🔹"}
+           ("delta", "Δ vs baseline [one-sided bounds]"), ("max_kl", "KL median max / step max (spikes)"),
+           ("entropy", "final entropy"), ("memory", "peak mem GiB (est.)"), ("tokens_per_s", "rollout tok/s"),
+           ("step_s", "median step s"), ("seeds", "seeds"), ("reason", "why")]
+STATUS_MARK = {"Converges": "✅", "Inconclusive": "❔", "Convergence issue": "⚠️", "Does not converge": "❌", "Error": "💥",
+               "Infeasible": "🚫", "Incomplete": "⏳", "Smoke tested": "🔹"}
 
 
 def algorithm_grid(rows: list[dict]) -> tuple[list[str], list[tuple[str, dict[str, tuple[str, str]]]]]:
@@ -172,7 +176,8 @@ def algorithm_grid(rows: list[dict]) -> tuple[list[str], list[tuple[str, dict[st
         return [], []
     grid: dict[str, dict[str, tuple[str, str]]] = {}
     for r in rows:
-        label = " · ".join(x for x in (r["quantization"], r["colocation"], r["variant"].replace("(baseline)", "").strip()) if x and x != "?")
+        label = " · ".join(x for x in (r["quantization"], r["colocation"], r["variant"].replace("(baseline)", "").strip())
+                           if x and x != "?")
         grid.setdefault(label, {})[r["workflow"]] = (r["status"], r["eval_end_mean"])
     return algorithms, list(grid.items())
 
@@ -182,27 +187,33 @@ def method_text(matrix: dict) -> str:
     base = ", ".join(f"{k}={v}" for k, v in matrix["baseline"].items()) or "none"
     return (
         f"eval/reward is greedy accuracy on held-out prompts. A run's final score is the mean of its evals in the last "
-        f"{c['final_window']:.0%} of training (one eval is too noisy to judge on); ± gives one eval's binomial standard error at that "
+        f"{c['final_window']:.0%} of training (one eval is too noisy to judge on); "
+        f"± gives one eval's binomial standard error at that "
         f"score. Its gain is that score minus the step-0 eval; it learns when the gain is ≥ {c['min_gain']}. It diverges on a "
         f"non-finite value, on a sustained KL rise (the median of kl over {c['kl_window']} steps above {c['kl_max']}; only for "
         f"recipes with a KL term in their loss: grpo and rloo with beta > 0) or when its final score and its last eval both fall "
-        f"more than {c['drop_max']} below its best eval. Single steps of kl above {c['kl_max']} are counted as spikes and shown, not judged: the k3 estimator is "
+        f"more than {c['drop_max']} below its best eval. Single steps of kl above {c['kl_max']} are counted as spikes and "
+        f"shown, not judged: the k3 estimator is "
         f"heavy-tailed. A cell's final eval/reward: mean over the seeds that trained to the end, with a two-sided "
         f"{c['confidence']:.0%} t-interval. Δ vs baseline: that minus the baseline cell's ({base}, same other axes), with its "
-        f"one-sided {c['confidence']:.0%} bounds in brackets (each one-sided, so together a {2 * c['confidence'] - 1:.0%} interval; paired by seed when both cells finished the same seeds, Welch otherwise). "
+        f"one-sided {c['confidence']:.0%} bounds in brackets (each one-sided, so together a {2 * c['confidence'] - 1:.0%} "
+        f"interval; paired by seed when both cells finished the same seeds, Welch otherwise). "
         f"Converges: every seed learns and is stable, and the lower bound is above -{c['tolerance']} (the baseline cell: "
         f"learning and stability alone). Inconclusive: the bounds straddle -{c['tolerance']}; the reason gives the seeds that "
         f"would likely decide it. Convergence issue: the upper bound is below -{c['tolerance']} (shown worse), or some seeds "
-        f"diverge, collapse or do not learn while others learn, or seeds learn but diverge. Does not converge: no seed learns. A cell whose baseline cell is excluded is at most 'Smoke "
+        f"diverge, collapse or do not learn while others learn, or seeds learn but diverge. Does not converge: no seed learns. "
+        f"A cell whose baseline cell is excluded is at most 'Smoke "
         f"tested', as is one with fewer than {c['min_seeds']} finished seeds. Peak memory: the CUDA allocator's peak on GPU, the "
-        "process's peak RSS on CPU; in brackets the pre-check's estimate of it (harness/execution/memory_fit.py), made before the run was "
+        "process's peak RSS on CPU; in brackets the pre-check's estimate of it (harness/execution/memory_fit.py), "
+        "made before the run was "
         "launched. Infeasible: that estimate did not fit the device, so the run was not launched."
     )
 
 
 ENGINE_TEXT = ("Medians over every training step of a cell's seeds; memory columns give the largest reading. rollout s is "
                "generation alone; sync s pushes the trainer's adapter (or weights) into vLLM; sleep/wake s and 'freed by sleep' "
-               "are the colocated hand-off on CUDA (vLLM has none on CPU). rollout peak: the trainer process's allocator (CUDA) or "
+               "are the colocated hand-off on CUDA (vLLM has none on CPU). "
+               "rollout peak: the trainer process's allocator (CUDA) or "
                "RSS (CPU); device used: the whole GPU, vLLM's reservation included; server: the vllm serve process's RSS, or its "
                "GPU when it has one. Mismatch compares the trainer's recomputed log-probs of the sampled tokens with the "
                "engine's: |Δ logprob| per token, k3 estimate of KL(sampler || trainer), mean p_train/p_sampler, and the share of "
@@ -216,16 +227,20 @@ def write_markdown(root: Path, out_dir: Path, matrix: dict, cells: list[dict], r
              f"Regenerate: `harness report {name}`. Re-run: `make sweep MATRIX={name}`. Plots: `report.html`.", "",
              *([notes, ""] if (notes := report_notes(out_dir)) else []),
              *md_table([title for _, title in COLUMNS],
-                       [[f"{STATUS_MARK.get(row['status'], '')} **{md(row['status'])}**" if k == "status" else md(row[k]) for k, _ in COLUMNS]
+                       [[f"{STATUS_MARK.get(row['status'], '')} **{md(row['status'])}**" if k == "status" else md(row[k])
+                         for k, _ in COLUMNS]
                         for row in rows])]
     algorithms, grid = algorithm_grid(rows)
     if grid:
         mark = lambda x: f"{STATUS_MARK.get(x[0], '')} {md(x[0])}, {md(x[1])}" if x else "–"  # noqa: E731
         lines += ["", "### By algorithm", "",
-                  *md_table(["Quantization · colocation", *algorithms], [[md(label)] + [mark(by.get(a)) for a in algorithms] for label, by in grid])]
-    run_titles = ["cell", "seed", "run", "verdict", "eval start → final (last)", "KL median max / step max (spikes)", "final entropy", "reason"]
+                  *md_table(["Quantization · colocation", *algorithms],
+                            [[md(label)] + [mark(by.get(a)) for a in algorithms] for label, by in grid])]
+    run_titles = ["cell", "seed", "run", "verdict", "eval start → final (last)", "KL median max / step max (spikes)",
+                  "final entropy", "reason"]
     lines += ["", md(method_text(matrix)), "", "## Runs", "",
-              *md_table(run_titles, [[md(cell["name"]), md(r["seed"]), f"[{md(r['run_id'])}]({runs_link}/{r['run_id']}/)", md(r["verdict"]),
+              *md_table(run_titles, [[md(cell["name"]), md(r["seed"]),
+                                      f"[{md(r['run_id'])}]({runs_link}/{r['run_id']}/)", md(r["verdict"]),
                                       f"{number(r['eval_start'])} → {number(r['eval_final'])} ({number(r['eval_end'])})",
                                       md(kl_text([r])), number(r["final_entropy"]), md(r["reason"])]
                                      for cell in cells for r in cell["runs"]])]
@@ -237,7 +252,8 @@ def write_markdown(root: Path, out_dir: Path, matrix: dict, cells: list[dict], r
         lines += ["", "## Held-out evaluation (lm-eval)", "", md(LM_EVAL_TEXT), "",
                   *md_table([title for _, title in LM_EVAL_COLUMNS], [[md(row[k]) for k, _ in LM_EVAL_COLUMNS] for row in evals])]
     lines += ["", "## Rollout engines", "", md(ENGINE_TEXT), "",
-              *md_table([title for _, title in ENGINE_COLUMNS], [[md(row[k]) for k, _ in ENGINE_COLUMNS] for row in engine_rows(root, cells)])]
+              *md_table([title for _, title in ENGINE_COLUMNS],
+                        [[md(row[k]) for k, _ in ENGINE_COLUMNS] for row in engine_rows(root, cells)])]
     env = first_env(root, cells)
     if env:
         lines += ["", "## Environment", "", f"- device: {md(env.get('device'))}", f"- git commit: `{md(env.get('git_commit'))}`"]

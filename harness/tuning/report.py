@@ -25,8 +25,9 @@ from harness.reports.html import CSS, e
 from harness.reports.markdown import md
 from harness.tuning.study import Study, best_trials, shown, tally
 
-COLUMNS = [("number", "trial"), ("state", "state"), ("params", "parameters"), ("values", "objective"), ("eval_start", "eval start"),
-           ("steps", "steps"), ("memory", "peak GiB"), ("wall", "wall s"), ("worker", "worker"), ("run", "run"), ("note", "note")]
+COLUMNS = [("number", "trial"), ("state", "state"), ("params", "parameters"), ("values", "objective"),
+           ("eval_start", "eval start"), ("steps", "steps"), ("memory", "peak GiB"), ("wall", "wall s"), ("worker", "worker"),
+           ("run", "run"), ("note", "note")]
 
 
 IMPORTANCE_TEXT = ("Optuna's PED-ANOVA importances over the {n} finished trials: how far each parameter's values among the "
@@ -131,7 +132,8 @@ def plots(s: optuna.Study, study: Study, plot_dir: Path) -> dict[str, Path | str
     wanted = {"optimization history": lambda: vm.plot_optimization_history(s, target=first if len(s.directions) > 1 else None,
                                                                            target_name="final eval/reward")}
     if len(params) >= 2:
-        wanted[f"contour of {params[0]} × {params[1]}"] = lambda: vm.plot_contour(s, params=params[:2], target=first if len(s.directions) > 1 else None,
+        wanted[f"contour of {params[0]} × {params[1]}"] = lambda: vm.plot_contour(s, params=params[:2],
+                                                                              target=first if len(s.directions) > 1 else None,
                                                                               target_name="final eval/reward")
     if len(s.directions) > 1:
         wanted["Pareto front"] = lambda: vm.plot_pareto_front(s, target_names=list(study.spec.objectives))
@@ -208,18 +210,20 @@ def _spread_text(info: dict) -> str:
 
 def _counts_text(info: dict) -> str:
     c = info["counts"]
-    return (f"{c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed ({c['lost']} of them lost: killed or interrupted), "
-            f"{c['running']} running, {c['waiting']} waiting")
+    return (f"{c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed "
+            f"({c['lost']} of them lost: killed or interrupted), {c['running']} running, {c['waiting']} waiting")
 
 
 def _setup_text(study: Study) -> str:
     spec = study.spec
     space = "; ".join(f"{k}: " + (f"one of {p.choices}" if p.choices is not None else f"{'log-' if p.log else ''}uniform "
                                    f"{'integer ' if p.int else ''}[{p.low:g}, {p.high:g}]") for k, p in spec.params.items())
-    alpha = "lora.alpha follows lora.r at the matrix's alpha/r" if spec.lora_alpha == "ratio" else "lora.alpha as the matrix sets it"
+    alpha = ("lora.alpha follows lora.r at the matrix's alpha/r" if spec.lora_alpha == "ratio"
+             else "lora.alpha as the matrix sets it")
     objectives = " and ".join(f"{o} ({d})" for o, d in zip(spec.objectives, spec.directions))
     return (f"Search space: {space}; {alpha}. Objective: {objectives}, from each trial's final held-out evaluation "
-            f"(seed {study.cell_cfg.seed}, {study.cell_cfg.train.steps} steps). Sampler: {spec.sampler}; pruner: {spec.pruner.name}. "
+            f"(seed {study.cell_cfg.seed}, {study.cell_cfg.train.steps} steps). "
+            f"Sampler: {spec.sampler}; pruner: {spec.pruner.name}. "
             f"Each trial is an ordinary run of the cell under results/{study.matrix}/tune/{study.name}/.")
 
 
@@ -249,26 +253,32 @@ def _html(study: Study, info: dict, rows: list[dict], figs: dict, out_dir: Path)
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title><style>{CSS}"
              ".fig{max-width:640px;border:1px solid #eee}</style></head><body>",
              f"<h1>Tuning <code>{e(study.matrix)}</code>: {e(study.cell)}</h1>",
-             f"<p class='muted'>Study <code>{e(study.name)}</code> in <code>{e(shown(study.storage))}</code>. {e(_counts_text(info))}. "
+             f"<p class='muted'>Study <code>{e(study.name)}</code> in <code>{e(shown(study.storage))}</code>. "
+             f"{e(_counts_text(info))}. "
              f"<a href='report.html'>The matrix's report</a>.</p><p class='muted'>{e(_setup_text(study))}</p>",
              "<h2>Best" + (" (Pareto front)" if len(study.spec.objectives) > 1 else "") + "</h2><ul id='best'>"]
-    parts += [f"<li><b>{e(label)}</b>: {e(text)}</li>" for label, text in _best_lines(study, info)] or ["<li>none finished yet</li>"]
+    parts += ([f"<li><b>{e(label)}</b>: {e(text)}</li>" for label, text in _best_lines(study, info)]
+              or ["<li>none finished yet</li>"])
     parts.append(f"</ul><p>{e(_spread_text(info))}</p><h2>Commands</h2><ul>")
     parts += [f"<li>{e(label)}: <code>{e(cmd)}</code></li>" for label, cmd in _commands(study)]
     parts.append("</ul><h2>Parameter importances</h2>")
     imp = info["importances"]
-    parts.append(f"<p class='muted'>{e(IMPORTANCE_TEXT.format(n=info['counts']['complete']))}</p><table>" + "".join(f"<tr><th>{e(k)}</th><td class='num'>{v:.3f}</td></tr>" for k, v in imp.items()) + "</table>"
+    parts.append(f"<p class='muted'>{e(IMPORTANCE_TEXT.format(n=info['counts']['complete']))}</p><table>"
+                 + "".join(f"<tr><th>{e(k)}</th><td class='num'>{v:.3f}</td></tr>" for k, v in imp.items()) + "</table>"
                  if isinstance(imp, dict) else f"<p class='muted'>{e(imp)}</p>")
     parts.append("<h2>Plots</h2><div class='plots'>")
     for name, fig in figs.items():
         if isinstance(fig, Path):
             data = base64.b64encode(fig.read_bytes()).decode()
-            parts.append(f"<figure><img class='fig' alt='{e(name)}' src='data:image/svg+xml;base64,{data}'><figcaption>{e(name)}</figcaption></figure>")
+            parts.append(f"<figure><img class='fig' alt='{e(name)}' src='data:image/svg+xml;base64,{data}'>"
+                         f"<figcaption>{e(name)}</figcaption></figure>")
         else:
             parts.append(f"<p class='muted'>{e(name)}: {e(fig)}</p>")
-    parts.append("</div><h2>Trials</h2><div class='scroll'><table id='trials'><tr>" + "".join(f"<th>{e(t)}</th>" for _, t in COLUMNS) + "</tr>")
+    parts.append("</div><h2>Trials</h2><div class='scroll'><table id='trials'><tr>"
+                 + "".join(f"<th>{e(t)}</th>" for _, t in COLUMNS) + "</tr>")
     for r in rows:
-        cells = [f"<a href='{e(r['run_link'])}'>{e(r['run'])}</a>" if k == "run" and r["run_link"] else e(r[k]) for k, _ in COLUMNS]
+        cells = [f"<a href='{e(r['run_link'])}'>{e(r['run'])}</a>" if k == "run" and r["run_link"] else e(r[k])
+                 for k, _ in COLUMNS]
         parts.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     parts.append("</table></div></body></html>")
     return "".join(parts)

@@ -37,22 +37,24 @@ def open_session(m: Matrix, cell: Cell, trials: int | None = None, name: str | N
 
     problems = check_space(cell.runs[0], m.spec.tune)
     if problems:
-        raise UsageError(f"{m.path}: the tune space makes invalid configs for cell {cell.name}:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise UsageError(f"{m.path}: the tune space makes invalid configs for cell {cell.name}:\n"
+                         + "\n".join(f"  - {p}" for p in problems))
     try:
-        name = folder_name(name) if name else slug(cell.name.replace("=", "-").replace(",", "_"))  # a folder under results/ and reports/
+        # a folder under results/ and reports/
+        name = folder_name(name) if name else slug(cell.name.replace("=", "-").replace(",", "_"))
     except ValueError as e:
         raise UsageError(f"study: {e}") from None
     spec = m.spec.tune
-    s = t.Study(name=name, storage=storage or t.default_storage(results, m.name), matrix=m.name, cell=cell.name, cell_cfg=cell.runs[0],
-                spec=spec, trials=trials or spec.trials, root=results / m.name / "tune" / name)
+    s = t.Study(name=name, storage=storage or t.default_storage(results, m.name), matrix=m.name, cell=cell.name,
+                cell_cfg=cell.runs[0], spec=spec, trials=trials or spec.trials, root=results / m.name / "tune" / name)
     optuna_study, notes = t.create(s)
     return Session(m, cell, s, optuna_study, list(notes))
 
 
 def run_trials(session: Session, workers: int = 1, device: str = "auto", on_trial: Callable | None = None,
                on_step: Callable | None = None, on_progress: Callable[[int], None] | None = None) -> None:
-    """Run the study's remaining trials. One worker runs here (on_trial per finished trial, on_step per step); more are spawned processes,
-    whose progress is read from the storage (on_progress with the number of trials done)."""
+    """Run the study's remaining trials. One worker runs here (on_trial per finished trial, on_step per step);
+    more are spawned processes, whose progress is read from the storage (on_progress with the number of trials done)."""
     from harness.execution.sweep import build_models
     from harness.tuning import study as t
 
@@ -79,7 +81,8 @@ def _work_in_processes(s: Study, workers: int, device: str, on_progress: Callabl
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=t.work, args=(s, i, device), kwargs={"threads": threads}, name=f"tune-worker-{i}") for i in range(workers)]
+    procs = [ctx.Process(target=t.work, args=(s, i, device), kwargs={"threads": threads}, name=f"tune-worker-{i}")
+             for i in range(workers)]
     for p in procs:
         p.start()
     try:

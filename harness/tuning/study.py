@@ -142,7 +142,8 @@ def create(study: Study) -> tuple[optuna.Study, list[str]]:
         first = defaults(study.cell_cfg, study.spec)
         outside = [k for k, v in first.items() if not study.spec.params[k].contains(v)]
         if outside:
-            notes.append(f"the cell's own {', '.join(f'{k}={first[k]}' for k in outside)} is outside the search space: not queued")
+            notes.append(f"the cell's own {', '.join(f'{k}={first[k]}' for k in outside)} is outside the search space: "
+                         "not queued")
         else:
             s.enqueue_trial(first, user_attrs={"queued": "the matrix's values"}, skip_if_exists=True)
     else:
@@ -350,8 +351,8 @@ def apply(matrix_path: Path, cell_key: dict[str, Any], study: Study, trial: optu
         raise FileExistsError(f"{out} exists; pass --out with a new path (nothing is overwritten)")
     cfg = trial_config(study.cell_cfg, study.spec, trial.params)
     if cfg.run_id == study.cell_cfg.run_id:
-        raise ValueError(f"trial {trial.number} ran the matrix's own values {trial.params}: the matrix already is the best found; "
-                         "nothing to apply")
+        raise ValueError(f"trial {trial.number} ran the matrix's own values {trial.params}: "
+                         "the matrix already is the best found; nothing to apply")
     entry = dict(cell_key) | dict(trial.params)
     if study.spec.lora_alpha == "ratio" and "lora.r" in trial.params:
         entry["lora.alpha"] = cfg.lora.alpha
@@ -366,12 +367,14 @@ def apply(matrix_path: Path, cell_key: dict[str, Any], study: Study, trial: optu
     lines = source.splitlines(keepends=True)
     at = next((i for i, line in enumerate(lines) if line.split("#")[0].rstrip() == "include:"), None)
     if at is None and any(line.startswith("include:") for line in lines):
-        raise ValueError(f"{matrix_path}: write its `include:` as a block list (one `- ...` item per line) so a cell can be added")
+        raise ValueError(f"{matrix_path}: write its `include:` as a block list (one `- ...` item per line) "
+                         "so a cell can be added")
     if at is None:
         text = header + source.rstrip("\n") + "\n\ninclude:\n" + _indent(note + item, "  ")
     else:
         nxt = next((line for line in lines[at + 1:] if line.strip() and not line.lstrip().startswith("#")), "  -")
-        text = header + "".join(lines[:at + 1]) + _indent(note + item, nxt[:len(nxt) - len(nxt.lstrip())]) + "".join(lines[at + 1:])
+        text = (header + "".join(lines[:at + 1]) + _indent(note + item, nxt[:len(nxt) - len(nxt.lstrip())])
+                + "".join(lines[at + 1:]))
     with replacing(out, keep=True) as tmp:  # renamed to `out` once it validates; kept beside it when it does not
         tmp.write_text(text)
         try:
