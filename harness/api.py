@@ -196,10 +196,13 @@ def judge(sweep: Plan | str | Path, results: str | Path = "results", write: bool
         raise HarnessError(f"{e}; `harness sweep {root.name}` rewrites it") from None
 
 
-def report(sweep: Plan | str | Path, results: str | Path = "results", reports: str | Path = "reports") -> Path:
-    """Judge the sweep and write reports/<matrix>/report.md and report.html; the Markdown path."""
+def report(sweep: Plan | str | Path, results: str | Path = "results", reports: str | Path = "reports",
+           judged: bool = False) -> Path:
+    """Write reports/<matrix>/report.md and report.html; the Markdown path. The sweep is judged
+    first unless `judged` (its verdicts.json is current)."""
     root = _root(sweep, results)
-    judge(root)
+    if not judged:
+        judge(root)
     return _write_report(root, Path(reports))
 
 
@@ -221,9 +224,11 @@ class SweepResult:
     statuses: Counter  # how the runs ended: ok, failed, killed, oom, infeasible, unfinished...
 
     @property
-    def nothing_trained(self) -> bool:
-        """Every run ended in an error or was infeasible: the sweep has nothing to show."""
-        return bool(self.plan.jobs) and set(self.statuses) <= {*RETRYABLE, "infeasible"}
+    def nothing_trained(self) -> str | None:
+        """'3 failed, 1 oom' when every run ended in an error or was infeasible: the sweep has nothing to show."""
+        if self.plan.jobs and set(self.statuses) <= {*RETRYABLE, "infeasible"}:
+            return ", ".join(f"{n} {s}" for s, n in sorted(self.statuses.items()))
+        return None
 
 
 def sweep(matrix: str | Path | Matrix, results: str | Path = "results", reports: str | Path = "reports",

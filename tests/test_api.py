@@ -57,3 +57,18 @@ def test_the_api_raises_typed_errors_a_caller_can_catch(tmp_path):
     with pytest.raises(SweepNotFound, match="no sweep at .*run `harness sweep nothing` first"):
         harness.judge("nothing", results=tmp_path)
     assert issubclass(UsageError, HarnessError) and issubclass(SweepNotFound, HarnessError)
+
+
+def test_the_api_functions_are_not_shadowed_by_subpackages(tmp_path):
+    """`import harness.reports.html` sets an attribute on `harness`: a subpackage named like an API
+    function (harness/report/, harness/tune/ once) would replace the function after first use."""
+    import importlib
+    import pkgutil
+
+    import harness.api
+
+    for info in pkgutil.walk_packages(harness.__path__, "harness."):
+        if not info.name.startswith("harness.cli"):
+            importlib.import_module(info.name)
+    for name in harness.__all__:
+        assert getattr(harness, name) is getattr(harness.api, name, None) or name == "HarnessError", name

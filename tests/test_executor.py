@@ -38,3 +38,20 @@ def test_a_runs_console_line_shows_its_id_whatever_it_starts_with(tmp_path):
     ok, killed = console.export_text().splitlines()
     assert f"seed={cfg.seed} [{cfg.run_id}] eval 0.500 → 0.750" in ok
     assert f"[{cfg.run_id}] killed: by [bold]SIGKILL[/bold]" in killed
+
+
+def test_a_parent_reports_a_childs_step_once_per_new_step(tmp_path):
+    """The local and Ray executors poll metrics.jsonl; a poll that finds no new step says nothing."""
+    from harness.execution.jobs import Job
+    from harness.execution.lifecycle import report_step
+    from harness.tracking.files import JsonlTracker
+
+    job, seen, events = Job(RunConfig(), tmp_path), {}, []
+    report_step(job, seen, events.append)  # nothing logged yet: step 0
+    tracker = JsonlTracker(tmp_path)
+    tracker.log({"reward/mean": 0.25}, 1)
+    report_step(job, seen, events.append)
+    report_step(job, seen, events.append)
+    tracker.log({"reward/mean": 0.5, "eval/reward": 0.75}, 2)
+    report_step(job, seen, events.append)
+    assert [(e.step, e.reward, e.eval) for e in events] == [(0, None, None), (1, 0.25, None), (2, 0.5, 0.75)]

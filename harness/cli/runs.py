@@ -63,15 +63,11 @@ def sweep(
         return
     with failing():
         chosen = api.settings(executor, jobs, device, ray_address)
-        planned = api.plan(m, results, wandb=wandb)
-    _execute(planned, chosen, memory_gib, retries)
-    from harness.execution.sweep import mirror_verdicts, nothing_trained
-
-    verdicts = _judge_and_report(planned.root, reports)
-    mirror_verdicts(list(planned.jobs), verdicts)
-    failed = nothing_trained(list(planned.jobs))
-    if failed:
-        console.print(f"[red]no run of {printable(m.name)} trained[/]: {failed}. "
+    with failing(), interruptible(RESUME), _progress() as progress:
+        result = api.sweep(m, results, reports, chosen, memory_gib, wandb, retries, progress)
+    _show_verdicts(result.plan.root.name, result.verdicts, result.report)
+    if result.nothing_trained:
+        console.print(f"[red]no run of {printable(m.name)} trained[/]: {result.nothing_trained}. "
                       "Each run's error is in the report and its summary.json")
         raise typer.Exit(1)
 
@@ -161,20 +157,29 @@ def _list_cells(m) -> None:
     console.print(table)
 
 
-def _execute(jobs, chosen, memory_gib: float | None, retries) -> None:
+def _progress():
     from harness.execution.progress import RichProgress
 
-    with failing(), interruptible(RESUME), RichProgress(console) as progress:
+    return RichProgress(console)
+
+
+def _execute(jobs, chosen, memory_gib: float | None, retries) -> None:
+    with failing(), interruptible(RESUME), _progress() as progress:
         api.execute(jobs, chosen, memory_gib, retries, progress)
 
 
-def _judge_and_report(root: Path, reports: Path) -> list:
+def _judge_and_report(root: Path, reports: Path) -> None:
     if not (root / "matrix.json").exists():
         raise fail(f"no sweep at {root} (no matrix.json): run `harness sweep {root.name}` first")
     with failing():
         verdicts = api.judge(root)
-        path = api._write_report(root, reports)
-    table = Table("cell", "status", "eval start → final", "why", title=f"{root.name}: convergence", title_justify="left")
+        path = api.report(root, reports=reports, judged=True)
+    _show_verdicts(root.name, verdicts, path)
+
+
+def _show_verdicts(name: str, verdicts: list, path: Path) -> None:
+    """The convergence table, the runs that could not be trusted, where the report is."""
+    table = Table("cell", "status", "eval start → final", "why", title=f"{name}: convergence", title_justify="left")
     for v in verdicts:
         start = number(mean(v.stat("eval_start")))
         end = number(v.eval_final_mean)  # the report's: runs that trained to the end
@@ -186,4 +191,3 @@ def _judge_and_report(root: Path, reports: Path) -> list:
         for r in untrusted:
             console.print(f"  {printable(r.run_id)} seed {r.seed}: {printable(r.damage)}")
     console.print(f"report: {printable(path)} and {printable(path.with_suffix('.html'))}")
-    return verdicts

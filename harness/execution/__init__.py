@@ -1,4 +1,5 @@
-"""Running runs: a run's lifecycle, the local/Ray/sequential executors, the worker process, memory fit."""
+"""Running runs: jobs and the events they emit, a run's lifecycle, the local/Ray/sequential executors,
+the worker process, memory fit. `Executor` is the type every executor in registries.EXECUTORS has."""
 
 from __future__ import annotations
 

@@ -119,12 +119,14 @@ def execute(jobs: list[Job], executor: str, settings: ExecutorSettings, on_event
 
 # --- shared by the executors that run each job in a process of its own (local, ray)
 
-def last_step(job: Job) -> Stepped:
-    """The last logged step from metrics.jsonl: how a parent follows a child's progress."""
+def report_step(job: Job, seen: dict[Path, int], on_event: OnEvent) -> None:
+    """A Stepped event from metrics.jsonl when the run logged a step since the last look (`seen`):
+    how a parent follows a child's progress without repeating itself."""
     rows = read_metrics(job.run_dir)
-    if not rows:
-        return Stepped(job, 0)
-    return Stepped(job, rows[-1]["step"], rows[-1].get("reward/mean"), rows[-1].get("eval/reward"))
+    last = rows[-1] if rows else {"step": 0}
+    if seen.get(job.run_dir) != last["step"]:
+        seen[job.run_dir] = last["step"]
+        on_event(Stepped(job, last["step"], last.get("reward/mean"), last.get("eval/reward")))
 
 
 def record_lost(job: Job, status: str, error: str) -> dict:

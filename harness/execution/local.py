@@ -24,7 +24,7 @@ import torch
 from harness.common.files import write_json_atomic
 from harness.execution.events import Ended, Note, OnEvent, Started
 from harness.execution.jobs import ExecutorSettings, Job
-from harness.execution.lifecycle import last_step, record_lost
+from harness.execution.lifecycle import record_lost, report_step
 from harness.execution.worker import job_payload
 from harness.results.layout import read_json
 
@@ -76,6 +76,7 @@ def pinned_gpus(device: str) -> list[str]:
 def run_local(jobs: list[Job], settings: ExecutorSettings, on_event: OnEvent) -> None:
     free, queue = slots(settings), list(jobs)
     running: dict[subprocess.Popen, tuple[Job, Slot]] = {}
+    seen: dict = {}  # run folder -> the last step reported
     if len(free) > 1:
         on_event(Note(f"{len(free)} runs at a time ({', '.join(s.env.get('CUDA_VISIBLE_DEVICES', 'cpu') for s in free)}); "
                       "each run's output goes to its worker.log"))
@@ -88,7 +89,7 @@ def run_local(jobs: list[Job], settings: ExecutorSettings, on_event: OnEvent) ->
                     on_event(Started(job))
                 time.sleep(POLL_S)
                 for proc, (job, slot) in list(running.items()):
-                    on_event(last_step(job))
+                    report_step(job, seen, on_event)
                     if proc.poll() is None:
                         continue
                     del running[proc]

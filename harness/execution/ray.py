@@ -22,7 +22,7 @@ from pathlib import Path
 from harness.common.files import write_json_atomic
 from harness.execution.events import Ended, Note, OnEvent, Started
 from harness.execution.jobs import ExecutorSettings, Job
-from harness.execution.lifecycle import last_step, record_lost
+from harness.execution.lifecycle import record_lost, report_step
 from harness.execution.worker import job_payload
 from harness.results.layout import read_json
 
@@ -58,13 +58,14 @@ def run_ray(jobs: list[Job], settings: ExecutorSettings, on_event: OnEvent) -> N
 
 
 def _drive(ray, refs: dict, on_event: OnEvent) -> None:
+    seen: dict = {}  # run folder -> the last step reported
     for job in refs.values():
         on_event(Started(job))  # queued on the cluster: Ray starts them as it has room
     try:
         while refs:
             ready, _ = ray.wait(list(refs), num_returns=1, timeout=POLL_S)
             for job in refs.values():
-                on_event(last_step(job))
+                report_step(job, seen, on_event)
             for ref in ready:
                 job = refs.pop(ref)
                 on_event(Ended(job, _collect(ray, ref, job)))

@@ -100,11 +100,3 @@ def kept_errors(jobs: list[Job]) -> str:
     """'2 failed, 1 killed': the finished runs among `jobs` that ended in an error ('' when none did)."""
     counts = statuses(jobs)
     return ", ".join(f"{counts[s]} {s}" for s in RETRYABLE if counts[s])
-
-
-def nothing_trained(jobs: list[Job]) -> str | None:
-    """'3 failed, 1 oom' when every run ended in an error or was infeasible, so the sweep has nothing to show."""
-    counts = statuses(jobs)
-    if jobs and set(counts) <= {*RETRYABLE, "infeasible"}:
-        return ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    return None

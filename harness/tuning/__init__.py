@@ -1,1 +1,1 @@
-"""Optuna searches over a cell's `tune:` space, and their report."""
+"""Optuna searches over a cell's `tune:` space: the study, a session from start to end, the report."""
