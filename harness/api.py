@@ -73,7 +73,7 @@ def plan(matrix: str | Path | Matrix, results: str | Path = "results", cells: st
 
     m = load(matrix)
     if wandb not in (None, *WANDB_MODES):
-        raise UsageError(f"wandb {wandb!r}: valid: {', '.join(WANDB_MODES)}")
+        raise UsageError(f"wandb {wandb!r}: valid: {', '.join(WANDB_MODES)}", "wandb")
     chosen = select(m, cells) if isinstance(cells, str) else cells
     try:
         jobs = jobs_of(m, Path(results), chosen, wandb)
@@ -83,7 +83,7 @@ def plan(matrix: str | Path | Matrix, results: str | Path = "results", cells: st
         jobs = [j for j in jobs if j.cfg.seed == seed]
         if not jobs:
             raise UsageError(f"seed {seed}: the chosen cells' seeds are "
-                             f"{sorted({r.seed for c in chosen or m.cells for r in c.runs})}")
+                             f"{sorted({r.seed for c in chosen or m.cells for r in c.runs})}", "seed")
     return Plan(m, Path(results), tuple(jobs))
 
 
@@ -92,29 +92,43 @@ def select(m: Matrix, cells: str) -> list[Cell]:
     try:
         chosen = m.select(cells)
     except ValueError as e:
-        raise UsageError(f"cell {cells!r}: {e}") from None
+        raise UsageError(f"cell {cells!r}: {e}", "cell") from None
     if not chosen:
-        raise UsageError(f"cell {cells!r} matches no cell of {m.name}; cells:\n" + "\n".join(f"  {c.name}" for c in m.cells))
+        listing = "\n".join(f"  {c.name}" for c in m.cells)
+        raise UsageError(f"cell {cells!r} matches no cell of {m.name}; cells:\n{listing}", "cell")
     return chosen
 
 
+def one_cell(m: Matrix, cells: str | None) -> Cell:
+    """The one cell of `m` that `cells` selects; UsageError listing the cells when it is not exactly one."""
+    try:
+        chosen = m.select(cells or "")
+    except ValueError as e:
+        raise UsageError(f"cell {cells!r}: {e}", "cell") from None
+    if len(chosen) != 1:
+        listing = "\n".join(f"  {c.name}" for c in m.cells)
+        raise UsageError(f"cell {cells!r} matches {len(chosen)} cells of {m.name}; choose one of:\n{listing}", "cell")
+    return chosen[0]
+
+
 def settings(executor: str = "local", jobs: int | None = None, device: str = "auto",
-             ray_address: str = "auto") -> ExecutorSettings:
-    """Validated executor settings: the executor exists, and on this machine a run can start on each slot."""
+             ray_address: str = "auto", check_device: bool = True) -> ExecutorSettings:
+    """Validated executor settings: the executor exists and, unless `check_device` is off (a dry run,
+    which must not import torch), a run can start on each of this machine's slots."""
     try:
         executor = EXECUTORS.canonical(executor)
     except UnknownName as e:
-        raise UsageError(f"executor: {e}") from None
+        raise UsageError(f"executor: {e}", "executor") from None
     if jobs is not None and executor != "local":
-        raise UsageError(f"jobs applies to the local executor, not {executor}")
+        raise UsageError(f"jobs applies to the local executor, not {executor}", "jobs")
     chosen = ExecutorSettings(executor=executor, device=device, jobs=jobs, ray_address=ray_address)
-    if executor != "ray":  # a Ray cluster's GPUs are not this machine's
+    if check_device and executor != "ray":  # a Ray cluster's GPUs are not this machine's
         from harness.execution.local import slots
 
         try:
             slots(chosen)
         except ValueError as e:
-            raise UsageError(str(e)) from None
+            raise UsageError(str(e), "device") from None
     return chosen
 
 
@@ -124,7 +138,8 @@ def retry(statuses: str | tuple[str, ...] = (), max_retries: int = 1) -> Retry:
     chosen = frozenset(x.strip() for x in (statuses.split(",") if isinstance(statuses, str) else statuses) if x.strip())
     unknown = sorted(chosen - set(RETRYABLE))
     if unknown:
-        raise UsageError(f"retry {statuses}: {', '.join(unknown)} is not a status to retry; valid: {', '.join(RETRYABLE)}")
+        raise UsageError(f"retry {statuses}: {', '.join(unknown)} is not a status to retry; valid: {', '.join(RETRYABLE)}",
+                         "retry")
     return Retry(chosen, max_retries)
 
 
@@ -149,7 +164,8 @@ def execute(jobs: Plan | list[Job], executor: ExecutorSettings | None = None, me
     again = {p.job.run_dir for p in todo}
     kept = kept_errors([j for j in jobs if j.run_dir not in again])
     if kept:
-        on_event(Note(f"kept as finished: {kept}; `--retry failed,killed,oom` runs them again"))
+        on_event(Note(f"kept as finished: {kept}; `--retry failed,killed,oom` "
+                      '(in Python: retry=harness.retry("failed,killed,oom")) runs them again'))
     if not todo:
         return []
     reopen_all(todo)
@@ -166,7 +182,7 @@ def execute(jobs: Plan | list[Job], executor: ExecutorSettings | None = None, me
         on_event(Infeasible(job, read_json(job.run_dir / "summary.json")["error"]))
     if launch:
         try:
-            run_jobs(launch, executor.executor, executor, on_event)
+            run_jobs(launch, executor, on_event)
         except RuntimeError as e:  # an executor that cannot start (no Ray cluster, Ray not installed)
             raise Unavailable(str(e)) from None
     return launch
@@ -177,7 +193,10 @@ def _root(sweep: Plan | str | Path, results: str | Path) -> Path:
     if isinstance(sweep, Plan):
         return sweep.root
     path = Path(sweep)
-    root = path if (path / "matrix.json").exists() else Path(results) / folder_name(path.stem)
+    try:
+        root = path if (path / "matrix.json").exists() else Path(results) / folder_name(path.stem)
+    except ValueError as e:  # a name no results folder can have
+        raise UsageError(f"sweep {str(sweep)!r}: {e}", "sweep") from None
     if not (root / "matrix.json").exists():
         raise SweepNotFound(f"no sweep at {root} (no matrix.json): run `harness sweep {path.stem}` first")
     return root
@@ -282,23 +301,28 @@ def cells(sweep: Plan | str | Path, results: str | Path = "results") -> pd.DataF
     return tables.cells(_root(sweep, results))
 
 
+@dataclass(frozen=True)
+class TuneResult:
+    report: Path  # reports/<matrix>/tune_<study>.md (and .html)
+    best: list  # the best trials (optuna FrozenTrial): one, or the Pareto front with two objectives
+    notes: list[str]  # what changed since the study was made
+    requeued: list[int]  # trials queued again, lost to a killed or interrupted worker
+
+
 def tune(matrix: str | Path | Matrix, cell: str, trials: int | None = None, workers: int = 1, study: str | None = None,
          storage: str | None = None, results: str | Path = "results", reports: str | Path = "reports", device: str = "auto",
-         on_trial=None, on_step=None) -> Path:
+         on_trial=None, on_step=None, on_progress=None) -> TuneResult:
     """Optuna over the `tune:` space of one cell (README, "Tuning"): run the study's remaining trials
-    (resuming it), write its report; the report's path. `harness.tuning.session` has the steps apart."""
+    (resuming it) and write its report. One worker calls on_trial per finished trial and on_step per
+    step; several call on_progress with the trials done. `harness.tuning.session` has the steps apart."""
     from harness.tuning import session as tuning
+    from harness.tuning import study as optuna_study
 
     m = load(matrix)
-    matching = select(m, cell)
-    if len(matching) != 1:
-        raise UsageError(f"cell {cell!r} matches {len(matching)} cells of {m.name}; choose one of:\n"
-                         + "\n".join(f"  {c.name}" for c in m.cells))
-    session = tuning.open_session(m, matching[0], trials, study, storage, Path(results))
-    tuning.requeue(session)
+    session = tuning.open_session(m, one_cell(m, cell), trials, study, storage, Path(results))
+    requeued = tuning.requeue(session)
     try:
-        tuning.run_trials(session, workers, device, on_trial, on_step)
+        tuning.run_trials(session, workers, device, on_trial, on_step, on_progress)
     finally:
         path = tuning.write_reports(session, Path(results), Path(reports))
-    return path
-
+    return TuneResult(path, optuna_study.best_trials(optuna_study.load(session.study)), session.notes, requeued)

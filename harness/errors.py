@@ -2,13 +2,21 @@
 exits 2; a Python caller catches `HarnessError`. Each message names the file, the field or the
 option, and the valid choices."""
 
+from __future__ import annotations
+
 
 class HarnessError(Exception):
     """A problem with what the harness was asked to do (not a bug in it)."""
 
 
 class UsageError(HarnessError, ValueError):
-    """An argument the harness cannot use: an unknown executor, a device, a cell, a seed, a status."""
+    """An argument the harness cannot use: an unknown executor, a device, a cell, a seed, a status.
+    `option` names the argument, and the message starts with it ("executor: unknown executor ..."),
+    so the CLI can name its flag instead ("--executor: ...")."""
+
+    def __init__(self, message: str, option: str | None = None):
+        super().__init__(message)
+        self.option = option
 
 
 class SweepNotFound(HarnessError, FileNotFoundError):

@@ -32,8 +32,7 @@ def test_a_sweep_from_python_runs_judges_reports_and_loads_as_dataframes(tmp_pat
 
     steps = harness.steps(result.plan)
     assert len(steps) == 2 * 3, "steps 0 (the start's eval), 1 and 2 of each run"
-    assert (list(steps.columns[:4]) == ["cell", "quant", "seed", "run_id"]
-            or {"cell", "quant", "seed", "run_id"} <= set(steps.columns))
+    assert list(steps.columns[:5]) == ["quant", "cell", "seed", "run_id", "step"], "the axes first, then who and when"
     assert set(steps["seed"]) == {0, 1} and set(steps["quant"]) == {"bf16"}
     assert steps["eval/reward"].notna().all(), "every step was evaluated (eval_every: 1)"
     cells = harness.cells("api", results=tmp_path / "results")
@@ -72,3 +71,17 @@ def test_the_api_functions_are_not_shadowed_by_subpackages(tmp_path):
             importlib.import_module(info.name)
     for name in harness.__all__:
         assert getattr(harness, name) is getattr(harness.api, name, None) or name == "HarnessError", name
+
+
+def test_one_config_runs_from_python_and_resumes_as_finished(tmp_path, tiny_model):
+    from harness.config.run import RunConfig
+
+    cfg = RunConfig(task={"name": "arith", "eval_size": 20},
+                    train={"steps": 2, "prompts_per_step": 2, "group_size": 2, "eval_every": 2, "checkpoint_every": 2})
+    events = []
+    job = harness.run(cfg, results=tmp_path, name="one", executor=harness.settings("sequential"), on_event=events.append)
+    assert job.run_dir == tmp_path / "one" / cfg.run_id
+    assert [type(e) for e in events if not isinstance(e, Stepped)] == [Planned, Started, Ended] and events[-1].ok
+    again = []
+    harness.run(cfg, results=tmp_path, name="one", executor=harness.settings("sequential"), on_event=again.append)
+    assert [(type(e), e.todo) for e in again] == [(Planned, 0)]

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "harness"
-HEAVY = ("torch", "transformers", "peft", "pandas", "vllm", "bitsandbytes", "modelopt", "optuna", "ray", "wandb", "lm_eval")
+HEAVY = ("torch", "transformers", "peft", "pandas", "numpy", "scipy", "vllm", "bitsandbytes", "modelopt", "optuna", "ray",
+         "wandb", "lm_eval")
 
 
 def _module_of(path: Path) -> str:

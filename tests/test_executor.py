@@ -55,3 +55,22 @@ def test_a_parent_reports_a_childs_step_once_per_new_step(tmp_path):
     tracker.log({"reward/mean": 0.5, "eval/reward": 0.75}, 2)
     report_step(job, seen, events.append)
     assert [(e.step, e.reward, e.eval) for e in events] == [(0, None, None), (1, 0.25, None), (2, 0.5, 0.75)]
+
+
+def test_a_run_stopped_from_outside_leaves_the_bars_and_says_so(tmp_path):
+    """Exit 130 without a summary: its bar goes, the sweep's bar advances, a line says it resumes."""
+    from rich.console import Console
+
+    from harness.execution.events import Planned, Started, Stopped
+    from harness.execution.jobs import Job
+    from harness.execution.progress import RichProgress
+
+    job = Job(RunConfig(), tmp_path)
+    console = Console(record=True, width=300)
+    with RichProgress(console) as show:
+        show(Planned("m", 1, 1))
+        show(Started(job))
+        assert len(show.bar.tasks) == 2
+        show(Stopped(job))
+        assert show.runs == {} and [t.completed for t in show.bar.tasks] == [1]
+    assert f"■ {job.label} [{job.cfg.run_id}] stopped before it finished; the next sweep resumes it" in console.export_text()

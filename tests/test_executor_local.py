@@ -97,7 +97,7 @@ def test_a_raising_run_and_a_killed_run_are_recorded_while_the_others_finish(tmp
     again = sweep(tmp_path, "four", "--max-retries", "0")
     out, _ = again.communicate(timeout=120)
     assert again.returncode == 0 and "4 already finished, 0 to run" in out, out
-    assert "kept as finished: 1 failed, 1 killed; `--retry failed,killed,oom` runs them again" in out, out
+    assert "kept as finished: 1 failed, 1 killed; `--retry failed,killed,oom`" in out, out
 
 
 def test_ctrl_c_stops_every_run_resumably(tmp_path, tiny_model):

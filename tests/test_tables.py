@@ -159,3 +159,23 @@ def test_bad_format_and_missing_sweep(sweep, tmp_path):
         tables.write(tables.cells(root), tmp_path / "x.xlsx", "xlsx")
     with pytest.raises(SweepNotFound, match="no matrix.json"):
         tables.steps(tmp_path / "nowhere")
+
+
+def test_harness_table_writes_each_format_asked_and_names_what_is_wrong(sweep, tmp_path):
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+
+    root, _ = sweep
+    out = CliRunner().invoke(app, ["table", str(root), "--kind", "runs", "--csv", str(tmp_path / "r.csv"),
+                                   "--json", str(tmp_path / "r.json")])
+    assert out.exit_code == 0, out.output
+    as_json = json.loads((tmp_path / "r.json").read_text())
+    assert pd.read_csv(tmp_path / "r.csv")["run_id"].tolist() == [r["run_id"] for r in as_json]
+    assert len(pd.read_csv(tmp_path / "r.csv")) == 4
+    out = CliRunner().invoke(app, ["table", str(root), "--kind", "seeds", "--csv", str(tmp_path / "x.csv")])
+    assert out.exit_code == 2 and "--kind 'seeds': valid: steps, runs, cells" in out.output
+    out = CliRunner().invoke(app, ["table", str(root)])
+    assert out.exit_code == 2 and "--csv FILE, --parquet FILE or --json FILE" in out.output
+    out = CliRunner().invoke(app, ["table", "", "--csv", str(tmp_path / "x.csv")])
+    assert out.exit_code == 2 and "Traceback" not in out.output, out.output

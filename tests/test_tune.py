@@ -276,3 +276,18 @@ def test_cli_refuses_before_training(tmp_path):
     res = runner.invoke(app, ["tune", str(tmp_path / "m.yaml"), "--cell", "quant=bf16", "--apply", *args])
     assert res.exit_code == 2 and "no finished trial yet" in res.output
     assert not list(tmp_path.glob("*-tuned-*.yaml")) and not (tmp_path / "results" / "m" / "tune" / "quant-bf16").exists()
+
+
+def test_tune_from_python_runs_the_study_and_says_what_it_found(tmp_path, tiny_model):
+    import harness
+
+    write_matrix(tmp_path / "m.yaml", {"trials": 2, "sampler": "random"}, {"steps": 4, "eval_every": 2, "checkpoint_every": 2})
+    done = []
+    result = harness.tune(tmp_path / "m.yaml", "quant=bf16", results=tmp_path / "results", reports=tmp_path / "reports",
+                          device="cpu", on_trial=done.append)
+    assert [t.number for t in done] == [0, 1], "each finished trial is reported as it finishes"
+    assert result.report == tmp_path / "reports" / "m" / "tune_quant-bf16.md" and result.report.exists()
+    assert len(result.best) == 1 and result.best[0].number in (0, 1) and result.requeued == []
+    again = harness.tune(tmp_path / "m.yaml", "quant=bf16", results=tmp_path / "results", reports=tmp_path / "reports",
+                         device="cpu")
+    assert again.best[0].number == result.best[0].number, "a finished study resumes with nothing to run"

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 from harness.common.text import printable
-from harness.errors import HarnessError
+from harness.errors import HarnessError, UsageError
 
 app = typer.Typer(
     help="Benchmark RL post-training of LLMs under quantization.\n\n"
@@ -53,12 +53,18 @@ def fail(message: str) -> typer.Exit:
 
 
 @contextmanager
-def failing(prefix: str = "") -> Iterator[None]:
-    """A HarnessError inside becomes `fail(prefix + message)`: what the caller can fix, exit 2."""
+def failing() -> Iterator[None]:
+    """A HarnessError inside becomes `fail(message)`: what the caller can fix, exit 2. A UsageError's
+    message starts with the API's name for the argument ("executor: ..."): shown as its flag ("--executor: ...")."""
     try:
         yield
+    except UsageError as e:
+        message = str(e)
+        if e.option and message.startswith(e.option):
+            message = "--" + e.option.replace("_", "-") + message[len(e.option):]
+        raise fail(message) from None
     except HarnessError as e:
-        raise fail(f"{prefix}{e}") from None
+        raise fail(str(e)) from None
 
 
 @contextmanager
@@ -91,14 +97,10 @@ def folder(name: str) -> str:
 
 def one_cell(m, expr: str | None):
     """The one cell of `m` that `expr` selects, or exit 2 listing the cells."""
-    try:
-        chosen = m.select(expr or "")
-    except ValueError as e:
-        raise fail(f"--cell: {e}") from None
-    if len(chosen) != 1:
-        listing = "\n".join(f"  {c.name}" for c in m.cells)
-        raise fail(f"--cell {expr!r} matches {len(chosen)} cells of {m.name}; choose one of:\n{listing}")
-    return chosen[0]
+    from harness import api
+
+    with failing():
+        return api.one_cell(m, expr)
 
 
 def run_config(path: Path):

@@ -46,7 +46,8 @@ def sweep(
     memory_gib: float | None = MEMORY_GIB,
     wandb: str | None = WANDB,
     device: str = DEVICE,
-    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the matrix and list the cells and run ids; train nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help=(
+        "Validate the matrix and the options (not this machine's devices), list the cells and run ids; train nothing.")),
     retry: str | None = RETRY,
     max_retries: int = MAX_RETRIES,
 ):
@@ -58,11 +59,11 @@ def sweep(
     m = load(matrix)
     with failing():
         retries = api.retry(retry or (), max_retries)
+    with failing():  # a dry run checks the options but not this machine's devices: that would import torch
+        chosen = api.settings(executor, jobs, device, ray_address, check_device=not dry_run)
     if dry_run:
         _list_cells(m)
         return
-    with failing():
-        chosen = api.settings(executor, jobs, device, ray_address)
     with failing(), interruptible(RESUME), _progress() as progress:
         result = api.sweep(m, results, reports, chosen, memory_gib, wandb, retries, progress)
     _show_verdicts(result.plan.root.name, result.verdicts, result.report)
@@ -169,11 +170,9 @@ def _execute(jobs, chosen, memory_gib: float | None, retries) -> None:
 
 
 def _judge_and_report(root: Path, reports: Path) -> None:
-    if not (root / "matrix.json").exists():
-        raise fail(f"no sweep at {root} (no matrix.json): run `harness sweep {root.name}` first")
     with failing():
-        verdicts = api.judge(root)
-        path = api.report(root, reports=reports, judged=True)
+        verdicts = api.judge(root, root.parent)
+        path = api.report(root, root.parent, reports, judged=True)
     _show_verdicts(root.name, verdicts, path)
 
 

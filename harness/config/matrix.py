@@ -213,7 +213,7 @@ def find_matrix(name_or_path: str, matrices_dir: Path = Path("matrices")) -> Pat
 
 
 def _yaml_of(path: Path):
-    """The file's YAML (matrix_yaml's strict loader); its problems as a MatrixError naming the file."""
+    """The file's YAML (config.strict_yaml's loader); its problems as a MatrixError naming the file."""
     try:
         return load_yaml(path)
     except YamlProblem as e:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from harness.common.text import number
 
 if TYPE_CHECKING:
-    from harness.execution.lifecycle import Job
+    from harness.execution.jobs import Job
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,10 @@ class Rerun:
 
 @dataclass(frozen=True)
 class Note:
-    """Anything else worth a line: runs kept as they ended, slots in use, runs being stopped."""
+    """Anything else worth a line: runs kept as they ended, slots in use, runs being stopped (`warn`)."""
 
     text: str
+    warn: bool = False
 
     def __str__(self) -> str:
         return self.text
@@ -101,7 +102,17 @@ class Ended:
         return f"✓ {where} eval {start} → {end} in {s['wall_s']:.0f} s"
 
 
-Event = Planned | Rerun | Note | Infeasible | Started | Stepped | Ended
+@dataclass(frozen=True)
+class Stopped:
+    """A run stopped from outside before it finished (no summary): the next sweep resumes it."""
+
+    job: Job
+
+    def __str__(self) -> str:
+        return f"■ {self.job.label} [{self.job.cfg.run_id}] stopped before it finished; the next sweep resumes it"
+
+
+Event = Planned | Rerun | Note | Infeasible | Started | Stepped | Ended | Stopped
 OnEvent = Callable[[Event], None]
 
 

@@ -17,8 +17,8 @@ class RunOptions(Frozen):
     matrix: str = ""
     label: str = ""
     tags: tuple[str, ...] = ()  # the cell's axis values, "quant=nf4"
-    wandb: dict | None = None  # tracking_wandb.WandbSettings fields
-    lm_eval: dict | None = None  # lm_eval_run.LmEvalSettings fields
+    wandb: dict | None = None  # tracking.wandb.WandbSettings fields
+    lm_eval: dict | None = None  # evals.lm_eval.LmEvalSettings fields
     memory_estimate: dict | None = None  # memory_fit.estimate()
 
 

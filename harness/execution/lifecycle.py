@@ -1,5 +1,5 @@
 """Runs: one run's lifecycle (config, env, metrics, summary even on failure), the in-process
-executor, and what the process-isolated executors (executor_local, executor_ray) share."""
+executor, and what the process-isolated executors (execution.local, execution.ray) share."""
 
 from __future__ import annotations
 
@@ -113,8 +113,8 @@ def run_sequential(jobs: list[Job], settings: ExecutorSettings, on_event: OnEven
         on_event(Ended(job, summary))
 
 
-def execute(jobs: list[Job], executor: str, settings: ExecutorSettings, on_event: OnEvent) -> None:
-    EXECUTORS.get(executor)(jobs, settings, on_event)
+def execute(jobs: list[Job], settings: ExecutorSettings, on_event: OnEvent) -> None:
+    EXECUTORS.get(settings.executor)(jobs, settings, on_event)
 
 
 # --- shared by the executors that run each job in a process of its own (local, ray)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from harness.common.files import write_json_atomic
-from harness.execution.events import Ended, Note, OnEvent, Started
+from harness.execution.events import Ended, Note, OnEvent, Started, Stopped
 from harness.execution.jobs import ExecutorSettings, Job
 from harness.execution.lifecycle import record_lost, report_step
 from harness.execution.worker import job_payload
@@ -110,12 +110,12 @@ def _start(job: Job, slot: Slot) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def _outcome(job: Job, code: int) -> Ended | Note:
+def _outcome(job: Job, code: int) -> Ended | Stopped:
     summary_path = job.run_dir / "summary.json"
     if summary_path.exists():
         return Ended(job, read_json(summary_path))
     if code == 130:  # stopped from outside (SIGINT/SIGTERM to the run itself): resumable, like Ctrl-C
-        return Note(f"■ {job.label} [{job.cfg.run_id}] stopped before it finished; the next sweep resumes it")
+        return Stopped(job)
     tail = _log_tail(job)
     if code < 0:
         name = signal.Signals(-code).name
@@ -137,7 +137,7 @@ def _stop(running: dict, on_event: OnEvent) -> None:
     ones still there after STOP_GRACE_S or a second Ctrl-C."""
     if not running:
         return
-    on_event(Note(f"stopping {len(running)} run(s) (Ctrl-C again to kill them now) ..."))
+    on_event(Note(f"stopping {len(running)} run(s) (Ctrl-C again to kill them now) ...", warn=True))
     for proc in running:
         proc.send_signal(signal.SIGTERM)
     deadline = time.time() + STOP_GRACE_S

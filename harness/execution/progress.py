@@ -6,8 +6,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from harness.common.text import number, printable
-from harness.execution.events import Ended, Event, Infeasible, Note, Planned, Rerun, Started, Stepped, step_info
+from harness.common.text import printable
+from harness.execution.events import Ended, Event, Infeasible, Note, Planned, Rerun, Started, Stepped, Stopped, step_info
 
 
 def progress_bar(console: Console) -> Progress:
@@ -35,36 +35,30 @@ class RichProgress:
             self.bar.stop()
 
     def __call__(self, event: Event) -> None:
-        where = lambda job: printable(f"{job.label} [{job.cfg.run_id}]")  # noqa: E731  (rich takes "[bead269e9bd2]" for a style)
         if isinstance(event, Planned):
-            self.console.print(f"[bold]{printable(event.what)}[/]: {event.total} runs, "
-                               f"{event.total - event.todo} already finished, {event.todo} to run")
+            self.console.print(f"[bold]{printable(event.what)}[/]:{printable(str(event).removeprefix(event.what + ':'))}")
             if event.todo:
                 self.bar.start()
                 self.overall = self.bar.add_task("sweep", total=event.todo, info="")
-        elif isinstance(event, Rerun):
-            self.console.print(f"[yellow]↻[/] {where(event.job)}: {printable(event.why)}")
         elif isinstance(event, Note):
-            self.console.print(printable(event.text), highlight=False)
-        elif isinstance(event, Infeasible):
-            self.console.print(f"[red]✗[/] {where(event.job)} infeasible: {printable(event.error)}")
-            self._advance()
+            self.console.print(f"[yellow]{printable(event.text)}[/]" if event.warn else printable(event.text), highlight=False)
         elif isinstance(event, Started):
             self.runs[event.job.cfg.run_id] = self.bar.add_task(f"  {printable(event.job.label)}",
                                                                 total=event.job.cfg.train.steps, info="")
-        elif isinstance(event, Stepped) and event.job.cfg.run_id in self.runs:
-            self.bar.update(self.runs[event.job.cfg.run_id], completed=event.step, info=step_info(event.reward, event.eval))
-        elif isinstance(event, Ended):
-            task = self.runs.pop(event.job.cfg.run_id, None)
-            if task is not None:
-                self.bar.remove_task(task)
-            self._advance()
-            s = event.summary
-            if event.ok:
-                start, end = number(s.get("eval_start"), none="n/a"), number(s.get("eval_end"), none="n/a")
-                self.console.print(f"[green]✓[/] {where(event.job)} eval {start} → {end} in {s['wall_s']:.0f} s")
-            else:
-                self.console.print(f"[red]✗[/] {where(event.job)} {printable(s['status'])}: {printable(s['error'])}")
+        elif isinstance(event, Stepped):
+            if event.job.cfg.run_id in self.runs:
+                self.bar.update(self.runs[event.job.cfg.run_id], completed=event.step, info=step_info(event.reward, event.eval))
+        else:  # a line with a coloured mark; a run that ended, stopped or was not launched leaves the bars
+            if isinstance(event, (Ended, Stopped, Infeasible)):
+                task = self.runs.pop(event.job.cfg.run_id, None)
+                if task is not None:
+                    self.bar.remove_task(task)
+                self._advance()
+            mark, _, rest = str(event).partition(" ")
+            colour = ("green" if isinstance(event, Ended) and event.ok
+                      else "yellow" if isinstance(event, (Rerun, Stopped)) else "red")
+            # printable: the text is data (labels, errors); unescaped, rich takes "[bead269e9bd2]" for a style and drops it
+            self.console.print(f"[{colour}]{mark}[/] {printable(rest)}", highlight=False)
 
     def _advance(self) -> None:
         if self.overall is not None:

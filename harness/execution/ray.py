@@ -93,7 +93,7 @@ def _stop(ray, refs: list, on_event: OnEvent) -> None:
     """KeyboardInterrupt inside every running task (the run stops without a summary), then force."""
     if not refs:
         return
-    on_event(Note(f"stopping {len(refs)} run(s) ..."))
+    on_event(Note(f"stopping {len(refs)} run(s) ...", warn=True))
     for ref in refs:
         ray.cancel(ref)
     deadline = time.time() + STOP_GRACE_S

@@ -54,7 +54,7 @@ class RunVerdict:
     memory_estimate_gib: float | None = None  # the pre-check's estimate of peak_memory_gib
     median_step_s: float | None = None
     rollout_tokens_per_s: float | None = None
-    lm_eval: dict | None = None  # lm_eval_run.evaluate_run's results, when the matrix asks for them
+    lm_eval: dict | None = None  # evals.lm_eval.evaluate_run's results, when the matrix asks for them
     trained_to_end: bool = False  # every step ran (status ok): only then is eval_final a final score
     damage: str | None = None  # why its files cannot be trusted (results.damage): judged as not finished
 
@@ -159,7 +159,7 @@ def judge_run(run_dir: Path, seed: int, c: Criteria, kl_in_loss: bool = True) ->
 
     status = summary.get("status")
     v.trained_to_end = status == "ok"
-    if status in ("failed", "oom", "infeasible", "killed"):  # killed: its process died (executor_local, executor_ray)
+    if status in ("failed", "oom", "infeasible", "killed"):  # killed: its process died (the local and ray executors)
         v.verdict = "failed" if status == "killed" else status
         v.reason = summary.get("error") or status
         return v
