@@ -86,10 +86,10 @@ def measure(model_dir: Path, device: torch.device, quants: list[str]) -> list[di
 
 
 def run(device: torch.device, quants: list[str] = FORMATS, hidden: int = 1024, layers: int = 4) -> list[dict]:
-    from harness.models.tiny_arith import build
+    from harness.models.tiny_arith import shipped
 
     with tempfile.TemporaryDirectory() as tmp:
-        return measure(wide_model(Path(tmp) / "m", build(log=lambda *_: None), hidden, layers), device, quants)
+        return measure(wide_model(Path(tmp) / "m", shipped(), hidden, layers), device, quants)
 
 
 def markdown(rows: list[dict]) -> str:

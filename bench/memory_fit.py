@@ -31,9 +31,9 @@ SMOKE = dict(task={"name": "arith", "eval_size": 500}, rollout={"max_new_tokens"
 
 def cases(tmp: Path, quants: list[str], hidden: int, layers: int):
     from harness.config.run import RunConfig
-    from harness.models.tiny_arith import build
+    from harness.models.tiny_arith import shipped
 
-    tiny = build(log=lambda *_: None)
+    tiny = shipped()
     wide = wide_model(tmp / "wide", tiny, hidden, layers)
     questions = boxed_questions(tmp / "q.jsonl")
     for quant in quants:

@@ -39,7 +39,8 @@ TASKS.register("arith", "harness.tasks:ArithTask", "two-digit addition, exact-an
 TASKS.register("boxed", "harness.tasks:BoxedTask", "GSM8K-style word problems, answer in \\boxed{} (JSONL or HF dataset)")
 
 MODELS: Registry[ModelBuilder] = Registry("built-in model", ModelBuilder)
-MODELS.register("tiny-arith", "harness.models.tiny_arith:build", "0.6M-parameter Qwen2, warm-started on `arith`")
+MODELS.register("tiny-arith", "harness.models.tiny_arith:shipped",
+                "0.6M-parameter Qwen2, warm-started on `arith`; shipped with the package (tiny-arith-v1, sha256-checked)")
 
 ROLLOUT_ENGINES: Registry[type[RolloutEngine]] = Registry("rollout engine", RolloutEngine)  # engine classes
 ROLLOUT_ENGINES.register("hf", "harness.rollout.hf:HFEngine", "transformers `generate` on the trainer's own model")

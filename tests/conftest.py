@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-# One model cache per test session (the tiny model builds in ~30 s), unless the caller points
-# QRL_CACHE at an existing one. Set before harness is imported so subprocesses inherit it.
+# One model cache per test session (what a test builds, e.g. a rebuilt tiny model: ~35 s), unless the
+# caller points QRL_CACHE at an existing one. Set before harness is imported so subprocesses inherit it.
 os.environ.setdefault("QRL_CACHE", tempfile.mkdtemp(prefix="qrl-test-cache-"))
 
 import torch  # noqa: E402
@@ -22,9 +22,10 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    from harness.models.tiny_arith import build
+    """builtin:tiny-arith: the model shipped with the package, checked against its sha256 list."""
+    from harness.models.tiny_arith import shipped
 
-    return build(log=lambda *_: None)
+    return shipped()
 
 
 def tiny_run_config(**train):

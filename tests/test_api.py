@@ -1,6 +1,8 @@
 """The Python API in-process: a sweep planned, executed, judged, reported and loaded as DataFrames,
 with the events a caller sees; and the typed errors it raises instead of exiting."""
 
+import json
+
 import pytest
 
 import harness
@@ -29,6 +31,14 @@ def test_a_sweep_from_python_runs_judges_reports_and_loads_as_dataframes(tmp_pat
     assert str(events[0]) == "api: 1 cells: 2 runs, 0 already finished, 2 to run"
     assert result.report == tmp_path / "reports" / "api" / "report.md" and result.report.exists()
     assert result.statuses == {"ok": 2} and not result.nothing_trained
+    from harness.models.tiny_arith import SHIPPED, checksum
+
+    env = json.loads((result.plan.jobs[0].run_dir / "env.json").read_text())
+    assert env["model"] == {"name": "builtin:tiny-arith", "sha256": checksum(SHIPPED), "shipped": "tiny-arith-v1"}
+    assert env["compute_dtype"].split(":")[0] in ("bfloat16", "float32") and "auto" in env["compute_dtype"]
+    report = result.report.read_text()
+    assert f"- model: builtin:tiny-arith, sha256 `{checksum(SHIPPED)}` (shipped tiny-arith-v1)" in report
+    assert "- compute dtype: " in report
 
     steps = harness.steps(result.plan)
     assert len(steps) == 2 * 3, "steps 0 (the start's eval), 1 and 2 of each run"

@@ -57,13 +57,36 @@ def axes():
 
 
 @models_app.command("build")
-def models_build(name: str = typer.Argument("tiny-arith", help="Built-in model: " + ", ".join(MODELS.names()))):
-    """Build (or find in the cache) a built-in model and print its folder."""
+def models_build(
+    name: str = typer.Argument("tiny-arith", help="Built-in model: " + ", ".join(MODELS.names())),
+    set_: list[str] = typer.Option([], "--set", help="A variant: change one field of the build recipe, e.g. --set seed=1 "
+                                   "--set hidden_size=256 (repeatable); run it with `model: <the printed folder>`."),
+):
+    """Build the model from its recipe on this machine, into the cache, and print its folder and checksum.
+
+    Runs use the model shipped with the package (`builtin:tiny-arith`, the same weights everywhere);
+    this rebuilds it, or a variant, and says whether the rebuild is the shipped model bit for bit."""
+    from harness.config.strict_yaml import YamlProblem, parse_yaml
+    from harness.models import tiny_arith
+
     try:
-        builder = MODELS.get(name.removeprefix("builtin:"))
+        MODELS.canonical(name.removeprefix("builtin:"))
     except UnknownName as e:
         raise fail(str(e)) from None
-    console.print(printable(builder()))
+    recipe = dict(tiny_arith.RECIPE)
+    for item in set_:
+        key, sep, value = item.partition("=")
+        if not sep or key not in recipe:
+            raise fail(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(recipe)}")
+        try:
+            recipe[key] = parse_yaml(value)
+        except YamlProblem as e:
+            raise fail(f"--set {item!r}: {e}") from None
+    folder = tiny_arith.build(recipe)
+    same = tiny_arith.checksum(folder) == tiny_arith.checksum(tiny_arith.SHIPPED)
+    console.print(printable(f"{folder}\nsha256 {tiny_arith.checksum(folder)}: "
+                            + ("the shipped model, bit for bit" if same else
+                               f"not the shipped model ({tiny_arith.checksum(tiny_arith.SHIPPED)[:12]})")), highlight=False)
 
 
 @app.command()

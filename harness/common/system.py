@@ -33,6 +33,21 @@ def compute_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
     return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
 
 
+def dtype_reason(device: torch.device, requested: str = "auto") -> str:
+    """Why a run computes in the dtype compute_dtype gives it: what env.json and the report say, so that
+    a dtype that follows the machine (auto on CPU) is never a silent difference between two reports."""
+    dtype = str(compute_dtype(device, requested)).removeprefix("torch.")
+    if requested != "auto":
+        return f"{dtype}: train.dtype"
+    if device.type == "cuda":
+        return f"{dtype}: auto, this GPU's"
+    if dtype == "bfloat16":
+        return ("bfloat16: auto, as this CPU computes bf16 natively (avx512_bf16/amx); a CPU without it computes float32 "
+                "under auto, with other numbers: set train.dtype to compare across machines")
+    return ("float32: auto, as this CPU has no native bf16 (no avx512_bf16/amx); a CPU with it computes bfloat16 "
+            "under auto, with other numbers: set train.dtype to compare across machines")
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

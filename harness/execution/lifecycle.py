@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 
 from harness.common.files import write_json_atomic
-from harness.common.system import device_identity, device_name, git_commit, library_versions, pick_device
+from harness.common.system import device_identity, device_name, dtype_reason, git_commit, library_versions, pick_device
 from harness.config.run import RunConfig
 from harness.execution.events import Ended, OnEvent, Started, Stepped
 from harness.execution.isolation import in_own_process, own_process_needed
 from harness.execution.jobs import ExecutorSettings, Job, RunOptions
+from harness.models.loading import identity
 from harness.recipes import NonFinite, Pruned
 from harness.registries import ALGORITHMS, EXECUTORS
 from harness.results.layout import (
@@ -45,7 +46,8 @@ def run_one(cfg: RunConfig, run_dir: Path, device: torch.device, progress=None, 
     env = read_json(env_path) if env_path.exists() else {}
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     env = {"started_at": env.get("started_at", now), "resumed_at": env.get("resumed_at", []) + ([now] if env else []),
-           "device": device_name(device), "git_commit": git_commit(), "versions": library_versions()} | device_identity(device)
+           "device": device_name(device), "git_commit": git_commit(), "versions": library_versions(),
+           "model": identity(cfg.model), "compute_dtype": dtype_reason(device, cfg.train.dtype)} | device_identity(device)
     write_json_atomic(env_path, env)
 
     tracker = _trackers(cfg, run_dir, options)

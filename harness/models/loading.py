@@ -22,6 +22,22 @@ def resolve(model: str) -> str:
     return str(path) if path.exists() else model
 
 
+def identity(model: str) -> dict:
+    """Which weights a run trained: the name and, where the weights are a local folder of at most
+    100 MB (the built-in models, a small local checkpoint), their sha256. Large or remote models are
+    named only: hashing gigabytes per run would cost more than the run's first steps."""
+    out = {"name": model}
+    folder = Path(resolve(model))
+    weights = folder / "model.safetensors"
+    if weights.is_file() and weights.stat().st_size <= 100 * 2**20:
+        from harness.models.tiny_arith import SHIPPED, checksum
+
+        out["sha256"] = checksum(folder)
+        if folder == SHIPPED:
+            out["shipped"] = SHIPPED.name
+    return out
+
+
 def load_policy(cfg: RunConfig, device: torch.device, dtype: torch.dtype):
     """(model, tokenizer): the quantized base with trainable LoRA adapters on top (default), or
     with every weight trainable (`train.trainable: full`, QAT through the fake quantizer)."""

@@ -5,7 +5,11 @@ small Qwen2 whose dimensions are multiples of 64 (4-bit block sizes fit), warm-s
 supervised training on `arith` to partial competence so that RL has headroom. The warm-start
 checkpoint is chosen by held-out greedy accuracy because accuracy under a constant learning
 rate is not monotone (0.62 at one step, 0.24 fifty steps later, in the first prototype).
-Built deterministically from RECIPE, cached under a folder keyed by the recipe's hash.
+The model every run of `builtin:tiny-arith` uses is the one shipped with the package (SHIPPED,
+checked against its sha256 list when loaded): a build is deterministic on one machine, but CPU kinds
+and GPUs round the warm start's matmuls differently and chose other checkpoints (step 425 here,
+450 and 400 elsewhere), so the same matrix trained different models on different machines.
+`harness models build` rebuilds it from RECIPE (or a variant) into a cache folder keyed by the recipe's hash.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ RECIPE = {
     # op waits for the descheduled thread). On an idle 2-core machine one thread takes 37 s.
     "threads": 1,
 }
+SHIPPED = Path(__file__).parent / "shipped" / "tiny-arith-v1"  # RECIPE built on one CPU thread (2026-12-02)
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
 RESERVED_HELD_OUT = 1000  # arith's first 1000 shuffled problems are never trained on here
 
@@ -52,6 +57,40 @@ RESERVED_HELD_OUT = 1000  # arith's first 1000 shuffled problems are never train
 def cache_root() -> Path:
     # an empty QRL_CACHE (`QRL_CACHE= make test`) means the default, not the current directory
     return Path(os.environ.get("QRL_CACHE") or Path.home() / ".cache" / "quant-rl")
+
+
+class ModelChecksumError(ValueError):
+    """A shipped model file that is not the file its sha256 list names."""
+
+
+_verified: set[Path] = set()
+
+
+def shipped(folder: Path = SHIPPED) -> Path:
+    """The shipped tiny-arith folder, after checking every file against `<folder>.sha256` (once per process)."""
+    if folder in _verified:
+        return folder
+    listed = folder.with_suffix(".sha256")
+    for line in listed.read_text().splitlines():
+        digest, name = line.split(maxsplit=1)
+        path = folder / name.lstrip("*")
+        got = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "missing"
+        if got != digest:
+            raise ModelChecksumError(f"{path}: sha256 {got}, {listed} says {digest}; reinstall the package "
+                                     "(`pip install -e .`) or rebuild it with `harness models build`")
+    _verified.add(folder)
+    return folder
+
+
+def checksum(folder: Path) -> str:
+    """The sha256 of a model folder's weights (model.safetensors): what env.json and the report name."""
+    listed = folder.with_suffix(".sha256")
+    if listed.exists():  # the shipped model: its list is the checked truth, no need to hash 2.5 MB again
+        for line in listed.read_text().splitlines():
+            digest, name = line.split(maxsplit=1)
+            if name.lstrip("*") == "model.safetensors":
+                return digest
+    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
 
 
 def recipe_key(recipe: dict = RECIPE) -> str:

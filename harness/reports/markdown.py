@@ -257,6 +257,12 @@ def write_markdown(root: Path, out_dir: Path, matrix: dict, cells: list[dict], r
     env = first_env(root, cells)
     if env:
         lines += ["", "## Environment", "", f"- device: {md(env.get('device'))}", f"- git commit: `{md(env.get('git_commit'))}`"]
+        if env.get("model"):
+            model = env["model"]
+            lines += [f"- model: {md(model['name'])}" + (f", sha256 `{md(model['sha256'])}`" if model.get("sha256") else "")
+                      + (f" (shipped {md(model['shipped'])})" if model.get("shipped") else "")]
+        if env.get("compute_dtype"):
+            lines += [f"- compute dtype: {md(env['compute_dtype'])}"]
         lines += [f"- {k}: {md(v)}" for k, v in env.get("versions", {}).items()]
     lines += ["", "## Matrix", "", "```yaml", visible(matrix["source"]).replace("```", "` ` `").rstrip(), "```", ""]
     return write_atomic(out_dir / "report.md", "\n".join(lines))
