@@ -268,6 +268,13 @@ def run(config: RunConfig | str | Path, results: str | Path = "results", name: s
         on_event: OnEvent = ignore) -> Job:
     """Run one config (a RunConfig, or a YAML file of one) into results/<name>/<run_id>, resuming
     it if it was interrupted; `name` defaults to the file's stem ("run" for an object)."""
+    one = job(config, results, name)
+    execute([one], executor, memory_gib, retry, on_event)
+    return one
+
+
+def job(config: RunConfig | str | Path, results: str | Path = "results", name: str | None = None) -> Job:
+    """The job of one config (a RunConfig, or a YAML file of one): its folder is results/<name>/<run_id>."""
     if not isinstance(config, RunConfig):
         path = Path(config)
         name, config = name or path.stem, load_run_config(path)
@@ -275,9 +282,7 @@ def run(config: RunConfig | str | Path, results: str | Path = "results", name: s
         folder = folder_name(name or "run")
     except ValueError as e:
         raise UsageError(str(e)) from None
-    job = Job(config, Path(results) / folder / config.run_id)
-    execute([job], executor, memory_gib, retry, on_event)
-    return job
+    return Job(config, Path(results) / folder / config.run_id)
 
 
 def steps(sweep: Plan | str | Path, results: str | Path = "results") -> pd.DataFrame:

@@ -27,7 +27,6 @@ from harness.cli.app import (
     interruptible,
     load,
     one_cell,
-    run_config,
 )
 from harness.common.numbers import mean
 from harness.common.text import number, printable
@@ -88,7 +87,7 @@ def run(
     max_retries: int = MAX_RETRIES,
 ):
     """Run one config file, or one cell of a matrix, into results/ (resuming it if interrupted)."""
-    from harness.execution.jobs import Job, pending
+    from harness.execution.jobs import pending
 
     with failing():
         retries = api.retry(retry or (), max_retries)
@@ -97,8 +96,8 @@ def run(
     if (config is None) == (matrix is None):
         raise fail("give a config file or --matrix NAME --cell 'axis=value', not both")
     if config is not None:
-        cfg = run_config(config)
-        jobs = [Job(cfg, results / folder(config.stem) / cfg.run_id)]
+        with failing():
+            jobs = [api.job(config, results)]
     else:
         m = load(matrix)
         picked = one_cell(m, cell)
