@@ -44,6 +44,9 @@ def sweep(tmp_path: Path, name: str, *args: str) -> subprocess.Popen:
          "--reports", str(tmp_path / "reports"), "--jobs", "2", *args],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         env=os.environ | {"HF_HUB_OFFLINE": "1"},  # the HF id above fails at once instead of trying the network
+        # as a terminal starts it: a test suite run in the background of a non-interactive shell (nohup ... &)
+        # inherits SIGINT ignored, and a sweep started so would never see the test's Ctrl-C
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
