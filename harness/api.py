@@ -13,7 +13,7 @@ imported by the functions that need them, so importing this module is cheap."""
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,6 +59,7 @@ class Plan:
     matrix: Matrix
     results: Path
     jobs: tuple[Job, ...]
+    planned: dict[str, int] = field(default_factory=dict)  # seeds per cell name: the round adaptive seeds reached
 
     @property
     def root(self) -> Path:
@@ -66,17 +67,20 @@ class Plan:
 
 
 def plan(matrix: str | Path | Matrix, results: str | Path = "results", cells: str | list[Cell] | None = None,
-         seed: int | None = None, wandb: str | None = None) -> Plan:
+         seed: int | None = None, wandb: str | None = None, planned: dict[str, int] | None = None) -> Plan:
     """The jobs of `matrix`: every cell, or those `cells` selects ("quant=nf4"), every seed or one.
-    `wandb` (off, offline, online) overrides the matrix's tracking.wandb. Writes matrix.json."""
+    With adaptive seeds, each cell's seeds so far: `planned` (cell name -> seeds), else the rounds the
+    sweep's matrix.json had reached, else the first look. `wandb` (off, offline, online) overrides the
+    matrix's tracking.wandb. Writes matrix.json."""
     from harness.execution.sweep import jobs_of
 
     m = load(matrix)
     if wandb not in (None, *WANDB_MODES):
         raise UsageError(f"wandb {wandb!r}: valid: {', '.join(WANDB_MODES)}", "wandb")
     chosen = select(m, cells) if isinstance(cells, str) else cells
+    planned = planned or _rounds_reached(m, Path(results))
     try:
-        jobs = jobs_of(m, Path(results), chosen, wandb)
+        jobs = jobs_of(m, Path(results), chosen, wandb, planned)
     except RuntimeError as e:  # W&B or lm-eval asked for but not installed
         raise Unavailable(str(e)) from None
     if seed is not None:
@@ -84,7 +88,20 @@ def plan(matrix: str | Path | Matrix, results: str | Path = "results", cells: st
         if not jobs:
             raise UsageError(f"seed {seed}: the chosen cells' seeds are "
                              f"{sorted({r.seed for c in chosen or m.cells for r in c.runs})}", "seed")
-    return Plan(m, Path(results), tuple(jobs))
+    return Plan(m, Path(results), tuple(jobs), planned)
+
+
+def _rounds_reached(m: Matrix, results: Path) -> dict[str, int]:
+    """Seeds per cell that the sweep's last matrix.json planned (a killed adaptive sweep resumes there)."""
+    from harness.results.layout import read_json
+    from harness.results.looks import resumed
+
+    path = results / m.name / "matrix.json"
+    try:
+        previous = read_json(path) if path.is_file() else None
+    except ValueError:  # torn: the sweep starts again from the first look, and keeps every finished run
+        previous = None
+    return resumed(previous, [c.name for c in m.cells], m.spec.looks)
 
 
 def select(m: Matrix, cells: str) -> list[Cell]:
@@ -112,23 +129,32 @@ def one_cell(m: Matrix, cells: str | None) -> Cell:
 
 
 def settings(executor: str = "local", jobs: int | None = None, device: str = "auto",
-             ray_address: str = "auto", check_device: bool = True) -> ExecutorSettings:
+             ray_address: str = "auto", runs_per_gpu: int | str | None = None, check_device: bool = True) -> ExecutorSettings:
     """Validated executor settings: the executor exists and, unless `check_device` is off (a dry run,
-    which must not import torch), a run can start on each of this machine's slots."""
+    which must not import torch), a run can start on each of this machine's slots. `runs_per_gpu`:
+    runs sharing each GPU (local, ray), a number or "auto" (README, "Packing runs on a GPU"); default 1."""
+    from harness.execution.packing import parse_runs_per_gpu, slots
+
     try:
         executor = EXECUTORS.canonical(executor)
     except UnknownName as e:
         raise UsageError(f"executor: {e}", "executor") from None
     if jobs is not None and executor != "local":
         raise UsageError(f"jobs applies to the local executor, not {executor}", "jobs")
-    chosen = ExecutorSettings(executor=executor, device=device, jobs=jobs, ray_address=ray_address)
+    try:
+        runs_per_gpu = parse_runs_per_gpu(runs_per_gpu)
+    except ValueError as e:
+        raise UsageError(str(e), "runs_per_gpu") from None
+    if runs_per_gpu not in (None, 1) and (executor not in ("local", "ray") or device == "cpu"):
+        where = "--device cpu has no GPU to share" if device == "cpu" else f"the {executor} executor runs one run at a time"
+        raise UsageError(f"runs_per_gpu {runs_per_gpu}: {where}; it applies to GPUs with the local and ray executors "
+                         "(on CPU, --jobs N, jobs=N in Python, runs N at a time)", "runs_per_gpu")
+    chosen = ExecutorSettings(executor=executor, device=device, jobs=jobs, ray_address=ray_address, runs_per_gpu=runs_per_gpu)
     if check_device and executor != "ray":  # a Ray cluster's GPUs are not this machine's
-        from harness.execution.local import slots
-
         try:
             slots(chosen)
         except ValueError as e:
-            raise UsageError(str(e), "device") from None
+            raise UsageError(str(e), "runs_per_gpu" if str(e).startswith("runs_per_gpu") else "device") from None
     return chosen
 
 
@@ -149,6 +175,7 @@ def execute(jobs: Plan | list[Job], executor: ExecutorSettings | None = None, me
     memory-fit pre-check; the jobs it launched. Ctrl-C raises KeyboardInterrupt once every run has
     stopped: the finished ones are kept and the same call resumes the rest."""
     from harness.common.system import pick_device
+    from harness.execution import packing
     from harness.execution.lifecycle import execute as run_jobs
     from harness.execution.memory_fit import capacity_gib
     from harness.execution.sweep import build_models, kept_errors, precheck
@@ -173,9 +200,11 @@ def execute(jobs: Plan | list[Job], executor: ExecutorSettings | None = None, me
     build_models(j.cfg for j in launch)
     device = pick_device(executor.device)
     capacity = memory_gib or capacity_gib(device)
-    if device.type == "cpu" and executor.executor == "local" and (executor.jobs or 1) > 1:
-        capacity /= executor.jobs  # parallel CPU runs share the machine's memory
-    launch, infeasible = precheck(launch, device, capacity)
+    executor, chose = packing.resolve(executor, launch, device, capacity)  # runs_per_gpu auto, from the estimates
+    if chose:
+        on_event(Note(chose))
+    # runs at a time on one device (--jobs on CPU, --runs-per-gpu) share its memory
+    launch, infeasible = precheck(launch, device, capacity, packing.shared_by(executor, device))
     for job in infeasible:
         from harness.results.layout import read_json
 
@@ -253,12 +282,24 @@ class SweepResult:
 def sweep(matrix: str | Path | Matrix, results: str | Path = "results", reports: str | Path = "reports",
           executor: ExecutorSettings | None = None, memory_gib: float | None = None, wandb: str | None = None,
           retry: Retry = Retry(), on_event: OnEvent = ignore) -> SweepResult:
-    """Run every cell of `matrix` (skipping finished runs), then judge and report it."""
+    """Run every cell of `matrix` (skipping finished runs), then judge and report it. With adaptive
+    seeds, rounds: after each, the cells still Inconclusive (and their baselines) get more seeds,
+    until every cell is decided or at seeds.max. A killed sweep resumes at the round it reached."""
     from harness.execution.sweep import mirror_verdicts, statuses
+    from harness.results.looks import next_round
 
     planned = plan(matrix, results, wandb=wandb)
-    execute(planned, executor, memory_gib, retry, on_event)
-    verdicts = judge(planned)
+    looks = planned.matrix.spec.looks
+    while True:
+        execute(planned, executor, memory_gib, retry, on_event)
+        verdicts = judge(planned)
+        more = next_round(planned.planned, verdicts, looks)
+        if more == planned.planned:
+            break
+        grown = [f"{name} {planned.planned[name]} → {n}" for name, n in more.items() if n != planned.planned[name]]
+        on_event(Note(f"adaptive seeds: {len(grown)} cell(s) run more seeds, undecided or baseline of one: "
+                      + "; ".join(grown)))
+        planned = plan(planned.matrix, results, wandb=wandb, planned=more)
     mirror_verdicts(list(planned.jobs), verdicts)
     return SweepResult(planned, verdicts, _write_report(planned.root, Path(reports)), statuses(list(planned.jobs)))
 

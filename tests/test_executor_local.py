@@ -192,7 +192,7 @@ def test_gpu_slots_pin_one_visible_gpu_each(monkeypatch):
     """Slot assignment on a multi-GPU host, without one: each slot's CUDA_VISIBLE_DEVICES names one of the
     GPUs this process may use (ids or UUIDs, as the user listed them); --jobs and cuda:N narrow them."""
     from harness.execution.jobs import ExecutorSettings
-    from harness.execution.local import slots
+    from harness.execution.packing import slots
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)  # a fake: this machine has no GPU
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, GPU-8f1c,5")
@@ -210,7 +210,7 @@ def test_a_gpu_slot_no_run_could_start_on_is_refused_before_the_sweep(monkeypatc
     from typer.testing import CliRunner
 
     from harness.cli import app
-    from harness.execution.local import pinned_gpus
+    from harness.execution.packing import pinned_gpus
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # a fake one-GPU host: CUDA drops "7" and what follows
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,7")

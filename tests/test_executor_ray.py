@@ -33,10 +33,20 @@ def free_port() -> int:
 @pytest.fixture
 def ray_cluster():
     """A head node on 127.0.0.1 with 2 CPUs, stopped with the test (--block: it lives as long as this process)."""
+    yield from head_node(gpus=0)
+
+
+@pytest.fixture
+def ray_cluster_one_gpu():
+    """The same with one logical GPU (Ray schedules by it; no task here touches a real one)."""
+    yield from head_node(gpus=1)
+
+
+def head_node(gpus: int):
     ray = shutil.which("ray", path=str(Path(sys.executable).parent))
     port, temp = free_port(), Path(f"/tmp/qrl-ray-{uuid.uuid4().hex[:8]}")  # short: Ray's unix sockets live under it
     head = subprocess.Popen(
-        [ray, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
+        [ray, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2", f"--num-gpus={gpus}",
          "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}", "--object-store-memory=200000000"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -97,3 +107,34 @@ def test_a_node_without_the_results_folder_sends_the_run_back(tmp_path, tiny_mod
     _unpack(out["folder"], run_dir)
     assert [r["step"] for r in read_metrics(run_dir)] == [0, 1, 2]
     assert (run_dir / "adapter").is_dir() and not (run_dir / "summary.json").exists()  # the driver writes that last
+
+
+def test_runs_per_gpu_asks_ray_for_a_fraction_of_a_gpu(ray_cluster_one_gpu):
+    """--runs-per-gpu N: each run's task asks for 1/N GPU (rounded down to Ray's 0.0001, so N fit on one).
+    On a cluster with one logical GPU, two half-GPU tasks as run_ray declares them run at once, both on GPU 0."""
+    import ray
+
+    from harness.execution.ray import task_resources
+
+    assert task_resources(1, True) == {"num_cpus": 1, "num_gpus": 1}
+    assert task_resources(4, True) == {"num_cpus": 1, "num_gpus": 0.25}
+    assert task_resources(3, True) == {"num_cpus": 1, "num_gpus": 0.3333}
+    assert all(n * task_resources(n, True)["num_gpus"] <= 1 for n in range(1, 200))
+    assert task_resources(4, False) == {"num_cpus": 1, "num_gpus": 0}
+
+    def probe():  # defined here: Ray sends it by value (the worker cannot import a test module)
+        import os
+        import time
+
+        start = time.time()
+        time.sleep(1.0)
+        return os.environ.get("CUDA_VISIBLE_DEVICES"), start, time.time()
+
+    ray.init(address=ray_cluster_one_gpu, logging_level="ERROR", log_to_driver=False)
+    try:
+        task = ray.remote(max_calls=1, max_retries=0)(probe).options(**task_resources(2, True))
+        (gpu_a, start_a, end_a), (gpu_b, start_b, end_b) = ray.get([task.remote(), task.remote()], timeout=120)
+    finally:
+        ray.shutdown()
+    assert gpu_a == gpu_b == "0"
+    assert start_a < end_b and start_b < end_a, "the two halves of the GPU ran one after the other"

@@ -135,7 +135,7 @@ def test_tuning_report_and_link_from_the_matrix_report(planted, tmp_path):
     text, page = path.read_text(), path.with_suffix(".html").read_text()
     best = t.best_trials(s)[0]
     assert f"## Best\n\n- trial {best.number}: model=builtin:tiny-arith, train.lr={best.params['train.lr']:g}" in text
-    assert text.count("\n| ") == 1 + 4  # header + one row per trial
+    assert text.split("## Trials")[1].count("\n| ") == 1 + 4  # header + one row per trial
     assert "\n| 3 | pruned |" in text and "\n| 1 | fail |" in text
     assert md(s.trials[1].user_attrs["error"]) in text  # the failed run's error, escaped for Markdown
     for plot in ("optimization-history.svg", "contour-of-model-x-train.lr.svg"):

@@ -33,10 +33,19 @@ REPORTS = typer.Option(Path("reports"), help="Root of reports/<matrix>/ folders.
 DEVICE = typer.Option("auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ...")
 EXECUTOR = typer.Option("local", help="How runs are executed: local (each run in its own process, parallel over GPUs or --jobs), "
                         "ray (tasks on a Ray cluster), sequential (in this process, for debugging).")
-JOBS = typer.Option(None, min=1, help="local: runs at a time (default: one per visible GPU, each pinned to it; 1 on CPU).")
+JOBS = typer.Option(None, min=1, help="local: runs at a time (default: one per visible GPU, each pinned to it, "
+                    "times --runs-per-gpu; 1 on CPU).")
+RUNS_PER_GPU = typer.Option(None, "--runs-per-gpu", metavar="N|auto", help=(
+    "local and ray: runs sharing each GPU at a time (default 1). A small run leaves most of a GPU idle: "
+    "N packs N runs on each GPU, each pre-checked against 1/N of its memory (a run that does not fit its "
+    "share is marked infeasible, not launched); auto packs floor(GPU memory x 0.8 / the largest memory-fit "
+    "estimate), at most one run per CPU core. Every run gets cores / (runs at a time) CPU threads. "
+    "Step times and throughput are then measured on a shared GPU (env.json: runs_per_gpu). "
+    "On CPU use --jobs N instead."))
 RAY_ADDRESS = typer.Option("auto", help="ray: the cluster, host:port, or auto (the one `ray start --head` started here).")
 MEMORY_GIB = typer.Option(None, min=0, help="Memory of the device each run gets, for the fit pre-check (default: this device's; "
-                          "on CPU shared by --jobs). Runs estimated above it are marked infeasible, not launched.")
+                          "shared by --jobs on CPU, by --runs-per-gpu on a GPU). Runs estimated above their share are "
+                          "marked infeasible, not launched.")
 WANDB = typer.Option(None, help="Mirror runs to W&B: offline (no network; `wandb sync` later), online, or off. "
                      "Default: the matrix's tracking.wandb.")
 RETRY = typer.Option(None, help="Run again the finished runs that ended with these statuses (comma-separated: failed, killed, "

@@ -18,6 +18,7 @@ from harness.cli.app import (
     REPORTS,
     RESULTS,
     RETRY,
+    RUNS_PER_GPU,
     WANDB,
     app,
     console,
@@ -41,6 +42,7 @@ def sweep(
     reports: Path = REPORTS,
     executor: str = EXECUTOR,
     jobs: int | None = JOBS,
+    runs_per_gpu: str | None = RUNS_PER_GPU,
     ray_address: str = RAY_ADDRESS,
     memory_gib: float | None = MEMORY_GIB,
     wandb: str | None = WANDB,
@@ -53,13 +55,14 @@ def sweep(
     """Run every cell of a matrix (skipping finished runs), then judge and report.
 
     Each run trains in a process of its own (--executor local, the default): one per visible GPU
-    at a time, or --jobs N on CPU. A run that crashes or is killed is recorded and the sweep goes
-    on; Ctrl-C stops it, and the same command resumes. --executor ray runs on a Ray cluster."""
+    at a time (--runs-per-gpu N or auto packs several small runs on each), or --jobs N on CPU.
+    A run that crashes or is killed is recorded and the sweep goes on; Ctrl-C stops it, and the
+    same command resumes. --executor ray runs on a Ray cluster."""
     m = load(matrix)
     with failing():
         retries = api.retry(retry or (), max_retries)
     with failing():  # a dry run checks the options but not this machine's devices: that would import torch
-        chosen = api.settings(executor, jobs, device, ray_address, check_device=not dry_run)
+        chosen = api.settings(executor, jobs, device, ray_address, runs_per_gpu, check_device=not dry_run)
     if dry_run:
         _list_cells(m)
         return

@@ -36,8 +36,9 @@ def tune(
 ):
     """Search LoRA rank and beta (or any fields the matrix's `tune:` names) for one cell with Optuna.
 
-    Each trial is an ordinary run of the cell under results/MATRIX/tune/STUDY/; its held-out
-    eval/reward at each evaluation feeds the pruner, its final eval/reward is the objective. The
+    Each trial runs the cell once per seed (tune.seeds_per_trial), each an ordinary run under
+    results/MATRIX/tune/STUDY/; their held-out eval/reward feeds the pruner, their final score (the
+    verdicts', averaged over the seeds) is the objective. The
     cell's own values run first. Re-running the same command resumes the study (a killed trial
     runs again from its last checkpoint); a larger --trials extends it. The report is written to
     reports/MATRIX/tune_STUDY.{md,html}, linked from the matrix's report.

@@ -56,12 +56,14 @@ def device_name(device: torch.device) -> str:
 
 def device_identity(device: torch.device) -> dict:
     """Which GPU a run had (a sweep over several GPUs pins one per run): the slot's CUDA_VISIBLE_DEVICES,
-    the device's UUID and PCI bus id, as nvidia-smi names them."""
+    the device's UUID and PCI bus id, as nvidia-smi names them; and how many runs the executor packed
+    on it (--runs-per-gpu: their step times shared the GPU)."""
     if device.type != "cuda":
         return {}
     props = torch.cuda.get_device_properties(device)
     bus = [getattr(props, f"pci_{k}_id", None) for k in ("domain", "bus", "device")]
     return {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "gpu_uuid": f"GPU-{getattr(props, 'uuid', '?')}",
+            "runs_per_gpu": int(os.environ.get("QRL_RUNS_PER_GPU") or 1),
             "gpu_pci_bus_id": f"{bus[0]:08X}:{bus[1]:02X}:{bus[2]:02X}.0" if None not in bus else None}
 
 

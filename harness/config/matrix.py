@@ -14,7 +14,7 @@ import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -22,6 +22,7 @@ from harness.common.validation import validation_problems
 from harness.config.matrix_checks import exclude_patterns, excluded, key_problem, max_runs_problem, size_problems
 from harness.config.preflight import check_run
 from harness.config.run import SEED_MAX, Frozen, RunConfig, set_dotted
+from harness.config.seeds import AdaptiveSeeds, Seeds, looks_of, seed_list
 from harness.config.strict_yaml import YamlProblem, load_yaml, parse_yaml
 from harness.config.tune_space import TuneSpec
 from harness.errors import HarnessError
@@ -78,14 +79,12 @@ class EvalSpec(Frozen):
     lm_eval: LmEvalSettings | None = Field(None, description="lm-evaluation-harness tasks, e.g. the harness's own qrl_arith")
 
 
-Seed = Annotated[int, Field(strict=True, ge=0, le=SEED_MAX)]
-
-
 class MatrixSpec(Frozen):
     description: str = ""
     base: dict[str, Any] = {}
     axes: dict[str, list[Any]] = {}
-    seeds: list[Seed] = Field([0], description="distinct; every cell runs once per seed")
+    seeds: Seeds = Field([0], description="a list of distinct seeds, every cell runs once per seed; "
+                                              "or {min, max, step}: adaptive, seeds added to undecided cells")
     exclude: list[dict[str, Any]] = []
     include: list[dict[str, Any]] = []
     baseline: dict[str, Any] = {}
@@ -96,7 +95,9 @@ class MatrixSpec(Frozen):
 
     @field_validator("seeds")
     @classmethod
-    def _distinct(cls, seeds: list[int]) -> list[int]:
+    def _distinct(cls, seeds: list[int] | AdaptiveSeeds) -> list[int] | AdaptiveSeeds:
+        if isinstance(seeds, AdaptiveSeeds):
+            return seeds
         if not seeds:
             raise ValueError("empty: list at least one seed, e.g. seeds: [0]")
         twice = sorted(s for s, n in collections.Counter(seeds).items() if n > 1)
@@ -107,10 +108,20 @@ class MatrixSpec(Frozen):
 
     @model_validator(mode="after")
     def _enough_seeds(self):
-        if "min_seeds" in self.criteria.model_fields_set and self.criteria.min_seeds > len(self.seeds):
-            raise ValueError(f"criteria.min_seeds {self.criteria.min_seeds} is more than the {len(self.seeds)} seed(s) listed: "
+        first = looks_of(self.seeds)[0]
+        if "min_seeds" in self.criteria.model_fields_set and self.criteria.min_seeds > first:
+            listed = f"seeds.min {first}" if isinstance(self.seeds, AdaptiveSeeds) else f"the {first} seed(s) listed"
+            raise ValueError(f"criteria.min_seeds {self.criteria.min_seeds} is more than {listed}: "
                              "every cell would be Smoke tested; list more seeds or lower min_seeds")
         return self
+
+    @property
+    def seed_list(self) -> list[int]:
+        return seed_list(self.seeds)
+
+    @property
+    def looks(self) -> list[int]:
+        return looks_of(self.seeds)
 
 
 @dataclass(frozen=True)
@@ -118,7 +129,8 @@ class Cell:
     key: dict[str, Any]  # dotted field -> value: the axis values, plus any overrides of an `include`
     label: str | None
     included: bool  # came from `include:` rather than the product of the axes
-    runs: tuple[RunConfig, ...]  # one per seed
+    runs: tuple[RunConfig, ...]  # one per seed the cell may run (seeds.max of an adaptive matrix), in round order
+    seed_offset: int = 0  # an include's `seed_offset`: its seeds are the matrix's plus this (an A/A cell's other seeds)
 
     @property
     def name(self) -> str:
@@ -162,7 +174,10 @@ class Matrix:
         exact = [c for c in matching if set(c.key) == set(want)]
         return exact or matching
 
-    def to_json(self) -> dict:
+    def to_json(self, planned: dict[str, int] | None = None) -> dict:
+        """matrix.json: each cell with the runs planned so far (`planned`: cell name -> seeds; default
+        every seed of a plain list, the first look of adaptive seeds), which verdicts and reports read."""
+        looks = self.spec.looks
         return {
             "name": self.name,
             "source": self.path.read_text(),
@@ -170,6 +185,8 @@ class Matrix:
             "axes": self.axes,
             "baseline": self.spec.baseline,
             "criteria": self.spec.criteria.model_dump(),
+            "looks": looks,
+            "adaptive": isinstance(self.spec.seeds, AdaptiveSeeds),
             "cells": [
                 {
                     "name": c.name,
@@ -177,7 +194,8 @@ class Matrix:
                     "label": c.label,
                     "included": c.included,
                     "baseline": (b.name if (b := self.baseline_of(c)) else None),
-                    "runs": [{"seed": r.seed, "run_id": r.run_id, "kl_in_loss": r.kl_in_loss} for r in c.runs],
+                    "runs": [{"seed": r.seed, "run_id": r.run_id, "kl_in_loss": r.kl_in_loss}
+                             for r in c.runs[:(planned or {}).get(c.name, looks[0])]],
                 }
                 for c in self.cells
             ],
@@ -258,7 +276,8 @@ def _expand(path: Path, spec: MatrixSpec) -> list[Cell]:
             problems.append(f"baseline.{k}: not an axis of this matrix; axes: {', '.join(spec_axes) or '(none)'}")
         elif v not in axes[k]:
             problems.append(f"baseline.{k}: {v!r} is not among axes.{k} {axes[k]}")
-    fatal += max_runs_problem() + size_problems(spec.base, axes, spec.include, len(spec.seeds))
+    seeds = spec.seed_list
+    fatal += max_runs_problem() + size_problems(spec.base, axes, spec.include, len(seeds))
     excludes = exclude_patterns([{AXIS_ALIASES.get(k, k): v for k, v in ex.items()} for ex in spec.exclude], axes, problems)
     includes = []
     for i, inc in enumerate(spec.include):
@@ -266,37 +285,42 @@ def _expand(path: Path, spec: MatrixSpec) -> list[Cell]:
         label = inc.pop("label", None)
         if label is not None and not isinstance(label, str):
             problems.append(f"include[{i}].label: expected text, got {label!r}")
+        offset = inc.pop("seed_offset", 0)
+        if type(offset) is not int or offset < 0 or max(seeds) + offset > SEED_MAX:
+            problems.append(f"include[{i}].seed_offset: expected a whole number from 0 that keeps every seed at most "
+                            f"{SEED_MAX}, got {offset!r}")
+            offset = 0
         if "seed" in inc:
             fatal.append(f"include[{i}].seed: seeds are not set per cell; list them under `seeds:`")
         fatal += [p for k in inc if (p := key_problem(f"include[{i}].{k}", k))]
-        includes.append((i, inc, label))
+        includes.append((i, inc, label, offset))
     if fatal:
         raise MatrixError(path, list(dict.fromkeys(fatal + problems)))
 
-    keys: list[tuple[dict[str, Any], str | None, bool]] = []
+    keys: list[tuple[dict[str, Any], str | None, bool, int]] = []
     for combo in itertools.product(*axes.values()):
         key = dict(zip(axes, combo))
         if not excluded(key, excludes):
-            keys.append((key, None, False))
+            keys.append((key, None, False, 0))
     if spec.exclude and axes and not keys and not includes:
         problems.append(f"exclude: removes all {math.prod(map(len, axes.values()))} cells of the axes and `include` adds none: "
                         "nothing would run; remove the exclude entries that match everything")
-    for i, inc, label in includes:
+    for i, inc, label, offset in includes:
         key = {k: inc.get(k, _get(spec.base, k)) for k in axes} | {k: v for k, v in inc.items() if k not in axes}
         missing = [k for k in axes if key[k] is None]
         if missing:
             problems.append(f"include[{i}]: sets no value for axis {', '.join(missing)} and `base` has none")
             continue
-        keys.append((key, label, True))
+        keys.append((key, label, True, offset))
 
     cells, seen, cache = [], {}, {}
-    for key, label, included in keys:
+    for key, label, included, offset in keys:
         tag = (",".join(f"{k}={v}" for k, v in key.items()) or "(base: no axes)") + (f" ({label})" if label else "")
         merged = copy.deepcopy(spec.base)
         try:
             for k, v in key.items():
                 set_dotted(merged, k, v)
-            merged["seed"] = spec.seeds[0]
+            merged["seed"] = seeds[0] + offset
             first = RunConfig.model_validate(merged)
         except ValidationError as e:
             problems += [f"cell {tag}: {p}" for p in validation_problems(e, RunConfig)]
@@ -306,11 +330,11 @@ def _expand(path: Path, spec: MatrixSpec) -> list[Cell]:
             continue
         problems += [f"cell {tag}: {p}" for p in check_run(first, cache)]
         # the other seeds differ in the seed alone, which MatrixSpec validated as RunConfig would
-        runs = (first, *(first.model_copy(update={"seed": seed}) for seed in spec.seeds[1:]))
+        runs = (first, *(first.model_copy(update={"seed": seed + offset}) for seed in seeds[1:]))
         if first.run_id in seen:
             problems.append(f"cell {tag}: same configuration as cell {seen[first.run_id]}")
         seen[first.run_id] = tag
-        cells.append(Cell(key, label, included, runs))
+        cells.append(Cell(key, label, included, runs, offset))
     if spec.eval.lm_eval is not None and cells:
         tasks = {}
         for c in cells:

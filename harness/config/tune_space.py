@@ -16,9 +16,9 @@ from pydantic import Field, ValidationError, model_validator
 from harness.common.validation import validation_problems
 from harness.config.run import Frozen, RunConfig, set_dotted
 
-OBJECTIVES = {  # name -> (summary.json field, direction)
-    "eval_reward": ("eval_end", "maximize"),
-    "peak_memory": ("peak_memory_gib", "minimize"),
+OBJECTIVES = {  # name -> (what a trial's value is, direction)
+    "eval_reward": ("the mean over the trial's seeds of the verdicts' final score (verdict.judge_run's eval_final)", "maximize"),
+    "peak_memory": ("the largest peak_memory_gib of the trial's seed runs", "minimize"),
 }
 
 
@@ -94,6 +94,11 @@ class TuneSpec(Frozen):
     seed: int = Field(0, description="sampler seed; worker k of a study uses seed + k")
     heartbeat_s: int = Field(60, ge=1, description="RDB storage: a running trial silent for 2x this is stale, failed and retried")
     max_retries: int = Field(2, ge=0, description="times a killed or interrupted trial is re-run with the same parameters")
+    seeds_per_trial: int = Field(
+        1, ge=1, le=64,
+        description="seeds each trial trains (the matrix's seeds in order, then the next integers): the objective is the mean "
+                    "over them of the verdicts' final score. With 1 no two trials can be told apart; the report resolves a "
+                    "difference only when its one-sided bounds at criteria.confidence exclude 0. Costs this many runs a trial")
 
     @model_validator(mode="after")
     def _check(self):
@@ -103,7 +108,7 @@ class TuneSpec(Frozen):
             if top not in known or (rest and rest not in _nested_fields(top)):
                 raise ValueError(f"params.{name}: not a RunConfig field (e.g. lora.r, train.beta, train.lr)")
             if name == "seed":
-                raise ValueError("params.seed: seeds are not tuned; a trial runs the cell's first seed")
+                raise ValueError("params.seed: seeds are not tuned; a trial runs the cell's first seeds_per_trial seeds")
         if self.lora_alpha == "ratio" and "lora.alpha" in self.params:
             raise ValueError("params.lora.alpha is searched, so lora_alpha must be `fixed`, not `ratio`")
         if self.objectives not in (["eval_reward"], ["eval_reward", "peak_memory"]):
@@ -116,6 +121,17 @@ class TuneSpec(Frozen):
     @property
     def directions(self) -> list[str]:
         return [OBJECTIVES[o][1] for o in self.objectives]
+
+
+def trial_seeds(matrix_seeds, n: int) -> tuple[int, ...]:
+    """The seeds every trial trains, in order: the first n of the matrix's (a cell's `runs[i].seed`),
+    then the integers after the largest of them when the matrix lists fewer than n."""
+    seeds = list(dict.fromkeys(matrix_seeds))[:n]
+    nxt = max(seeds, default=-1) + 1
+    while len(seeds) < n:
+        seeds.append(nxt)
+        nxt += 1
+    return tuple(seeds)
 
 
 def _nested_fields(top: str) -> set[str]:

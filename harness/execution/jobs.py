@@ -39,6 +39,8 @@ class ExecutorSettings:
     device: str = "auto"
     jobs: int | None = None  # local: parallel runs (default: one per visible GPU, else 1)
     ray_address: str = "auto"  # ray: an existing cluster
+    # local and ray: runs sharing each GPU, a number or "auto" (execution.packing); None: 1
+    runs_per_gpu: int | str | None = None
 
 
 RETRYABLE = ("failed", "killed", "oom")  # the statuses `--retry` re-runs

@@ -1,6 +1,7 @@
 """The `local` executor: every run in a process of its own (`python -m harness.execution.worker`), one per
-slot at a time. A slot is a visible GPU (the run sees only it, through CUDA_VISIBLE_DEVICES) or,
-on CPU, one of `--jobs N` (each run gets 1/N of the cores).
+slot at a time. A slot is a visible GPU (the run sees only it, through CUDA_VISIBLE_DEVICES), one of
+`--runs-per-gpu N` on it, or on CPU one of `--jobs N`; each run gets its share of the cores
+(execution.packing says how slots are laid out).
 
 A run that raises records itself (run_one); one whose process dies (SIGKILL, the OOM killer, a
 segfault in a kernel) is recorded here from its exit, with the tail of its worker.log, and the
@@ -11,20 +12,18 @@ resumes them from their checkpoints.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass
-
-import torch
 
 from harness.common.files import write_json_atomic
 from harness.execution.events import Ended, Note, OnEvent, Started, Stopped
 from harness.execution.jobs import ExecutorSettings, Job
 from harness.execution.lifecycle import record_lost, report_step
+from harness.execution.packing import Slot, describe, slots
 from harness.execution.worker import job_payload
 from harness.results.layout import read_json
 
@@ -32,59 +31,18 @@ POLL_S = 0.5
 STOP_GRACE_S = 60  # a stopped run closes its rollout engine (a vLLM server) before it exits
 
 
-@dataclass(frozen=True)
-class Slot:
-    device: str  # what the run sees: "cuda" (its one GPU) or "cpu"
-    env: dict
-
-
-def slots(settings: ExecutorSettings) -> list[Slot]:
-    dev = settings.device
-    if dev == "cpu" or (dev == "auto" and not torch.cuda.is_available()):
-        n = settings.jobs or 1
-        threads = str(max(1, (os.cpu_count() or 1) // n))  # N runs with all cores each would thrash
-        return [Slot("cpu", {"OMP_NUM_THREADS": threads})] * n
-    gpus = pinned_gpus(dev)
-    if settings.jobs:
-        gpus = gpus[: settings.jobs]
-    return [Slot("cuda", {"CUDA_VISIBLE_DEVICES": g}) for g in gpus]
-
-
-def pinned_gpus(device: str) -> list[str]:
-    """The GPUs a sweep on `device` (auto, cuda, cuda:N) pins its runs to, as CUDA_VISIBLE_DEVICES
-    names them (ids or UUIDs). ValueError, saying what to fix, where a slot would be one no run
-    can start on: each of its runs would fail at once and the queue drain into failed summaries."""
-    if device not in ("auto", "cuda") and not re.fullmatch(r"cuda:\d+", device):
-        raise ValueError(f"--device {device!r}: choose auto, cpu, cuda or cuda:N")
-    listed, seen = os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count()
-    gpus = [str(i) for i in range(seen)] if listed is None else [g.strip() for g in listed.split(",") if g.strip()]
-    if not seen:
-        raise ValueError(f"--device {device}: torch {torch.__version__} sees no CUDA GPU (CUDA_VISIBLE_DEVICES={listed}); "
-                         "--device cpu runs on the CPU")
-    if len(gpus) != seen:  # CUDA drops a listed GPU that does not exist, and every one after it
-        raise ValueError(f"CUDA_VISIBLE_DEVICES={listed} names {len(gpus)} GPUs but torch sees {seen}: "
-                         "list only GPUs this host has (nvidia-smi -L)")
-    if device.startswith("cuda:"):
-        i = int(device.removeprefix("cuda:"))
-        if i >= len(gpus):
-            raise ValueError(f"--device {device}: {len(gpus)} GPU(s) visible ({', '.join(gpus)}), "
-                             f"so cuda:0 to cuda:{len(gpus) - 1}")
-        gpus = [gpus[i]]
-    return gpus
-
-
 def run_local(jobs: list[Job], settings: ExecutorSettings, on_event: OnEvent) -> None:
     free, queue = slots(settings), list(jobs)
     running: dict[subprocess.Popen, tuple[Job, Slot]] = {}
     seen: dict = {}  # run folder -> the last step reported
     if len(free) > 1:
-        on_event(Note(f"{len(free)} runs at a time ({', '.join(s.env.get('CUDA_VISIBLE_DEVICES', 'cpu') for s in free)}); "
-                      "each run's output goes to its worker.log"))
+        on_event(Note(f"{describe(free)}; each run's output goes to its worker.log"))
     with _sigterm_as_interrupt():
         try:
             while queue or running:
                 while queue and free:
-                    job, slot = queue.pop(0), free.pop(0)
+                    job, slot = queue.pop(0), _least_shared(free, running)
+                    free.remove(slot)
                     running[_start(job, slot)] = (job, slot)
                     on_event(Started(job))
                 time.sleep(POLL_S)
@@ -98,6 +56,12 @@ def run_local(jobs: list[Job], settings: ExecutorSettings, on_event: OnEvent) ->
         except KeyboardInterrupt:
             _stop(running, on_event)
             raise
+
+
+def _least_shared(free: list[Slot], running: dict) -> Slot:
+    """The free slot on the GPU running the fewest runs (packed runs spread over the GPUs first); on CPU the first."""
+    busy = Counter(slot.env.get("CUDA_VISIBLE_DEVICES") for _, slot in running.values())
+    return min(free, key=lambda slot: busy[slot.env.get("CUDA_VISIBLE_DEVICES")])
 
 
 def _start(job: Job, slot: Slot) -> subprocess.Popen:

@@ -1,6 +1,7 @@
 """The `ray` executor: every run a Ray task on an existing cluster (`--ray-address auto` finds the
 one `ray start --head` started on this machine; or give host:port), one GPU each where the
-cluster has GPUs, else one CPU.
+cluster has GPUs (1/N of one with `--runs-per-gpu N`: Ray then starts N runs on each GPU), and
+one CPU each.
 
 Each task runs in a fresh worker process (max_calls=1: no CUDA or vLLM state carried between
 runs) and writes into the sweep's results folder when it can see it (a shared filesystem: the
@@ -12,6 +13,7 @@ to be unpacked in place: the results layout and resume work the same either way.
 from __future__ import annotations
 
 import io
+import math
 import os
 import tarfile
 import tempfile
@@ -23,6 +25,7 @@ from harness.common.files import write_json_atomic
 from harness.execution.events import Ended, Note, OnEvent, Started
 from harness.execution.jobs import ExecutorSettings, Job
 from harness.execution.lifecycle import record_lost, report_step
+from harness.execution.packing import per_gpu
 from harness.execution.worker import job_payload
 from harness.results.layout import read_json
 
@@ -47,14 +50,24 @@ def run_ray(jobs: list[Job], settings: ExecutorSettings, on_event: OnEvent) -> N
     marker.write_text("the sweep's results folder, as a Ray task sees it\n")
     try:
         gpus = 0 if settings.device == "cpu" else ray.cluster_resources().get("GPU", 0)
-        task = ray.remote(max_calls=1, max_retries=0)(ray_task).options(num_gpus=1 if gpus else 0, num_cpus=1)
+        resources = task_resources(per_gpu(settings), gpus > 0)
+        task = ray.remote(max_calls=1, max_retries=0)(ray_task).options(**resources)
         device = "cuda" if gpus else "cpu"
-        on_event(Note(f"ray: {ray.cluster_resources().get('CPU', 0):.0f} CPUs, {gpus:.0f} GPUs; "
-                      f"{len(jobs)} runs, one {device.upper()} each"))
-        _drive(ray, {task.remote(job_payload(job, device), str(marker), _snapshot(job.run_dir)): job for job in jobs}, on_event)
+        share = f"{resources['num_gpus']} GPU and one CPU" if 0 < resources["num_gpus"] < 1 else f"one {device.upper()}"
+        on_event(Note(f"ray: {ray.cluster_resources().get('CPU', 0):.0f} CPUs, {gpus:.0f} GPUs; {len(jobs)} runs, {share} each"))
+        env = {"QRL_RUNS_PER_GPU": str(per_gpu(settings))} if gpus else {}  # recorded in env.json
+        _drive(ray, {task.remote(job_payload(job, device) | {"env": env}, str(marker), _snapshot(job.run_dir)): job
+                     for job in jobs}, on_event)
     finally:
         marker.unlink(missing_ok=True)
         ray.shutdown()
+
+
+def task_resources(runs_per_gpu: int, cluster_has_gpus: bool) -> dict:
+    """What each run's task asks Ray for: a CPU, and a GPU or 1/runs_per_gpu of one. Ray counts fractions to
+    0.0001, so the share is rounded down there: N of them never add up to more than one GPU."""
+    share = math.floor(10_000 / runs_per_gpu) / 10_000 if runs_per_gpu > 1 else 1
+    return {"num_cpus": 1, "num_gpus": share if cluster_has_gpus else 0}
 
 
 def _drive(ray, refs: dict, on_event: OnEvent) -> None:
@@ -107,6 +120,7 @@ def ray_task(payload: dict, marker: str, snapshot: bytes | None) -> dict:
     """Inside the Ray worker: run the job where the results folder is, or in a temporary one."""
     from harness.execution.worker import run_job
 
+    os.environ.update(payload.get("env", {}))  # a fresh worker process per task (max_calls=1): nothing leaks
     if Path(marker).exists():
         return {"summary": run_job(payload), "folder": None}
     with tempfile.TemporaryDirectory(prefix="qrl-ray-") as tmp:

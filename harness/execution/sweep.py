@@ -18,11 +18,14 @@ if TYPE_CHECKING:
     import torch
 
 
-def jobs_of(m: Matrix, results: Path, cells: list[Cell] | None = None, wandb: str | None = None) -> list[Job]:
-    """One job per run of `cells` (default: all), under results/<matrix>/<run_id>; writes matrix.json.
-    `wandb` (off, offline, online) overrides the matrix's tracking.wandb.mode."""
+def jobs_of(m: Matrix, results: Path, cells: list[Cell] | None = None, wandb: str | None = None,
+            planned: dict[str, int] | None = None) -> list[Job]:
+    """One job per planned run of `cells` (default: all), under results/<matrix>/<run_id>; writes matrix.json.
+    `planned`: seeds per cell name (adaptive seeds; default the first look). `wandb` (off, offline,
+    online) overrides the matrix's tracking.wandb.mode."""
     root = results / m.name
-    write_json_atomic(root / "matrix.json", m.to_json())
+    planned = planned or {}
+    write_json_atomic(root / "matrix.json", m.to_json(planned))
     tracking = m.spec.tracking.wandb
     if wandb == "off":
         tracking = None
@@ -43,26 +46,33 @@ def jobs_of(m: Matrix, results: Path, cells: list[Cell] | None = None, wandb: st
             matrix=m.name, label=cell.name, tags=tuple(f"{k}={v}" for k, v in cell.key.items()),
             wandb=tracking.model_dump() if tracking else None, lm_eval=lm_eval.model_dump(mode="json") if lm_eval else None,
         )
-        jobs += [Job(cfg, root / cfg.run_id, options) for cfg in cell.runs]
+        jobs += [Job(cfg, root / cfg.run_id, options) for cfg in cell.runs[:planned.get(cell.name, m.spec.looks[0])]]
     return jobs
 
 
-def precheck(jobs: list[Job], device: torch.device, capacity_gib: float) -> tuple[list[Job], list[Job]]:
+def precheck(jobs: list[Job], device: torch.device, capacity_gib: float,
+             shared_by: int = 1) -> tuple[list[Job], list[Job]]:
     """(jobs to launch, each carrying its memory estimate; jobs found infeasible, recorded as such).
+    `capacity_gib` is the device's; `shared_by` runs at a time share it (--jobs on CPU, --runs-per-gpu),
+    so each must fit its share: a packed run that does not is infeasible rather than OOMing its neighbours.
 
     An infeasible run's summary.json has status `infeasible`, the estimate and the capacity; it is
     estimated again by the next sweep (which may run on a larger device) rather than skipped."""
     from harness.execution.memory_fit import estimate
 
+    share = capacity_gib / shared_by
+    flag = "--jobs" if device.type == "cpu" else "--runs-per-gpu"
+    where = device.type + (f" (its {capacity_gib:.2f} GiB shared by {shared_by} runs at a time: fewer with {flag})"
+                           if shared_by > 1 else "")
     launch, infeasible = [], []
     for job in jobs:
         est = estimate(job.cfg, device)
         need = est.get("fit_gib")
-        if need is not None and need > capacity_gib:
-            error = f"needs about {need:.2f} GiB (estimate), {capacity_gib:.2f} GiB available on {device.type}: not launched"
+        if need is not None and need > share:
+            error = f"needs about {need:.2f} GiB (estimate), {share:.2f} GiB available on {where}: not launched"
             write_json_atomic(job.run_dir / "summary.json",
                               {"run_id": job.cfg.run_id, "status": "infeasible", "error": error, "memory_estimate": est,
-                               "capacity_gib": capacity_gib})
+                               "capacity_gib": share, "shared_by": shared_by})
             infeasible.append(job)
         else:
             (job.run_dir / "summary.json").unlink(missing_ok=True)  # an earlier sweep's `infeasible`

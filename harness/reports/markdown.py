@@ -84,7 +84,8 @@ def cell_rows(root: Path, matrix: dict, cells: list[dict]) -> list[dict]:
             + (f" ({est:.2f})" if (est := max(get("memory_estimate_gib"), default=None)) is not None else ""),
             "tokens_per_s": number(median(get("rollout_tokens_per_s")), 0),
             "step_s": number(median(get("median_step_s")), 2),
-            "seeds": f"{sum(r['verdict'] != 'incomplete' for r in runs)}/{len(runs)}",
+            "seeds": f"{sum(r['verdict'] != 'incomplete' for r in runs)}/{len(runs)}"
+            + (f" (look {cell.get('look', 1)}/{cell['looks']})" if cell.get("looks", 1) > 1 else ""),
             "test": cell["test"],
         })
     return rows
@@ -207,7 +208,18 @@ def method_text(matrix: dict) -> str:
         "process's peak RSS on CPU; in brackets the pre-check's estimate of it (harness/execution/memory_fit.py), "
         "made before the run was "
         "launched. Infeasible: that estimate did not fit the device, so the run was not launched."
+        + (adaptive_text(matrix["looks"], c["confidence"]) if matrix.get("adaptive") else "")
     )
+
+
+def adaptive_text(looks: list[int], confidence: float) -> str:
+    per_look = f"{1 - (1 - confidence) / len(looks):.1%}".replace(".0%", "%")
+    return (f" Adaptive seeds: every cell ran {looks[0]} seeds first; after each round, the cells still Inconclusive "
+            f"(and their baseline cells, so pairing holds) ran more, at looks of {', '.join(map(str, looks))} seeds. "
+            f"Each of the {len(looks)} looks bounds Δ at {per_look} (Bonferroni over the looks), so a wrong Converges or a "
+            f"wrong Convergence issue has at most a {1 - confidence:.0%} chance over the whole sequence; "
+            "the seeds column says at which look each verdict was reached, and a cell is compared with its "
+            "baseline's first seeds, as many as its own.")
 
 
 ENGINE_TEXT = ("Medians over every training step of a cell's seeds; memory columns give the largest reading. rollout s is "

@@ -20,17 +20,16 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from scipy import stats
-
 from harness.common.files import write_json_atomic
 from harness.config.matrix import Criteria
 from harness.config.run import RunConfig
+from harness.results.intervals import MAX_SEEDS_SUGGESTED, Difference, difference, seeds_to_decide, t_interval
 from harness.results.layout import damage, finite, read_json, read_metrics
+from harness.results.looks import Look, look_at
 
 RUN_VERDICTS = ("converged", "no_learning", "diverged", "collapsed", "failed", "oom", "infeasible", "incomplete")
 CELL_VERDICTS = ("Converges", "Inconclusive", "Convergence issue", "Does not converge", "Error", "Infeasible", "Incomplete",
                  "Smoke tested")
-MAX_SEEDS_SUGGESTED = 64  # beyond this the suggestion reads "more than 64": the difference sits on the tolerance itself
 
 
 @dataclass
@@ -198,62 +197,6 @@ def _steps(steps: list[int]) -> str:
 
 
 @dataclass
-class Difference:
-    """Δ = ours - theirs in final score, with one-sided bounds at `confidence`."""
-
-    mean: float
-    lower: float
-    upper: float
-    method: str
-    paired: bool
-    sds: tuple[float, ...]  # paired: (sd of the differences,); unpaired: (sd of ours, sd of theirs)
-
-
-def difference(ours: dict[int, float], theirs: dict[int, float], confidence: float) -> Difference | None:
-    """Seeds shared by both cells are paired (same seed: same prompts drawn, same initial noise);
-    otherwise Welch's unpaired interval. None with fewer than 2 seeds on a side."""
-    shared = sorted(ours)
-    if ours.keys() == theirs.keys() and len(shared) >= 2:  # pairing a subset would drop the other seeds unseen
-        d = [ours[s] - theirs[s] for s in shared]
-        mean, sd = statistics.fmean(d), statistics.stdev(d)
-        half = stats.t.ppf(confidence, len(d) - 1) * sd / math.sqrt(len(d))
-        half = float(half)
-        return Difference(mean, mean - half, mean + half, f"paired one-sided t bounds over {len(d)} seeds", True, (sd,))
-    if len(ours) < 2 or len(theirs) < 2:
-        return None
-    a, b = list(ours.values()), list(theirs.values())
-    mean = statistics.fmean(a) - statistics.fmean(b)
-    half = (float(stats.t.ppf(confidence, welch_df(a, b)))
-            * math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b)))
-    return Difference(mean, mean - half, mean + half, "Welch one-sided t bounds", False,
-                      (statistics.stdev(a), statistics.stdev(b)))
-
-
-def welch_df(a: list[float], b: list[float]) -> float:
-    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    if va + vb == 0:
-        return len(a) + len(b) - 2
-    return (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-
-
-def seeds_to_decide(d: Difference, tolerance: float, confidence: float, power: float) -> int | None:
-    """Seeds per arm with which the bound would likely clear -tolerance (with `power`), were the true Δ
-    and the seed spread what was observed: the smallest n with (t_conf + t_power) x se(n) <= |Δ + tolerance|.
-    None: more than MAX_SEEDS_SUGGESTED."""
-    margin = abs(d.mean + tolerance)
-    for n in range(2, MAX_SEEDS_SUGGESTED + 1):
-        if d.paired:
-            se, df = d.sds[0] / math.sqrt(n), n - 1
-        else:
-            va, vb = d.sds[0] ** 2 / n, d.sds[1] ** 2 / n
-            se = math.sqrt(va + vb)
-            df = (va + vb) ** 2 / ((va**2 + vb**2) / (n - 1)) if va + vb > 0 else 2 * n - 2
-        if (stats.t.ppf(confidence, df) + stats.t.ppf(power, df)) * se <= margin:
-            return n
-    return None
-
-
-@dataclass
 class CellVerdict:
     name: str
     key: dict
@@ -270,16 +213,11 @@ class CellVerdict:
     delta_upper_bound: float | None = None  # shown worse below it
     test: str | None = None  # which interval, in words, for the report
     seeds_to_decide: int | None = None  # Inconclusive: seeds per arm that would likely decide it
+    look: int = 1  # adaptive seeds: the look (round) whose seeds this verdict is on
+    looks: int = 1  # ... of how many looks the matrix plans
 
     def stat(self, field: str) -> list[float]:
         return [x for r in self.runs if (x := getattr(r, field)) is not None]
-
-
-def t_interval(xs: list[float], confidence: float) -> tuple[float, float]:
-    """Two-sided Student-t interval for the mean of xs (n >= 2)."""
-    n, mean = len(xs), statistics.fmean(xs)
-    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * statistics.stdev(xs) / math.sqrt(n)
-    return float(mean - half), float(mean + half)
 
 
 def final_scores(runs: list[RunVerdict]) -> dict[int, float]:
@@ -289,11 +227,14 @@ def final_scores(runs: list[RunVerdict]) -> dict[int, float]:
 
 
 def judge_cell(name, key, label, runs: list[RunVerdict], baseline_name: str | None, baseline: CellVerdict | None, c: Criteria,
-               baseline_declared: bool) -> CellVerdict:
+               baseline_declared: bool, look: Look = Look()) -> CellVerdict:
     """baseline_declared: the matrix names a baseline, so a cell without one (its baseline cell was
     excluded) has nothing to be non-inferior to. The baseline cell itself is judged on learning and
-    stability alone."""
-    cell = CellVerdict(name, key, label, baseline_name, "", "", runs)
+    stability alone. `look`: which look of adaptive seeds this is; Δ is bounded at its confidence and
+    against the baseline's first len(runs) seeds, so a verdict reached at a look stays what it was
+    when the baseline later runs more seeds for another cell."""
+    cell = CellVerdict(name, key, label, baseline_name, "", "", runs, look=look.index, looks=look.of)
+    confidence = look.confidence(c.confidence)
     finished = [r for r in runs if r.verdict != "incomplete"]
     errors = [r for r in runs if r.verdict in ("failed", "oom")]
     infeasible = [r for r in runs if r.verdict == "infeasible"]
@@ -308,7 +249,7 @@ def judge_cell(name, key, label, runs: list[RunVerdict], baseline_name: str | No
         cell.eval_final_ci = t_interval(list(ends.values()), c.confidence)
     seeds = f"{len(finished)}/{len(runs)} seeds finished"
     comparable = baseline is not None and baseline.name != name and baseline.status not in ("Incomplete", "Error", "Infeasible")
-    d = difference(ends, final_scores(baseline.runs), c.confidence) if comparable else None
+    d = difference(ends, final_scores(baseline.runs[:len(runs)]), confidence) if comparable else None
     if d:  # the evidence column shows Δ whatever the verdict
         cell.delta_vs_baseline, cell.delta_lower_bound, cell.delta_upper_bound, cell.test = d.mean, d.lower, d.upper, d.method
 
@@ -342,25 +283,41 @@ def judge_cell(name, key, label, runs: list[RunVerdict], baseline_name: str | No
     elif d is None:
         cell.status, cell.reason = "Smoke tested", "too few seeds in this cell or its baseline for the non-inferiority test"
     else:
-        bounds = f"Δ {d.mean:+.3f}, {c.confidence:.0%} bounds [{d.lower:+.3f}, {d.upper:+.3f}] vs -{c.tolerance}"
-        if d.lower > -c.tolerance:
-            cell.status, cell.reason = "Converges", f"{stable}; non-inferior to the baseline ({bounds})"
-        elif d.upper < -c.tolerance:
-            cell.status, cell.reason = "Convergence issue", f"learns, but shown worse than the baseline ({bounds})"
+        level = f"{confidence:.1%}".replace(".0%", "%")
+        at = f" (look {look.index} of {look.of}, {c.confidence:.0%} over all looks)" if look.of > 1 else ""
+        bounds = f"Δ {d.mean:+.3f}, {level} bounds [{d.lower:+.3f}, {d.upper:+.3f}]{at} vs -{c.tolerance}"
+        cell.status = decide(d, c.tolerance)
+        if cell.status == "Converges":
+            cell.reason = f"{stable}; non-inferior to the baseline ({bounds})"
+        elif cell.status == "Convergence issue":
+            cell.reason = f"learns, but shown worse than the baseline ({bounds})"
         else:
-            cell.status = "Inconclusive"
-            cell.seeds_to_decide = need = seeds_to_decide(d, c.tolerance, c.confidence, c.power)
+            cell.seeds_to_decide = need = seeds_to_decide(d, c.tolerance, confidence, c.power)
             more = (f"about {need} seeds per cell would likely decide it" if need
                     else f"more than {MAX_SEEDS_SUGGESTED} seeds per cell: Δ sits on the tolerance itself")
+            if look.index < look.of:
+                more = f"the sweep adds seeds; {more}"
+            elif look.of > 1:
+                more = f"still so at seeds.max {len(runs)}; {more}"
             cell.reason = (f"{stable}, but not shown non-inferior nor worse ({bounds}): {more} "
                            f"({c.power:.0%} power, if Δ and the seed spread stay as observed)")
     return cell
+
+
+def decide(d: Difference, tolerance: float) -> str:
+    """Non-inferior (Converges), shown worse (Convergence issue) or neither, from the one-sided bounds on Δ."""
+    if d.lower > -tolerance:
+        return "Converges"
+    if d.upper < -tolerance:
+        return "Convergence issue"
+    return "Inconclusive"
 
 
 def judge(root: Path, write: bool = True) -> list[CellVerdict]:
     """Judge every cell of the sweep in `root` (and write root/verdicts.json)."""
     matrix = read_json(root / "matrix.json")
     c = Criteria(**matrix["criteria"])
+    looks = matrix.get("looks") or [0]  # a sweep saved before adaptive seeds: one look
     runs = {cell["name"]: [judge_run(root / r["run_id"], r["seed"], c, _kl_in_loss(root / r["run_id"], r)) for r in cell["runs"]]
             for cell in matrix["cells"]}
     done: dict[str, CellVerdict] = {}
@@ -368,7 +325,7 @@ def judge(root: Path, write: bool = True) -> list[CellVerdict]:
     for cell in sorted(matrix["cells"], key=lambda x: x["baseline"] not in (None, x["name"])):
         base = done.get(cell["baseline"]) if cell["baseline"] else None
         v = judge_cell(cell["name"], cell["key"], cell["label"], runs[cell["name"]], cell["baseline"], base, c,
-                       bool(matrix["baseline"]))
+                       bool(matrix["baseline"]), look_at(looks, len(cell["runs"])))
         missing = sum(r.verdict == "incomplete" for r in v.runs)
         if missing and v.status not in ("Incomplete", "Smoke tested"):
             v.reason += f" ({missing} of {len(v.runs)} seeds not finished yet)"

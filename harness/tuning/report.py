@@ -1,6 +1,7 @@
 """reports/<matrix>/tune_<study>.{md,html} and tune_<study>/*.svg, from the study's storage alone.
 
-Best trial (or Pareto front) and its config, every trial, parameter importances, and Optuna's
+Best trial (or Pareto front) and its config, which differences from it the trials' seeds resolve
+(harness/tuning/differences.py), every trial, parameter importances, and Optuna's
 own plots (optimization history, contour of the first two parameters, Pareto front) drawn with
 matplotlib into standalone SVG files; the HTML embeds them as data URIs so it stays one file.
 What came from runs (errors, parameter values) is escaped for each format.
@@ -20,10 +21,12 @@ from optuna.trial import TrialState
 
 from harness.common.files import write_atomic
 from harness.common.text import significant
-from harness.config.tune_space import binomial_se
+from harness.config.tune_space import binomial_se, defaults
 from harness.reports.html import CSS, e
 from harness.reports.markdown import md
+from harness.tuning.differences import compare, rule
 from harness.tuning.study import Study, best_trials, shown, tally
+from harness.tuning.trial import seed_scores
 
 COLUMNS = [("number", "trial"), ("state", "state"), ("params", "parameters"), ("values", "objective"),
            ("eval_start", "eval start"), ("steps", "steps"), ("memory", "peak GiB"), ("wall", "wall s"), ("worker", "worker"),
@@ -93,7 +96,26 @@ def summary(s: optuna.Study, study: Study) -> dict:
         "eval_size": n_eval,
         "importances": _importances(s, len(complete)),
         "common": _common_step(s),
+        "differences": _differences(complete, best, study),
     }
+
+
+def _differences(complete: list, best: list, study: Study) -> list:
+    """Each of the top trials and the matrix's own values against the best, seed by seed."""
+    if not best:
+        return []
+    own = defaults(study.cell_cfg, study.spec)
+    scores = {t.number: seed_scores(t) or {study.trial_seeds[0]: t.values[0]} for t in complete}  # a study from before seeds
+    labels = {t.number: "the matrix's values" for t in complete if t.params == own}
+    return compare(scores, best[0].number, study.criteria.confidence, study.criteria.power, labels)
+
+
+def _difference_rows(info: dict) -> list[list[str]]:
+    return [[str(c.number), c.label, ", ".join(f"{seed}: {x:.3f}" for seed, x in sorted(c.scores.items())), f"{c.mean:.3f}",
+             c.text] for c in info["differences"]]
+
+
+DIFFERENCE_COLUMNS = ["trial", "note", "final score by seed", "mean", "difference from the best"]
 
 
 def _common_step(s: optuna.Study) -> tuple[int, list[float]] | None:
@@ -200,7 +222,7 @@ def _spread_text(info: dict) -> str:
     lo, mid, hi = info["spread"]
     se = f"; one evaluation's standard error at the best value is ±{info['se']:.3f} ({info['eval_size']} held-out prompts), " \
          "so trials closer than about twice that are not told apart" if info["se"] is not None else ""
-    text = f"final eval/reward over finished trials: min {lo:.3f}, median {mid:.3f}, max {hi:.3f}{se}."
+    text = f"trial scores (mean final score over seeds) over finished trials: min {lo:.3f}, median {mid:.3f}, max {hi:.3f}{se}."
     if info["common"]:
         step, values = info["common"]
         text += (f" At step {step}, which all {len(values)} reporting trials reached (pruned ones included): "
@@ -221,8 +243,11 @@ def _setup_text(study: Study) -> str:
     alpha = ("lora.alpha follows lora.r at the matrix's alpha/r" if spec.lora_alpha == "ratio"
              else "lora.alpha as the matrix sets it")
     objectives = " and ".join(f"{o} ({d})" for o, d in zip(spec.objectives, spec.directions))
-    return (f"Search space: {space}; {alpha}. Objective: {objectives}, from each trial's final held-out evaluation "
-            f"(seed {study.cell_cfg.seed}, {study.cell_cfg.train.steps} steps). "
+    seeds = study.trial_seeds
+    return (f"Search space: {space}; {alpha}. Objective: {objectives}; eval_reward is the verdicts' final score (the mean "
+            f"of a run's held-out evals in its last {study.criteria.final_window:.0%} of training), averaged over the trial's "
+            f"{'seed' if len(seeds) == 1 else f'{len(seeds)} seeds'} {', '.join(map(str, seeds))} "
+            f"({study.cell_cfg.train.steps} steps each; tune.seeds_per_trial {spec.seeds_per_trial}). "
             f"Sampler: {spec.sampler}; pruner: {spec.pruner.name}. "
             f"Each trial is an ordinary run of the cell under results/{study.matrix}/tune/{study.name}/.")
 
@@ -232,7 +257,14 @@ def _markdown(study: Study, info: dict, rows: list[dict], figs: dict, out_dir: P
              f"{md(_counts_text(info))}.", "", md(_setup_text(study)), "",
              "## Best" + (" (Pareto front)" if len(study.spec.objectives) > 1 else ""), ""]
     lines += [f"- {md(label)}: {md(text)}" for label, text in _best_lines(study, info)] or ["- none finished yet"]
-    lines += ["", md(_spread_text(info)), "", "## Commands", ""]
+    lines += ["", md(_spread_text(info)), "", "## Differences from the best", "",
+              md(rule(study.criteria.confidence, study.spec.seeds_per_trial)), ""]
+    if info["differences"]:
+        lines += ["| " + " | ".join(DIFFERENCE_COLUMNS) + " |", "|" + "---|" * len(DIFFERENCE_COLUMNS)]
+        lines += ["| " + " | ".join(md(x) for x in row) + " |" for row in _difference_rows(info)]
+    else:
+        lines.append("No finished trial yet.")
+    lines += ["", "## Commands", ""]
     lines += [f"- {label}: {code(cmd)}" for label, cmd in _commands(study)]
     lines += ["", "## Parameter importances", ""]
     imp = info["importances"]
@@ -259,7 +291,12 @@ def _html(study: Study, info: dict, rows: list[dict], figs: dict, out_dir: Path)
              "<h2>Best" + (" (Pareto front)" if len(study.spec.objectives) > 1 else "") + "</h2><ul id='best'>"]
     parts += ([f"<li><b>{e(label)}</b>: {e(text)}</li>" for label, text in _best_lines(study, info)]
               or ["<li>none finished yet</li>"])
-    parts.append(f"</ul><p>{e(_spread_text(info))}</p><h2>Commands</h2><ul>")
+    parts.append(f"</ul><p>{e(_spread_text(info))}</p><h2>Differences from the best</h2>"
+                 f"<p class='muted'>{e(rule(study.criteria.confidence, study.spec.seeds_per_trial))}</p>")
+    parts.append("<table id='differences'><tr>" + "".join(f"<th>{e(c)}</th>" for c in DIFFERENCE_COLUMNS) + "</tr>"
+                 + "".join("<tr>" + "".join(f"<td>{e(x)}</td>" for x in row) + "</tr>" for row in _difference_rows(info))
+                 + "</table>" if info["differences"] else "<p>No finished trial yet.</p>")
+    parts.append("<h2>Commands</h2><ul>")
     parts += [f"<li>{e(label)}: <code>{e(cmd)}</code></li>" for label, cmd in _commands(study)]
     parts.append("</ul><h2>Parameter importances</h2>")
     imp = info["importances"]

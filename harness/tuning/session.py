@@ -46,8 +46,13 @@ def open_session(m: Matrix, cell: Cell, trials: int | None = None, name: str | N
         raise UsageError(f"study: {e}") from None
     spec = m.spec.tune
     s = t.Study(name=name, storage=storage or t.default_storage(results, m.name), matrix=m.name, cell=cell.name,
-                cell_cfg=cell.runs[0], spec=spec, trials=trials or spec.trials, root=results / m.name / "tune" / name)
+                cell_cfg=cell.runs[0], spec=spec, trials=trials or spec.trials, root=results / m.name / "tune" / name,
+                seeds=tuple(r.seed for r in cell.runs), criteria=m.spec.criteria)
     optuna_study, notes = t.create(s)
+    extra = [x for x in s.trial_seeds if x not in s.seeds]
+    if extra:
+        notes.insert(0, f"tune.seeds_per_trial {spec.seeds_per_trial} is more than the cell's {len(s.seeds)} seed(s): "
+                        f"trials also train seed(s) {', '.join(map(str, extra))}")
     return Session(m, cell, s, optuna_study, list(notes))
 
 

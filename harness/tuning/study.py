@@ -1,9 +1,9 @@
 """`harness tune`: an Optuna study over one cell of a matrix.
 
-Each trial is an ordinary run of the cell's recipe with the trial's parameters set, written to
-results/<matrix>/tune/<study>/<run_id>/ like any run. Its held-out eval/reward is reported at
-every evaluation so the pruner can stop it; its final eval/reward (and peak memory when asked)
-is the objective.
+Each trial trains the cell's config with the trial's parameters once per seed (`tune.seeds_per_trial`,
+the seeds in order), each an ordinary run written to results/<matrix>/tune/<study>/<run_id>/ like
+any run. The mean over its seeds of the verdicts' final score (and the largest peak memory, when
+asked) is the objective; harness/tuning/trial.py runs the seeds and says how the pruner sees them.
 
 Several worker processes, here or on other machines, share one study through its storage.
 A trial's fate is read from the storage, not from any one worker:
@@ -36,18 +36,14 @@ from pydantic import ValidationError
 from harness.common.files import locked, replacing
 from harness.common.text import significant
 from harness.common.validation import validation_problems
+from harness.config.matrix import Criteria
 from harness.config.run import RunConfig
-from harness.config.tune_space import OBJECTIVES, TuneSpec, defaults, trial_config
+from harness.config.tune_space import TuneSpec, defaults, trial_config, trial_seeds
 from harness.errors import HarnessError
-from harness.recipes import Pruned
-from harness.results.layout import is_finished, read_json, read_metrics
+from harness.tuning.trial import RunFailed, run_trial
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # each worker prints its own line per trial
-
-
-class RunFailed(Exception):
-    """The trial's run ended with status failed, nan or oom: the trial fails, the study goes on."""
 
 
 class StudyMismatch(HarnessError, ValueError):
@@ -66,9 +62,15 @@ class Study:
     spec: TuneSpec
     trials: int
     root: Path  # results/<matrix>/tune/<study>/
+    seeds: tuple[int, ...] = ()  # the cell's seeds (cell.runs[i].seed); a trial trains the first spec.seeds_per_trial
+    criteria: Criteria = Criteria()  # the matrix's: final_window scores a run, confidence compares trials
 
     def run_dir(self, run_id: str) -> Path:
         return self.root / run_id
+
+    @property
+    def trial_seeds(self) -> tuple[int, ...]:
+        return trial_seeds(self.seeds or (self.cell_cfg.seed,), self.spec.seeds_per_trial)
 
 
 def shown(storage: str) -> str:
@@ -118,7 +120,8 @@ def _pruner(study: Study):
     if p.name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=p.warmup_steps)
     if p.name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource or t.eval_every, max_resource=t.steps,
+        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource or t.eval_every,
+                                              max_resource=t.steps * len(study.trial_seeds),  # a trial's steps over its seeds
                                               reduction_factor=p.reduction_factor)
     return optuna.pruners.NopPruner()
 
@@ -132,7 +135,8 @@ def load(study: Study, worker: int = 0) -> optuna.Study:
 def create(study: Study) -> tuple[optuna.Study, list[str]]:
     """Create the study or load it (refusing one made for another cell or space); queue the
     cell's own values as the first trial. Returns notes for the user."""
-    identity = {"cell_config": study.cell_cfg.model_dump(mode="json"), "tune": _meaning(study.spec.model_dump(mode="json"))}
+    identity = {"cell_config": study.cell_cfg.model_dump(mode="json"), "tune": _meaning(study.spec.model_dump(mode="json")),
+                "score": _score(study)}
     s = optuna.create_study(study_name=study.name, storage=_storage(study), directions=study.spec.directions, load_if_exists=True,
                             sampler=_sampler(study.spec, 0), pruner=_pruner(study))
     notes = []
@@ -150,9 +154,16 @@ def create(study: Study) -> tuple[optuna.Study, list[str]]:
         stored = s.user_attrs | {"tune": _meaning(s.user_attrs.get("tune", {}))}
         changed = [k for k, v in identity.items() if stored.get(k) != v]
         if changed:
-            raise StudyMismatch(f"study {study.name!r} in {shown(study.storage)} was made with another {' and '.join(changed)}; "
-                                "give --study a new name (or delete the study) to search this one")
+            why = (" (it predates scoring a trial by the verdicts' final score over its seeds)"
+                   if "score" in changed and "score" not in stored else "")
+            raise StudyMismatch(f"study {study.name!r} in {shown(study.storage)} was made with another {' and '.join(changed)}"
+                                f"{why}; give --study a new name (or delete the study) to search this one")
     return s, notes
+
+
+def _score(study: Study) -> dict:
+    """What a trial's objective is computed from: its seeds, and the final window of the verdicts' score."""
+    return {"seeds": list(study.trial_seeds), "final_window": study.criteria.final_window}
 
 
 def _meaning(tune: dict) -> dict:
@@ -273,52 +284,15 @@ def objective(trial: optuna.Trial, study: Study, device: torch.device, on_step: 
     run_dir = study.run_dir(cfg.run_id)
     trial.set_user_attr("run_id", cfg.run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
-    # two trials with the same parameters (or a worker taken for dead while still alive) must not train into one folder
+    # two trials with the same parameters (or a worker taken for dead while still alive) must not train into one folder;
+    # the first seed's folder locks all the trial's seeds
     with locked(run_dir / ".lock", wait=False) as mine:
         if not mine:
             error = f"another trial is running the same configuration ({cfg.run_id})"
             trial.set_user_attr("status", "busy")
             trial.set_user_attr("error", error)
             raise RunFailed(error)
-        return _run_trial(trial, study, cfg, run_dir, device, on_step)
-
-
-def _run_trial(trial, study: Study, cfg: RunConfig, run_dir: Path, device, on_step) -> float | list[float]:
-    from harness.execution.isolation import in_own_process, own_process_needed
-    from harness.execution.lifecycle import run_one
-    from harness.models import checkpoint
-
-    spec = study.spec
-    prunable = len(spec.objectives) == 1
-    if prunable:  # a resumed (or already finished) run's evaluations so far, for the pruner's comparisons
-        upto = checkpoint.saved_step(run_dir) if not is_finished(run_dir) else cfg.train.steps
-        for row in read_metrics(run_dir):
-            if "eval/reward" in row and 0 < row["step"] <= upto:
-                trial.report(row["eval/reward"], row["step"])
-
-    def progress(step, total, reward, eval):
-        on_step(step=step, total=total, reward=reward, eval=eval, trial=trial.number)
-        if prunable and eval is not None:
-            trial.report(eval, step)
-            if step < total and trial.should_prune():  # at the last step the objective is known: nothing left to save
-                raise Pruned(f"eval/reward {eval:.3f} at step {step} of {total}")
-
-    if is_finished(run_dir):  # the same parameters ran before (a retried trial whose run had finished)
-        summary = read_json(run_dir / "summary.json")
-    elif own_process_needed(cfg, device):  # colocated vLLM on CUDA: no per-step reports from the child
-        summary = in_own_process(run_one, cfg, run_dir, device)
-    else:
-        summary = run_one(cfg, run_dir, device, progress)
-    for key in ("status", "error", "steps_completed", "peak_memory_gib", "wall_s", "eval_start", "eval_end"):
-        trial.set_user_attr(key, summary.get(key))
-    if summary["status"] == "pruned":
-        raise optuna.TrialPruned(summary["error"])
-    if summary["status"] != "ok":
-        raise RunFailed(f"{summary['status']}: {summary['error']}")
-    values = [summary.get(OBJECTIVES[o][0]) for o in spec.objectives]
-    if any(v is None for v in values):
-        raise RunFailed(f"the run finished without {', '.join(o for o, v in zip(spec.objectives, values) if v is None)}")
-    return values[0] if len(values) == 1 else values
+        return run_trial(trial, study, cfg, device, on_step)
 
 
 def trial_line(t: optuna.trial.FrozenTrial, worker: int | None = None) -> str:
