@@ -63,7 +63,7 @@ def main() -> None:
         lines.append(f"| {v.name} | {row['expected']} | {v.status} ({len(v.runs)} seeds) | {len(cell)} / {len(base)} | "
                      f"{pct('Converges')} | {pct('Inconclusive')} | {pct('Convergence issue')} | {pct('Does not converge')} | "
                      f"{max(other, 0):.1%} | {shares['mean_seeds']:.1f} | "
-                     f"{row['rate_is'].split(' ')[0]} {rate:.1%} | {nominal} |")
+                     f"{'false alarm' if aa else 'detection'} {rate:.1%} | {nominal} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

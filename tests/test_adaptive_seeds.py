@@ -200,3 +200,19 @@ def test_an_adaptive_sweep_grows_undecided_cells_and_resumes_after_a_kill(tmp_pa
         {n: (v.status, len(v.runs), v.reason) for n, v in by.items()}, "the resumed sweep ends where the whole one did"
     report = again.report.read_text()
     assert "Adaptive seeds: every cell ran 2 seeds first" in report and "(look 3/3)" in report
+
+
+def test_resampling_real_runs_runs_the_same_procedure():
+    """bench/calibration.py's resampling: a copy of the baseline (paired, same seeds) always converges; a cell
+    whose runs do not learn is always flagged; an A/A cell on other seeds is compared unpaired."""
+    from harness.results.simulate import resample
+
+    c = Criteria()
+    base = _runs([0.70, 0.72, 0.71, 0.69, 0.73, 0.70, 0.71, 0.72])
+    same = _runs([0.70, 0.72, 0.71, 0.69, 0.73, 0.70, 0.71, 0.72])
+    flat = [RunVerdict(f"f{i}", i, "no_learning", "", eval_start=0.3, eval_final=0.3, trained_to_end=True) for i in range(8)]
+    other = _runs([0.71, 0.70, 0.72, 0.70, 0.69, 0.72, 0.71, 0.70], first_seed=100)
+    assert resample(base, same, [4, 8], c, trials=50)["Converges"] == 1.0
+    got = resample(base, flat, [4, 8], c, trials=50)
+    assert got["Does not converge"] == 1.0 and got["mean_seeds"] == 4, "decided at the first look"
+    assert resample(base, other, [4, 8], c, trials=50)["Converges"] == 1.0

@@ -61,6 +61,17 @@ def test_compare_lists_changed_cells(tmp_path):
     assert "(-0.140)" in res.output
     assert runner.invoke(app, ["compare", str(before), str(before), "--fail-on-change"]).exit_code == 0
 
+    # a committed reference is a report folder: its verdicts.json stands in for the runs, which are not committed
+    assert runner.invoke(app, ["report", "c", "--results", str(before.parent), "--reports", str(tmp_path / "reports")]
+                         ).exit_code == 0
+    reference = tmp_path / "reports" / "c"
+    assert (reference / "verdicts.json").exists()
+    res = runner.invoke(app, ["compare", str(reference), str(after), "--fail-on-change"])
+    assert res.exit_code == 1 and "Converges → Does not converge" in res.output and "(-0.140)" in res.output, res.output
+    assert runner.invoke(app, ["compare", str(reference), str(before), "--fail-on-change"]).exit_code == 0
+    res = runner.invoke(app, ["compare", str(tmp_path), str(before)])
+    assert res.exit_code == 2 and "neither a sweep's results folder (matrix.json) nor a report folder" in res.output
+
 
 def test_extras_names_what_each_matrix_imports():
     """`make sweep` installs these and no more: the smoke matrix needs lm-eval, not vLLM or ModelOpt."""

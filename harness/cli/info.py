@@ -24,7 +24,9 @@ def matrices():
     for path in sorted(matrices_dir().glob("*.yaml")):
         try:
             m = load_matrix(path)
-            table.add_row(printable(m.name), str(len(m.cells)), str(sum(len(c.runs) for c in m.cells)),
+            looks = m.spec.looks
+            runs = f"{len(m.cells) * looks[0]}–{len(m.cells) * looks[-1]}" if len(looks) > 1 else str(len(m.cells) * looks[0])
+            table.add_row(printable(m.name), str(len(m.cells)), runs,
                           printable(m.spec.description))
         except MatrixError as e:
             table.add_row(printable(path.stem), "–", "–", f"[red]invalid: {printable(e.problems[0])}[/]")

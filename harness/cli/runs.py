@@ -123,18 +123,18 @@ def report(matrix: str = typer.Argument(..., help="Matrix name whose results to 
 
 @app.command()
 def compare(
-    a: Path = typer.Argument(..., help="A sweep's results folder, e.g. results/smoke (the 'before')."),
-    b: Path = typer.Argument(..., help="Another sweep's results folder of the same matrix (the 'after')."),
+    a: Path = typer.Argument(..., help="A sweep's results folder, e.g. results/smoke, or a report folder with its "
+                             "verdicts.json, e.g. the committed reference reports/smoke (the 'before')."),
+    b: Path = typer.Argument(..., help="Another sweep of the same matrix: results or report folder (the 'after')."),
     fail_on_change: bool = typer.Option(False, "--fail-on-change", help="Exit 1 when any cell's status differs (for CI)."),
 ):
-    """Which cells changed status between two sweeps, and how far their evidence moved."""
+    """Which cells changed status between two sweeps, and how far their evidence moved.
+
+    `harness compare reports/smoke results/smoke` checks a fresh sweep against the committed reference."""
     from harness.results.compare import compare as compare_sweeps
 
-    for root in (a, b):
-        if not (root / "matrix.json").exists():
-            raise fail(f"{root} is not a sweep's results folder (no matrix.json); expected e.g. results/smoke")
     with failing():
-        changes = compare_sweeps(api.judge(a, write=False), api.judge(b, write=False))
+        changes = compare_sweeps(*(_verdicts(root) for root in (a, b)))
     moved = lambda x, y, d=3: f"{number(x, d)} → {number(y, d)}" + (  # noqa: E731
         f" ({y - x:+.{d}f})" if x is not None and y is not None else "")
     table = Table("cell", "status", "final eval/reward", "peak mem GiB", "median step s", title=printable(f"{a} → {b}"),
@@ -150,14 +150,34 @@ def compare(
         raise typer.Exit(1)
 
 
+def _verdicts(root: Path) -> list:
+    """A results folder is judged again (its runs are there); a report folder gives the verdicts it was written from."""
+    from harness.results.layout import DamagedFile
+    from harness.results.verdict import read_verdicts
+
+    if (root / "matrix.json").exists():
+        return api.judge(root, write=False)
+    if (root / "verdicts.json").exists():
+        try:
+            return read_verdicts(root / "verdicts.json")
+        except (DamagedFile, ValueError, TypeError, KeyError) as e:
+            raise fail(f"{root / 'verdicts.json'}: not a harness verdicts file ({e}); write it again with `harness report`")
+    raise fail(f"{root} is neither a sweep's results folder (matrix.json) nor a report folder (verdicts.json); "
+               "expected e.g. results/smoke or reports/smoke")
+
+
 def _list_cells(m) -> None:
     table = Table("cell", "seeds", "run ids", "baseline", title=f"{printable(m.name)}: {len(m.cells)} cells (valid)",
                   title_justify="left")
+    looks = m.spec.looks
     for cell in m.cells:
         base = m.baseline_of(cell)
         table.add_row(printable(cell.name), ",".join(str(r.seed) for r in cell.runs), " ".join(r.run_id for r in cell.runs),
                       printable(base.name) if base else "–")
     console.print(table)
+    if len(looks) > 1:
+        console.print(f"adaptive seeds: each cell runs the first {looks[0]} of its seeds, then more while it is Inconclusive, "
+                      f"at looks of {', '.join(map(str, looks))} seeds (README, \"Adaptive seeds\")")
 
 
 def _progress():

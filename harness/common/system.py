@@ -51,7 +51,17 @@ def dtype_reason(device: torch.device, requested: str = "auto") -> str:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)"
+
+
+def cpu_model() -> str:
+    """The CPU's model name and the flags that change a run's numbers: runs of one config are bit-identical on
+    one kind of CPU and differ on another (other kernels, other rounding), so a report names the kind."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    kinds = [f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if f in flags]
+    return ", ".join(filter(None, [name or platform.processor() or platform.machine(), " ".join(kinds[:2])]))
 
 
 def device_identity(device: torch.device) -> dict:

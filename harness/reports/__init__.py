@@ -18,4 +18,7 @@ def write_report(root: Path, out_dir: Path) -> Path:
     matrix, cells = load(root)
     rows = cell_rows(root, matrix, cells)
     write_atomic(out_dir / "report.html", render_html(root, out_dir, matrix, cells, rows))
+    # the verdicts with their evidence, beside the report: `harness compare reports/NAME results/NAME` checks a
+    # fresh sweep against a committed reference, whose raw runs are not committed
+    write_atomic(out_dir / "verdicts.json", (root / "verdicts.json").read_text())
     return write_markdown(root, out_dir, matrix, cells, rows)

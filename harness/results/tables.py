@@ -41,12 +41,14 @@ VERDICT_COLUMNS = [c for name in _RUN_FIELDS for c in ([name, "gain"] if name ==
 # from the same metrics) and run_id are not repeated.
 SUMMARY_LEAD = ["status", "error", "steps_completed", "wall_s"]
 
-CELL_COLUMNS = ["cell", "label", "included", "baseline", "status", "reason", "seeds", "seeds_finished", "seeds_converged",
+CELL_COLUMNS = ["cell", "label", "included", "baseline", "status", "reason", "seeds", "look", "looks", "seeds_finished",
+                "seeds_converged",
                 "eval_start_mean", "eval_final_mean", "eval_final_ci_lower", "eval_final_ci_upper", "eval_se",
                 "delta_vs_baseline", "delta_lower_bound", "delta_upper_bound", "test", "seeds_to_decide",
                 "max_kl", "kl_median_max", "kl_spikes", "final_entropy_mean", "peak_memory_gib", "memory_estimate_gib",
                 "rollout_tokens_per_s", "median_step_s"]
-_CELL_DTYPES = {"included": "bool", "seeds": "int64", "seeds_finished": "int64", "seeds_converged": "int64",
+_CELL_DTYPES = {"included": "bool", "seeds": "int64", "look": "int64", "looks": "int64", "seeds_finished": "int64",
+                "seeds_converged": "int64",
                 "kl_spikes": "int64", "seeds_to_decide": "Int64"} | dict.fromkeys(
     ["eval_start_mean", "eval_final_mean", "eval_final_ci_lower", "eval_final_ci_upper", "eval_se", "delta_vs_baseline",
      "delta_lower_bound", "delta_upper_bound", "max_kl", "kl_median_max", "final_entropy_mean", "peak_memory_gib",
@@ -110,7 +112,8 @@ def cells(root: str | Path) -> pd.DataFrame:
     """One row per cell, in matrix order, as judged now (judge(root, write=False)).
 
     Columns: the axis columns, then CELL_COLUMNS: cell, label, included, baseline (the baseline cell's name), status,
-    reason; seeds (the matrix's), seeds_finished (not incomplete), seeds_converged; the CellVerdict evidence:
+    reason; seeds (planned so far), look and looks (adaptive seeds: the round the verdict is on, of how many),
+    seeds_finished (not incomplete), seeds_converged; the CellVerdict evidence:
     eval_start_mean (mean step-0 eval/reward of its runs), eval_final_mean, eval_final_ci_lower/_upper (two-sided,
     at the criteria's confidence), eval_se, delta_vs_baseline, delta_lower_bound, delta_upper_bound (one-sided),
     test (which interval), seeds_to_decide (Int64; Inconclusive cells); and over its runs, as the report shows them:
@@ -126,7 +129,7 @@ def cells(root: str | Path) -> pd.DataFrame:
         ci = v.eval_final_ci or (None, None)
         row = {a: cell["key"].get(a) for a in axes} | {
             "cell": v.name, "label": v.label, "included": bool(cell.get("included")), "baseline": v.baseline,
-            "status": v.status, "reason": v.reason, "seeds": len(v.runs),
+            "status": v.status, "reason": v.reason, "seeds": len(v.runs), "look": v.look, "looks": v.looks,
             "seeds_finished": sum(r.verdict != "incomplete" for r in v.runs),
             "seeds_converged": sum(r.verdict == "converged" for r in v.runs),
             "eval_start_mean": mean(v.stat("eval_start")), "eval_final_mean": v.eval_final_mean,

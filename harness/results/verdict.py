@@ -346,3 +346,19 @@ def _kl_in_loss(run_dir: Path, run: dict) -> bool:
         return RunConfig.model_validate(read_json(run_dir / "config.json")).kl_in_loss
     except (OSError, ValueError):  # no config.json, or one an older harness wrote
         return True
+
+
+def read_verdicts(path: Path) -> list[CellVerdict]:
+    """The verdicts a sweep (verdicts.json) or a report folder saved, as judge() returned them."""
+    import dataclasses
+
+    run_fields = {f.name for f in dataclasses.fields(RunVerdict)}
+    cell_fields = {f.name for f in dataclasses.fields(CellVerdict)} - {"runs", "eval_final_ci"}
+
+    def cell(d: dict) -> CellVerdict:
+        runs = [RunVerdict(**{k: v for k, v in r.items() if k in run_fields}) for r in d["runs"]]
+        ci = d.get("eval_final_ci")
+        return CellVerdict(**{k: v for k, v in d.items() if k in cell_fields},
+                           runs=runs, eval_final_ci=tuple(ci) if ci else None)
+
+    return [cell(d) for d in read_json(path)]

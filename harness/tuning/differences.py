@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from harness.results.verdict import MAX_SEEDS_SUGGESTED, Difference, difference, seeds_to_decide
+from harness.results.intervals import MAX_SEEDS_SUGGESTED, Difference, difference, seeds_to_decide
 
 TOP = 5  # the best and the next four, plus the matrix's own values wherever they rank
 
