@@ -41,7 +41,7 @@ def main() -> None:
     lines.append(f"Resampled from {args.root} ({args.trials} trials per cell; looks at {', '.join(map(str, looks))} seeds, "
                  f"tolerance {c.tolerance}, {c.confidence:.0%} over all looks, so at most {1 - c.confidence:.0%} wrong "
                  "verdicts at the tolerance's edge).\n")
-    lines.append("| cell | expected | its verdict in the sweep | seeds in the pool (cell / baseline) | Converges | "
+    lines.append("| cell | expected | verdict on the whole pool | seeds in the pool (cell / baseline) | Converges | "
                  "Inconclusive | Convergence issue | Does not converge | other | mean seeds | rate | nominal |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for v in verdicts.values():

@@ -9,7 +9,7 @@
 set -uo pipefail
 phase=$1
 pip install -q --no-deps --target /tmp/site .gpupyd/*.whl .gpumo/*.whl 2>&1 | grep -v WARNING | tail -2
-export PYTHONPATH=/tmp/site QRL_CACHE=/tmp/qrlc
+export PYTHONPATH=/tmp/site:$PWD QRL_CACHE=/tmp/qrlc  # $PWD: the bench/ scripts import harness
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -47,7 +47,7 @@ EOF
   pack results calibration
   ;;
 nvfp4)
-  time timeout 540 python -m harness sweep grpo_nvfp4 --runs-per-gpu auto --wandb off --reports /tmp/rep 2>&1 | grep -v "^\s*$" | tail -30
+  time timeout 480 python -m harness sweep grpo_nvfp4 --runs-per-gpu auto --wandb off --reports /tmp/rep 2>&1 | grep -v "^\s*$" | tail -30
   mkdir -p "$OUT/reports" && cp -r /tmp/rep/grpo_nvfp4 "$OUT/reports/grpo_nvfp4-h200"
   pack results grpo_nvfp4
   ;;
