@@ -78,30 +78,31 @@ def plan(matrix: str | Path | Matrix, results: str | Path = "results", cells: st
     if wandb not in (None, *WANDB_MODES):
         raise UsageError(f"wandb {wandb!r}: valid: {', '.join(WANDB_MODES)}", "wandb")
     chosen = select(m, cells) if isinstance(cells, str) else cells
-    planned = planned or _rounds_reached(m, Path(results))
+    reached, looks_k = _rounds_reached(m, Path(results))
+    planned = reached | (planned or {})
     try:
-        jobs = jobs_of(m, Path(results), chosen, wandb, planned)
+        jobs = jobs_of(m, Path(results), chosen, wandb, planned, looks_k)
     except RuntimeError as e:  # W&B or lm-eval asked for but not installed
         raise Unavailable(str(e)) from None
     if seed is not None:
-        jobs = [j for j in jobs if j.cfg.seed == seed]
-        if not jobs:
-            raise UsageError(f"seed {seed}: the chosen cells' seeds are "
-                             f"{sorted({r.seed for c in chosen or m.cells for r in c.runs})}", "seed")
+        every, jobs = jobs, [j for j in jobs if j.cfg.seed == seed]
+        if not jobs:  # the seeds planned so far: an adaptive matrix's later seeds are not runs yet
+            raise UsageError(f"seed {seed}: the chosen cells' seeds are {sorted({j.cfg.seed for j in every})}", "seed")
     return Plan(m, Path(results), tuple(jobs), planned)
 
 
-def _rounds_reached(m: Matrix, results: Path) -> dict[str, int]:
-    """Seeds per cell that the sweep's last matrix.json planned (a killed adaptive sweep resumes there)."""
+def _rounds_reached(m: Matrix, results: Path) -> tuple[dict[str, int], int]:
+    """Seeds per cell that the sweep's last matrix.json planned (a killed adaptive sweep resumes there), and
+    how many looks the error is split over (never fewer than that sweep's: results.looks.spread_over)."""
     from harness.results.layout import read_json
-    from harness.results.looks import resumed
+    from harness.results.looks import resumed, spread_over
 
     path = results / m.name / "matrix.json"
     try:
         previous = read_json(path) if path.is_file() else None
     except ValueError:  # torn: the sweep starts again from the first look, and keeps every finished run
         previous = None
-    return resumed(previous, [c.name for c in m.cells], m.spec.looks)
+    return resumed(previous, [c.name for c in m.cells], m.spec.looks), spread_over(previous, m.spec.looks)
 
 
 def select(m: Matrix, cells: str) -> list[Cell]:
@@ -292,6 +293,7 @@ def sweep(matrix: str | Path | Matrix, results: str | Path = "results", reports:
     looks = planned.matrix.spec.looks
     while True:
         execute(planned, executor, memory_gib, retry, on_event)
+        retry = Retry(frozenset(), retry.max_retries)  # runs ended `failed` were retried once; later rounds keep them
         verdicts = judge(planned)
         more = next_round(planned.planned, verdicts, looks)
         if more == planned.planned:

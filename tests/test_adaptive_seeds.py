@@ -43,6 +43,9 @@ def test_a_matrix_takes_adaptive_seeds_and_a_seed_offset(tmp_path):
         path.write_text(f"axes: {{quant: [bf16]}}\nseeds: {seeds}\n")
         with pytest.raises(MatrixError, match=msg):
             load_matrix(path)
+    path.write_text("axes: {quant: [bf16]}\ninclude: [{quant: bf16, label: A/A, seed_offset: 2}]\nseeds: {min: 2, max: 4}\n")
+    with pytest.raises(MatrixError, match=r"its seed 2 is the same run as cell quant=bf16 seed 2 .*at least 4"):
+        load_matrix(path)  # the copy would be compared with the baseline's own runs
     path.write_text("axes: {quant: [bf16]}\ninclude: [{quant: bf16, label: x, seed_offset: -1}]\nseeds: [0]\n")
     with pytest.raises(MatrixError, match=r"include\[0\].seed_offset: expected a whole number"):
         load_matrix(path)
@@ -216,3 +219,40 @@ def test_resampling_real_runs_runs_the_same_procedure():
     got = resample(base, flat, [4, 8], c, trials=50)
     assert got["Does not converge"] == 1.0 and got["mean_seeds"] == 4, "decided at the first look"
     assert resample(base, other, [4, 8], c, trials=50)["Converges"] == 1.0
+
+
+def test_a_decided_cell_holds_when_a_later_baseline_seed_fails():
+    """The baseline grows for another cell and its new seed OOMs: the cell decided on the baseline's
+    first seeds keeps its verdict (only those seeds are compared)."""
+    c = Criteria()
+    cell = _runs([0.70, 0.72, 0.71, 0.70])
+    first = _runs([0.71, 0.70, 0.72, 0.71])
+    grown = first + _runs([0.7] * 3, first_seed=4) + [RunVerdict("r7", 7, "oom", "out of memory")]
+    before = judge_cell("x", {}, None, cell, "b", judge_cell("b", {}, None, first, "b", None, c, True), c, True, Look(1, 2))
+    base = judge_cell("b", {}, None, grown, "b", None, c, True, Look(2, 2))
+    after = judge_cell("x", {}, None, cell, "b", base, c, True, Look(1, 2))
+    assert base.status == "Error" and before.status == after.status == "Converges"
+    broken = judge_cell("x", {}, None, cell, "b", judge_cell("b", {}, None, first[:3] + grown[-1:], "b", None, c, True), c,
+                        True, Look(1, 2))
+    assert broken.status == "Incomplete" and "baseline cell is Error" in broken.reason, "a failed seed among those compared"
+
+
+def test_editing_the_seeds_never_loosens_the_level_of_each_look():
+    from harness.results.looks import spread_over
+
+    adaptive = {"looks": [3, 6, 9, 12], "looks_k": 4}
+    assert spread_over(adaptive, [12]) == 4, "a plain list after 4 planned looks: still a quarter of the error each"
+    assert spread_over(adaptive, [3, 6, 9, 12, 15, 18]) == 6
+    assert spread_over(None, [3, 6]) == 2 and spread_over({"looks": [2]}, [2]) == 1
+    assert look_at([12], 12, 4) == Look(1, 4) and Look(1, 4).confidence(0.9) == pytest.approx(0.975)
+
+
+def test_resampling_a_pool_smaller_than_the_looks_keeps_each_looks_share():
+    """A pool of 4 seeds reaches only the first of the matrix's looks, which is tested at its share of the
+    error (95% for 2 looks), not at 90% as if it were the only one."""
+    from harness.results.simulate import resample
+
+    c = Criteria()
+    base, cell = _runs([0.70] * 4), _runs([0.64, 0.68, 0.72, 0.68])  # Δ -0.02, paired sd 0.033: -0.047 at 90%, -0.059 at 95%
+    assert resample(base, cell, [4], c, trials=20)["Converges"] == 1.0
+    assert resample(base, cell, [4, 8], c, trials=20)["Inconclusive"] == 1.0

@@ -174,9 +174,10 @@ class Matrix:
         exact = [c for c in matching if set(c.key) == set(want)]
         return exact or matching
 
-    def to_json(self, planned: dict[str, int] | None = None) -> dict:
+    def to_json(self, planned: dict[str, int] | None = None, looks_k: int | None = None) -> dict:
         """matrix.json: each cell with the runs planned so far (`planned`: cell name -> seeds; default
-        every seed of a plain list, the first look of adaptive seeds), which verdicts and reports read."""
+        every seed of a plain list, the first look of adaptive seeds), which verdicts and reports read;
+        `looks_k`: the looks the error is split over (results.looks.spread_over), default these looks."""
         looks = self.spec.looks
         return {
             "name": self.name,
@@ -186,6 +187,7 @@ class Matrix:
             "baseline": self.spec.baseline,
             "criteria": self.spec.criteria.model_dump(),
             "looks": looks,
+            "looks_k": max(looks_k or 0, len(looks)),
             "adaptive": isinstance(self.spec.seeds, AdaptiveSeeds),
             "cells": [
                 {
@@ -313,7 +315,7 @@ def _expand(path: Path, spec: MatrixSpec) -> list[Cell]:
             continue
         keys.append((key, label, True, offset))
 
-    cells, seen, cache = [], {}, {}
+    cells, seen, cache, runs_of = [], {}, {}, {}
     for key, label, included, offset in keys:
         tag = (",".join(f"{k}={v}" for k, v in key.items()) or "(base: no axes)") + (f" ({label})" if label else "")
         merged = copy.deepcopy(spec.base)
@@ -333,7 +335,14 @@ def _expand(path: Path, spec: MatrixSpec) -> list[Cell]:
         runs = (first, *(first.model_copy(update={"seed": seed + offset}) for seed in seeds[1:]))
         if first.run_id in seen:
             problems.append(f"cell {tag}: same configuration as cell {seen[first.run_id]}")
+        else:  # a seed_offset that moves a copy's seeds onto another cell's would compare runs with themselves
+            shared = next((r for r in runs if r.run_id in runs_of), None)
+            if shared is not None:
+                problems.append(f"cell {tag}: its seed {shared.seed} is the same run as {runs_of[shared.run_id]} (same "
+                                "configuration and seed); give it a seed_offset past every seed the matrix runs "
+                                f"(at least {max(seeds) + 1})")
         seen[first.run_id] = tag
+        runs_of.update({r.run_id: f"cell {tag} seed {r.seed}" for r in runs})
         cells.append(Cell(key, label, included, runs, offset))
     if spec.eval.lm_eval is not None and cells:
         tasks = {}

@@ -19,13 +19,13 @@ if TYPE_CHECKING:
 
 
 def jobs_of(m: Matrix, results: Path, cells: list[Cell] | None = None, wandb: str | None = None,
-            planned: dict[str, int] | None = None) -> list[Job]:
+            planned: dict[str, int] | None = None, looks_k: int | None = None) -> list[Job]:
     """One job per planned run of `cells` (default: all), under results/<matrix>/<run_id>; writes matrix.json.
     `planned`: seeds per cell name (adaptive seeds; default the first look). `wandb` (off, offline,
     online) overrides the matrix's tracking.wandb.mode."""
     root = results / m.name
     planned = planned or {}
-    write_json_atomic(root / "matrix.json", m.to_json(planned))
+    write_json_atomic(root / "matrix.json", m.to_json(planned, looks_k))
     tracking = m.spec.tracking.wandb
     if wandb == "off":
         tracking = None

@@ -208,16 +208,21 @@ def method_text(matrix: dict) -> str:
         "process's peak RSS on CPU; in brackets the pre-check's estimate of it (harness/execution/memory_fit.py), "
         "made before the run was "
         "launched. Infeasible: that estimate did not fit the device, so the run was not launched."
-        + (adaptive_text(matrix["looks"], c["confidence"]) if matrix.get("adaptive") else "")
+        + (adaptive_text(matrix["looks"], c["confidence"], matrix.get("looks_k"))
+           if matrix.get("adaptive") or (matrix.get("looks_k") or 1) > len(matrix.get("looks") or [0]) else "")
     )
 
 
-def adaptive_text(looks: list[int], confidence: float) -> str:
-    per_look = f"{1 - (1 - confidence) / len(looks):.1%}".replace(".0%", "%")
+def adaptive_text(looks: list[int], confidence: float, k: int | None = None) -> str:
+    k = max(k or 0, len(looks))
+    per_look = f"{1 - (1 - confidence) / k:.1%}".replace(".0%", "%")
+    edited = (f" (the sweep's seeds were edited after it had planned {k} looks: each keeps a 1/{k} share)"
+              if k > len(looks) else "")
     return (f" Adaptive seeds: every cell ran {looks[0]} seeds first; after each round, the cells still Inconclusive "
             f"(and their baseline cells, so pairing holds) ran more, at looks of {', '.join(map(str, looks))} seeds. "
-            f"Each of the {len(looks)} looks bounds Δ at {per_look} (Bonferroni over the looks), so a wrong Converges or a "
-            f"wrong Convergence issue has at most a {1 - confidence:.0%} chance over the whole sequence; "
+            f"Each look bounds Δ at {per_look}{edited} (Bonferroni over the looks), so a wrong Converges, and "
+            f"separately a wrong Convergence issue from the bounds, each has at most a {1 - confidence:.0%} chance over the "
+            "whole sequence; "
             "the seeds column says at which look each verdict was reached, and a cell is compared with its "
             "baseline's first seeds, as many as its own.")
 

@@ -27,9 +27,19 @@ class Look:
         return 1 - (1 - overall) / self.of
 
 
-def look_at(looks: list[int], n: int) -> Look:
-    """The look a cell with `n` planned seeds is at; between looks (a matrix edited since), the last one reached."""
-    return Look(max(1, bisect.bisect_right(looks, n)), len(looks))
+def look_at(looks: list[int], n: int, spread_over: int | None = None) -> Look:
+    """The look a cell with `n` planned seeds is at; between looks (a matrix edited since), the last one reached.
+    `spread_over`: the looks the error is split over, when more than these (the sweep's seeds were edited)."""
+    return Look(max(1, bisect.bisect_right(looks, n)), max(len(looks), spread_over or 0))
+
+
+def spread_over(previous: dict | None, looks: list[int]) -> int:
+    """How many looks the error is split over once a sweep's seeds are edited: never fewer than the sweep
+    planned before. Verdicts already reached were tested at that share; were the rest tested at a larger
+    one (a shorter seed list, a plain list after adaptive seeds), re-judging the same runs could decide
+    at a looser level what the earlier looks left undecided."""
+    before = (previous or {}).get("looks_k") or len((previous or {}).get("looks") or [])
+    return max(before, len(looks))
 
 
 def at_a_look(looks: list[int], n: int) -> int:
@@ -49,10 +59,12 @@ def next_round(planned: dict[str, int], verdicts: Iterable[Judged], looks: list[
     next look, and each baseline cell runs at least as many seeds as its cells (pairing by seed needs
     the baseline's seeds for every seed of the cell). Equal to `planned` when every cell is decided or full."""
     verdicts = list(verdicts)
+    by_name = {v.name: v for v in verdicts}
     out = dict(planned)
     for v in verdicts:
         n = planned[v.name]
-        finished = all(r.verdict != "incomplete" for r in v.runs)
+        compared = v.runs + (by_name[v.baseline].runs[:n] if v.baseline in by_name else [])
+        finished = all(r.verdict != "incomplete" for r in compared)  # else this look is not done yet
         if v.status == "Inconclusive" and finished and n < looks[-1]:
             out[v.name] = looks[bisect.bisect_right(looks, n)]
     for v in verdicts:

@@ -43,13 +43,14 @@ def _runs(scores: list[float]) -> list[RunVerdict]:
 
 
 def one_trial(base: list[float] | list[RunVerdict], cell: list[float] | list[RunVerdict], looks: list[int], c: Criteria,
-              corrected: bool = True) -> tuple[str, int]:
+              corrected: bool = True, spread_over: int | None = None) -> tuple[str, int]:
     """The cell's verdict and its seeds, when the sweep judges these runs (or final scores) look by look,
-    each side's runs in the order the rounds would add them."""
+    each side's runs in the order the rounds would add them. `spread_over`: the looks the matrix planned,
+    when only the first of them (`looks`) can be run."""
     base, cell = (x if x and isinstance(x[0], RunVerdict) else _runs(x) for x in (base, cell))
     planned = {"baseline": looks[0], "cell": looks[0]}
     while True:
-        at = {name: look_at(looks, n) if corrected else Look() for name, n in planned.items()}
+        at = {name: look_at(looks, n, spread_over) if corrected else Look() for name, n in planned.items()}
         b = judge_cell("baseline", {}, None, base[:planned["baseline"]], "baseline", None, c, True, at["baseline"])
         v = judge_cell("cell", {}, None, cell[:planned["cell"]], "baseline", b, c, True, at["cell"])
         more = next_round(planned, [b, v], looks)
@@ -79,11 +80,13 @@ def resample(base: list[RunVerdict], cell: list[RunVerdict], looks: list[int], c
              seed: int = 0) -> dict[str, float]:
     """Share of verdicts when the adaptive procedure runs on seeds drawn from real runs: each trial puts
     the cell's runs, and the baseline's, in a random order (the order the rounds add them), paired by seed
-    when both cells ran the same seeds, independently otherwise; looks past the runs there are stop there.
-    Returns each status's share and `mean_seeds`."""
+    when both cells ran the same seeds, independently otherwise. Looks past the runs there are not taken,
+    but every look still gets its share of the error of all `looks`, as in the sweep; the last look a pool
+    reaches draws all of it, so only the earlier looks vary. Returns each status's share and `mean_seeds`."""
     rng = random.Random(seed)
     paired = {r.seed for r in cell} <= {r.seed for r in base}
     by_seed = {r.seed: r for r in base}
+    planned_looks = len(looks)
     looks = [k for k in looks if k <= min(len(cell), len(base))] or [min(len(cell), len(base))]
     counts: dict[str, float] = {}
     seeds = 0
@@ -94,7 +97,7 @@ def resample(base: list[RunVerdict], cell: list[RunVerdict], looks: list[int], c
             theirs = [by_seed[r.seed] for r in order] + rng.sample(rest, len(rest))
         else:
             theirs = rng.sample(base, len(base))
-        status, n = one_trial(theirs, order, looks, c)
+        status, n = one_trial(theirs, order, looks, c, spread_over=planned_looks)
         counts[status] = counts.get(status, 0) + 1
         seeds += n
     return {k: v / trials for k, v in counts.items()} | {"mean_seeds": seeds / trials}

@@ -248,8 +248,12 @@ def judge_cell(name, key, label, runs: list[RunVerdict], baseline_name: str | No
     if len(ends) >= 2:
         cell.eval_final_ci = t_interval(list(ends.values()), c.confidence)
     seeds = f"{len(finished)}/{len(runs)} seeds finished"
-    comparable = baseline is not None and baseline.name != name and baseline.status not in ("Incomplete", "Error", "Infeasible")
-    d = difference(ends, final_scores(baseline.runs[:len(runs)]), confidence) if comparable else None
+    # the baseline's seeds this cell is compared with: its first ones, as many as the cell's; what the baseline
+    # later runs for another cell (adaptive seeds) cannot unsettle a verdict reached on these
+    against = baseline.runs[:len(runs)] if baseline is not None else []
+    against_status = _status_of(against)
+    comparable = baseline is not None and baseline.name != name and against_status is None
+    d = difference(ends, final_scores(against), confidence) if comparable else None
     if d:  # the evidence column shows Δ whatever the verdict
         cell.delta_vs_baseline, cell.delta_lower_bound, cell.delta_upper_bound, cell.test = d.mean, d.lower, d.upper, d.method
 
@@ -279,7 +283,7 @@ def judge_cell(name, key, label, runs: list[RunVerdict], baseline_name: str | No
         alone = " (the baseline: judged on learning and stability alone)" if baseline_name == name else ""
         cell.status, cell.reason = "Converges", stable + alone
     elif not comparable:
-        cell.status, cell.reason = "Incomplete", f"baseline cell is {baseline.status}: no comparison possible"
+        cell.status, cell.reason = "Incomplete", f"baseline cell is {against_status}: no comparison possible"
     elif d is None:
         cell.status, cell.reason = "Smoke tested", "too few seeds in this cell or its baseline for the non-inferiority test"
     else:
@@ -304,6 +308,17 @@ def judge_cell(name, key, label, runs: list[RunVerdict], baseline_name: str | No
     return cell
 
 
+def _status_of(runs: list[RunVerdict]) -> str | None:
+    """Why these baseline runs cannot be compared with (the status judge_cell gives a cell of them), or None."""
+    if any(r.verdict in ("failed", "oom") for r in runs):
+        return "Error"
+    if any(r.verdict == "infeasible" for r in runs):
+        return "Infeasible"
+    if all(r.verdict == "incomplete" for r in runs):
+        return "Incomplete"
+    return None
+
+
 def decide(d: Difference, tolerance: float) -> str:
     """Non-inferior (Converges), shown worse (Convergence issue) or neither, from the one-sided bounds on Δ."""
     if d.lower > -tolerance:
@@ -325,7 +340,7 @@ def judge(root: Path, write: bool = True) -> list[CellVerdict]:
     for cell in sorted(matrix["cells"], key=lambda x: x["baseline"] not in (None, x["name"])):
         base = done.get(cell["baseline"]) if cell["baseline"] else None
         v = judge_cell(cell["name"], cell["key"], cell["label"], runs[cell["name"]], cell["baseline"], base, c,
-                       bool(matrix["baseline"]), look_at(looks, len(cell["runs"])))
+                       bool(matrix["baseline"]), look_at(looks, len(cell["runs"]), matrix.get("looks_k")))
         missing = sum(r.verdict == "incomplete" for r in v.runs)
         if missing and v.status not in ("Incomplete", "Smoke tested"):
             v.reason += f" ({missing} of {len(v.runs)} seeds not finished yet)"
