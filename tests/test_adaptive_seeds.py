@@ -256,3 +256,18 @@ def test_resampling_a_pool_smaller_than_the_looks_keeps_each_looks_share():
     base, cell = _runs([0.70] * 4), _runs([0.64, 0.68, 0.72, 0.68])  # Δ -0.02, paired sd 0.033: -0.047 at 90%, -0.059 at 95%
     assert resample(base, cell, [4], c, trials=20)["Converges"] == 1.0
     assert resample(base, cell, [4, 8], c, trials=20)["Inconclusive"] == 1.0
+
+
+def test_harness_seeds_prints_the_simulated_table_and_names_a_bad_option():
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["seeds", "--min", "3", "--max", "6", "--trials", "200", "--delta", "-0.1", "--uncorrected"])
+    assert res.exit_code == 0, res.output
+    assert "looks at 3, 6 seeds" in res.output and "(95.00% each)" in res.output
+    rows = [line for line in res.output.splitlines() if line.startswith("| -0.10 |")]
+    assert [r.split(" | ")[1] for r in rows] == ["per-look share", "confidence each"]
+    res = runner.invoke(app, ["seeds", "--max", "2", "--min", "3"])
+    assert res.exit_code != 0 and "--min/--max: max 2 is less than min 3" in res.output

@@ -36,9 +36,13 @@ def seeds(
         spec = AdaptiveSeeds(min=min_seeds, max=max_seeds, step=step)
         c = Criteria(tolerance=tolerance, confidence=confidence)
     except ValidationError as e:
-        raise fail(f"{e.errors()[0]['loc'][0] if e.errors()[0]['loc'] else 'seeds'}: {e.errors()[0]['msg']}") from None
-    if sd <= 0 or trials < 1:
-        raise fail("--sd must be above 0 and --trials at least 1")
+        err = e.errors()[0]
+        where = f"--{err['loc'][0]}" if err["loc"] else "--min/--max"
+        raise fail(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
+    if sd <= 0:
+        raise fail(f"--sd: the seed sd of a final score, above 0; got {sd}")
+    if trials < 1:
+        raise fail(f"--trials: at least 1; got {trials}")
     looks = spec.looks
     console.print(f"looks at {', '.join(map(str, looks))} seeds; sd {sd}; tolerance {tolerance}; confidence {confidence:.0%} "
                   f"over all looks ({1 - (1 - confidence) / len(looks):.2%} each); {trials} trials per row\n")
