@@ -219,6 +219,8 @@ def test_resampling_real_runs_runs_the_same_procedure():
     got = resample(base, flat, [4, 8], c, trials=50)
     assert got["Does not converge"] == 1.0 and got["mean_seeds"] == 4, "decided at the first look"
     assert resample(base, other, [4, 8], c, trials=50)["Converges"] == 1.0
+    aa = judge_cell("aa", {}, None, other[:4], "b", judge_cell("b", {}, None, base, "b", None, c, True), c, True, Look(1, 2))
+    assert aa.test == "Welch one-sided t bounds", "other seeds: compared unpaired"
 
 
 def test_a_decided_cell_holds_when_a_later_baseline_seed_fails():
