@@ -37,6 +37,8 @@ ALGORITHMS.register("distill", "harness.recipes.distill:run",
 TASKS: Registry[type[Task]] = Registry("task", Task)  # task classes, built as Task(cfg.task)
 TASKS.register("arith", "harness.tasks:ArithTask", "two-digit addition, exact-answer reward (synthetic)")
 TASKS.register("boxed", "harness.tasks:BoxedTask", "GSM8K-style word problems, answer in \\boxed{} (JSONL or HF dataset)")
+TASKS.register("math", "harness.tasks:MathTask",
+               "GSM8K or MATH problems, the last \\boxed{} judged by math-verify (JSONL or HF dataset; extra `math`)")
 
 MODELS: Registry[ModelBuilder] = Registry("built-in model", ModelBuilder)
 MODELS.register("tiny-arith", "harness.models.tiny_arith:shipped",

@@ -133,7 +133,7 @@ def task_size(cfg: TaskConfig) -> int | None:
     is only known once loaded (an HF dataset). A local JSONL file counts its non-empty lines."""
     if cfg.name == "arith":
         return len(ARITH_OPERANDS) ** 2
-    if cfg.name != "boxed" or not cfg.source:
+    if cfg.name not in ("boxed", "math") or not cfg.source:
         return None
     try:  # as _load finds the file: relative to the working directory
         with Path(cfg.source).open("rb") as f:
@@ -146,3 +146,85 @@ def load_task(cfg: TaskConfig) -> Task:
     from harness.registries import TASKS
 
     return TASKS.get(cfg.name)(cfg)
+
+
+def last_boxed(text: str) -> str | None:
+    """What the last \\boxed{...} of `text` holds, nested braces and all (\\boxed{\\frac{1}{2}}); None without one."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None  # unclosed: the completion was cut off inside its answer
+
+
+class MathTask(BoxedTask):
+    """Math problems whose answers are LaTeX (MATH) or numbers (GSM8K), judged by math-verify: the last
+    \\boxed{...} of a completion against the reference, as TRL's and open-r1's accuracy rewards judge
+    them, so that \\frac{1}{2}, \\dfrac12 and 0.5, or 1,000 and 1000, are one answer. `task.source` as
+    for `boxed`; MATH's {"problem", "solution"} rows are read too. Needs `pip install -e '.[math]'`."""
+
+    def __init__(self, cfg: TaskConfig):
+        require_math_verify()
+        super().__init__(cfg)
+
+    @staticmethod
+    def _load(source: str) -> list[dict]:
+        path = Path(source)
+        if path.exists() and not _has_qa(path):
+            return _load_math(path)
+        # GSM8K's rows, or a dataset from the hub (MATH's problem/solution fields taken as question/answer)
+        return [{"question": r.get("question", r.get("problem")), "answer": r.get("answer", r.get("solution"))}
+                for r in BoxedTask._load(source)]
+
+    @staticmethod
+    def reference(answer: str) -> str:
+        answer = str(answer)
+        if "####" in answer:  # GSM8K: the number after ####, without its thousands commas
+            return answer.split("####")[-1].strip().replace(",", "")
+        boxed = last_boxed(answer)
+        return (boxed if boxed is not None else answer).strip()
+
+    @staticmethod
+    def solution(answer: str) -> str:
+        answer = str(answer).strip()
+        if last_boxed(answer) is not None:
+            return answer
+        return BoxedTask.solution(answer)
+
+    def reward(self, problem: Problem, completion: str) -> float:
+        from math_verify import parse, verify
+
+        found = last_boxed(completion)
+        if found is None:
+            return 0.0
+        gold, pred = parse(f"${problem.answer}$"), parse(f"\\boxed{{{found}}}")
+        return float(bool(gold) and bool(pred) and verify(gold, pred))
+
+
+def require_math_verify() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("math_verify") is None:
+        raise ValueError("task math: its reward is math-verify's; pip install -e '.[math]'")
+
+
+def _has_qa(path: Path) -> bool:
+    first = next((line for line in path.read_text().splitlines() if line.strip()), "{}")
+    return {"question", "answer"} <= json.loads(first).keys()
+
+
+def _load_math(path: Path) -> list[dict]:
+    """MATH's rows ({"problem", "solution"}) from a JSONL file, as question/answer."""
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            row = json.loads(line)
+            if not {"problem", "solution"} <= row.keys():
+                raise ValueError(f"{path}:{i}: needs 'question' and 'answer' (GSM8K) or 'problem' and 'solution' (MATH) "
+                                 f"fields, has {sorted(row)}")
+            rows.append({"question": row["problem"], "answer": row["solution"]})
+    return rows

@@ -21,6 +21,8 @@ def extras_for(m: Matrix) -> list[str]:
             need.add("vllm")
         if cfg.task.source and not Path(cfg.task.source).exists():  # an HF dataset id
             need.add("eval")
+        if cfg.task.name == "math":
+            need.add("math")
     if m.spec.eval.lm_eval is not None:
         need.add("eval")
     if m.spec.tracking.wandb is not None:

@@ -94,11 +94,18 @@ def _task(cfg: RunConfig) -> str | None:
     from harness.tasks import task_size
 
     task, source = cfg.task, cfg.task.source
-    if task.name != "boxed" and source:
+    if task.name not in ("boxed", "math") and source:
         return f"task.source: the {task.name} task makes its own problems and would ignore it; remove it, or use task.name: boxed"
-    if task.name == "boxed":
+    if task.name == "math":
+        from harness.tasks import require_math_verify
+
+        try:
+            require_math_verify()
+        except ValueError as e:
+            return f"task.name: {e}"
+    if task.name in ("boxed", "math"):
         if not source:
-            return ("task.source: the boxed task needs a JSONL file (a question and an answer per line) "
+            return (f"task.source: the {task.name} task needs a JSONL file (a question and an answer per line) "
                     "or an HF dataset id (openai/gsm8k:main)")
         if looks_like_path(source, DATA_SUFFIXES) or _kind(Path(source)):
             missing = _file("task.source", source, "a JSONL file (a question and an answer per line) or an HF dataset id")

@@ -55,7 +55,7 @@ def _kinds(model: type[BaseModel], field: str) -> frozenset:
 
 class TaskConfig(Frozen):
     name: str = "arith"
-    source: str | None = Field(None, description="boxed: a local JSONL file or an HF dataset id")
+    source: str | None = Field(None, description="boxed, math: a local JSONL file or an HF dataset id")
     eval_size: int = Field(500, ge=1, description="held-out prompts scored greedily for eval/reward")
 
     @field_validator("name")
