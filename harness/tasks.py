@@ -67,7 +67,8 @@ class BoxedTask:
     """GSM8K-style problems; the reward is 1.0 when the last \\boxed{...} equals the reference.
 
     `task.source` is a local JSONL file (one {"question", "answer"} object per line, GSM8K's
-    "... #### 42" answers accepted) or, online, an HF dataset id loaded with `datasets`. A task_base.Task.
+    "... #### 42" answers accepted, or MATH's {"problem", "solution"}) or, online, an HF dataset id
+    loaded with `datasets`. A task_base.Task.
     """
 
     train: list[Problem]
@@ -88,9 +89,10 @@ class BoxedTask:
             rows = []
             for i, line in enumerate(path.read_text().splitlines(), 1):
                 if line.strip():
-                    row = json.loads(line)
-                    if not {"question", "answer"} <= row.keys():
-                        raise ValueError(f"{path}:{i}: needs 'question' and 'answer' fields, has {sorted(row)}")
+                    row = _as_qa(json.loads(line))
+                    if row is None:
+                        raise ValueError(f"{path}:{i}: needs 'question' and 'answer' (GSM8K) or 'problem' and 'solution' "
+                                         f"(MATH) fields, has {sorted(json.loads(line))}")
                     rows.append(row)
             return rows
         try:
@@ -99,7 +101,7 @@ class BoxedTask:
             raise ValueError(f"task.source {source!r} is not a file; "
                              "loading it from the HF hub needs `pip install quant-rl-harness[eval]`") from None
         name, _, config = source.partition(":")  # "openai/gsm8k:main"
-        return list(datasets.load_dataset(name, config or None, split="train"))
+        return [row for r in datasets.load_dataset(name, config or None, split="train") if (row := _as_qa(r))]
 
     @staticmethod
     def reference(answer: str) -> str:
@@ -165,20 +167,11 @@ class MathTask(BoxedTask):
     """Math problems whose answers are LaTeX (MATH) or numbers (GSM8K), judged by math-verify: the last
     \\boxed{...} of a completion against the reference, as TRL's and open-r1's accuracy rewards judge
     them, so that \\frac{1}{2}, \\dfrac12 and 0.5, or 1,000 and 1000, are one answer. `task.source` as
-    for `boxed`; MATH's {"problem", "solution"} rows are read too. Needs `pip install -e '.[math]'`."""
+    for `boxed`. Needs `pip install -e '.[math]'`."""
 
     def __init__(self, cfg: TaskConfig):
         require_math_verify()
         super().__init__(cfg)
-
-    @staticmethod
-    def _load(source: str) -> list[dict]:
-        path = Path(source)
-        if path.exists() and not _has_qa(path):
-            return _load_math(path)
-        # GSM8K's rows, or a dataset from the hub (MATH's problem/solution fields taken as question/answer)
-        return [{"question": r.get("question", r.get("problem")), "answer": r.get("answer", r.get("solution"))}
-                for r in BoxedTask._load(source)]
 
     @staticmethod
     def reference(answer: str) -> str:
@@ -212,19 +205,10 @@ def require_math_verify() -> None:
         raise ValueError("task math: its reward is math-verify's; pip install -e '.[math]'")
 
 
-def _has_qa(path: Path) -> bool:
-    first = next((line for line in path.read_text().splitlines() if line.strip()), "{}")
-    return {"question", "answer"} <= json.loads(first).keys()
-
-
-def _load_math(path: Path) -> list[dict]:
-    """MATH's rows ({"problem", "solution"}) from a JSONL file, as question/answer."""
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            row = json.loads(line)
-            if not {"problem", "solution"} <= row.keys():
-                raise ValueError(f"{path}:{i}: needs 'question' and 'answer' (GSM8K) or 'problem' and 'solution' (MATH) "
-                                 f"fields, has {sorted(row)}")
-            rows.append({"question": row["problem"], "answer": row["solution"]})
-    return rows
+def _as_qa(row: dict) -> dict | None:
+    """A GSM8K row as it is, a MATH row ({"problem", "solution"}) as question/answer; None for neither."""
+    if {"question", "answer"} <= row.keys():
+        return row
+    if {"problem", "solution"} <= row.keys():
+        return {"question": row["problem"], "answer": row["solution"]}
+    return None

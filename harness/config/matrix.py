@@ -22,7 +22,7 @@ from harness.common.validation import validation_problems
 from harness.config.matrix_checks import exclude_patterns, excluded, key_problem, max_runs_problem, size_problems
 from harness.config.preflight import check_run
 from harness.config.run import SEED_MAX, Frozen, RunConfig, set_dotted
-from harness.config.seeds import AdaptiveSeeds, Seeds, looks_of, seed_list
+from harness.config.seeds import AdaptiveSeeds, Seeds
 from harness.config.strict_yaml import YamlProblem, load_yaml, parse_yaml
 from harness.config.tune_space import TuneSpec
 from harness.errors import HarnessError
@@ -108,7 +108,7 @@ class MatrixSpec(Frozen):
 
     @model_validator(mode="after")
     def _enough_seeds(self):
-        first = looks_of(self.seeds)[0]
+        first = self.looks[0]
         if "min_seeds" in self.criteria.model_fields_set and self.criteria.min_seeds > first:
             listed = f"seeds.min {first}" if isinstance(self.seeds, AdaptiveSeeds) else f"the {first} seed(s) listed"
             raise ValueError(f"criteria.min_seeds {self.criteria.min_seeds} is more than {listed}: "
@@ -117,11 +117,13 @@ class MatrixSpec(Frozen):
 
     @property
     def seed_list(self) -> list[int]:
-        return seed_list(self.seeds)
+        """Every seed a cell may run, in the order rounds add them."""
+        return self.seeds.seeds if isinstance(self.seeds, AdaptiveSeeds) else list(self.seeds)
 
     @property
     def looks(self) -> list[int]:
-        return looks_of(self.seeds)
+        """Seeds per cell at each look: one look, at every listed seed, for a plain list."""
+        return self.seeds.looks if isinstance(self.seeds, AdaptiveSeeds) else [len(self.seeds)]
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,11 @@ class AdaptiveSeeds(Frozen):
         return self
 
     @property
+    def seeds(self) -> list[int]:
+        """Every seed a cell may run, in the order rounds add them."""
+        return list(range(self.first, self.first + self.max))
+
+    @property
     def looks(self) -> list[int]:
         """Seeds per cell at each look: min, min + step, ..., max."""
         return [*range(self.min, self.max, self.step or self.min), self.max]
@@ -40,13 +45,3 @@ class AdaptiveSeeds(Frozen):
 # a list of seeds, or adaptive {min, max}; tagged so an error names `seeds.min`, not every member of the union
 Seeds = Annotated[Annotated[list[Seed], Tag("list")] | Annotated[AdaptiveSeeds, Tag("adaptive")],
                   Discriminator(lambda v: "adaptive" if isinstance(v, (dict, AdaptiveSeeds)) else "list")]
-
-
-def seed_list(seeds: list[int] | AdaptiveSeeds) -> list[int]:
-    """Every seed a cell may run, in the order rounds add them."""
-    return list(range(seeds.first, seeds.first + seeds.max)) if isinstance(seeds, AdaptiveSeeds) else list(seeds)
-
-
-def looks_of(seeds: list[int] | AdaptiveSeeds) -> list[int]:
-    """Seeds per cell at each look: one look, at every listed seed, for a plain list."""
-    return seeds.looks if isinstance(seeds, AdaptiveSeeds) else [len(seeds)]
