@@ -24,7 +24,7 @@ UV     := $(VENV)/bin/uv
 # tune worker or vLLM server; make test spent 609 s of CPU without them and 388 s with them.
 install = if grep -qx "include-system-site-packages = true" $(VENV)/pyvenv.cfg; then $(PY) -m pip install -q $(1); \
           else $(UV) pip install -q --compile-bytecode --python $(PY) $(1); fi
-ALL_EXTRAS := dev,modelopt,tune,ray,wandb,eval,math
+ALL_EXTRAS := dev,modelopt,tune,ray,wandb,eval,math,gym
 # Runs at a time. On a CPU-only machine one per core: two 1-thread tiny-model runs finish in 55 s where
 # one 2-thread run takes 48 s. With a GPU (nvidia-smi present) the harness's default: one run per GPU.
 JOBS   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || nproc)

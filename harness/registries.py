@@ -39,10 +39,28 @@ TASKS.register("arith", "harness.tasks:ArithTask", "two-digit addition, exact-an
 TASKS.register("boxed", "harness.tasks:BoxedTask", "GSM8K-style word problems, answer in \\boxed{} (JSONL or HF dataset)")
 TASKS.register("math", "harness.tasks:MathTask",
                "GSM8K or MATH problems, the last \\boxed{} judged by math-verify (JSONL or HF dataset; extra `math`)")
+TASKS.register("reasoning_gym", "harness.tasks:GymTask",
+               "a reasoning-gym dataset (task.source: chain_sum, ...; task.options: its config), judged by its own "
+               "verifier on the <answer>...</answer> (extra `gym`)")
 
 MODELS: Registry[ModelBuilder] = Registry("built-in model", ModelBuilder)
 MODELS.register("tiny-arith", "harness.models.tiny_arith:shipped",
                 "0.6M-parameter Qwen2, warm-started on `arith`; shipped with the package (tiny-arith-v1, sha256-checked)")
+MODELS.register("tiny-chat", "harness.models.tiny_chat:built",
+                "tiny-arith's shape with a ChatML template, warm-started on chat-rendered reasoning-gym chain_sum; "
+                "built on first use (needs the gym extra)")
+
+# `model: shape:<name>`: a released architecture with random weights (harness/models/shape.py), for throughput and
+# memory only. Each value is the HF id whose published config.json harness/models/shapes/<name>.json holds.
+SHAPES: Choices[str] = Choices("model shape")
+for _name, _id, _size in (("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B", "494M"), ("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B", "1.54B"),
+                          ("qwen2.5-7b", "Qwen/Qwen2.5-7B", "7.62B"), ("qwen3-0.6b", "Qwen/Qwen3-0.6B", "596M"),
+                          ("qwen3-1.7b", "Qwen/Qwen3-1.7B", "1.72B"), ("qwen3-8b", "Qwen/Qwen3-8B", "8.19B"),
+                          ("llama-3.2-1b", "meta-llama/Llama-3.2-1B", "1.24B"),
+                          ("llama-3.2-3b", "meta-llama/Llama-3.2-3B", "3.21B"),
+                          ("llama-3.1-8b", "meta-llama/Llama-3.1-8B", "8.03B")):
+    SHAPES.register(_name, _id, f"{_id}'s architecture ({_size} parameters), random weights: throughput and memory only")
+del _name, _id, _size
 
 ROLLOUT_ENGINES: Registry[type[RolloutEngine]] = Registry("rollout engine", RolloutEngine)  # engine classes
 ROLLOUT_ENGINES.register("hf", "harness.rollout.hf:HFEngine", "transformers `generate` on the trainer's own model")

@@ -25,3 +25,9 @@ class Task(Protocol):
     def demonstration(self, problem: Problem) -> str:
         """A reference completion of `problem`: what the sft recipe imitates."""
         ...
+
+    def formatted(self, completion: str) -> bool:
+        """Whether `completion` holds its answer in the form `reward` reads (arith: digits alone; boxed, math:
+        a closed \\boxed{...}; reasoning_gym: a closed <answer>...</answer>), right or wrong: what
+        task.format_reward rewards."""
+        ...

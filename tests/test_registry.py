@@ -144,8 +144,8 @@ def test_every_registered_name_loads_and_satisfies_its_type(registry, name):
 
 
 def test_every_axis_is_a_typed_registry_or_plain_choices():
-    assert set(ALL) == {"QUANT", "ALGORITHMS", "TASKS", "MODELS", "ROLLOUT_ENGINES", "COLOCATION", "EXECUTORS"}
-    assert set(ALL) - set(TYPED) == {"COLOCATION"}
+    assert set(ALL) == {"QUANT", "ALGORITHMS", "TASKS", "MODELS", "SHAPES", "ROLLOUT_ENGINES", "COLOCATION", "EXECUTORS"}
+    assert set(ALL) - set(TYPED) == {"COLOCATION", "SHAPES"}
     assert registries.EXECUTORS.base is Executor
 
 

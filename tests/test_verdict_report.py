@@ -28,6 +28,7 @@ include:
   - {quant: bf16, lora.r: 8, label: one seed}
   - {quant: fp4, lora.r: 8, label: too big}
   - {quant: int8, lora.r: 4, label: noisy}
+  - {quant: nf4, lora.r: 8, label: random weights}
 baseline: {quant: bf16}
 criteria: {min_gain: 0.05, tolerance: 0.05, kl_max: 1.0, entropy_floor: 0.05, confidence: 0.9, min_seeds: 2}
 """
@@ -58,6 +59,9 @@ def test_every_run_and_cell_verdict(sweep):
                                                "memory_estimate": {"peak_gib": 89.5, "fit_gib": 90.0}})
     plant(runs, "quant=int8,lora.r=4 (noisy)", [0.62, 0.53, 0.44], start=0.30)  # Δ -0.02 but sd 0.09: neither shown
     # the "half" cell never ran
+    for d in runs["quant=nf4,lora.r=8 (random weights)"]:  # a `shape:` model (env.json): learning or not, not judged
+        fake_run(d, 0.0, 0.3)
+        write_json_atomic(d / "env.json", {"model": {"name": "shape:qwen2.5-1.5b", "random_weights": True}})
 
     cells = {c.name: c for c in judge(root)}
     status = {n: c.status for n, c in cells.items()}
@@ -72,6 +76,7 @@ def test_every_run_and_cell_verdict(sweep):
         "quant=int8,train.lr=0.0 (half)": "Incomplete",
         "quant=fp4,lora.r=8 (too big)": "Infeasible",
         "quant=int8,lora.r=4 (noisy)": "Inconclusive",
+        "quant=nf4,lora.r=8 (random weights)": "Not judged (random weights)",
     }
     assert set(status.values()) == set(CELL_VERDICTS)
 
@@ -96,6 +101,9 @@ def test_every_run_and_cell_verdict(sweep):
     assert "non-inferior" in nf4.reason and nf4.test.startswith("paired")
     assert int8.delta_upper_bound < -0.05 and "shown worse than the baseline" in int8.reason
     assert "fewer than min_seeds 2" in cells["quant=bf16,lora.r=8 (one seed)"].reason
+    shape = cells["quant=nf4,lora.r=8 (random weights)"]
+    assert [r.verdict for r in shape.runs] == ["not_judged"] * 3 and shape.delta_vs_baseline is None
+    assert "shape:qwen2.5-1.5b has random weights" in shape.reason
     saved = json.loads((root / "verdicts.json").read_text())
     assert [c["status"] for c in saved] == list(status.values())
 

@@ -48,11 +48,15 @@ def vllm_config(colocation: str, **rollout):
 @pytest.fixture(scope="module", params=["colocated", "server"])
 def engine(request, tiny_model, tmp_path_factory):
     from harness.models.loading import load_policy
+    from harness.models.tiny_arith import make_tokenizer
+    from harness.models.tiny_chat import CHAT_TEMPLATE, CHAT_TOKENS
     from harness.rollout.vllm import VLLMEngine
 
     # a checkpoint with its own sampling defaults: both engines must ignore them, or greedy outputs
     # and sampled log-probs part from the trainer's
     released = with_sampling_defaults(tiny_model, tmp_path_factory.mktemp(request.param) / "released")
+    # and a chat template with role tokens of its own, as an Instruct model's tokenizer has (test_chat_prompts_...)
+    make_tokenizer(CHAT_TEMPLATE, CHAT_TOKENS).save_pretrained(released)
     cfg = vllm_config(request.param).model_copy(update={"model": str(released)})
     model, tokenizer = load_policy(cfg, torch.device("cpu"), torch.float32)
     perturb(model, seed=1)  # a non-trivial adapter from the first sync on
@@ -105,6 +109,20 @@ def test_sampled_logprobs_match_the_trainer_in_fp32(engine):
     assert m["mismatch/ratio_out_of_cap_frac"] == 0.0
 
 
+def test_eval_samples_are_seeded_per_prompt_and_leave_the_rollouts_stream(engine):
+    """generate(temperature=, seed=), the held-out eval's samples (evals.passk): the same seed gives the same samples,
+    the copies of one prompt differ (each draws from a generator of its own), no log-probs are asked for, and this
+    process's global generator, which colocated vLLM's rollouts draw from, is left where it was."""
+    texts = prompts(8) * 4
+    state = torch.get_rng_state()
+    a = engine.generate(texts, temperature=1.0, seed=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert a.sampler_logprobs is None and a.completion_mask.sum() > 32
+    assert engine.generate(texts, temperature=1.0, seed=5).texts == a.texts
+    assert engine.generate(texts, temperature=1.0, seed=6).texts != a.texts
+    assert any(len({a.texts[i + 8 * j] for j in range(4)}) > 1 for i in range(8))
+
+
 def test_a_lora_update_reaches_the_rollouts(engine):
     texts = prompts()
     before = engine.generate(texts, greedy=True).texts
@@ -117,6 +135,23 @@ def test_a_lora_update_reaches_the_rollouts(engine):
     engine.generate(texts, greedy=True)
     assert engine.syncs == syncs + 1  # unchanged weights are not pushed again
     assert [p.name for p in engine.sync_dir.iterdir()] == [f"adapter-{engine.syncs}"]  # only the newest adapter is kept
+
+
+def test_chat_prompts_reach_vllm_as_the_templates_token_ids(engine, monkeypatch):
+    """vLLM is handed the trainer's token ids of the chat-rendered prompt, which are apply_chat_template's own
+    (role tokens as single ids); it writes what the trainer writes from them."""
+    from harness.chat import messages, render
+
+    texts = prompts(6)
+    rendered = [render(engine.tokenizer, t, "Add.") for t in texts]
+    handed, generate = [], engine.backend.generate
+    monkeypatch.setattr(engine.backend, "generate", lambda ids, *a: handed.extend(ids) or generate(ids, *a))
+    out = engine.generate(rendered, greedy=True)
+    assert handed == [list(engine.tokenizer.apply_chat_template(messages(t, "Add."), add_generation_prompt=True,
+                                                                tokenize=True, return_dict=True)["input_ids"])
+                      for t in texts]
+    assert engine.tokenizer.convert_tokens_to_ids("<|im_start|>") in handed[0]
+    assert out.texts == trainer_greedy(engine, rendered)
 
 
 def test_sync_time_is_recorded_and_reset(engine):

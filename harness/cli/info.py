@@ -1,4 +1,5 @@
-"""`harness matrices`, `axes`, `extras`, `models build`, `export`: what there is, and taking a run out."""
+"""`harness matrices`, `axes`, `extras`, `models build`, `memory-fit`, `export`: what there is, what a run would
+need, and taking a run out."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from rich.table import Table
 
 from harness import registries
 from harness.api import matrices_dir
-from harness.cli.app import app, console, fail, load, models_app
+from harness.cli.app import app, console, fail, failing, load, models_app, one_cell, run_config
 from harness.common.text import printable
 from harness.registries import MODELS
 from harness.registry import UnknownName
@@ -48,6 +49,7 @@ def extras(matrix: str = typer.Argument(..., help="Matrix name (matrices/NAME.ya
 def axes():
     """List every name a matrix may use on each axis, with what backs it."""
     fields = {"QUANT": "quant", "ALGORITHMS": "algorithm", "TASKS": "task.name", "MODELS": "model: builtin:<name>",
+              "SHAPES": "model: shape:<name>",
               "COLOCATION": "rollout.colocation", "ROLLOUT_ENGINES": "chosen by rollout.colocation",
               "EXECUTORS": "harness sweep --executor"}
     for attr, field in fields.items():
@@ -89,6 +91,62 @@ def models_build(
     console.print(printable(f"{folder}\nsha256 {tiny_arith.checksum(folder)}: "
                             + ("the shipped model, bit for bit" if same else
                                f"not the shipped model ({tiny_arith.checksum(tiny_arith.SHIPPED)[:12]})")), highlight=False)
+
+
+@app.command("memory-fit")
+def memory_fit(
+    config: Path | None = typer.Argument(None, help="A RunConfig YAML file (default: every field at its default)."),
+    matrix: str | None = typer.Option(None, help="Take the run from this matrix instead of a config file."),
+    cell: str | None = typer.Option(None, help='With --matrix: the cell, as axis=value pairs, e.g. "quant=nf4".'),
+    set_: list[str] = typer.Option([], "--set", help="Change one field, dotted (repeatable): --set model=shape:qwen2.5-7b "
+                                   "--set quant=nf4 --set train.prompts_per_step=8"),
+    device: str = typer.Option("auto", help="auto (CUDA when present, else CPU), cpu or cuda: a GPU's estimate can be made "
+                               "without one (train.dtype auto then means bfloat16, an H100's)"),
+):
+    """Print a run's expected peak memory and its parts (GiB): the pre-check a sweep makes before launching it
+    (harness/execution/memory_fit.py). Trains nothing, downloads nothing for builtin: and shape: models."""
+    import torch
+    from pydantic import ValidationError
+
+    from harness import api
+    from harness.config.run import RunConfig, set_dotted
+    from harness.config.strict_yaml import YamlProblem, parse_yaml
+    from harness.execution.memory_fit import estimate
+
+    if config is not None and matrix is not None:
+        raise fail("give a config file or --matrix NAME --cell 'axis=value', not both")
+    cfg = run_config(config) if config else one_cell(load(matrix), cell).runs[0] if matrix else RunConfig()
+    tree = cfg.model_dump(mode="json")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    if dev.type == "cuda" and not torch.cuda.is_available() and cfg.train.dtype == "auto":
+        tree["train"]["dtype"] = "bfloat16"
+    for item in set_:
+        key, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError("expected FIELD=VALUE, FIELD dotted (train.steps)")
+            set_dotted(tree, key, parse_yaml(value))
+        except (ValueError, YamlProblem) as e:
+            raise fail(f"--set {item!r}: {e}") from None
+    try:
+        cfg = RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise fail(str(e)) from None
+    with failing():
+        api.job(cfg)  # the run's own checks (its folder name)
+    est = estimate(cfg, dev)
+    if est["peak_gib"] is None:
+        raise fail(f"no estimate for {cfg.model}: {est['reason']}")
+    shapes = est["shapes"]
+    console.print(printable(
+        f"{cfg.model} {cfg.quant} {cfg.algorithm} on {dev.type} ({shapes['compute_dtype']}): peak {est['peak_gib']:.2f} GiB "
+        f"({est['phase']} phase), the device must hold {est['fit_gib']:.2f} GiB; {shapes['sequences']} sequences of "
+        f"{shapes['prompt_tokens']} + {shapes['completion_tokens']} tokens, vocabulary {shapes['vocab']}"), highlight=False)
+    table = Table("part", "GiB")
+    for part, gib in est["parts"].items():
+        if gib:
+            table.add_row(part, f"{gib:.3f}")
+    console.print(table)
 
 
 @app.command()

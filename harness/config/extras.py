@@ -19,10 +19,12 @@ def extras_for(m: Matrix) -> list[str]:
             need.add("modelopt")
         if cfg.rollout.engine == "vllm":
             need.add("vllm")
-        if cfg.task.source and not Path(cfg.task.source).exists():  # an HF dataset id
+        if cfg.task.name in ("boxed", "math") and cfg.task.source and not Path(cfg.task.source).exists():  # an HF dataset id
             need.add("eval")
         if cfg.task.name == "math":
             need.add("math")
+        if cfg.task.name == "reasoning_gym":
+            need.add("gym")
     if m.spec.eval.lm_eval is not None:
         need.add("eval")
     if m.spec.tracking.wandb is not None:

@@ -14,7 +14,7 @@ import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -65,6 +65,9 @@ class Criteria(Frozen):
     power: float = Field(0.8, gt=0.5, lt=1, description="for an Inconclusive cell: the chance that the suggested seed "
                          "count decides it")
     min_seeds: int = Field(2, ge=2, description="finished seeds a cell needs for a verdict; fewer give 'Smoke tested'")
+    score: Literal["greedy", "avg"] = Field("greedy", description="what every eval in the verdicts is: greedy, eval/reward "
+                                            "(one greedy completion per held-out prompt); avg, eval/avg@k (the mean reward "
+                                            "of k sampled ones, pass@1; needs eval.samples k > 0 in every cell)")
 
 
 class Tracking(Frozen):
@@ -333,6 +336,9 @@ def _expand(path: Path, spec: MatrixSpec) -> list[Cell]:
             problems.append(f"cell {tag}: {e}")
             continue
         problems += [f"cell {tag}: {p}" for p in check_run(first, cache)]
+        if spec.criteria.score == "avg" and not first.eval.samples:
+            problems.append(f"cell {tag}: criteria.score: avg judges eval/avg@k, which a run logs only with eval.samples k > 0; "
+                            "set eval.samples (e.g. base: {eval: {samples: 8}}) or score: greedy")
         # the other seeds differ in the seed alone, which MatrixSpec validated as RunConfig would
         runs = (first, *(first.model_copy(update={"seed": seed + offset}) for seed in seeds[1:]))
         if first.run_id in seen:

@@ -39,9 +39,10 @@ def check_run(cfg: RunConfig, cache: dict | None = None) -> list[str]:
             problems.append(cache[key])
 
     for field, value in (("model", cfg.model), ("teacher", cfg.teacher), ("rollout.rollout_model", cfg.rollout.rollout_model)):
-        if value and not value.startswith("builtin:"):
+        if value and not value.startswith(("builtin:", "shape:")):
             once(("folder", field, value), lambda f=field, v=value: _model_folder(f, v))
-    once(("task", cfg.task.name, cfg.task.source, cfg.task.eval_size, cfg.train.prompts_per_step), lambda: _task(cfg))
+    once(("task", cfg.task.name, cfg.task.source, tuple(sorted(cfg.task.options.items())), cfg.task.eval_size,
+          cfg.train.prompts_per_step), lambda: _task(cfg))
     if cfg.quant == "modelopt" and cfg.modelopt.quant_cfg:
         once(("quant_cfg", cfg.modelopt.quant_cfg), lambda: _quant_cfg(cfg.modelopt.quant_cfg))
     calib = cfg.modelopt.quant_calib_dataset
@@ -94,7 +95,20 @@ def _task(cfg: RunConfig) -> str | None:
     from harness.tasks import task_size
 
     task, source = cfg.task, cfg.task.source
-    if task.name not in ("boxed", "math") and source:
+    if task.options and task.name != "reasoning_gym":
+        return (f"task.options: only the reasoning_gym task reads options (its dataset's config); the {task.name} task "
+                "would ignore them: remove them")
+    if task.name == "reasoning_gym":
+        from harness.tasks import check_gym, require_reasoning_gym
+
+        try:
+            require_reasoning_gym()
+        except ValueError as e:
+            return f"task.name: {e}"
+        problem = check_gym(task)
+        if problem:
+            return problem
+    elif task.name not in ("boxed", "math") and source:
         return f"task.source: the {task.name} task makes its own problems and would ignore it; remove it, or use task.name: boxed"
     if task.name == "math":
         from harness.tasks import require_math_verify

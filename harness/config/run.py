@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from harness.registries import ALGORITHMS, COLOCATION, MODELS, QUANT, TASKS
+from harness.registries import ALGORITHMS, COLOCATION, MODELS, QUANT, SHAPES, TASKS
 
 # rollout.quantization `same`: the vLLM in-flight quantization that matches each trainer format
 VLLM_SAME = {"bf16": None, "nf4": "bitsandbytes", "fp8": "fp8"}
@@ -55,13 +55,24 @@ def _kinds(model: type[BaseModel], field: str) -> frozenset:
 
 class TaskConfig(Frozen):
     name: str = "arith"
-    source: str | None = Field(None, description="boxed, math: a local JSONL file or an HF dataset id")
+    source: str | None = Field(None, description="boxed, math: a local JSONL file or an HF dataset id; "
+                               "reasoning_gym: the dataset's name (chain_sum, countdown, ...)")
     eval_size: int = Field(500, ge=1, description="held-out prompts scored greedily for eval/reward")
+    chat: Literal["auto"] | bool = Field("auto", description="wrap each prompt in the tokenizer's chat template "
+                                         "(apply_chat_template, add_generation_prompt); auto: when the tokenizer has one")
+    system_prompt: str | None = Field(None, description="with chat: the system message before each prompt")
+    format_reward: float = Field(0.0, ge=0, description="added to a training completion's reward when its answer is in "
+                                 "the form the task reads (a closed \\boxed{}); eval/reward stays accuracy alone")
+    options: dict[str, int | float | str | bool | tuple[int | float | str | bool, ...]] = Field(
+        {}, description="reasoning_gym: the dataset's own config (size, min_terms, ...); its seed is the harness's")
 
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
         return TASKS.canonical(v)
+
+    def __hash__(self) -> int:  # frozen configs are hashable (cache keys); `options` is a dict, so hash its JSON
+        return hash(self.model_dump_json())
 
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's MaxLoRARanks
@@ -124,6 +135,15 @@ class RolloutConfig(Frozen):
     def engine(self) -> str:
         """The rollout engine (registries.ROLLOUT_ENGINES) this colocation mode runs on, as registries.COLOCATION says."""
         return COLOCATION.value(self.colocation)
+
+
+class EvalConfig(Frozen):
+    """The held-out evaluation during training (task.eval_size prompts, every train.eval_every steps)."""
+
+    samples: int = Field(0, ge=0, description="completions sampled per held-out prompt at `temperature`, besides the "
+                         "greedy one: logs eval/avg@k (pass@1, their mean reward) and eval/pass@j, j = 1, 2, 4, ..., k "
+                         "(unbiased; harness/evals/passk.py); 0: greedy only")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of those completions (top_p 1, no top_k)")
 
 
 class LoraConfig(Frozen):
@@ -193,6 +213,7 @@ class RunConfig(Frozen):
     lora: LoraConfig = LoraConfig()
     train: TrainConfig = TrainConfig()
     modelopt: ModelOptConfig = ModelOptConfig()
+    eval: EvalConfig = EvalConfig()
     teacher: str | None = Field(None, description="distill: the BF16 teacher; None means the same checkpoint as `model`")
     seed: int = Field(0, ge=0, le=SEED_MAX)
 
@@ -211,11 +232,13 @@ class RunConfig(Frozen):
     def _algorithm(cls, v: str) -> str:
         return ALGORITHMS.canonical(v)
 
-    @field_validator("model")
+    @field_validator("model", "teacher")
     @classmethod
-    def _model(cls, v: str) -> str:
-        if v.startswith("builtin:"):
+    def _model(cls, v: str | None) -> str | None:
+        if v is not None and v.startswith("builtin:"):
             return "builtin:" + MODELS.canonical(v.removeprefix("builtin:"))
+        if v is not None and v.startswith("shape:"):  # a real architecture with random weights (models/shape.py)
+            return "shape:" + SHAPES.canonical(v.removeprefix("shape:"))
         return v  # an HF id or a local folder: checked when loaded, it may need the network
 
     @model_validator(mode="after")
@@ -282,11 +305,26 @@ class RunConfig(Frozen):
         return None if q == "bf16" else q
 
     def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """The config as JSON, the fields added after the first results were written left out while at their
+        default: a run of an older config keeps its run id, and its folder, when the harness gains a field."""
+        tree = self.model_dump(mode="json")
+        for dotted in ADDED_LATER:
+            *parents, leaf = dotted.split(".")
+            node, default = tree, _DEFAULTS
+            for part in parents:
+                node, default = node[part], default[part]
+            if node[leaf] == default[leaf]:
+                del node[leaf]
+        return json.dumps(tree, sort_keys=True, separators=(",", ":"))
 
     @property
     def run_id(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:12]
+
+
+# Fields (dotted) that came after results existed; append new fields here, never remove one.
+ADDED_LATER = ("task.chat", "task.system_prompt", "task.format_reward", "task.options", "eval")
+_DEFAULTS = RunConfig().model_dump(mode="json")
 
 
 def set_dotted(tree: dict, dotted: str, value) -> None:

@@ -1,1 +1,2 @@
-"""Evaluation beyond the held-out reward: lm-evaluation-harness tasks."""
+"""Evaluation beyond the greedy held-out reward: pass@k and avg@k of sampled completions (passk), lm-evaluation-harness
+tasks (lm_eval)."""

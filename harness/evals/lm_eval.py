@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import yaml
 from pydantic import Field
 
+from harness.chat import model_task, uses_chat
 from harness.config.run import Frozen, RunConfig
 
 if TYPE_CHECKING:
@@ -55,8 +56,6 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, device: torch.device, settings: 
                              f"but this run's task is {cfg.task.name}; for it use {_ours_for(cfg.task.name)}")
     registry = _registry(theirs) if theirs else None  # checked before any model loads
     work = Path(run_dir) / "lm_eval"
-    if ours:
-        _write_tasks(cfg, work, ours)
 
     out = {"lm_eval_version": lm_eval.__version__, "quant": cfg.quant, "tasks": names, "limit": settings.limit}
     # not re-validated: a ModelOpt run's modelopt options stay behind, unread by the bf16 loader
@@ -69,13 +68,18 @@ def evaluate_run(cfg: RunConfig, run_dir: Path, device: torch.device, settings: 
         try:
             results = {}
             if ours:  # local files only: no hub lookup is made (the test blocks sockets to hold this)
+                if key == "quantized":  # the held-out prompts as the run saw them: chat-rendered where its were
+                    _write_tasks(cfg, work, ours, tokenizer)
                 results |= _simple_evaluate(_harness_lm(model, tokenizer, settings.batch_size), ours, settings,
                                             _task_manager(include_path=str(work / "tasks"), include_defaults=False))
             if theirs:  # lm-eval's defaults (BOS, decoding), so its own tasks compare with published numbers
                 from lm_eval.models.huggingface import HFLM
 
+                # lm-eval renders its own tasks' prompts: it applies the chat template the run trained with
+                chat = {"apply_chat_template": True, "system_instruction": cfg.task.system_prompt} \
+                    if uses_chat(tokenizer, cfg.task, cfg.model) else {}
                 results |= _simple_evaluate(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size),
-                                            theirs, settings, registry)
+                                            theirs, settings, registry, **chat)
             out[key] = results
         finally:
             del model
@@ -160,11 +164,9 @@ class _TemplateLoader(yaml.SafeLoader):
 _TemplateLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
 
 
-def _write_tasks(cfg: RunConfig, work: Path, names: list[str]) -> None:
+def _write_tasks(cfg: RunConfig, work: Path, names: list[str], tokenizer) -> None:
     """<work>/data/<task>.jsonl from the run's held-out split and <work>/tasks/<task>.yaml including the template."""
-    from harness.tasks import load_task
-
-    problems = load_task(cfg.task).eval
+    problems = model_task(cfg.task, tokenizer, cfg.model).eval
     (work / "data").mkdir(parents=True, exist_ok=True)
     (work / "tasks").mkdir(parents=True, exist_ok=True)
     for name in names:
@@ -231,10 +233,11 @@ def _harness_lm(model, tokenizer, batch_size: int):
     return HarnessLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=False)
 
 
-def _simple_evaluate(lm, tasks: list[str], settings: LmEvalSettings, task_manager) -> dict:
+def _simple_evaluate(lm, tasks: list[str], settings: LmEvalSettings, task_manager, **chat) -> dict:
     from lm_eval import simple_evaluate
 
-    raw = simple_evaluate(model=lm, tasks=tasks, limit=settings.limit, task_manager=task_manager, log_samples=False)
+    raw = simple_evaluate(model=lm, tasks=tasks, limit=settings.limit, task_manager=task_manager, log_samples=False,
+                          **chat)
     return {name: _metrics(raw["results"][name], raw["n-samples"].get(name, {}).get("effective")) for name in raw["results"]}
 
 

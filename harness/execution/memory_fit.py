@@ -78,9 +78,9 @@ def estimate(cfg: RunConfig, device: torch.device) -> dict:
     bnb, modelopt = fmt.kind, fmt.fake_quant  # bnb: int8/nf4/fp4, else None
     dtype = compute_dtype(device, t.dtype)
     b = dtype.itemsize
-    # prepare_model_for_kbit_training casts embeddings, norms, lm_head and biases to float32, so under
-    # bnb the hidden states (and KV cache) are float32 whatever the compute dtype
-    act = 4 if bnb else b
+    # every format keeps embeddings, norms and lm_head in the compute dtype (quant/bnb.py: no float32 upcast),
+    # so hidden states, the KV cache and the model's logits are in it; LoRA's float32 is counted per layer
+    act = b
     n, c = t.prompts_per_step * t.group_size, r.max_new_tokens
     seq = prompt_len + c
     text = model.config.get_text_config()
@@ -90,7 +90,7 @@ def estimate(cfg: RunConfig, device: torch.device) -> dict:
     linears = {k: m for k, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
     quantized = sum(m.weight.numel() for m in linears.values())
     other = _n_params(model) - quantized
-    weights = quantized * _bytes_per_weight(fmt, linears.values(), b) + other * (4 if bnb else b)
+    weights = quantized * _bytes_per_weight(fmt, linears.values(), b) + other * b
     if cfg.algorithm == "distill":  # the teacher, unquantized, in the compute dtype
         weights += _n_params(teacher) * b
     full = t.trainable == "full"
@@ -231,12 +231,12 @@ def _meta_model(source: str):
 def _longest_prompt(task, source: str) -> int:
     """The longest training prompt in the model's tokens: a batch pads to its longest, and over a run's
     steps the longest get sampled."""
-    from transformers import AutoTokenizer
+    from harness.chat import model_task
+    from harness.models.loading import load_tokenizer
 
-    from harness.tasks import load_task
-
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    return max(map(len, tokenizer([p.prompt for p in load_task(task).train], add_special_tokens=False)["input_ids"]))
+    tokenizer = load_tokenizer(source)
+    prompts = [p.prompt for p in model_task(task, tokenizer, source).train]  # chat-rendered where the run's are
+    return max(map(len, tokenizer(prompts, add_special_tokens=False)["input_ids"]))
 
 
 def runtime_gib(cfg: RunConfig, model_type: str = "qwen2") -> float:

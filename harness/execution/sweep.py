@@ -81,11 +81,11 @@ def precheck(jobs: list[Job], device: torch.device, capacity_gib: float,
 
 
 def build_models(cfgs) -> None:
-    """Built-in models once, here, rather than by several runs at once."""
-    from harness.registries import MODELS
+    """Built-in models and shapes' folders once, here, rather than by several runs at once."""
+    from harness.models.loading import resolve
 
-    for name in sorted({cfg.model for cfg in cfgs if cfg.model.startswith("builtin:")}):
-        MODELS.get(name.removeprefix("builtin:"))()
+    for name in sorted({cfg.model for cfg in cfgs if cfg.model.startswith(("builtin:", "shape:"))}):
+        resolve(name)
 
 
 def mirror_verdicts(jobs: list[Job], verdicts) -> None:

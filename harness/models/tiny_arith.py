@@ -98,8 +98,10 @@ def recipe_key(recipe: dict = RECIPE) -> str:
 
 
 def build(recipe: dict = RECIPE, log=print) -> Path:
-    """Path of the cached model folder, building it first if this recipe was never built here."""
-    target = cache_root() / "models" / f"tiny-arith-{recipe_key(recipe)}"
+    """Path of the cached model folder, building it first if this recipe was never built here. A recipe may
+    add `task` (a TaskConfig's fields: warm-start on that task instead of arith), `chat_template` (the
+    tokenizer's, with `chat_tokens` its special tokens; prompts are then chat-rendered) and `name`."""
+    target = cache_root() / "models" / f"{recipe.get('name', 'tiny-arith')}-{recipe_key(recipe)}"
     if (target / "warm_start.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -111,15 +113,21 @@ def build(recipe: dict = RECIPE, log=print) -> Path:
     return target
 
 
-def make_tokenizer():
+def make_tokenizer(chat_template: str | None = None, chat_tokens: tuple[str, ...] = ()):
+    """The character tokenizer; with a chat template, its role markers are special tokens of their own
+    (ids after the printable characters, inside the 128-id vocabulary), as a real chat model's are."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + [chr(c) for c in range(32, 127)])}
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + [chr(c) for c in range(32, 127)] + list(chat_tokens))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+                                        additional_special_tokens=list(chat_tokens))
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
 
 
 def _build_into(out: Path, recipe: dict, log) -> None:
@@ -134,30 +142,34 @@ def _build_into(out: Path, recipe: dict, log) -> None:
 def _train_into(out: Path, recipe: dict, log) -> None:
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
+    from harness.chat import model_task
     from harness.config.run import RolloutConfig, RunConfig, TaskConfig
     from harness.rollout.hf import HFEngine, evaluate
-    from harness.tasks import SPLIT_SEED, ArithTask
+    from harness.tasks import SPLIT_SEED
 
     start = time.time()
     torch.manual_seed(recipe["seed"])
-    tokenizer = make_tokenizer()
+    tokenizer = make_tokenizer(recipe.get("chat_template"), tuple(recipe.get("chat_tokens", ())))
     arch = {k: recipe[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                    "num_key_value_heads", "vocab_size", "max_position_embeddings")}
     config = Qwen2Config(**arch, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None)
     model = Qwen2ForCausalLM(config)
+    if recipe.get("init") == "shipped":  # a variant that starts from the shipped weights (same shape) instead of random
+        model.load_state_dict(Qwen2ForCausalLM.from_pretrained(shipped()).state_dict())
 
-    task = ArithTask(TaskConfig(eval_size=RESERVED_HELD_OUT))
+    task = model_task(TaskConfig(**recipe.get("task", {"name": "arith", "eval_size": RESERVED_HELD_OUT})), tokenizer)
     train, held_out = task.train, task.eval[:500]
-    engine = HFEngine(model, tokenizer, RunConfig(rollout=RolloutConfig(max_new_tokens=4)))
+    rollout = RolloutConfig(max_new_tokens=recipe.get("max_new_tokens", 4))
+    engine = HFEngine(model, tokenizer, RunConfig(rollout=rollout))
     opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"])
     rng = random.Random(recipe["seed"])
     history, best = [], None
     middle = sum(recipe["target"]) / 2
-    log(f"building builtin:tiny-arith ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), once; "
-        f"cached at {out.parent}")
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"building builtin:{recipe.get('name', 'tiny-arith')} ({n_params / 1e6:.2f}M params), once; cached at {out.parent}")
     for step in range(1, recipe["max_steps"] + 1):
         batch = rng.sample(train, recipe["batch_size"])
-        input_ids, labels = _sft_batch(tokenizer, batch)
+        input_ids, labels = _sft_batch(tokenizer, task, batch)
         model.train()
         loss = model(input_ids=input_ids, attention_mask=(input_ids != 0).long(), labels=labels).loss
         loss.backward()
@@ -184,11 +196,12 @@ def _train_into(out: Path, recipe: dict, log) -> None:
     log(f"  chose step {best[0]} (held-out accuracy {best[1]:.3f}) in {info['build_seconds']} s")
 
 
-def _sft_batch(tokenizer, problems) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded `prompt answer <eos>` sequences; loss only on the answer and eos."""
+def _sft_batch(tokenizer, task, problems) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded `prompt demonstration <eos>` sequences (arith's demonstration: the answer alone); loss only
+    on the demonstration and eos."""
     tokenizer.padding_side = "right"
     prompts = tokenizer([p.prompt for p in problems], add_special_tokens=False)["input_ids"]
-    answers = tokenizer([p.answer for p in problems], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([task.demonstration(p) for p in problems], add_special_tokens=False)["input_ids"]
     seqs = [p + a + [tokenizer.eos_token_id] for p, a in zip(prompts, answers)]
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), tokenizer.pad_token_id)

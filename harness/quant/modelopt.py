@@ -36,9 +36,9 @@ class ModelOptFormat:
     fake_quant: ClassVar[bool] = True
 
     def load_base(self, source: str, cfg, device, dtype):
-        from transformers import AutoModelForCausalLM
+        from harness.models.loading import load_model
 
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map={"": device})
+        model = load_model(source, device, dtype)
         quantize(model, self.resolve_config(cfg.modelopt.quant_cfg, device), calibration_loop(model, cfg, device))
         return model
 
@@ -114,14 +114,11 @@ def calibration_texts(cfg) -> list[str]:
 def calibration_loop(model, cfg, device):
     """A forward loop over the calibration texts, batched and truncated as NeMo RL's knobs say."""
     import torch
-    from transformers import AutoTokenizer
 
-    from harness.models.loading import resolve
+    from harness.models.loading import load_tokenizer, resolve
 
     opts = cfg.modelopt
-    tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.model))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(resolve(cfg.model), cfg.model)
     tokenizer.padding_side = "left"
     texts = calibration_texts(cfg)
 

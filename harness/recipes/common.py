@@ -14,17 +14,19 @@ from pathlib import Path
 
 import torch
 
+from harness.chat import ChatTask, model_task
 from harness.common.system import PeakMemory, compute_dtype
 from harness.config.run import RunConfig
+from harness.evals.passk import eval_seed
 from harness.models import checkpoint
 from harness.models.loading import load_policy
 from harness.quant.bnb import quantized_linear_stats
 from harness.recipes import NonFinite
 from harness.registries import ROLLOUT_ENGINES
 from harness.rollout.base import RolloutEngine
-from harness.rollout.hf import Rollout, evaluate
+from harness.rollout.hf import Rollout, held_out_metrics
 from harness.task_base import Task
-from harness.tasks import Problem, load_task
+from harness.tasks import Problem
 from harness.tracking.files import Tracker
 
 
@@ -75,7 +77,8 @@ def setup(ctx: RunContext) -> Setup:
         "trainable_params": sum(p.numel() for p in params),
         **quantized_linear_stats(model),
     }
-    task = load_task(cfg.task)
+    task = model_task(cfg.task, tokenizer, cfg.model)
+    facts["chat_template"] = isinstance(task, ChatTask)
     engine = ROLLOUT_ENGINES.get(cfg.rollout.engine)(model, tokenizer, cfg, device, run_dir)
     return Setup(ctx, task, model, tokenizer, engine, params, torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=0.0),
                  random.Random(cfg.seed), PeakMemory(device), dtype, facts | engine.facts)
@@ -88,7 +91,8 @@ class Sampled:
 
     problems: list[Problem]  # the problem of each completion: each prompt repeated group_size times, in order
     batch: Rollout
-    rewards: torch.Tensor  # [N], the task's reward of each completion
+    rewards: torch.Tensor  # [N], the task's reward of each completion (plus task.format_reward where its form is right)
+    parts: dict[str, float]  # with a format reward: the batch's accuracy and share of well-formed answers
     seconds: float  # generation alone: waking the engine and syncing weights are timed apart (time/wake_s, time/sync_s)
     peak_gib: float
 
@@ -104,9 +108,14 @@ def sample_groups(s: Setup) -> Sampled:
     grouped = [p for p in problems for _ in range(cfg.train.group_size)]
     batch = s.engine.generate([p.prompt for p in grouped])
     rewards = torch.tensor([s.task.reward(p, text) for p, text in zip(grouped, batch.texts)], device=device)
+    parts = {}
+    if cfg.task.format_reward:  # TRL's recipes add a format reward to the accuracy one; eval/reward stays accuracy
+        formatted = torch.tensor([float(s.task.formatted(text)) for text in batch.texts], device=device)
+        parts = {"reward/accuracy": rewards.mean().item(), "reward/formatted": formatted.mean().item()}
+        rewards = rewards + cfg.task.format_reward * formatted
     rollout_s, peak = time.perf_counter() - t0, s.memory.peak_gib()
     s.engine.release()
-    return Sampled(grouped, batch, rewards, rollout_s, peak)
+    return Sampled(grouped, batch, rewards, parts, rollout_s, peak)
 
 
 def system_metrics(s: Setup, sampled: Sampled, train: tuple[float, float], trained_tokens: int) -> dict:
@@ -117,7 +126,7 @@ def system_metrics(s: Setup, sampled: Sampled, train: tuple[float, float], train
     train_s, train_peak = train
     n_tokens = sampled.batch.completion_mask.sum().item()
     engine = s.engine.pop_metrics()
-    return engine | {
+    return engine | sampled.parts | {
         "reward/mean": rewards.mean().item(),
         "reward/std": rewards.std().item(),
         "completion_length": n_tokens / len(sampled.problems),
@@ -148,8 +157,15 @@ def log_start(s: Setup) -> int:
     """Resume from the last checkpoint if there is one; else log the step-0 evaluation. The start step."""
     start = checkpoint.restore(s.ctx.run_dir, s.model, s.optimizer, s.rng)
     if start == 0:
-        s.ctx.tracker.log({"eval/reward": evaluate(s.engine, s.task, s.task.eval), "eval/n": len(s.task.eval)}, step=0)
+        s.ctx.tracker.log(evaluate(s, 0), step=0)
     return start
+
+
+def evaluate(s: Setup, step: int) -> dict:
+    """The held-out evaluation: greedy eval/reward and its prompt count eval/n (the eval's binomial error); with
+    eval.samples k, eval/avg@k and eval/pass@j too, from samples seeded by the run's seed and the step alone."""
+    e = s.ctx.cfg.eval
+    return held_out_metrics(s.engine, s.task, s.task.eval, e.samples, e.temperature, eval_seed(s.ctx.cfg.seed, step))
 
 
 def end_step(s: Setup, step: int, metrics: dict, sampled: Sampled) -> None:
@@ -161,8 +177,7 @@ def end_step(s: Setup, step: int, metrics: dict, sampled: Sampled) -> None:
         bad = sorted(k for k, v in metrics.items() if not (v == v and abs(v) != float("inf")))
         raise NonFinite(f"non-finite {', '.join(bad)} at step {step}")
     if step % t.eval_every == 0 or step == t.steps:
-        # n: the eval's binomial error
-        metrics |= {"eval/reward": evaluate(s.engine, s.task, s.task.eval), "eval/n": len(s.task.eval)}
+        metrics |= evaluate(s, step)
     tracker.log(metrics, step)
     if step in (1, t.steps):  # what the model wrote at the start and at the end, one per prompt
         picks = range(0, min(len(grouped), 4 * t.group_size), t.group_size)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from harness.config.run import RunConfig
-from harness.models.loading import resolve
+from harness.models.loading import load_model, resolve
 from harness.recipes.common import (
     MetricBuffer,
     RunContext,
@@ -43,11 +43,9 @@ from harness.tracking.files import Tracker
 
 
 def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, progress=lambda **kw: None) -> dict:
-    from transformers import AutoModelForCausalLM
-
     t = cfg.train
     with setup(RunContext(cfg, run_dir, tracker, device, progress)) as s:
-        teacher = AutoModelForCausalLM.from_pretrained(resolve(cfg.teacher or cfg.model), dtype=s.dtype, device_map={"": device})
+        teacher = load_model(resolve(cfg.teacher or cfg.model), device, s.dtype)  # a shape: the student's random weights
         teacher.requires_grad_(False).eval()
         start = log_start(s)
         for step in range(start + 1, t.steps + 1):

@@ -20,11 +20,14 @@ from harness.reports.markdown import (
     LM_EVAL_COLUMNS,
     LM_EVAL_TEXT,
     algorithm_grid,
+    columns,
     engine_rows,
     first_env,
     lm_eval_rows,
     method_text,
+    random_weights_text,
     report_notes,
+    score_name,
     tuning_reports,
 )
 from harness.reports.plots import PALETTE, bar_chart, line_chart
@@ -34,7 +37,7 @@ from harness.results.verdict import rolling_median
 CURVES = [("reward/mean", "train reward"), ("eval/reward", "held-out eval/reward"), ("kl", "KL to reference"),
           ("entropy", "entropy")]
 STATUS_CLASS = {"Converges": "ok", "Inconclusive": "na", "Convergence issue": "warn", "Does not converge": "bad", "Error": "bad",
-                "Infeasible": "bad", "Incomplete": "na", "Smoke tested": "na"}
+                "Infeasible": "bad", "Incomplete": "na", "Smoke tested": "na", "Not judged (random weights)": "na"}
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1560px;\
@@ -66,7 +69,7 @@ def render_html(root: Path, out_dir: Path, matrix: dict, cells: list[dict], rows
     colors = {c["name"]: PALETTE[i % len(PALETTE)] for i, c in enumerate(cells)}
     curves = {c["name"]: {r["run_id"]: read_metrics(root / r["run_id"]) for r in c["runs"]} for c in cells}
     by_name = {c["name"]: c for c in cells}
-    criteria = Criteria(**matrix["criteria"])
+    criteria, score = Criteria(**matrix["criteria"]), score_name(matrix, cells)
     parts = ["<!doctype html><html lang='en'><head><meta charset='utf-8'>"
              f"<title>{e(matrix['name'])}: verified configurations</title>",
              f"<style>{CSS}</style></head><body>",
@@ -76,7 +79,8 @@ def render_html(root: Path, out_dir: Path, matrix: dict, cells: list[dict], rows
              f"regenerate: <code>harness report {e(matrix['name'])}</code></p>",
              *([f"<p class='muted' id='notes' style='white-space:pre-wrap'>{e(notes)}</p>"]
                if (notes := report_notes(out_dir)) else []),
-             "<h2>Convergence matrix</h2>", _table(rows, cells), _grid(rows), f"<p class='muted'>{e(method_text(matrix))}</p>",
+             "<h2>Convergence matrix</h2>", _table(rows, cells, score), _grid(rows),
+             f"<p class='muted'>{e(method_text(matrix, score))}</p>",
              "<h2>Memory and throughput</h2><div class='plots'>", _bars(cells, rows, colors), "</div>",
              _tuning_links(out_dir), _lm_eval_table(lm_eval_rows(cells)),
              "<h2>Rollout engines</h2>", _engine_table(engine_rows(root, cells)), f"<p class='muted'>{e(ENGINE_TEXT)}</p>",
@@ -85,9 +89,12 @@ def render_html(root: Path, out_dir: Path, matrix: dict, cells: list[dict], rows
         base = by_name.get(cell["baseline"]) if cell["baseline"] != cell["name"] else None
         parts.append(_cell_section(i, cell, row, curves, base, colors, root, runs_link, criteria))
     env = first_env(root, cells) or {}
+    model = env.get("model") or {}
     parts.append("<h2>Environment</h2><table id='env'>")
     parts += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>"
               for k, v in [("device", env.get("device")), ("git commit", env.get("git_commit")),
+                           *([("model", f"{model['name']}: {random_weights_text(model)}")]
+                             if model.get("random_weights") else []),
                            *env.get("versions", {}).items()]]
     parts.append(f"</table><h2>Matrix</h2><pre id='matrix-yaml'>{e(matrix['source'])}</pre></body></html>")
     return "".join(parts)
@@ -102,8 +109,8 @@ def _tuning_links(out_dir: Path) -> str:
     return f"<h2>Tuning studies</h2><ul id='tuning'>{items}</ul>"
 
 
-def _table(rows: list[dict], cells: list[dict]) -> str:
-    out = ["<div class='scroll'><table id='convergence'><thead><tr>", *(f"<th>{e(t)}</th>" for _, t in COLUMNS),
+def _table(rows: list[dict], cells: list[dict], score: str = "eval/reward") -> str:
+    out = ["<div class='scroll'><table id='convergence'><thead><tr>", *(f"<th>{e(t)}</th>" for _, t in columns(score)),
            "</tr></thead><tbody>"]
     for i, row in enumerate(rows):
         tds = []
@@ -206,7 +213,8 @@ def _cell_section(i, cell, row, curves, base, colors, root: Path, runs_link: str
               + (f"<span><i class='swatch' style='background:#555'></i>baseline mean, dashed: {e(base['name'])}</span>"
                  if base else "") + "</div>")
     charts = []
-    for metric, title in CURVES:
+    sampled = sorted({k for rows in runs.values() for r in rows for k in r if k.startswith("eval/avg@")})
+    for metric, title in CURVES + [(k, f"held-out {k} (sampled)") for k in sampled]:
         series = [{"points": [(r["step"], r[metric]) for r in rows if metric in r], "color": color, "width": 1, "opacity": 0.45,
                    "label": f"run {run_id}"} for run_id, rows in runs.items()]
         series.append({"points": _mean_curve(runs, metric), "color": color, "width": 2.5, "label": "mean over seeds"})

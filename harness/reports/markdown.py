@@ -166,7 +166,20 @@ COLUMNS = [("workflow", "Workflow"), ("quantization", "Quantization"), ("colocat
            ("entropy", "final entropy"), ("memory", "peak mem GiB (est.)"), ("tokens_per_s", "rollout tok/s"),
            ("step_s", "median step s"), ("seeds", "seeds"), ("reason", "why")]
 STATUS_MARK = {"Converges": "✅", "Inconclusive": "❔", "Convergence issue": "⚠️", "Does not converge": "❌", "Error": "💥",
-               "Infeasible": "🚫", "Incomplete": "⏳", "Smoke tested": "🔹"}
+               "Infeasible": "🚫", "Incomplete": "⏳", "Smoke tested": "🔹", "Not judged (random weights)": "🎲"}
+
+
+def score_name(matrix: dict, cells: list[dict]) -> str:
+    """The metric the verdicts judged (criteria.score): eval/reward, or the eval/avg@k the runs logged."""
+    if Criteria(**matrix["criteria"]).score == "greedy":
+        return "eval/reward"
+    names = {r.get("score") for c in cells for r in c["runs"] if str(r.get("score")).startswith("eval/avg@")}
+    return names.pop() if len(names) == 1 else "eval/avg@k"
+
+
+def columns(score: str) -> list[tuple[str, str]]:
+    """COLUMNS, their titles naming the metric judged."""
+    return [(k, t.replace("eval/reward", score)) for k, t in COLUMNS]
 
 
 def algorithm_grid(rows: list[dict]) -> tuple[list[str], list[tuple[str, dict[str, tuple[str, str]]]]]:
@@ -183,19 +196,24 @@ def algorithm_grid(rows: list[dict]) -> tuple[list[str], list[tuple[str, dict[st
     return algorithms, list(grid.items())
 
 
-def method_text(matrix: dict) -> str:
+def method_text(matrix: dict, score: str = "eval/reward") -> str:
     c = Criteria(**matrix["criteria"]).model_dump()  # with the defaults of knobs the matrix does not set
     base = ", ".join(f"{k}={v}" for k, v in matrix["baseline"].items()) or "none"
+    greedy = c["score"] == "greedy"
+    judged = ("eval/reward is greedy accuracy on held-out prompts. " if greedy else
+              f"The verdicts judge {score} (criteria.score: avg): the mean reward of k completions sampled per held-out "
+              "prompt at eval.temperature (top_p 1), an estimate of pass@1; the greedy eval/reward is logged beside it. ")
+    n = "" if greedy else " (n = held-out prompts × k: a lower bound, as samples of one prompt share its difficulty)"
     return (
-        f"eval/reward is greedy accuracy on held-out prompts. A run's final score is the mean of its evals in the last "
+        f"{judged}A run's final score is the mean of its evals in the last "
         f"{c['final_window']:.0%} of training (one eval is too noisy to judge on); "
         f"± gives one eval's binomial standard error at that "
-        f"score. Its gain is that score minus the step-0 eval; it learns when the gain is ≥ {c['min_gain']}. It diverges on a "
+        f"score{n}. Its gain is that score minus the step-0 eval; it learns when the gain is ≥ {c['min_gain']}. It diverges on a "
         f"non-finite value, on a sustained KL rise (the median of kl over {c['kl_window']} steps above {c['kl_max']}; only for "
         f"recipes with a KL term in their loss: grpo and rloo with beta > 0) or when its final score and its last eval both fall "
         f"more than {c['drop_max']} below its best eval. Single steps of kl above {c['kl_max']} are counted as spikes and "
         f"shown, not judged: the k3 estimator is "
-        f"heavy-tailed. A cell's final eval/reward: mean over the seeds that trained to the end, with a two-sided "
+        f"heavy-tailed. A cell's final {score}: mean over the seeds that trained to the end, with a two-sided "
         f"{c['confidence']:.0%} t-interval. Δ vs baseline: that minus the baseline cell's ({base}, same other axes), with its "
         f"one-sided {c['confidence']:.0%} bounds in brackets (each one-sided, so together a {2 * c['confidence'] - 1:.0%} "
         f"interval; paired by seed when both cells finished the same seeds, Welch otherwise). "
@@ -207,7 +225,8 @@ def method_text(matrix: dict) -> str:
         f"tested', as is one with fewer than {c['min_seeds']} finished seeds. Peak memory: the CUDA allocator's peak on GPU, the "
         "process's peak RSS on CPU; in brackets the pre-check's estimate of it (harness/execution/memory_fit.py), "
         "made before the run was "
-        "launched. Infeasible: that estimate did not fit the device, so the run was not launched."
+        "launched. Infeasible: that estimate did not fit the device, so the run was not launched. Not judged (random "
+        "weights): a model named shape:..., a released architecture with random weights, run for throughput and memory only."
         + (adaptive_text(matrix["looks"], c["confidence"], matrix.get("looks_k"))
            if matrix.get("adaptive") or (matrix.get("looks_k") or 1) > len(matrix.get("looks") or [0]) else "")
     )
@@ -240,10 +259,11 @@ ENGINE_TEXT = ("Medians over every training step of a cell's seeds; memory colum
 def write_markdown(root: Path, out_dir: Path, matrix: dict, cells: list[dict], rows: list[dict]) -> Path:
     runs_link = os.path.relpath(root, out_dir)
     name = md(matrix["name"])
+    score = score_name(matrix, cells)
     lines = [f"# Verified configurations: `{name}`", "", md(matrix["description"]), "",
              f"Regenerate: `harness report {name}`. Re-run: `make sweep MATRIX={name}`. Plots: `report.html`.", "",
              *([notes, ""] if (notes := report_notes(out_dir)) else []),
-             *md_table([title for _, title in COLUMNS],
+             *md_table([title for _, title in columns(score)],
                        [[f"{STATUS_MARK.get(row['status'], '')} **{md(row['status'])}**" if k == "status" else md(row[k])
                          for k, _ in COLUMNS]
                         for row in rows])]
@@ -255,7 +275,7 @@ def write_markdown(root: Path, out_dir: Path, matrix: dict, cells: list[dict], r
                             [[md(label)] + [mark(by.get(a)) for a in algorithms] for label, by in grid])]
     run_titles = ["cell", "seed", "run", "verdict", "eval start → final (last)", "KL median max / step max (spikes)",
                   "final entropy", "reason"]
-    lines += ["", md(method_text(matrix)), "", "## Runs", "",
+    lines += ["", md(method_text(matrix, score)), "", "## Runs", "",
               *md_table(run_titles, [[md(cell["name"]), md(r["seed"]),
                                       f"[{md(r['run_id'])}]({runs_link}/{r['run_id']}/)", md(r["verdict"]),
                                       f"{number(r['eval_start'])} → {number(r['eval_final'])} ({number(r['eval_end'])})",
@@ -277,12 +297,19 @@ def write_markdown(root: Path, out_dir: Path, matrix: dict, cells: list[dict], r
         if env.get("model"):
             model = env["model"]
             lines += [f"- model: {md(model['name'])}" + (f", sha256 `{md(model['sha256'])}`" if model.get("sha256") else "")
-                      + (f" (shipped {md(model['shipped'])})" if model.get("shipped") else "")]
+                      + (f" (shipped {md(model['shipped'])})" if model.get("shipped") else "")
+                      + (f": {md(random_weights_text(model))}" if model.get("random_weights") else "")]
         if env.get("compute_dtype"):
             lines += [f"- compute dtype: {md(env['compute_dtype'])}"]
         lines += [f"- {k}: {md(v)}" for k, v in env.get("versions", {}).items()]
     lines += ["", "## Matrix", "", "```yaml", visible(matrix["source"]).replace("```", "` ` `").rstrip(), "```", ""]
     return write_atomic(out_dir / "report.md", "\n".join(lines))
+
+
+def random_weights_text(model: dict) -> str:
+    """What a report says of a `shape:` model, from its facts in env.json (models.loading.identity)."""
+    return (f"random weights with {model.get('config_of')}'s architecture ({model.get('parameters', 0):,} parameters), "
+            f"tokenizer: {model.get('tokenizer')}; run for throughput and memory only, so its cells are not judged")
 
 
 def report_notes(out_dir: Path) -> str:

@@ -2,8 +2,8 @@
 
 Thresholds come from the matrix's `criteria:` (saved in results/<matrix>/matrix.json). The rules,
 and the curves that chose them, are in the README's "Verdicts"; in short:
-- a run is judged on its *final score*, the mean of its evals in the last `final_window` of training,
-  not on one evaluation (seed sd 0.030 -> 0.021 on the H200 smoke study);
+- a run is judged on its *final score*, the mean of its evals (eval/reward, or eval/avg@k with `score: avg`) in the
+  last `final_window` of training, not on one evaluation (seed sd 0.030 -> 0.021 on the H200 smoke study);
 - it *diverges* on a non-finite value, on a sustained KL rise (the rolling median of `kl` over
   `kl_window` steps above `kl_max`, for recipes with a KL term in their loss) or on a held-out reward
   that collapses (final score more than `drop_max` below its best eval). Single-step k3 spikes are
@@ -23,13 +23,15 @@ from pathlib import Path
 from harness.common.files import write_json_atomic
 from harness.config.matrix import Criteria
 from harness.config.run import RunConfig
+from harness.evals.passk import samples_of
 from harness.results.intervals import MAX_SEEDS_SUGGESTED, Difference, difference, seeds_to_decide, t_interval
 from harness.results.layout import damage, finite, read_json, read_metrics
 from harness.results.looks import Look, look_at
 
-RUN_VERDICTS = ("converged", "no_learning", "diverged", "collapsed", "failed", "oom", "infeasible", "incomplete")
+RUN_VERDICTS = ("converged", "no_learning", "diverged", "collapsed", "failed", "oom", "infeasible", "incomplete", "not_judged")
+NOT_JUDGED = "Not judged (random weights)"  # a `shape:` model's cell: run for throughput and memory (models/shape.py)
 CELL_VERDICTS = ("Converges", "Inconclusive", "Convergence issue", "Does not converge", "Error", "Infeasible", "Incomplete",
-                 "Smoke tested")
+                 "Smoke tested", NOT_JUDGED)
 
 
 @dataclass
@@ -44,6 +46,7 @@ class RunVerdict:
     final_steps: list[int] = field(default_factory=list)
     eval_best: float | None = None
     eval_se: float | None = None  # binomial standard error of one eval at the final score: sqrt(p(1-p)/n)
+    score: str = "eval/reward"  # the metric every eval above is (criteria.score: greedy eval/reward or eval/avg@k)
     max_kl: float | None = None  # the largest single-step kl
     kl_median_max: float | None = None  # the largest rolling median of kl over kl_window steps
     kl_spikes: int = 0  # steps whose kl exceeds kl_max
@@ -113,7 +116,7 @@ def _instability(v: RunVerdict, train_rows: list[dict], c: Criteria, evals: list
     if (v.eval_final is not None and v.eval_best is not None
             and min(v.eval_best - v.eval_final, v.eval_best - v.eval_end) > c.drop_max):
         best_step = next(s for s, x in evals if s > 0 and x == v.eval_best)
-        why.append(f"held-out eval/reward collapsed: best {v.eval_best:.3f} at step {best_step}, final {v.eval_final:.3f} "
+        why.append(f"held-out {v.score} collapsed: best {v.eval_best:.3f} at step {best_step}, final {v.eval_final:.3f} "
                    f"(last {v.eval_end:.3f}), {v.eval_best - v.eval_final:.3f} below it (drop_max {c.drop_max})")
     return why
 
@@ -138,7 +141,8 @@ def judge_run(run_dir: Path, seed: int, c: Criteria, kl_in_loss: bool = True) ->
         return v
     summary, rows = read_json(run_dir / "summary.json"), read_metrics(run_dir)
     train_rows = [r for r in rows if r["step"] > 0 and "kl" in r]
-    evals = [(r["step"], r["eval/reward"]) for r in rows if "eval/reward" in r]
+    v.score = score_metric(rows, c)
+    evals = [(r["step"], r[v.score]) for r in rows if v.score in r]
     if evals and evals[0][0] == 0:
         v.eval_start = evals[0][1]
     window = final_window(evals, c.final_window)
@@ -147,6 +151,7 @@ def judge_run(run_dir: Path, seed: int, c: Criteria, kl_in_loss: bool = True) ->
         v.eval_final = statistics.fmean(x for _, x in window)
         v.eval_best = max(x for s, x in evals if s > 0)
         n = _eval_n(rows, run_dir)
+        n = n * samples_of(v.score) if n and c.score == "avg" else n  # avg@k: k samples of each prompt
         v.eval_se = math.sqrt(v.eval_final * (1 - v.eval_final) / n) if n and 0 <= v.eval_final <= 1 else None
     v.final_entropy = train_rows[-1]["entropy"] if train_rows else None
     v.peak_memory_gib = summary.get("peak_memory_gib")
@@ -162,6 +167,10 @@ def judge_run(run_dir: Path, seed: int, c: Criteria, kl_in_loss: bool = True) ->
         v.verdict = "failed" if status == "killed" else status
         v.reason = summary.get("error") or status
         return v
+    model = read_json(run_dir / "env.json").get("model") or {} if (run_dir / "env.json").exists() else {}
+    if model.get("random_weights"):  # env.json's models.loading.identity: rewards of random weights judge nothing
+        v.verdict, v.reason = "not_judged", f"{model['name']} has random weights: run for throughput and memory only"
+        return v
     bad = next(((r["step"], k) for r in rows for k, x in r.items() if isinstance(x, float) and not finite(x)), None)
     if status == "nan" or bad:
         _kl_facts(v, train_rows, c)
@@ -173,9 +182,9 @@ def judge_run(run_dir: Path, seed: int, c: Criteria, kl_in_loss: bool = True) ->
         v.verdict, v.reason = "diverged", "; ".join(unstable)
         return v
     if v.gain is None:  # finished, so no later sweep reruns it: it must not count as a missing seed
-        v.verdict, v.reason = "no_learning", "finished without a step-0 and a final eval/reward: learning not shown"
+        v.verdict, v.reason = "no_learning", f"finished without a step-0 and a final {v.score}: learning not shown"
         return v
-    score = f"eval/reward {v.eval_start:.3f} → {v.eval_final:.3f} (mean of steps {_steps(v.final_steps)})"
+    score = f"{v.score} {v.eval_start:.3f} → {v.eval_final:.3f} (mean of steps {_steps(v.final_steps)})"
     if v.gain < c.min_gain:
         if v.final_entropy is not None and v.final_entropy < c.entropy_floor:
             v.verdict = "collapsed"
@@ -186,6 +195,13 @@ def judge_run(run_dir: Path, seed: int, c: Criteria, kl_in_loss: bool = True) ->
         return v
     v.verdict, v.reason = "converged", f"{score}, gain {v.gain:+.3f}{_spike_note(v, c)}"
     return v
+
+
+def score_metric(rows: list[dict], c: Criteria) -> str:
+    """The metric a run is judged on: eval/reward, or with criteria.score avg the eval/avg@k it logged."""
+    if c.score == "greedy":
+        return "eval/reward"
+    return next((k for r in rows for k in r if k.startswith("eval/avg@")), "eval/avg@k")
 
 
 def _signed(x: float) -> str:
@@ -252,7 +268,7 @@ def judge_cell(name, key, label, runs: list[RunVerdict], baseline_name: str | No
     # later runs for another cell (adaptive seeds) cannot unsettle a verdict reached on these
     against = baseline.runs[:len(runs)] if baseline is not None else []
     against_status = _status_of(against)
-    comparable = baseline is not None and baseline.name != name and against_status is None
+    comparable = baseline is not None and baseline.name != name and against_status is None and _status_of(runs) != NOT_JUDGED
     d = difference(ends, final_scores(against), confidence) if comparable else None
     if d:  # the evidence column shows Δ whatever the verdict
         cell.delta_vs_baseline, cell.delta_lower_bound, cell.delta_upper_bound, cell.test = d.mean, d.lower, d.upper, d.method
@@ -264,6 +280,8 @@ def judge_cell(name, key, label, runs: list[RunVerdict], baseline_name: str | No
         cell.status, cell.reason = "Infeasible", infeasible[0].reason
     elif not finished:
         cell.status, cell.reason = "Incomplete", seeds
+    elif any(r.verdict == "not_judged" for r in finished):
+        cell.status, cell.reason = NOT_JUDGED, next(r.reason for r in finished if r.verdict == "not_judged")
     elif len(finished) < c.min_seeds:
         cell.status = "Smoke tested"
         cell.reason = f"{seeds}, fewer than min_seeds {c.min_seeds}: " + "; ".join(f"seed {r.seed} {r.verdict}" for r in finished)
@@ -314,6 +332,8 @@ def _status_of(runs: list[RunVerdict]) -> str | None:
         return "Error"
     if any(r.verdict == "infeasible" for r in runs):
         return "Infeasible"
+    if any(r.verdict == "not_judged" for r in runs):
+        return NOT_JUDGED
     if all(r.verdict == "incomplete" for r in runs):
         return "Incomplete"
     return None

@@ -26,8 +26,13 @@ class RolloutEngine(Protocol):
         """Make the engine generate from the trainer's current weights (wake it first if it sleeps)."""
         ...
 
-    def generate(self, prompts: list[str], greedy: bool = False) -> Rollout:
-        """Completions of `prompts`, sampled (with the sampler's log-probs) or greedy; syncs first when the weights changed."""
+    def generate(self, prompts: list[str], greedy: bool = False, temperature: float | None = None,
+                 seed: int | None = None) -> Rollout:
+        """Completions of `prompts`, sampled (with the sampler's log-probs) or greedy; syncs first when the weights changed.
+        temperature: sample at this temperature from the untruncated policy (top_p 1, no top_k) instead of the run's
+        rollout sampling, without the sampler's log-probs (the held-out eval's samples). seed: draw from generators
+        seeded with it (a prompt's own per prompt where the engine has them) and leave the engine's stream, the one
+        the rollouts draw from, where it was."""
         ...
 
     def release(self) -> None:

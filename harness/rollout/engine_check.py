@@ -88,19 +88,19 @@ def perturb(model, lora: bool, seed: int = 0, scale: float = 0.05) -> None:
 
 def run_check(cfg: RunConfig, device: torch.device, workdir: Path, plant: str | None = None, n_prompts: int = 64) -> dict:
     """Build the trainer and its vLLM engine as a run would, and check them (see the module doc)."""
+    from harness.chat import model_task
     from harness.common.system import compute_dtype
     from harness.models.loading import load_policy, reference
     from harness.recipes.rl_math import completion_logprobs, masked_mean
     from harness.rollout.hf import HFEngine
     from harness.rollout.vllm import VLLMEngine
-    from harness.tasks import load_task
 
     t0 = time.perf_counter()
     record = {"ok": False, "failures": [], "plant": plant, "colocation": cfg.rollout.colocation, "quant": cfg.quant,
               "vllm_quantization": cfg.vllm_quantization or "none", "tolerance": cfg.rollout.check_tolerance}
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_policy(cfg, device, compute_dtype(device, cfg.train.dtype))
-    prompts = [p.prompt for p in load_task(cfg.task).eval[:n_prompts]]
+    prompts = [p.prompt for p in model_task(cfg.task, tokenizer, cfg.model).eval[:n_prompts]]
     try:
         engine = VLLMEngine(model, tokenizer, cfg, device, workdir)
     except Exception as e:  # an engine that cannot start fails its check with the reason

@@ -3,7 +3,7 @@
 Every engine takes (model, tokenizer, cfg, device, workdir) and satisfies rollout.base.RolloutEngine,
 so a recipe does not know which one it drives:
   sync()                                 make the engine generate from the trainer's current weights
-  generate(prompts, greedy) -> Rollout   (syncs first when the weights changed)
+  generate(prompts, greedy, temperature, seed) -> Rollout   (syncs first when the weights changed)
   release()                              hand the device back to the trainer before it trains
   pop_metrics() -> dict                  sync/sleep timings and memory since the last call
   mark_synced()                          take the current weights as pushed (check-engine's planted fault)
@@ -15,11 +15,14 @@ so a recipe does not know which one it drives:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from transformers import GenerationConfig
+
+from harness.evals.passk import sample_metrics
 
 if TYPE_CHECKING:
     from harness.rollout.base import RolloutEngine
@@ -106,15 +109,18 @@ class HFEngine:
         pass
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], greedy: bool = False) -> Rollout:
+    def generate(self, prompts: list[str], greedy: bool = False, temperature: float | None = None,
+                 seed: int | None = None) -> Rollout:
         device = next(self.model.parameters()).device
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, device)
         # top_k=0: no top-k truncation (transformers defaults to 50), so the sampler is the policy
         # remove_invalid_values: a diverged policy's NaN logits would crash the sampler; let it
         # sample so the training step can see the non-finite loss and stop the run as diverged.
         sampling = dict(do_sample=False) if greedy else dict(
-            do_sample=True, temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=0, remove_invalid_values=True
+            do_sample=True, temperature=temperature or self.cfg.temperature, top_p=1.0 if temperature else self.cfg.top_p,
+            top_k=0, remove_invalid_values=True
         )
+        scored = not greedy and temperature is None  # the sampler's log-probs: rollouts only
         was_training = self.model.training
         self.model.eval()
         # transformers fills every setting a call leaves unset from the checkpoint's generation_config.json
@@ -123,16 +129,17 @@ class HFEngine:
         hf_model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         own, hf_model.generation_config = hf_model.generation_config, GenerationConfig()
         try:
-            out = self.model.generate(
-                input_ids=prompt_ids,
-                attention_mask=prompt_mask,
-                max_new_tokens=self.cfg.max_new_tokens,
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id,
-                return_dict_in_generate=True,
-                output_scores=not greedy,
-                **sampling,
-            )
+            with seeded(device, seed):
+                out = self.model.generate(
+                    input_ids=prompt_ids,
+                    attention_mask=prompt_mask,
+                    max_new_tokens=self.cfg.max_new_tokens,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=self.tokenizer.eos_token_id,
+                    return_dict_in_generate=True,
+                    output_scores=scored,
+                    **sampling,
+                )
         finally:
             hf_model.generation_config = own
             self.model.train(was_training)
@@ -140,13 +147,28 @@ class HFEngine:
         mask = completion_mask(completion, self.tokenizer.eos_token_id)
         completion = completion.masked_fill(mask == 0, self.tokenizer.pad_token_id)
         logprobs = None
-        if not greedy:
+        if scored:
             # scores are the logits after temperature and top-p: exactly the distribution sampled from
             scores = torch.stack(out.scores, dim=1).float()
             logprobs = torch.log_softmax(scores, dim=-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
             # after EOS the pad token is often outside the top-p nucleus: -inf there, and -inf * 0 is NaN
             logprobs = torch.where(mask.bool(), logprobs, 0.0)
         return Rollout(prompt_ids, prompt_mask, completion, mask, logprobs, decode_completions(self.tokenizer, completion, mask))
+
+
+@contextlib.contextmanager
+def seeded(device: torch.device, seed: int | None):
+    """Inside: torch's global generators (the CPU's and `device`'s) seeded with `seed`; after: back where they were,
+    as if nothing had drawn from them. A no-op for seed None."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.random.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 def evaluate(engine: RolloutEngine, task, problems, batch_size: int = 512) -> float:
@@ -157,3 +179,27 @@ def evaluate(engine: RolloutEngine, task, problems, batch_size: int = 512) -> fl
         rollout = engine.generate([p.prompt for p in chunk], greedy=True)
         total += sum(task.reward(p, t) for p, t in zip(chunk, rollout.texts))
     return total / len(problems)
+
+
+def sampled_rewards(engine: RolloutEngine, task, problems, k: int, temperature: float, seed: int,
+                    batch_size: int = 512) -> list[list[float]]:
+    """The rewards of k completions of each problem sampled at `temperature` (top_p 1), per problem. Row r of the
+    k x problems draws from seed + r's generator where the engine has one per prompt (vLLM), from one seeded
+    with seed + its batch's first row otherwise: the engine's own stream is not touched."""
+    rows = [p for p in problems for _ in range(k)]
+    rewards: list[float] = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        rollout = engine.generate([p.prompt for p in chunk], temperature=temperature, seed=seed + i)
+        rewards += [task.reward(p, t) for p, t in zip(chunk, rollout.texts)]
+    return [rewards[j * k : (j + 1) * k] for j in range(len(problems))]
+
+
+def held_out_metrics(engine: RolloutEngine, task, problems, samples: int = 0, temperature: float = 1.0,
+                     seed: int = 0) -> dict:
+    """One held-out evaluation: eval/reward (greedy) and eval/n (prompts); with `samples` k > 0 also eval/avg@k,
+    eval/pass@j and eval/samples from k completions per prompt sampled at `temperature` (evals.passk)."""
+    metrics = {"eval/reward": evaluate(engine, task, problems), "eval/n": len(problems)}
+    if samples:
+        metrics |= sample_metrics(sampled_rewards(engine, task, problems, samples, temperature, seed))
+    return metrics

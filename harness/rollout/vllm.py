@@ -27,6 +27,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -34,8 +35,8 @@ import torch
 from harness.common.processes import die_with_parent
 from harness.common.system import GIB, compute_dtype
 from harness.config.run import VLLM_LORA_RANKS, RunConfig
-from harness.models.loading import resolve
-from harness.rollout.hf import Rollout, decode_completions, encode_prompts, pad_completions
+from harness.models.loading import checkpoint, resolve
+from harness.rollout.hf import Rollout, decode_completions, encode_prompts, pad_completions, seeded
 
 SERVED_NAME = "policy"
 
@@ -81,8 +82,10 @@ class VLLMEngine:
         if device.type == "cpu" and cfg.vllm_quantization in ("bitsandbytes", "fp8"):
             raise RuntimeError(f"vLLM's CPU backend has no {cfg.vllm_quantization} kernels: rollout quantization "
                                f"{cfg.vllm_quantization} needs a GPU (this cell runs there)")
-        # the trainer's compute dtype, not a parameter's: QLoRA keeps norms, embeddings and adapters in float32
-        args = engine_args(cfg, resolve(r.rollout_model or cfg.model), compute_dtype(device, cfg.train.dtype), self.sleeps)
+        # the trainer's compute dtype, not a parameter's (LoRA adapters are float32); a shape's random weights are
+        # written once for vLLM, which reads files (loading.checkpoint)
+        dtype = compute_dtype(device, cfg.train.dtype)
+        args = engine_args(cfg, checkpoint(resolve(r.rollout_model or cfg.model), device, dtype), dtype, self.sleeps)
         self.facts = {"rollout_engine": "vllm", "vllm_version": vllm_version(),
                       "vllm_quantization": cfg.vllm_quantization or "none", "vllm_dtype": args["dtype"],
                       "hand_off": (f"sleep level {r.sleep_level}" if self.sleeps else
@@ -101,21 +104,26 @@ class VLLMEngine:
         self._sync_if_stale()
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], greedy: bool = False) -> Rollout:
+    def generate(self, prompts: list[str], greedy: bool = False, temperature: float | None = None,
+                 seed: int | None = None) -> Rollout:
         self.sync()
         r = self.cfg.rollout
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, self.device)
         token_prompts = [ids[m.bool()].tolist() for ids, m in zip(prompt_ids.cpu(), prompt_mask.cpu())]
         params = {"max_tokens": r.max_new_tokens, "temperature": 0.0} if greedy else \
+            {"max_tokens": r.max_new_tokens, "temperature": temperature, "top_p": 1.0} if temperature else \
             {"max_tokens": r.max_new_tokens, "temperature": r.temperature, "top_p": r.top_p, "logprobs": 0}
+        if seed is not None and not greedy:
+            params["seed"] = seed  # prompt i draws from a generator seeded with seed + i (the backends')
         offloaded = self._offload_trainer()
-        outputs = self.backend.generate(token_prompts, params, self.adapter)
+        with seeded(self.device, seed):  # colocated, vLLM's sampler draws from this process's global generators too
+            outputs = self.backend.generate(token_prompts, params, self.adapter)
         if offloaded:
             t0 = time.perf_counter()
             self.model.to(self.device)
             self._stat("time/offload_s", time.perf_counter() - t0)
-        ids, mask, logprobs = pad_completions([t for t, _ in outputs], None if greedy else [lp for _, lp in outputs],
-                                              self.tokenizer.pad_token_id, self.device)
+        logprobs = [lp for _, lp in outputs] if "logprobs" in params else None
+        ids, mask, logprobs = pad_completions([t for t, _ in outputs], logprobs, self.tokenizer.pad_token_id, self.device)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             self._stat("memory/device_used_gib", (total - free) / GIB)
@@ -243,7 +251,9 @@ class _Colocated:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], SamplingParams(**params),
+        sampling = ([SamplingParams(**params | {"seed": params["seed"] + i}) for i in range(len(prompts))]
+                    if "seed" in params else SamplingParams(**params))
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sampling,
                                  lora_request=self.lora_request if adapter else None, use_tqdm=False)
         result = []
         for o in outs:
@@ -351,6 +361,11 @@ class _Server:
         return float("nan")
 
     def generate(self, prompts: list[list[int]], params: dict, adapter) -> list[tuple[list[int], list[float] | None]]:
+        if "seed" in params and len(prompts) > 1:  # one seed per request, and prompts sharing it share its draws: one each
+            with ThreadPoolExecutor(16) as pool:
+                parts = pool.map(lambda i: self.generate([prompts[i]], params | {"seed": params["seed"] + i}, adapter),
+                                 range(len(prompts)))
+                return [out for part in parts for out in part]
         body = {"model": adapter[0] if adapter else SERVED_NAME, "prompt": prompts, "return_token_ids": True,
                 "skip_special_tokens": False, "top_k": 0, **params}
         if "logprobs" in body:

@@ -162,8 +162,10 @@ def create(study: Study) -> tuple[optuna.Study, list[str]]:
 
 
 def _score(study: Study) -> dict:
-    """What a trial's objective is computed from: its seeds, and the final window of the verdicts' score."""
-    return {"seeds": list(study.trial_seeds), "final_window": study.criteria.final_window}
+    """What a trial's objective is computed from: its seeds, and the final window of the verdicts' score (and which
+    eval that is, where not the greedy one: criteria.score, left out at its default so older studies still match)."""
+    score = {} if study.criteria.score == "greedy" else {"eval": study.criteria.score}
+    return {"seeds": list(study.trial_seeds), "final_window": study.criteria.final_window} | score
 
 
 def _meaning(tune: dict) -> dict:

@@ -1,54 +1,13 @@
-"""Tasks: prompts, a disjoint held-out set, and a reward. Looked up by name in registries.TASKS."""
+"""`boxed` and `math`: GSM8K- and MATH-style problems from a JSONL file or an HF dataset, the answer in \\boxed{}."""
 
 from __future__ import annotations
 
 import json
-import random
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from harness.config.run import TaskConfig
-from harness.task_base import Task
-
-SPLIT_SEED = 1234  # fixed: the held-out set must not move with the run's seed
-
-
-@dataclass(frozen=True)
-class Problem:
-    prompt: str
-    answer: str  # what the reward compares with
-    solution: str = ""  # a worked reference completion, where the source has one (the sft recipe imitates it)
-
-
-def _split(problems: list[Problem], eval_size: int) -> tuple[list[Problem], list[Problem]]:
-    if eval_size >= len(problems):
-        raise ValueError(f"task.eval_size={eval_size} leaves no training prompts ({len(problems)} problems)")
-    shuffled = problems[:]
-    random.Random(SPLIT_SEED).shuffle(shuffled)
-    return shuffled[eval_size:], shuffled[:eval_size]
-
-
-ARITH_OPERANDS = range(10, 100)
-
-
-class ArithTask:
-    """`23+58=` -> `81`. Reward 1.0 for the exact answer (the completion up to end-of-sequence). A task_base.Task."""
-
-    train: list[Problem]
-    eval: list[Problem]
-
-    def __init__(self, cfg: TaskConfig = TaskConfig()):
-        problems = [Problem(f"{a}+{b}=", str(a + b)) for a in ARITH_OPERANDS for b in ARITH_OPERANDS]
-        self.train, self.eval = _split(problems, cfg.eval_size)
-
-    def reward(self, problem: Problem, completion: str) -> float:
-        return float(completion.strip() == problem.answer)
-
-    def demonstration(self, problem: Problem) -> str:
-        """The completion the sft recipe imitates: the answer alone, as the reward wants it."""
-        return problem.answer
-
+from harness.tasks.problem import Problem, split
 
 BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 INSTRUCTION = "\nPut the final answer in \\boxed{}.\n"
@@ -80,7 +39,7 @@ class BoxedTask:
         rows = self._load(cfg.source)
         problems = [Problem(r["question"].strip() + INSTRUCTION, self.reference(r["answer"]), self.solution(r["answer"]))
                     for r in rows]
-        self.train, self.eval = _split(problems, cfg.eval_size)
+        self.train, self.eval = split(problems, cfg.eval_size)
 
     @staticmethod
     def _load(source: str) -> list[dict]:
@@ -129,25 +88,9 @@ class BoxedTask:
         found = BOXED.findall(completion)
         return float(bool(found) and normalize_number(found[-1]) == problem.answer)
 
-
-def task_size(cfg: TaskConfig) -> int | None:
-    """Problems the task has before its train/held-out split, without building them; None where that
-    is only known once loaded (an HF dataset). A local JSONL file counts its non-empty lines."""
-    if cfg.name == "arith":
-        return len(ARITH_OPERANDS) ** 2
-    if cfg.name not in ("boxed", "math") or not cfg.source:
-        return None
-    try:  # as _load finds the file: relative to the working directory
-        with Path(cfg.source).open("rb") as f:
-            return sum(1 for line in f if line.strip())
-    except (OSError, ValueError):  # not a file (an HF dataset id), or a name the OS refuses
-        return None
-
-
-def load_task(cfg: TaskConfig) -> Task:
-    from harness.registries import TASKS
-
-    return TASKS.get(cfg.name)(cfg)
+    def formatted(self, completion: str) -> bool:
+        """A closed \\boxed{...} (nested braces and all), right or wrong; MathTask's too."""
+        return last_boxed(completion) is not None
 
 
 def last_boxed(text: str) -> str | None:
@@ -212,3 +155,13 @@ def _as_qa(row: dict) -> dict | None:
     if {"problem", "solution"} <= row.keys():
         return {"question": row["problem"], "answer": row["solution"]}
     return None
+
+
+def jsonl_size(source: str) -> int | None:
+    """Non-empty lines of the local file `source`, found as BoxedTask._load finds it (relative to the
+    working directory); None where it is not a file (an HF dataset id) or a name the OS refuses."""
+    try:
+        with Path(source).open("rb") as f:
+            return sum(1 for line in f if line.strip())
+    except (OSError, ValueError):
+        return None
