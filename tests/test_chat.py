@@ -24,9 +24,21 @@ def chat_model(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizers(chat_model, tiny_model):
+    from harness.models.loading import load_tokenizer
+
+    return load_tokenizer(str(chat_model)), load_tokenizer(str(tiny_model))
+
+
+def test_a_character_tokenizer_keeps_its_spaces(tokenizers, chat_model):
+    """transformers' AutoTokenizer gives a folder with a qwen2 config Qwen2Tokenizer, whose byte-level pre-tokenizer
+    dropped every space of "Calculate 95 + 21." from the character tokenizer's ids; load_tokenizer reads the
+    folder's own tokenizer.json."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(chat_model), AutoTokenizer.from_pretrained(tiny_model)
+    chat, _ = tokenizers
+    space = chat.convert_tokens_to_ids(" ")
+    assert space in chat("Calculate 95 + 21.", add_special_tokens=False)["input_ids"]
+    assert space not in AutoTokenizer.from_pretrained(chat_model)("Calculate 95 + 21.", add_special_tokens=False)["input_ids"]
 
 
 def template_ids(tokenizer, prompt: str, system: str | None = None) -> list[int]:
@@ -77,6 +89,7 @@ def test_the_engine_and_the_trainer_see_the_templates_own_token_ids(chat_model, 
         expected = template_ids(chat, text, "Add.")
         assert ids[mask.bool()].tolist() == expected
         assert expected.count(chat.convert_tokens_to_ids("<|im_start|>")) == 3  # system, user, assistant
+        assert chat.convert_tokens_to_ids(" ") in expected
 
 
 def test_a_run_on_a_chat_model_trains_on_rendered_prompts_with_a_format_reward(chat_model, tmp_path):

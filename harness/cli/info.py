@@ -20,11 +20,13 @@ from harness.registry import UnknownName
 def matrices():
     """List the matrices in matrices/ with their size and description."""
     from harness.config.matrix import MatrixError, load_matrix
+    from harness.config.preflight import shallow
 
     table = Table("name", "cells", "runs", "description", title=printable(matrices_dir()), title_justify="left")
     for path in sorted(matrices_dir().glob("*.yaml")):
         try:
-            m = load_matrix(path)
+            with shallow():  # a listing: reasoning-gym's option checks (and its numpy import) wait for the sweep
+                m = load_matrix(path)
             looks = m.spec.looks
             runs = f"{len(m.cells) * looks[0]}–{len(m.cells) * looks[-1]}" if len(looks) > 1 else str(len(m.cells) * looks[0])
             table.add_row(printable(m.name), str(len(m.cells)), runs,

@@ -8,6 +8,8 @@ HF id (`org/name`, `name`) that is not a local path is left to load time, which 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import re
 from pathlib import Path
@@ -91,6 +93,20 @@ def _file(field: str, value: str, what: str) -> str | None:
     return f"{field}: no file {_short(value)}{where}; give {what}"
 
 
+_shallow = contextvars.ContextVar("shallow", default=False)
+
+
+@contextlib.contextmanager
+def shallow():
+    """Checks that would import a task's own library (reasoning-gym pulls numpy, sympy, matplotlib) are skipped:
+    for commands that only list matrices, which must answer without those imports."""
+    token = _shallow.set(True)
+    try:
+        yield
+    finally:
+        _shallow.reset(token)
+
+
 def _task(cfg: RunConfig) -> str | None:
     from harness.tasks import task_size
 
@@ -98,7 +114,7 @@ def _task(cfg: RunConfig) -> str | None:
     if task.options and task.name != "reasoning_gym":
         return (f"task.options: only the reasoning_gym task reads options (its dataset's config); the {task.name} task "
                 "would ignore them: remove them")
-    if task.name == "reasoning_gym":
+    if task.name == "reasoning_gym" and not _shallow.get():
         from harness.tasks import check_gym, require_reasoning_gym
 
         try:

@@ -21,12 +21,14 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
 )
 
-# reasoning-gym's basic_arithmetic, two 2-digit terms added ("Calculate 95 + 21."): the shipped weights add, so the
-# warm start teaches the template and the answer tags. chain_sum (a + b or a - b, 1-2 digits) was tried first: the
-# warm start reached 0.13 in 350 steps and GRPO did not move it (0.122 -> 0.145 in 100 steps at lr 1e-3, lower at 3e-3).
+# reasoning-gym's basic_arithmetic, two terms of 1-2 digits added ("Calculate 95 + 2."): the shipped weights add 2-digit
+# numbers written "95+21=", so the warm start teaches the template, the answer tags and the new spelling. Tried first:
+# chain_sum (a + b or a - b, 1-2 digits) reached 0.13 in 350 warm-start steps and GRPO did not move it (0.122 -> 0.145
+# in 100 steps at lr 1e-3, lower at 3e-3); 2-digit-only basic_arithmetic reached 0.05 at step 325 and GRPO did not move
+# it either (0.05 -> 0.06 in 75 steps): from a few percent, most groups hold no correct answer to learn from.
 TASK = {"name": "reasoning_gym", "source": "basic_arithmetic", "eval_size": 200,
         "options": {"size": 3000, "operators": ["+"], "format_style": "simple", "min_terms": 2, "max_terms": 2,
-                    "min_digits": 2, "max_digits": 2, "allow_negation": False, "allow_parentheses": False}}
+                    "min_digits": 1, "max_digits": 2, "allow_negation": False, "allow_parentheses": False}}
 
 RECIPE = tiny_arith.RECIPE | {
     "name": "tiny-chat",
@@ -41,6 +43,8 @@ RECIPE = tiny_arith.RECIPE | {
     "init": "shipped",
     "batch_size": 64,
     "eval_from": 25,
+    "target": [0.3, 0.55],  # stop at the first checkpoint here; else the one closest to its middle within accept
+    "accept": [0.05, 0.6],
 }
 
 
