@@ -131,3 +131,15 @@ def test_lm_evals_harness_tasks_hold_the_prompts_the_run_saw(chat_model, tokeniz
     rows = [json.loads(line) for line in (tmp_path / "data" / "qrl_arith.jsonl").read_text().splitlines()]
     raw = load_task(cfg.task).eval
     assert [r["prompt"] for r in rows] == [render(chat, p.prompt, "Add.") for p in raw]
+
+
+def test_modelopt_calibrates_on_the_prompts_the_run_sees(chat_model, tokenizers):
+    """amax is calibrated on the task's training prompts as the model is prompted with them: chat-rendered."""
+    from harness.quant.modelopt import calibration_texts
+
+    chat, plain = tokenizers
+    cfg = RunConfig(model=str(chat_model), task={"eval_size": 20})
+    texts = calibration_texts(cfg, chat)
+    assert len(texts) == cfg.modelopt.quant_calib_size
+    assert texts[0] == render(chat, load_task(cfg.task).train[0].prompt)
+    assert calibration_texts(RunConfig(task={"eval_size": 20}), plain)[0] == load_task(cfg.task).train[0].prompt

@@ -88,14 +88,15 @@ def recalibrate_if_due(model, cfg, device, step: int) -> None:
         mtq.calibrate(inner, algorithm="max", forward_loop=calibration_loop(inner, cfg, device))
 
 
-def calibration_texts(cfg) -> list[str]:
-    """The first `quant_calib_size` texts of `quant_calib_dataset`, or of the task's training prompts."""
+def calibration_texts(cfg, tokenizer) -> list[str]:
+    """The first `quant_calib_size` texts of `quant_calib_dataset`, or of the task's training prompts as the run
+    prompts the model (chat-rendered where it is: amax is calibrated on the activations training will see)."""
     opts, n = cfg.modelopt, cfg.modelopt.quant_calib_size
     source = opts.quant_calib_dataset
     if source is None:
-        from harness.tasks import load_task
+        from harness.chat import model_task
 
-        return [p.prompt for p in load_task(cfg.task).train[:n]]
+        return [p.prompt for p in model_task(cfg.task, tokenizer, cfg.model).train[:n]]
     if Path(source).exists():
         rows = [json.loads(line) for line in Path(source).read_text().splitlines() if line.strip()]
     else:
@@ -120,7 +121,7 @@ def calibration_loop(model, cfg, device):
     opts = cfg.modelopt
     tokenizer = load_tokenizer(resolve(cfg.model), cfg.model)
     tokenizer.padding_side = "left"
-    texts = calibration_texts(cfg)
+    texts = calibration_texts(cfg, tokenizer)
 
     @torch.no_grad()
     def loop(m):
