@@ -18,14 +18,15 @@ from harness.task_base import Task
 def uses_chat(tokenizer, cfg: TaskConfig, model: str = "the model") -> bool:
     """Whether prompts are chat-formatted: task.chat, `auto` meaning "when the tokenizer has a template"."""
     has = bool(getattr(tokenizer, "chat_template", None))
-    if cfg.chat == "auto":
-        return has
-    if cfg.chat and not has:
+    if cfg.chat is True and not has:
         raise ValueError(f"task.chat: true, but the tokenizer of {model} has no chat template "
                          "(set task.chat: false or auto, or use a model whose tokenizer_config.json has one)")
-    if cfg.system_prompt is not None and not cfg.chat:
-        raise ValueError("task.system_prompt is a chat message; with task.chat: false it would be ignored")
-    return bool(cfg.chat)
+    chat = has if cfg.chat == "auto" else cfg.chat
+    if cfg.system_prompt is not None and not chat:  # refused rather than dropped
+        raise ValueError("task.system_prompt is a chat message; with task.chat: false it would be ignored" if cfg.chat
+                         is False else f"task.system_prompt is a chat message, but the tokenizer of {model} has no chat "
+                         "template, so task.chat: auto leaves prompts raw and it would be ignored")
+    return chat
 
 
 def messages(prompt: str, system: str | None) -> list[dict]:
@@ -57,11 +58,7 @@ class ChatTask:
 
 
 def for_model(task: Task, tokenizer, cfg: TaskConfig, model: str = "the model") -> Task:
-    """`task` as `model` is prompted: chat-rendered where task.chat says so, else unchanged. A system
-    prompt without chat is refused rather than dropped (uses_chat)."""
-    if cfg.system_prompt is not None and cfg.chat == "auto" and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"task.system_prompt is a chat message, but the tokenizer of {model} has no chat template, "
-                         "so task.chat: auto leaves prompts raw and it would be ignored")
+    """`task` as `model` is prompted: chat-rendered where task.chat says so (uses_chat), else unchanged."""
     if not uses_chat(tokenizer, cfg, model):
         return task
 
