@@ -96,6 +96,23 @@ def test_wide_model(tiny_model, tmp_path):
     assert abs(est["peak_gib"] / measured - 1) <= TOLERANCE, report("wide bf16", est, measured)
 
 
+def test_micro_batches_lower_the_peak_as_estimated(tiny_model, tmp_path):
+    """grpo's train.micro_batch_size: the training logits and activations of a quarter of the batch at a time."""
+    model = wide_model(tmp_path / "wide", tiny_model)
+    base = dict(model=str(model), task={"name": "boxed", "source": str(boxed_questions(tmp_path / "q.jsonl")), "eval_size": 4},
+                rollout={"max_new_tokens": 16})
+    train = {"steps": 2, "prompts_per_step": 8, "group_size": 4, "eval_every": 25, "dtype": "float32", "checkpoint_every": 25}
+    peaks = {}
+    for micro in (None, 8):
+        cfg = RunConfig(**base, train=train | {"micro_batch_size": micro})
+        est = estimate(cfg, CPU)
+        peaks[micro] = (est["peak_gib"], measured_peak(cfg, tmp_path / cfg.run_id))
+        print(report(f"wide micro {micro}", est, peaks[micro][1]))
+        assert abs(est["peak_gib"] / peaks[micro][1] - 1) <= TOLERANCE, report(f"wide micro {micro}", est, peaks[micro][1])
+    assert est["shapes"]["micro_batch"] == 8
+    assert peaks[8][0] < peaks[None][0] and peaks[8][1] < peaks[None][1], peaks
+
+
 def test_unreachable_hub_id(monkeypatch):
     import huggingface_hub.constants
 

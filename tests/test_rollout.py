@@ -53,3 +53,54 @@ def test_the_checkpoints_own_sampling_defaults_do_not_reach_the_sampler(tiny_mod
     the trainer's: logprob_diff_mean 0.24 instead of ~1e-7."""
     _, m = sample(with_sampling_defaults(tiny_model, tmp_path / "released"), temperature=1.0)
     assert m["mismatch/logprob_diff_mean"] < 1e-4 and m["mismatch/is_ratio_mean"] == pytest.approx(1.0, abs=1e-4), m
+
+
+def scores_reference(engine, prompts, seed):
+    """The sampler's log-probs as HFEngine computed them before issue 23: `generate` with output_scores (temperature and
+    top-p as its warpers), the stacked scores' log_softmax gathered at the completion. Same seed, same settings."""
+    from transformers import GenerationConfig
+
+    from harness.rollout.hf import completion_mask, encode_prompts, seeded
+
+    model, cfg, tok = engine.model, engine.cfg, engine.tokenizer
+    ids, attention = encode_prompts(tok, prompts, torch.device("cpu"))
+    own, model.generation_config = model.generation_config, GenerationConfig()
+    model.eval()
+    try:
+        with seeded(torch.device("cpu"), seed), torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=cfg.max_new_tokens,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, return_dict_in_generate=True,
+                                 output_scores=True, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                                 remove_invalid_values=True)
+    finally:
+        model.generation_config = own
+    completion = out.sequences[:, ids.shape[1]:]
+    mask = completion_mask(completion, tok.eos_token_id)
+    completion = completion.masked_fill(mask == 0, tok.pad_token_id)
+    scores = torch.stack(out.scores, dim=1).float()
+    logprobs = torch.log_softmax(scores, dim=-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+    return completion, torch.where(mask.bool(), logprobs, 0.0)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.7, 0.9), (1.0, 1.0)])
+def test_streamed_sampler_logprobs_match_the_stacked_scores(tiny_model, temperature, top_p):
+    """Issue 23: the sampler's log-probs are taken one step at a time (SamplerLogprobs) instead of from every step's
+    [N, V] scores stacked (~60 GB at 128 x 256 tokens, V 152k). Same tokens from the same seed, same log-probs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from harness.rollout.hf import HFEngine
+    from harness.tasks import load_task
+
+    cfg = tiny_run_config()
+    cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_validate(
+        {"max_new_tokens": 12, "temperature": temperature, "top_p": top_p})})
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    engine = HFEngine(model, AutoTokenizer.from_pretrained(tiny_model), cfg)
+    prompts = [p.prompt for p in load_task(cfg.task).train[:16]] * 4
+    batch = engine.generate(prompts, seed=1234)
+    completion, reference = scores_reference(engine, prompts, seed=1234)
+    assert torch.equal(batch.completion_ids, completion)
+    assert batch.sampler_logprobs.dtype == torch.float32 and torch.isfinite(batch.sampler_logprobs).all()
+    assert (batch.completion_mask == 0).any() and (batch.sampler_logprobs[batch.completion_mask == 0] == 0).all()
+    assert (batch.sampler_logprobs[batch.completion_mask == 1] < 0).any()  # not all certain: a test that can fail
+    torch.testing.assert_close(batch.sampler_logprobs, reference, atol=1e-5, rtol=0)

@@ -183,6 +183,8 @@ class TrainConfig(Frozen):
     filter_groups: bool = Field(False, description="grpo: drop groups whose rewards are all equal from the loss (DAPO dynamic "
                                                     "sampling, without re-sampling); counted in frac_reward_zero_std")
     updates_per_batch: int = Field(1, ge=1, description="optimizer steps on each rollout batch")
+    micro_batch_size: int | None = Field(None, ge=1, description="grpo: completions per forward and backward; the step's "
+                                         "gradient accumulates over them (the same update, less memory); None: all at once")
     max_grad_norm: float = Field(1.0, gt=0)
     eval_every: int = Field(25, ge=1)
     checkpoint_every: int = Field(25, ge=1)
@@ -199,6 +201,7 @@ class TrainConfig(Frozen):
 # train options only some recipes read (harness/recipes/): set for another algorithm they would be ignored, so it is an error
 ALGORITHM_OPTIONS = {
     "loss_type": ("grpo",), "scale_rewards": ("grpo",), "filter_groups": ("grpo",), "tis_cap": ("grpo",),
+    "micro_batch_size": ("grpo",),
     "clip_low": ("grpo", "rloo"), "clip_high": ("grpo", "rloo"),  # the clipped surrogate (rloo's over whole completions)
 }
 KL_REGULARISED = ("grpo", "rloo")  # recipes whose objective holds beta x KL to the reference (see RunConfig.kl_in_loss)
@@ -323,7 +326,7 @@ class RunConfig(Frozen):
 
 
 # Fields (dotted) that came after results existed; append new fields here, never remove one.
-ADDED_LATER = ("task.chat", "task.system_prompt", "task.format_reward", "task.options", "eval")
+ADDED_LATER = ("task.chat", "task.system_prompt", "task.format_reward", "task.options", "eval", "train.micro_batch_size")
 _DEFAULTS = RunConfig().model_dump(mode="json")
 
 

@@ -32,9 +32,14 @@ ADAMW_STATES = 2  # exp_avg, exp_avg_sq, each shaped and typed like its paramete
 # float32 [N, C, V] tensors alive at once (N sequences, C completion tokens, V vocabulary). grpo
 # (rl_math.token_logprobs_and_entropy): scaled logits, log_softmax, exp, exp * log_softmax. distill:
 # teacher and student logits, reverse_kl's log_softmax, exp and difference, the entropy's three.
-# Rollout (HFEngine.generate): generate's scores, their stack and its log_softmax.
 TRAIN_LOGIT_COPIES = {"grpo": 4, "distill": 8}
-ROLLOUT_LOGIT_COPIES = 3
+# Rollout (HFEngine.generate): float32 [N, V] tensors of one decoding step, never of the whole completion
+# (rollout.hf.SamplerLogprobs keeps only each sampled token's log-prob; until issue 23 generate's stacked
+# output_scores and their log_softmax held 3 [N, C, V] copies, measured 2.8). Peak RSS over a generate on CPU
+# (N 128, V 151936, the same for C 4, 8 and 16): 6.8 copies (the head's logits, generate's float32 copy,
+# remove_invalid_values' torch.where, SamplerLogprobs' log_softmax, the sampler's softmax and multinomial);
+# 10.8 with top_p < 1 (TopPLogitsWarper's sorted values, int64 indices, softmax and cumsum).
+ROLLOUT_STEP_COPIES, ROLLOUT_TOP_P_COPIES = 7, 4
 # The recipes' loop variables hold the last update's outputs until the next update's forward returns:
 # grpo's `entropy` keeps log_softmax and exp (logged, never backpropagated), distill both logits; and
 # bnb's int8 matmul keeps its input on ctx.tensors, which backward does not free. Measured on an H100
@@ -85,7 +90,10 @@ def estimate(cfg: RunConfig, device: torch.device) -> dict:
     seq = prompt_len + c
     text = model.config.get_text_config()
     n_layers, h, vocab = text.num_hidden_layers, text.hidden_size, text.vocab_size
-    tokens, ncv4 = n * seq, n * c * vocab * 4
+    tokens = n * seq
+    # a training forward holds one micro-batch (grpo's train.micro_batch_size) of them at a time
+    m = min(n, t.micro_batch_size or n) if cfg.algorithm == "grpo" else n
+    part_tokens, part_cv4 = m * seq, m * c * vocab * 4
     head = model.get_output_embeddings()  # neither quantized (bnb skips it) nor a LoRA target (peft)
     linears = {k: m for k, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
     quantized = sum(m.weight.numel() for m in linears.values())
@@ -105,22 +113,24 @@ def estimate(cfg: RunConfig, device: torch.device) -> dict:
     # RoPE's cos and sin; lm_head's input when it trains. The final norm saves its float32 input and the
     # first layer's norm saves nothing when the embedding output needs no grad (LoRA, no checkpointing)
     extra = 2 * act * _head_dim(text) + (act * h if full else 0) + (4 * h if full or t.gradient_checkpointing else 0)
-    logits = TRAIN_LOGIT_COPIES.get(cfg.algorithm, 4) * ncv4
+    logits = TRAIN_LOGIT_COPIES.get(cfg.algorithm, 4) * part_cv4
     if t.gradient_checkpointing:  # layer inputs kept; a layer is recomputed after the logits' backward freed those
-        activations = tokens * (n_layers * act * h + extra + layer)
-        train = activations - tokens * layer + max(tokens * layer, logits)
+        activations = part_tokens * (n_layers * act * h + extra + layer)
+        train = activations - part_tokens * layer + max(part_tokens * layer, logits)
     else:
-        activations = tokens * (n_layers * layer + extra)
+        activations = part_tokens * (n_layers * layer + extra)
         train = activations + logits
     if bnb in ("nf4", "fp4"):  # a 4-bit weight is dequantized to the compute dtype per matmul
         train += max(m.weight.numel() for m in linears.values()) * b
     if modelopt:  # each linear saves its fake-quantized weight for the input's gradient (measured; input
         activations, train = activations + quantized * b, train + quantized * b  # quantizers save nothing)
     kv = 2 * n_layers * text.num_key_value_heads * _head_dim(text) * tokens * act if r.engine == "hf" else 0
-    rollout_logits = ROLLOUT_LOGIT_COPIES * ncv4 if r.engine == "hf" else 0
+    step_copies = ROLLOUT_STEP_COPIES + (ROLLOUT_TOP_P_COPIES if r.top_p < 1 else 0)
+    rollout_logits = step_copies * n * vocab * 4 if r.engine == "hf" else 0
     parts = {"runtime": 0.0 if cuda else runtime_gib(cfg, model.config.model_type) * GIB, "base_weights": weights,
              ("trainable_and_optimizer" if full else "lora_and_optimizer"): trainable,
-             "previous_update": RETAINED_LOGIT_COPIES * ncv4 + (act * widths * tokens * n_layers if bnb == "int8" else 0),
+             "previous_update": RETAINED_LOGIT_COPIES * part_cv4
+                                + (act * widths * part_tokens * n_layers if bnb == "int8" else 0),
              "cuda_workspace": CUDA_WORKSPACE_BYTES if cuda else 0}
     parts["vllm"], server = _vllm_bytes(cfg, device, parts, 0 if full else n_train * 4, (quantized + other) * b)
     static = sum(parts.values())
@@ -134,7 +144,7 @@ def estimate(cfg: RunConfig, device: torch.device) -> dict:
     fit = peak * (1 + CUDA_RESERVED_OVERHEAD) + CUDA_CONTEXT_GIB * GIB + server if cuda else peak + server
     return {"peak_gib": peak / GIB, "fit_gib": fit / GIB, "phase": phase, "parts": {k: v / GIB for k, v in parts.items()},
             "phase_gib": {k: (static + v) / GIB for k, v in phases.items()},
-            "shapes": {"sequences": n, "prompt_tokens": prompt_len, "completion_tokens": c, "vocab": vocab,
+            "shapes": {"sequences": n, "micro_batch": m, "prompt_tokens": prompt_len, "completion_tokens": c, "vocab": vocab,
                        "compute_dtype": str(dtype).removeprefix("torch."), "activation_bytes": act},
             "basis": f"static parts + the {phase} phase's transient" + ("; CPU RSS: + allocator retention" if not cuda else
                      "; CUDA max_memory_allocated; fit_gib: + reserved overhead, context, a vLLM server on this GPU")}

@@ -192,6 +192,12 @@ def optimizer_step(s: Setup, loss: torch.Tensor, max_grad_norm: float) -> torch.
     """Backward, clip, step; the step is skipped when the loss or gradient is not finite."""
     s.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    return apply_gradients(s, loss, max_grad_norm)
+
+
+def apply_gradients(s: Setup, loss: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """Clip the gradients accumulated since zero_grad and step; skipped when the loss (the accumulated parts'
+    sum) or the gradient is not finite."""
     grad_norm = torch.nn.utils.clip_grad_norm_(s.params, max_grad_norm)
     if torch.isfinite(loss) and torch.isfinite(grad_norm):
         s.optimizer.step()

@@ -37,10 +37,10 @@ from harness.models.loading import reference
 from harness.recipes.common import (
     MetricBuffer,
     RunContext,
+    apply_gradients,
     end_step,
     end_train,
     log_start,
-    optimizer_step,
     sample_groups,
     setup,
     system_metrics,
@@ -52,19 +52,48 @@ from harness.recipes.rl_math import (
     completion_logprobs,
     group_advantages,
     k3_kl,
-    masked_mean,
     mismatch_metrics,
     tis_weights,
 )
 from harness.tracking.files import Tracker
 
 
-def loss(logp, old_logp, ref_logp, advantages, mask, weight, t, max_tokens: int):
+def loss(logp, old_logp, ref_logp, advantages, mask, weight, t, max_tokens: int, batch_mask=None):
     """(GRPO's loss, per-token KL, per-token clipped flags): the clipped surrogate, reweighted by
-    `weight` (TIS), plus beta x k3 KL, aggregated by `t.loss_type`."""
+    `weight` (TIS), plus beta x k3 KL, aggregated by `t.loss_type` (over `batch_mask`'s counts for a micro-batch)."""
     surrogate, clipped = clipped_surrogate(logp, old_logp, advantages, t.clip_low, t.clip_high)
     kl = k3_kl(logp, ref_logp)
-    return aggregate(weight * surrogate + t.beta * kl, mask, t.loss_type, max_tokens), kl, clipped
+    return aggregate(weight * surrogate + t.beta * kl, mask, t.loss_type, max_tokens, batch_mask), kl, clipped
+
+
+def micro_batches(n: int, size: int | None) -> list[slice]:
+    """The rows of each forward/backward: `size` completions at a time (the last part may be shorter), all at once
+    for None."""
+    size = size or n
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def rows(args: tuple, part: slice) -> tuple:
+    """completion_logprobs' arguments for the batch rows in `part` (the temperature, last, as it is), without the
+    columns that are padding in every one of those rows: left padding of the prompts, right padding of the
+    completions. A part of short sequences then costs what they hold, not the batch's longest."""
+    prompt_ids, prompt_mask, completion_ids, completion_mask = (a[part] for a in args[:-1])
+    first = int(prompt_mask.any(0).long().argmax()) if prompt_mask.any() else 0
+    used = completion_mask.any(0).nonzero()
+    end = int(used[-1]) + 1 if len(used) else 1
+    return prompt_ids[:, first:], prompt_mask[:, first:], completion_ids[:, :end], completion_mask[:, :end], args[-1]
+
+
+def part_logprobs(model, args: tuple, part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """completion_logprobs of the rows in `part`, padded back to the batch's completion width with zeros (masked
+    positions, which no loss or metric reads)."""
+    logp, entropy = completion_logprobs(model, *rows(args, part))
+    width = args[2].shape[1] - logp.shape[1]
+    return torch.nn.functional.pad(logp, (0, width)), torch.nn.functional.pad(entropy, (0, width))
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask.bool(), x.detach(), 0.0).sum()  # masked_mean's numerator: a part's share of a batch mean
 
 
 def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, progress=lambda **kw: None) -> dict:
@@ -85,24 +114,41 @@ def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, p
             if t.filter_groups:  # the dropped groups' tokens leave the loss and its normalisation
                 mask = mask * (~zero_std).repeat_interleave(t.group_size).unsqueeze(1)
             args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, cfg.rollout.temperature)
+            # micro-batches: the step's logits and activations exist for one part at a time; the gradient of the
+            # parts' losses (each divided by the whole batch's counts) is the whole batch's
+            parts = micro_batches(len(rewards), t.micro_batch_size)
             with torch.no_grad(), reference(model) as ref:
-                ref_logp, _ = completion_logprobs(ref, *args)
+                ref_logp = torch.cat([part_logprobs(ref, args, p)[0] for p in parts])
             model.train()
             buf = MetricBuffer()
             n_updates = t.updates_per_batch if mask.any() else 0  # every group dropped: no update, not a zero-gradient AdamW step
+            n_tokens = mask.to(ref_logp.dtype).sum().clamp(min=1)
             old_logp = None
             for _ in range(n_updates):
-                logp, entropy = completion_logprobs(model, *args)
-                if old_logp is None:  # before its first update the trainer is the policy the engine sampled for, so the
-                    old_logp = logp.detach()  # first forward gives old log-probs too: no forward of their own (as TRL)
-                    weight = tis_weights(old_logp, batch.sampler_logprobs, t.tis_cap) if t.tis_cap else 1.0
-                loss_value, kl, clipped = loss(logp, old_logp, ref_logp, advantages, mask, weight, t, cfg.rollout.max_new_tokens)
-                grad_norm = optimizer_step(s, loss_value, t.max_grad_norm)
-                buf.add({"loss": loss_value, "grad_norm": grad_norm, "kl": masked_mean(kl, mask),
-                         "entropy": masked_mean(entropy, mask), "clip_ratio": masked_mean(clipped.float(), mask)})
+                s.optimizer.zero_grad(set_to_none=True)
+                first, olds, loss_value, sums = old_logp is None, [], 0.0, torch.zeros(3, device=ref_logp.device)
+                for p in parts:
+                    logp, entropy = part_logprobs(model, args, p)
+                    # before its first update the trainer is the policy the engine sampled for, so the first
+                    # forward gives old log-probs too: no forward of their own (as TRL)
+                    old = logp.detach() if first else old_logp[p]
+                    olds.append(old)
+                    weight = tis_weights(old, batch.sampler_logprobs[p], t.tis_cap) if t.tis_cap else 1.0
+                    part_loss, kl, clipped = loss(logp, old, ref_logp[p], advantages[p], mask[p], weight, t,
+                                                  cfg.rollout.max_new_tokens, mask)
+                    part_loss.backward()
+                    loss_value = loss_value + part_loss.detach()
+                    sums += torch.stack([masked_sum(kl, mask[p]), masked_sum(entropy, mask[p]),
+                                         masked_sum(clipped.float(), mask[p])])
+                    del logp, entropy, part_loss, kl, clipped  # this part's logits go before the next part's forward
+                old_logp = torch.cat(olds) if first else old_logp
+                grad_norm = apply_gradients(s, loss_value, t.max_grad_norm)
+                kl_mean, entropy_mean, clip_mean = sums / n_tokens
+                buf.add({"loss": loss_value, "grad_norm": grad_norm, "kl": kl_mean, "entropy": entropy_mean,
+                         "clip_ratio": clip_mean})
             if old_logp is None:  # no update: the sampled tokens scored for the mismatch metrics alone
                 with torch.no_grad():
-                    old_logp, _ = completion_logprobs(model, *args)
+                    old_logp = torch.cat([part_logprobs(model, args, p)[0] for p in parts])
             train = end_train(s, step, t0)
 
             metrics = buf.means()

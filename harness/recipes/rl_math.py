@@ -44,17 +44,22 @@ def loo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return ((group_size * r - r.sum(1, keepdim=True)) / (group_size - 1)).view(-1)
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_tokens: int) -> torch.Tensor:
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_tokens: int,
+              batch_mask: torch.Tensor | None = None) -> torch.Tensor:
     """A per-token loss [N, C] to a scalar, as TRL's `loss_type` names the choices:
     dapo: mean over every completion token of the batch (long completions weigh more);
     grpo: mean over each sequence's tokens, then over sequences (the paper's; long ones weigh less);
     dr_grpo: sum over tokens / (sequences x max_tokens) (Dr. GRPO: no length normalisation).
-    Sequences with no unmasked token (a dropped group) do not count as sequences."""
+    Sequences with no unmasked token (a dropped group) do not count as sequences.
+
+    With `batch_mask` (the whole batch's mask), per_token and mask are rows of that batch (a micro-batch), and the
+    batch-wide counts divide: the micro-batches' values then add up to the whole batch's loss."""
     mask = mask.to(per_token.dtype)
+    whole = mask if batch_mask is None else batch_mask.to(per_token.dtype)
     total = (per_token * mask).sum(1)
-    n_seq = (mask.sum(1) > 0).sum().clamp(min=1)
+    n_seq = (whole.sum(1) > 0).sum().clamp(min=1)
     if loss_type == "dapo":
-        return total.sum() / mask.sum().clamp(min=1)
+        return total.sum() / whole.sum().clamp(min=1)
     if loss_type == "grpo":
         return (total / mask.sum(1).clamp(min=1)).sum() / n_seq
     if loss_type == "dr_grpo":

