@@ -415,7 +415,7 @@ def raw_side(spec: dict, device: torch.device) -> dict:
     _, opts = SIDES[spec["side"]]
     cfg = config(spec)
     dtype = compute_dtype(device, cfg.train.dtype)
-    args = engine_args(cfg, _checkpoint(cfg, device), dtype, sleep=False)
+    args = engine_args(cfg, _checkpoint(cfg, device), dtype, sleep=False, device=device)
     if not opts["lora"]:
         for k in ("enable_lora", "max_lora_rank", "max_loras"):
             args.pop(k, None)

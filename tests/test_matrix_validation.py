@@ -93,6 +93,26 @@ def test_numbers_are_numbers():
     assert RunConfig.model_validate({"train": {"lr": "1e-3"}}).train.lr == 1e-3  # PyYAML reads `1e-3` as a string
 
 
+def test_cuda_graphs_by_default_on_a_gpu_only():
+    import torch
+
+    from harness.rollout.vllm import engine_args
+
+    colocated = RunConfig(rollout={"colocation": "colocated"})
+    assert colocated.rollout.enforce_eager == "auto"
+    args = {d: engine_args(colocated, "m", torch.bfloat16, False, torch.device(d))["enforce_eager"] for d in ("cpu", "cuda")}
+    assert args == {"cpu": True, "cuda": False}
+    pinned = RunConfig(rollout={"colocation": "colocated", "enforce_eager": True})
+    assert engine_args(pinned, "m", torch.bfloat16, False, torch.device("cuda"))["enforce_eager"] is True
+    for bad in ("yes", 0, "eager"):
+        with pytest.raises(ValueError, match="expected true or false, or auto"):
+            RunConfig(rollout={"colocation": "colocated", "enforce_eager": bad})
+    # the default changed from true: a vLLM run at the new default is a new run; an in-process one (no engine)
+    # keeps its id, as does a vLLM run that set true
+    assert colocated.run_id != pinned.run_id
+    assert '"enforce_eager":true' in RunConfig().canonical_json()
+
+
 def test_in_process_engine_fields_are_validated_then_reset():
     plain = RunConfig()
     assert RunConfig(rollout={"kv_cache_dtype": "fp8", "gpu_memory_utilization": 0.5}).run_id == plain.run_id

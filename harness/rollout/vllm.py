@@ -41,11 +41,12 @@ from harness.rollout.hf import Rollout, decode_completions, encode_prompts, pad_
 SERVED_NAME = "policy"
 
 
-def engine_args(cfg: RunConfig, source: str, dtype: torch.dtype, sleep: bool) -> dict:
-    """vLLM engine arguments (as `LLM(**args)`; `vllm serve` gets the same as flags)."""
+def engine_args(cfg: RunConfig, source: str, dtype: torch.dtype, sleep: bool, device: torch.device) -> dict:
+    """vLLM engine arguments (as `LLM(**args)`; `vllm serve` gets the same as flags) for an engine on `device`'s type."""
     r = cfg.rollout
+    eager = r.enforce_eager if r.enforce_eager != "auto" else device.type != "cuda"  # auto: CUDA graphs on GPUs only
     args = {"model": source, "dtype": r.dtype if r.dtype != "auto" else str(dtype).removeprefix("torch."), "seed": cfg.seed,
-            "logprobs_mode": "processed_logprobs", "max_logprobs": 1, "enforce_eager": r.enforce_eager,
+            "logprobs_mode": "processed_logprobs", "max_logprobs": 1, "enforce_eager": eager,
             "gpu_memory_utilization": r.gpu_memory_utilization, "kv_cache_dtype": r.kv_cache_dtype,
             # not the checkpoint's generation_config.json: `vllm serve` would take a repetition_penalty or
             # min_p from it for every request, sampling from something other than the policy being trained
@@ -85,7 +86,7 @@ class VLLMEngine:
         # the trainer's compute dtype, not a parameter's (LoRA adapters are float32); a shape's random weights are
         # written once for vLLM, which reads files (loading.checkpoint)
         dtype = compute_dtype(device, cfg.train.dtype)
-        args = engine_args(cfg, checkpoint(resolve(r.rollout_model or cfg.model), device, dtype), dtype, self.sleeps)
+        args = engine_args(cfg, checkpoint(resolve(r.rollout_model or cfg.model), device, dtype), dtype, self.sleeps, device)
         self.facts = {"rollout_engine": "vllm", "vllm_version": vllm_version(),
                       "vllm_quantization": cfg.vllm_quantization or "none", "vllm_dtype": args["dtype"],
                       "hand_off": (f"sleep level {r.sleep_level}" if self.sleeps else
@@ -162,10 +163,8 @@ class VLLMEngine:
             return
         t0 = time.perf_counter()
         self.backend.llm.wake_up()
-        if self.cfg.rollout.sleep_level == 2:
-            # level 2 dropped the weights: the base comes back from the checkpoint, the adapter (or the
-            # trained weights) from the trainer
-            self.backend.llm.collective_rpc("reload_weights")
+        if self.cfg.rollout.sleep_level == 2:  # weights dropped: the base comes back from the checkpoint, the adapter
+            self.backend.llm.collective_rpc("reload_weights")  # (or the trained weights) from the trainer
             self.synced_version = None
         self._stat("time/wake_s", time.perf_counter() - t0)
         self.asleep = False
