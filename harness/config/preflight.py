@@ -114,16 +114,17 @@ def _task(cfg: RunConfig) -> str | None:
     if task.options and task.name != "reasoning_gym":
         return (f"task.options: only the reasoning_gym task reads options (its dataset's config); the {task.name} task "
                 "would ignore them: remove them")
-    if task.name == "reasoning_gym" and not _shallow.get():
-        from harness.tasks import check_gym, require_reasoning_gym
+    if task.name == "reasoning_gym":  # its source names the dataset; shallow: checked when the sweep runs
+        if not _shallow.get():
+            from harness.tasks import check_gym, require_reasoning_gym
 
-        try:
-            require_reasoning_gym()
-        except ValueError as e:
-            return f"task.name: {e}"
-        problem = check_gym(task)
-        if problem:
-            return problem
+            try:
+                require_reasoning_gym()
+            except ValueError as e:
+                return f"task.name: {e}"
+            problem = check_gym(task)
+            if problem:
+                return problem
     elif task.name not in ("boxed", "math") and source:
         return f"task.source: the {task.name} task makes its own problems and would ignore it; remove it, or use task.name: boxed"
     if task.name == "math":
