@@ -70,8 +70,8 @@ def scores_reference(engine, prompts, seed):
         with seeded(torch.device("cpu"), seed), torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=cfg.max_new_tokens,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, return_dict_in_generate=True,
-                                 output_scores=True, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-                                 remove_invalid_values=True)
+                                 output_scores=True, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
+                                 top_k=cfg.top_k, remove_invalid_values=True)
     finally:
         model.generation_config = own
     completion = out.sequences[:, ids.shape[1]:]
@@ -82,8 +82,8 @@ def scores_reference(engine, prompts, seed):
     return completion, torch.where(mask.bool(), logprobs, 0.0)
 
 
-@pytest.mark.parametrize("temperature, top_p", [(0.7, 0.9), (1.0, 1.0)])
-def test_streamed_sampler_logprobs_match_the_stacked_scores(tiny_model, temperature, top_p):
+@pytest.mark.parametrize("temperature, top_p, top_k", [(0.7, 0.9, 0), (1.0, 1.0, 0), (0.7, 0.9, 5), (1.0, 1.0, 3)])
+def test_streamed_sampler_logprobs_match_the_stacked_scores(tiny_model, temperature, top_p, top_k):
     """Issue 23: the sampler's log-probs are taken one step at a time (SamplerLogprobs) instead of from every step's
     [N, V] scores stacked (~60 GB at 128 x 256 tokens, V 152k). Same tokens from the same seed, same log-probs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -93,7 +93,7 @@ def test_streamed_sampler_logprobs_match_the_stacked_scores(tiny_model, temperat
 
     cfg = tiny_run_config()
     cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_validate(
-        {"max_new_tokens": 12, "temperature": temperature, "top_p": top_p})})
+        {"max_new_tokens": 12, "temperature": temperature, "top_p": top_p, "top_k": top_k})})
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     engine = HFEngine(model, AutoTokenizer.from_pretrained(tiny_model), cfg)
     prompts = [p.prompt for p in load_task(cfg.task).train[:16]] * 4

@@ -79,7 +79,7 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's MaxLoRARanks
 DTYPES = Literal["auto", "bfloat16", "float16", "float32"]
 
 
-SAMPLING = ("colocation", "temperature", "top_p", "max_new_tokens")  # the RolloutConfig fields every engine reads
+SAMPLING = ("colocation", "temperature", "top_p", "top_k", "max_new_tokens")  # the RolloutConfig fields every engine reads
 
 
 class RolloutConfig(Frozen):
@@ -91,6 +91,8 @@ class RolloutConfig(Frozen):
     colocation: str = "in_process"
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="sample from the top_k most likely tokens (before top_p, as transformers "
+                       "and vLLM order them); 0: no top-k")
     max_new_tokens: int = Field(5, ge=1)
     quantization: Literal["same", "bf16", "bitsandbytes", "fp8"] = Field(
         "same", description="vLLM's weights: same (the trainer's format where vLLM has it), bf16 (unquantized), "
@@ -201,16 +203,34 @@ class TrainConfig(Frozen):
     trainable: Literal["lora", "full"] = Field("lora", description="full: every base weight trains "
                                                "(QAT through the fake quantizer)")
     dtype: DTYPES = Field("auto", description="the trainer's compute dtype; auto: bf16 where the hardware has it, else float32")
-    tis_cap: float | None = Field(None, gt=1, description="truncated importance sampling: weight each token's loss "
-                                  "by min(p_train/p_sampler, tis_cap)")
+    tis_cap: float | None = Field(None, gt=1, description="grpo: the importance-sampling cap C_max of every is_mode "
+                                  "(weights from p_train/p_sampler correct the surrogate for the rollout engine's "
+                                  "policy); None: no correction")
+    is_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = Field(
+        "token_truncate", description="grpo, with tis_cap: as TRL's vllm_importance_sampling_mode: the token's ratio "
+        "or its sequence's (exp of the summed log-ratio, for all its tokens), clamped to [is_cap_min, tis_cap] "
+        "(truncate) or zeroed outside it (mask)")
+    is_cap_min: float | None = Field(None, ge=0, description="grpo, with tis_cap: the lower bound C_min of the "
+                                     "importance-sampling ratio; None: none")
     mismatch_cap: float = Field(2.0, gt=1, description="mismatch/ratio_out_of_cap_frac counts tokens whose p_train/p_sampler "
                                 "is outside [1/cap, cap]")
+
+    @model_validator(mode="after")
+    def _importance_sampling(self):
+        if self.tis_cap is None:  # the correction is off: a mode or lower cap alone would be silently ignored
+            unused = [f"train.{k}" for k in ("is_mode", "is_cap_min") if getattr(self, k) != TrainConfig.model_fields[k].default]
+            if unused:
+                raise ValueError(f"{' and '.join(unused)} configure{'s' if len(unused) == 1 else ''} the importance-sampling "
+                                 "correction, which train.tis_cap (its cap C_max) turns on: set tis_cap too")
+        elif self.is_cap_min is not None and self.is_cap_min >= self.tis_cap:
+            raise ValueError(f"train.is_cap_min {self.is_cap_min} must be below train.tis_cap {self.tis_cap}")
+        return self
 
 
 # train options only some recipes read (harness/recipes/): set for another algorithm they would be ignored, so it is an error
 ALGORITHM_OPTIONS = {
     "loss_type": ("grpo",), "scale_rewards": ("grpo",), "filter_groups": ("grpo",), "tis_cap": ("grpo",),
-    "micro_batch_size": ("grpo",),
+    "is_mode": ("grpo",), "is_cap_min": ("grpo",), "micro_batch_size": ("grpo",),
     "clip_low": ("grpo", "rloo"), "clip_high": ("grpo", "rloo"),  # the clipped surrogate (rloo's over whole completions)
 }
 KL_REGULARISED = ("grpo", "rloo")  # recipes whose objective holds beta x KL to the reference (see RunConfig.kl_in_loss)
@@ -337,7 +357,8 @@ class RunConfig(Frozen):
 
 
 # Fields (dotted) that came after results existed; append new fields here, never remove one.
-ADDED_LATER = ("task.chat", "task.system_prompt", "task.format_reward", "task.options", "eval", "train.micro_batch_size")
+ADDED_LATER = ("task.chat", "task.system_prompt", "task.format_reward", "task.options", "eval", "train.micro_batch_size",
+               "rollout.top_k", "train.is_mode", "train.is_cap_min")
 _DEFAULTS = RunConfig().model_dump(mode="json")
 # engine options whose default changed (issue 23: CUDA graphs on a GPU); an in-process run resets engine options to
 # their defaults, so its canonical JSON writes the old one and keeps its run id

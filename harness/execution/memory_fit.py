@@ -41,10 +41,11 @@ TRAIN_LOGIT_COPIES = {"grpo": 4, "distill": 8}
 # 10.8 with top_p < 1 (TopPLogitsWarper's sorted values, int64 indices, softmax and cumsum).
 ROLLOUT_STEP_COPIES, ROLLOUT_TOP_P_COPIES = 7, 4
 # The recipes' loop variables hold the last update's outputs until the next update's forward returns:
-# grpo's `entropy` keeps log_softmax and exp (logged, never backpropagated), distill both logits; and
-# bnb's int8 matmul keeps its input on ctx.tensors, which backward does not free. Measured on an H100
-# (Qwen2 1024 x 8 layers, 64 x 240 tokens, V 65536): 2.0 GiB left after a step, int8 2.8 GiB more.
-RETAINED_LOGIT_COPIES = 2
+# distill's both logits (the other recipes counted alike); and bnb's int8 matmul keeps its input on ctx.tensors, which
+# backward does not free. Measured on an H100 (Qwen2 1024 x 8 layers, 64 x 240 tokens, V 65536): 2.0 GiB left
+# after a step, int8 2.8 GiB more. grpo deletes each micro-batch's outputs before the next forward (issue 23):
+# none (its 1.5B x 128 x 256 step peaked at 13.5 GiB on an H100, within 2% of the estimate without them).
+RETAINED_LOGIT_COPIES = {"grpo": 0}  # others: 2
 # cuBLAS workspaces come from the caching allocator: 32 MiB per handle on Hopper (torch's default
 # :4096:8), one for this thread and one for autograd's CUDA thread; the tiny model's peak on an H100
 # exceeds its tensors by 63 MiB.
@@ -129,7 +130,7 @@ def estimate(cfg: RunConfig, device: torch.device) -> dict:
     rollout_logits = step_copies * n * vocab * 4 if r.engine == "hf" else 0
     parts = {"runtime": 0.0 if cuda else runtime_gib(cfg, model.config.model_type) * GIB, "base_weights": weights,
              ("trainable_and_optimizer" if full else "lora_and_optimizer"): trainable,
-             "previous_update": RETAINED_LOGIT_COPIES * part_cv4
+             "previous_update": RETAINED_LOGIT_COPIES.get(cfg.algorithm, 2) * part_cv4
                                 + (act * widths * part_tokens * n_layers if bnb == "int8" else 0),
              "cuda_workspace": CUDA_WORKSPACE_BYTES if cuda else 0}
     parts["vllm"], server = _vllm_bytes(cfg, device, parts, 0 if full else n_train * 4, (quantized + other) * b)

@@ -20,9 +20,16 @@ Where this departs from the paper:
   and the KL measures only what training moved. (With `trainable: full`, a frozen copy of the
   quantized starting model.)
 - The group std is the unbiased sample std (TRL's choice).
-- With `train.tis_cap`, each token's surrogate is weighted by min(p_trainer / p_sampler, cap)
-  (truncated importance sampling), for rollouts from an engine (vLLM, a quantized rollout
-  checkpoint) whose policy differs from the trainer's; the KL term is not reweighted.
+- With `train.tis_cap`, each token's surrogate is weighted by an importance-sampling weight
+  (`train.is_mode`, as TRL's vllm_importance_sampling_mode: the token's or its sequence's
+  p_trainer / p_sampler, truncated to or masked outside [is_cap_min, tis_cap]), for rollouts from
+  an engine (vLLM, a quantized rollout checkpoint) whose policy differs from the trainer's; the KL
+  term is not reweighted.
+- With top-k or top-p sampling (rollout.top_k, rollout.top_p) the engine's log-probs are of the
+  truncated, renormalised distribution: the ratio in the IS weights and the mismatch/* metrics
+  compares them with the trainer's log-prob under the same truncation of its own logits
+  (rl_math.truncated_logprobs), not its full distribution's, which would bias it low. The policy
+  loss keeps the full distribution's log-probs.
 """
 
 from __future__ import annotations
@@ -51,9 +58,11 @@ from harness.recipes.rl_math import (
     clipped_surrogate,
     completion_logprobs,
     group_advantages,
+    is_weight_metrics,
+    is_weights,
     k3_kl,
     mismatch_metrics,
-    tis_weights,
+    mismatch_tails,
 )
 from harness.tracking.files import Tracker
 
@@ -87,9 +96,17 @@ def rows(args: tuple, part: slice) -> tuple:
 def part_logprobs(model, args: tuple, part: slice) -> tuple[torch.Tensor, torch.Tensor]:
     """completion_logprobs of the rows in `part`, padded back to the batch's completion width with zeros (masked
     positions, which no loss or metric reads)."""
-    logp, entropy = completion_logprobs(model, *rows(args, part))
+    return part_scores(model, args, part)[:2]
+
+
+def part_scores(model, args: tuple, part: slice, truncation: tuple[int, float] | None = None):
+    """part_logprobs, and the same forward's log-probs under `truncation` (top_k, top_p; rl_math.truncated_logprobs),
+    padded likewise; None without one."""
+    logp, entropy, *sampled = completion_logprobs(model, *rows(args, part), truncation=truncation)
+    sampled = sampled[0] if sampled else None
     width = args[2].shape[1] - logp.shape[1]
-    return torch.nn.functional.pad(logp, (0, width)), torch.nn.functional.pad(entropy, (0, width))
+    logp, entropy = torch.nn.functional.pad(logp, (0, width)), torch.nn.functional.pad(entropy, (0, width))
+    return logp, entropy, torch.nn.functional.pad(sampled, (0, width)) if sampled is not None else None
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -97,7 +114,10 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, progress=lambda **kw: None) -> dict:
-    t = cfg.train
+    t, r = cfg.train, cfg.rollout
+    # the engines sample from (and report log-probs of) the truncated distribution: the trainer's own truncated
+    # log-probs are what theirs compare with
+    truncation = (r.top_k, r.top_p) if r.top_k or r.top_p < 1 else None
     with setup(RunContext(cfg, run_dir, tracker, device, progress)) as s:
         model = s.model
         start = log_start(s)
@@ -123,17 +143,20 @@ def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, p
             buf = MetricBuffer()
             n_updates = t.updates_per_batch if mask.any() else 0  # every group dropped: no update, not a zero-gradient AdamW step
             n_tokens = mask.to(ref_logp.dtype).sum().clamp(min=1)
-            old_logp = None
+            old_logp = old_sampled = None  # old_sampled: the old log-probs under the sampler's truncation
             for _ in range(n_updates):
                 s.optimizer.zero_grad(set_to_none=True)
                 first, olds, loss_value, sums = old_logp is None, [], 0.0, torch.zeros(3, device=ref_logp.device)
                 for p in parts:
-                    logp, entropy = part_logprobs(model, args, p)
+                    logp, entropy, sampled_logp = part_scores(model, args, p, truncation if first else None)
                     # before its first update the trainer is the policy the engine sampled for, so the first
                     # forward gives old log-probs too: no forward of their own (as TRL)
                     old = logp.detach() if first else old_logp[p]
-                    olds.append(old)
-                    weight = tis_weights(old, batch.sampler_logprobs[p], t.tis_cap) if t.tis_cap else 1.0
+                    if first:
+                        olds.append((old, sampled_logp if sampled_logp is not None else old))
+                    old_s = olds[-1][1] if first else old_sampled[p]
+                    weight = is_weights(old_s, batch.sampler_logprobs[p], batch.completion_mask[p], t.is_mode, t.tis_cap,
+                                        t.is_cap_min) if t.tis_cap else 1.0
                     part_loss, kl, clipped = loss(logp, old, ref_logp[p], advantages[p], mask[p], weight, t,
                                                   cfg.rollout.max_new_tokens, mask)
                     part_loss.backward()
@@ -141,19 +164,27 @@ def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, p
                     sums += torch.stack([masked_sum(kl, mask[p]), masked_sum(entropy, mask[p]),
                                          masked_sum(clipped.float(), mask[p])])
                     del logp, entropy, part_loss, kl, clipped  # this part's logits go before the next part's forward
-                old_logp = torch.cat(olds) if first else old_logp
+                if first:
+                    old_logp, old_sampled = (torch.cat(x) for x in zip(*olds))
                 grad_norm = apply_gradients(s, loss_value, t.max_grad_norm)
                 kl_mean, entropy_mean, clip_mean = sums / n_tokens
                 buf.add({"loss": loss_value, "grad_norm": grad_norm, "kl": kl_mean, "entropy": entropy_mean,
                          "clip_ratio": clip_mean})
             if old_logp is None:  # no update: the sampled tokens scored for the mismatch metrics alone
                 with torch.no_grad():
-                    old_logp = torch.cat([part_logprobs(model, args, p)[0] for p in parts])
+                    scored = [part_scores(model, args, p, truncation) for p in parts]
+                old_logp = torch.cat([x[0] for x in scored])
+                old_sampled = torch.cat([x[2] if x[2] is not None else x[0] for x in scored])
+                del scored
             train = end_train(s, step, t0)
 
             metrics = buf.means()
             metrics |= system_metrics(s, sampled, train, n_updates * token_count(batch.prompt_mask, batch.completion_mask))
             metrics |= {"frac_reward_zero_std": zero_std.float().mean().item(),
-                        **mismatch_metrics(old_logp, batch.sampler_logprobs, batch.completion_mask, t.mismatch_cap)}
+                        **mismatch_metrics(old_sampled, batch.sampler_logprobs, batch.completion_mask, t.mismatch_cap),
+                        **mismatch_tails(old_sampled, batch.sampler_logprobs, batch.completion_mask, t.mismatch_cap)}
+            if t.tis_cap:  # the whole batch's weights, as its parts' were (a sequence's ratio is its row's)
+                metrics |= is_weight_metrics(is_weights(old_sampled, batch.sampler_logprobs, batch.completion_mask,
+                                                        t.is_mode, t.tis_cap, t.is_cap_min), batch.completion_mask)
             end_step(s, step, metrics, sampled)
         return s.facts

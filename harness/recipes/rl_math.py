@@ -104,10 +104,15 @@ def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion
     return logits[:, :-1].float() / temperature
 
 
-def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0):
-    """(log-prob of each completion token, entropy of each position's distribution), both [N, C]."""
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0,
+                        truncation: tuple[int, float] | None = None):
+    """(log-prob of each completion token, entropy of each position's distribution), both [N, C]; with `truncation`
+    (top_k, top_p) a third, the same forward's truncated_logprobs (no gradient)."""
     logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature)
-    return token_logprobs_and_entropy(logits, completion_ids)
+    logp, entropy = token_logprobs_and_entropy(logits, completion_ids)
+    if truncation is None:
+        return logp, entropy
+    return logp, entropy, truncated_logprobs(logits, completion_ids, *truncation)
 
 
 def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor):
@@ -122,28 +127,143 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
     return (s.exp() * (s - t)).sum(-1)
 
 
+# What a logged metric holds in place of an infinite log-ratio (a sampled token outside the trainer's truncated
+# support): end_step stops a run on any non-finite metric as diverged, and JSON has no inf, so the largest float32
+# stands in; it reads unmistakably as "infinite" and stays a number
+INF_STANDIN = float(torch.finfo(torch.float32).max)
+
+
 def mismatch_metrics(train_logp, sampler_logp, mask, cap: float) -> dict[str, float]:
     """How far the trainer's log-probs are from the rollout engine's for the sampled tokens.
 
     is_ratio = p_train / p_sampler; k3 here estimates KL(sampler || trainer) from the
     sampler's own tokens (as verl's rollout_corr does); ratio_out_of_cap_frac is the share of
-    tokens whose ratio lies outside [1/cap, cap].
+    tokens whose ratio lies outside [1/cap, cap]. A non-finite log-ratio (a token the trainer's truncated
+    distribution gives probability 0: -inf) counts as out of cap and is left out of the means, which it would make
+    inf or NaN; mismatch_tails counts and shows it.
     """
-    log_ratio = train_logp - sampler_logp
+    log_ratio, mask, out_of_cap = log_ratios(train_logp, sampler_logp, mask, cap)
+    ok = mask & torch.isfinite(log_ratio)
     ratio = torch.exp(log_ratio)
     return {
-        "mismatch/logprob_diff_mean": masked_mean(log_ratio.abs(), mask).item(),
-        "mismatch/k3_kl": masked_mean(ratio - 1 - log_ratio, mask).item(),
-        "mismatch/is_ratio_mean": masked_mean(ratio, mask).item(),
-        "mismatch/ratio_out_of_cap_frac": masked_mean(((ratio > cap) | (ratio < 1 / cap)).float(), mask).item(),
+        "mismatch/logprob_diff_mean": masked_mean(log_ratio.abs(), ok).item(),
+        "mismatch/k3_kl": masked_mean(ratio - 1 - log_ratio, ok).item(),
+        "mismatch/is_ratio_mean": masked_mean(ratio, ok).item(),
+        "mismatch/ratio_out_of_cap_frac": masked_mean(out_of_cap.float(), mask).item(),
     }
 
 
+def log_ratios(train_logp, sampler_logp, mask, cap: float):
+    """(log p_train - log p_sampler, 0 where masked; the mask as bool; the masked tokens whose ratio is outside
+    [1/cap, cap] or not finite)."""
+    mask = mask.bool()
+    log_ratio = torch.where(mask, train_logp - sampler_logp, 0.0)
+    ratio = torch.exp(log_ratio)
+    return log_ratio, mask, mask & (~torch.isfinite(log_ratio) | (ratio > cap) | (ratio < 1 / cap))
+
+
+def quantile(x: torch.Tensor, q: float) -> float:
+    """torch.quantile's default (linear interpolation between the two nearest ranks), by a sort: torch.quantile
+    refuses inputs above 2**24 elements, which a long-completion batch's tokens pass."""
+    s = x.double().sort().values
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return (s[lo] + (s[hi] - s[lo]) * (pos - lo)).item()
+
+
+def tail(values: torch.Tensor, prefix: str, quantiles: tuple[int, ...]) -> dict[str, float]:
+    """{prefix}_p{q} and {prefix}_max of |values| (1-D), a non-finite value as INF_STANDIN; 0 for no values."""
+    v = torch.nan_to_num(values.abs().double(), nan=INF_STANDIN, posinf=INF_STANDIN)
+    if not len(v):
+        return {**{f"{prefix}_p{q}": 0.0 for q in quantiles}, f"{prefix}_max": 0.0}
+    return {**{f"{prefix}_p{q}": quantile(v, q / 100) for q in quantiles}, f"{prefix}_max": v.max().item()}
+
+
+def mismatch_tails(train_logp, sampler_logp, mask, cap: float) -> dict[str, float]:
+    """The mismatch's tails, which mismatch_metrics' means hide: a few tokens far off can dominate an update.
+
+    logratio_abs_*: |log p_train - log p_sampler| over the completion tokens; seq_logratio_abs_*: |the sum over a
+    sequence's tokens| (the log of its sequence-level ratio) over the sequences with a token; seq_out_of_cap_frac:
+    the share of those sequences with a token whose ratio is outside [1/cap, cap] or not finite;
+    logratio_nonfinite_frac: the share of tokens whose log-ratio is not finite. The mean leaves non-finite sums
+    out; the quantiles and max count them as INF_STANDIN (a p95 reads about INF_STANDIN when over 5% are)."""
+    log_ratio, mask, out_of_cap = log_ratios(train_logp, sampler_logp, mask, cap)
+    has = mask.any(1)
+    seq = torch.where(mask, log_ratio, 0.0).sum(1)[has].abs()
+    finite_seq = seq[torch.isfinite(seq)]
+    return {
+        **tail(log_ratio[mask], "mismatch/logratio_abs", (95, 99)),
+        "mismatch/seq_logratio_abs_mean": finite_seq.mean().item() if len(finite_seq) else 0.0,
+        **tail(seq, "mismatch/seq_logratio_abs", (95,)),
+        "mismatch/seq_out_of_cap_frac": out_of_cap.any(1)[has].float().mean().item() if has.any() else 0.0,
+        "mismatch/logratio_nonfinite_frac": masked_mean((~torch.isfinite(log_ratio)).float(), mask).item(),
+    }
+
+
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def is_weights(train_logp, sampler_logp, mask, mode: str, cap_max: float | None, cap_min: float | None = None):
+    """Importance-sampling weights correcting for the rollout engine sampling from another policy than the
+    trainer's, as TRL 1.16 computes them (vllm_importance_sampling_mode; Yao et al., 2025, for token_truncate):
+    the token ratio exp(log p_train - log p_sampler), or for sequence_* modes the sequence's ratio, exp of the sum
+    over its masked tokens, given to each of its tokens; *_truncate clamps it to [cap_min, cap_max], *_mask sets
+    it to 0 outside. [N, C], a constant in the gradient.
+
+    As TRL, a NaN log-ratio counts as 0 (ratio 1: no correction) and nan_to_num takes an infinite one to the
+    largest finite float of its sign: a -inf token's ratio is 0, its sequence's too."""
+    diff = torch.where(mask.bool(), train_logp - sampler_logp, 0.0).nan_to_num(nan=0.0)
+    if mode.startswith("sequence_"):
+        diff = diff.sum(-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode.endswith("_truncate"):
+        weight = ratio.clamp(min=cap_min, max=cap_max)
+    elif mode.endswith("_mask"):
+        lo = cap_min if cap_min is not None else -float("inf")
+        hi = cap_max if cap_max is not None else float("inf")
+        weight = ratio.masked_fill((ratio < lo) | (ratio > hi), 0.0)
+    else:
+        raise ValueError(f"is_mode {mode!r}: valid: {', '.join(IS_MODES)}")
+    return weight.expand_as(train_logp).detach()
+
+
+def is_weight_metrics(weight: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """The correction's effect: its mean weight over the completion tokens, and the share it sets to 0."""
+    return {"mismatch/is_weight_mean": masked_mean(weight, mask).item(),
+            "mismatch/is_masked_frac": masked_mean((weight == 0).float(), mask).item()}
+
+
 def tis_weights(train_logp, sampler_logp, cap: float) -> torch.Tensor:
-    """Truncated importance sampling (Yao et al., 2025, "off-policy RL from an efficient rollout
-    engine"): per-token min(p_train / p_sampler, cap), a constant in the gradient, correcting for
-    the rollout engine sampling from a slightly different policy than the trainer's."""
+    """Truncated importance sampling per token, min(p_train / p_sampler, cap): is_weights' token_truncate without
+    a lower cap."""
     return torch.exp(train_logp - sampler_logp).clamp(max=cap).detach()
+
+
+def truncated_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """log-prob of each token under `logits` (temperature-scaled, [..., V]) truncated as the samplers truncate
+    (transformers' TopK then TopP warpers, vLLM's apply_top_k_top_p): the top_k largest logits (ties at the k-th
+    kept), then the nucleus, the fewest largest whose probability sum reaches top_p, renormalised; -inf for a
+    token outside. The engines report log-probs of that distribution (hf: SamplerLogprobs; vLLM: processed
+    logprobs), so a ratio against the full distribution's would be biased low (TRL issue 6789).
+
+    The nucleus is taken as every logit at or above the smallest kept one: where the warpers keep an arbitrary
+    part of a run of equal logits at the boundary this keeps all of it. No gradient (a metric's and the IS
+    weights' input); costs a sort over the vocabulary per position."""
+    with torch.no_grad():
+        logits = logits.detach()
+        if 0 < top_k < logits.shape[-1]:
+            kth = logits.topk(top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, -float("inf"))
+        if top_p < 1.0:
+            ascending = logits.sort(dim=-1).values
+            # as both samplers: drop the smallest whose cumulative mass is <= 1 - top_p, keeping at least the largest
+            n_dropped = (ascending.softmax(-1).cumsum_(-1) <= 1 - top_p).sum(-1, keepdim=True)
+            n_dropped = n_dropped.clamp(max=logits.shape[-1] - 1)
+            threshold = ascending.gather(-1, n_dropped)
+            del ascending
+            logits = logits.masked_fill(logits < threshold, -float("inf"))
+        return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def sequence_logprob(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from pathlib import Path
 from harness.common.files import write_atomic
 from harness.reports.html import render_html
 from harness.reports.markdown import cell_rows, load, write_markdown
+from harness.reports.mismatch import mismatch_lines
 
 
 def write_report(root: Path, out_dir: Path) -> Path:
@@ -21,4 +22,4 @@ def write_report(root: Path, out_dir: Path) -> Path:
     # the verdicts with their evidence, beside the report: `harness compare reports/NAME results/NAME` checks a
     # fresh sweep against a committed reference, whose raw runs are not committed
     write_atomic(out_dir / "verdicts.json", (root / "verdicts.json").read_text())
-    return write_markdown(root, out_dir, matrix, cells, rows)
+    return write_markdown(root, out_dir, matrix, cells, rows, mismatch_lines(root, matrix, cells))

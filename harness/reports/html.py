@@ -30,6 +30,7 @@ from harness.reports.markdown import (
     score_name,
     tuning_reports,
 )
+from harness.reports.mismatch import mismatch_html
 from harness.reports.plots import PALETTE, bar_chart, line_chart
 from harness.results.layout import finite, read_metrics, read_samples
 from harness.results.verdict import rolling_median
@@ -84,6 +85,7 @@ def render_html(root: Path, out_dir: Path, matrix: dict, cells: list[dict], rows
              "<h2>Memory and throughput</h2><div class='plots'>", _bars(cells, rows, colors), "</div>",
              _tuning_links(out_dir), _lm_eval_table(lm_eval_rows(cells)),
              "<h2>Rollout engines</h2>", _engine_table(engine_rows(root, cells)), f"<p class='muted'>{e(ENGINE_TEXT)}</p>",
+             mismatch_html(root, matrix, cells),
              "<h2>Cells</h2>"]
     for i, (cell, row) in enumerate(zip(cells, rows)):
         base = by_name.get(cell["baseline"]) if cell["baseline"] != cell["name"] else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from harness.common.files import write_atomic
@@ -256,7 +257,10 @@ ENGINE_TEXT = ("Medians over every training step of a cell's seeds; memory colum
                "tokens with that ratio outside [1/mismatch_cap, mismatch_cap].")
 
 
-def write_markdown(root: Path, out_dir: Path, matrix: dict, cells: list[dict], rows: list[dict]) -> Path:
+def write_markdown(root: Path, out_dir: Path, matrix: dict, cells: list[dict], rows: list[dict],
+                   sections: Sequence[str] = ()) -> Path:
+    """`sections`: Markdown lines of sections built elsewhere (mismatch.py, which builds on md and md_table here),
+    placed before the environment."""
     runs_link = os.path.relpath(root, out_dir)
     name = md(matrix["name"])
     score = score_name(matrix, cells)
@@ -291,6 +295,7 @@ def write_markdown(root: Path, out_dir: Path, matrix: dict, cells: list[dict], r
     lines += ["", "## Rollout engines", "", md(ENGINE_TEXT), "",
               *md_table([title for _, title in ENGINE_COLUMNS],
                         [[md(row[k]) for k, _ in ENGINE_COLUMNS] for row in engine_rows(root, cells)])]
+    lines += list(sections)
     env = first_env(root, cells)
     if env:
         lines += ["", "## Environment", "", f"- device: {md(env.get('device'))}", f"- git commit: `{md(env.get('git_commit'))}`"]

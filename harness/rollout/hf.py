@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from harness.evals.passk import sample_metrics
 
@@ -114,16 +114,16 @@ class HFEngine:
                  seed: int | None = None) -> Rollout:
         device = next(self.model.parameters()).device
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, device)
-        # top_k=0: no top-k truncation (transformers defaults to 50), so the sampler is the policy
+        # top_k=0 to generate: no top-k of its own (transformers defaults to 50); rollout.top_k is SamplerLogprobs'
         # remove_invalid_values: a diverged policy's NaN logits would crash the sampler; let it
         # sample so the training step can see the non-finite loss and stop the run as diverged.
         scored = not greedy and temperature is None  # the sampler's log-probs: rollouts only
-        recorder = SamplerLogprobs(self.cfg.temperature, self.cfg.top_p) if scored else None
+        recorder = SamplerLogprobs(self.cfg.temperature, self.cfg.top_p, self.cfg.top_k) if scored else None
         sampling = dict(do_sample=False) if greedy else dict(
             do_sample=True, temperature=temperature or self.cfg.temperature, top_p=1.0 if temperature else self.cfg.top_p,
             top_k=0, remove_invalid_values=True
         )
-        if recorder is not None:  # it applies temperature and top-p itself (SamplerLogprobs): none left to generate
+        if recorder is not None:  # it applies temperature, top-k and top-p itself (SamplerLogprobs): none left to generate
             sampling |= dict(temperature=1.0, top_p=1.0, logits_processor=LogitsProcessorList([recorder]))
         was_training = self.model.training
         self.model.eval()
@@ -165,16 +165,17 @@ class SamplerLogprobs(LogitsProcessor):
     instead takes each step's log_softmax, keeps it [N, V] until the next call, where input_ids[:, -1] is the
     token sampled from it, and keeps only that token's log-prob; `finish` gathers the last step's.
 
-    Temperature and top-p are applied here, not by `generate`: transformers (generation/utils.py,
+    Temperature, top-k and top-p are applied here, not by `generate`: transformers (generation/utils.py,
     _get_logits_processor) puts a caller's logits processors after its own processors (remove_invalid_values'
     InfNanRemoveLogitsProcessor) but before its warpers (temperature, top-k, top-p), so a processor of ours would
     see the scores before them. The engine calls `generate` with temperature 1, top_p 1 and top_k 0 (no warpers),
-    and this applies transformers' own TemperatureLogitsWarper and TopPLogitsWarper in the order and under the
-    conditions `generate` would: the scores it returns, which `generate` samples from, are those it would have
-    sampled from, and the log-probs are of exactly those."""
+    and this applies transformers' own TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper in the order
+    and under the conditions `generate` would (_get_logits_processor): the scores it returns, which `generate`
+    samples from, are those it would have sampled from, and the log-probs are of exactly those."""
 
-    def __init__(self, temperature: float, top_p: float):
+    def __init__(self, temperature: float, top_p: float, top_k: int = 0):
         self.warpers = ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []) + (
+            [TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1)] if top_k != 0 else []) + (
             [TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1)] if top_p < 1.0 else [])
         self.steps: list[torch.Tensor] = []  # [N] per generated token
         self.last: torch.Tensor | None = None  # the previous call's log-softmax, [N, V]

@@ -10,8 +10,8 @@ runs (colocated only) push every weight through the worker's `load_weights`.
 Hand-off (colocated on CUDA with `sleep_mode`): release() puts vLLM to sleep before the trainer
 trains and the next generate() wakes it, so vLLM's KV cache does not sit on the trainer's memory.
 vLLM has no sleep mode on CPU: there the hand-off is skipped and the run records that it was.
-Log-probs are vLLM's "processed" ones (after temperature/top-p), the distribution sampled from,
-which the trainer's recomputed log-probs are compared with (mismatch/*).
+Log-probs are vLLM's "processed" ones (after temperature, top-k, top-p), the distribution sampled from,
+which the trainer's log-probs under the same truncation are compared with (mismatch/*, rl_math.truncated_logprobs).
 """
 
 from __future__ import annotations
@@ -111,9 +111,9 @@ class VLLMEngine:
         r = self.cfg.rollout
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, self.device)
         token_prompts = [ids[m.bool()].tolist() for ids, m in zip(prompt_ids.cpu(), prompt_mask.cpu())]
-        params = {"max_tokens": r.max_new_tokens, "temperature": 0.0} if greedy else \
-            {"max_tokens": r.max_new_tokens, "temperature": temperature, "top_p": 1.0} if temperature else \
-            {"max_tokens": r.max_new_tokens, "temperature": r.temperature, "top_p": r.top_p, "logprobs": 0}
+        rollout = {"temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k, "logprobs": 0}  # top_k 0: vLLM's none
+        untruncated = {"temperature": temperature, "top_p": 1.0, "top_k": 0}
+        params = {"max_tokens": r.max_new_tokens} | ({"temperature": 0.0} if greedy else untruncated if temperature else rollout)
         if seed is not None and not greedy:
             params["seed"] = seed  # prompt i draws from a generator seeded with seed + i (the backends')
         offloaded = self._offload_trainer()
