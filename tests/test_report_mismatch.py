@@ -155,3 +155,10 @@ def test_a_declared_matrix_before_any_run(tmp_path):
     rows = {r[0]: r for r in table(text, "Corrections")[1:]}
     assert len(rows) == 2 and all(r[5] == "– (not judged yet)" for r in rows.values())
     assert {r[1] for r in rows.values()} == {"token_truncate, cap 2.0", "sequence_mask, cap 2.0"}
+
+
+def test_an_infinite_log_ratio_reads_as_infinity():
+    from harness.recipes.rl_math import INF_STANDIN
+    from harness.reports.mismatch import _number
+
+    assert _number(INF_STANDIN, 3) == "∞" and _number(0.5, 3) != "∞" and _number(None, 3) == _number(None, 2)

@@ -42,13 +42,16 @@ CORRECTION = ("train.tis_cap", "train.is_mode", "train.is_cap_min")
 # keys whose presence in a cell declares a mismatch study (quant is in nearly every matrix, so it does not)
 DECLARING = {dotted for _, dotted, _, _ in SOURCES if dotted != "quant"} | set(CORRECTION)
 UNJUDGED = ("Incomplete",)
+INFINITE = 3.4e38  # rl_math.INF_STANDIN (float32's max) and above
 
 TEXT = (
     "Where train/rollout mismatch comes from. Per cell: for each metric, each seed's median over its training steps "
     "(its largest step for the max columns), then the mean over the cell's seeds. |Δ logprob| is the mean "
     "|log p_train − log p_sampler| per sampled token; p95/p99/max are the tails of that per-token |log ratio|; "
     "seq |Σ| is a completion's summed log-ratio; out of cap: the share of tokens (sequences) whose ratio is outside "
-    "[1/mismatch_cap, mismatch_cap]; IS weight mean and masked share: the correction's weights, when one is on. "
+    "[1/mismatch_cap, mismatch_cap]; ∞: some step sampled a token outside the trainer's own top-p/top-k support "
+    "(its truncated log-prob is -inf; counted out of cap, left out of the means); IS weight mean and masked share: "
+    "the correction's weights, when one is on. "
     "Attribution: the precision sources are the trainer's weights (quant), the rollout engine's weights "
     "(rollout.quantization, `same` read as the format vLLM then loads), its KV cache (kv_cache_dtype) and sampling "
     "truncation (top_p, top_k); the engine options count only for vLLM cells. The reference cell has every source at "
@@ -180,8 +183,13 @@ def per_cell_rows(found: list[Profile]) -> tuple[list[str], list[list[str]]]:
     extra = [m for m in CORRECTION_METRICS if any(m[0] in s for p in shown for s in p.seeds.values())]
     titles = ["cell", "engine", "seeds", *[t for _, t, _ in METRICS + extra]]
     rows = [[p.name, p.engine, f"{len(p.seeds)}/{len(p.cell['runs'])}",
-             *[number(p.value(m), digits) for m, _, digits in METRICS + extra]] for p in shown]
+             *[_number(p.value(m), digits) for m, _, digits in METRICS + extra]] for p in shown]
     return titles, rows
+
+
+def _number(value: float | None, digits: int) -> str:
+    # the loop logs an infinite log-ratio (a token outside the trainer's truncated support) as float32's max
+    return "∞" if value is not None and value >= INFINITE else number(value, digits)
 
 
 ATTRIBUTION_TITLES = ["reference cell (engine, other axes)", "source", "value", "cell", "Δ |Δ logprob| vs reference",
