@@ -162,6 +162,16 @@ def test_sync_time_is_recorded_and_reset(engine):
     assert engine.pop_metrics() == {"time/sync_s": 0.0}
 
 
+def test_check_engine_compares_like_with_like_under_top_p(tiny_model, tmp_path):
+    """vLLM's log-probs are of the nucleus it sampled from; the trainer's full-distribution ones would differ by the
+    nucleus' log-mass on every token, a mismatch that is only truncation."""
+    from harness.rollout.engine_check import run_check
+
+    truncated = run_check(vllm_config("colocated", top_p=0.5, top_k=4), torch.device("cpu"), tmp_path, n_prompts=32)
+    assert truncated["ok"], truncated["failures"]
+    assert truncated["logprob_diff_mean"] < 1e-4 < truncated["stale_logprob_diff_mean"]
+
+
 def test_check_engine_passes_and_catches_a_stale_adapter(tiny_model, tmp_path):
     from harness.rollout.engine_check import run_check
 

@@ -91,7 +91,7 @@ def run_check(cfg: RunConfig, device: torch.device, workdir: Path, plant: str | 
     from harness.chat import model_task
     from harness.common.system import compute_dtype
     from harness.models.loading import load_policy, reference
-    from harness.recipes.rl_math import completion_logprobs, masked_mean
+    from harness.recipes.rl_math import completion_logprobs, mismatch_metrics
     from harness.rollout.hf import HFEngine
     from harness.rollout.vllm import VLLMEngine
 
@@ -129,13 +129,19 @@ def run_check(cfg: RunConfig, device: torch.device, workdir: Path, plant: str | 
             engine.mark_synced()  # the fault: vLLM keeps the adapter it had
         batch = engine.generate(prompts * 4)
         args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, cfg.rollout.temperature)
+        # vLLM reports log-probs of the truncated distribution it sampled from: the trainer's are taken under the same
+        # top-k / top-p, or a truncating config would read as a mismatch (rl_math.truncated_logprobs)
+        r = cfg.rollout
+        truncation = (r.top_k, r.top_p) if r.top_k or r.top_p < 1 else None
         with torch.no_grad():
-            trainer_logp, _ = completion_logprobs(model, *args)
+            trainer_logp = completion_logprobs(model, *args, truncation=truncation)[-1 if truncation else 0]
             with reference(model) as stale:
-                stale_logp, _ = completion_logprobs(stale, *args)
-        mask = batch.completion_mask
-        diff = masked_mean((trainer_logp - batch.sampler_logprobs).abs(), mask).item()
-        stale_diff = masked_mean((stale_logp - batch.sampler_logprobs).abs(), mask).item()
+                stale_logp = completion_logprobs(stale, *args, truncation=truncation)[-1 if truncation else 0]
+
+        def diff_from(logp):  # mean |Δ| per token; a token outside the trainer's nucleus is left out (-inf)
+            return mismatch_metrics(logp, batch.sampler_logprobs, batch.completion_mask, 2.0)["mismatch/logprob_diff_mean"]
+
+        diff, stale_diff = diff_from(trainer_logp), diff_from(stale_logp)
         record |= {"logprob_diff_mean": diff, "stale_logprob_diff_mean": stale_diff}
         if diff > cfg.rollout.check_tolerance:
             record["failures"].append(f"after an adapter sync vLLM's log-probs differ from the trainer's by {diff:.4f} per token "
