@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
+from harness.common.numbers import INF_STANDIN
 from harness.config.run import RunConfig, TrainConfig
 from harness.recipes.rl_math import (
-    INF_STANDIN,
     is_weight_metrics,
     is_weights,
     mismatch_metrics,
@@ -25,6 +25,12 @@ INF = float("inf")
 
 
 # --- tail statistics
+
+def test_the_stand_in_for_infinity_is_float32s_largest_value():
+    # logged metrics and the report (which prints it as ∞, without torch) read the one constant
+    assert INF_STANDIN == torch.finfo(torch.float32).max
+
+
 
 def test_tails_of_tokens_and_sequences():
     # log-ratios (train - sampler): row 0 [0.1, -0.2, 0.3]; row 1 [0.5] then padding (9 and -7: must not count);

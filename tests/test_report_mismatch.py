@@ -158,7 +158,7 @@ def test_a_declared_matrix_before_any_run(tmp_path):
 
 
 def test_an_infinite_log_ratio_reads_as_infinity():
-    from harness.recipes.rl_math import INF_STANDIN
+    from harness.common.numbers import INF_STANDIN
     from harness.reports.mismatch import _number
 
     assert _number(INF_STANDIN, 3) == "∞" and _number(0.5, 3) != "∞" and _number(None, 3) == _number(None, 2)

@@ -21,7 +21,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from harness.common.validation import validation_problems
 from harness.config.matrix_checks import exclude_patterns, excluded, key_problem, max_runs_problem, size_problems
 from harness.config.preflight import check_run
-from harness.config.run import SEED_MAX, Frozen, RunConfig, set_dotted
+from harness.config.run import SEED_MAX, Frozen, RunConfig, get_dotted, set_dotted
 from harness.config.seeds import AdaptiveSeeds, Seeds
 from harness.config.strict_yaml import YamlProblem, load_yaml, parse_yaml
 from harness.config.tune_space import TuneSpec
@@ -170,10 +170,7 @@ class Matrix:
         def value(cell: Cell, field: str):
             if field in cell.key:
                 return cell.key[field]
-            node = cell.runs[0].model_dump(mode="json")
-            for part in field.split("."):
-                node = node.get(part) if isinstance(node, dict) else None
-            return node
+            return get_dotted(cell.runs[0].model_dump(mode="json"), field)
 
         matching = [c for c in self.cells if all(value(c, k) == v for k, v in want.items())]
         exact = [c for c in matching if set(c.key) == set(want)]
@@ -313,7 +310,7 @@ def _expand(path: Path, spec: MatrixSpec) -> list[Cell]:
         problems.append(f"exclude: removes all {math.prod(map(len, axes.values()))} cells of the axes and `include` adds none: "
                         "nothing would run; remove the exclude entries that match everything")
     for i, inc, label, offset in includes:
-        key = {k: inc.get(k, _get(spec.base, k)) for k in axes} | {k: v for k, v in inc.items() if k not in axes}
+        key = {k: inc.get(k, get_dotted(spec.base, k)) for k in axes} | {k: v for k, v in inc.items() if k not in axes}
         missing = [k for k in axes if key[k] is None]
         if missing:
             problems.append(f"include[{i}]: sets no value for axis {', '.join(missing)} and `base` has none")
@@ -379,9 +376,3 @@ def load_run_config(path: Path | str) -> RunConfig:
     return cfg
 
 
-def _get(tree: dict, dotted: str):
-    for part in dotted.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return None
-        tree = tree[part]
-    return tree

@@ -365,6 +365,13 @@ _DEFAULTS = RunConfig().model_dump(mode="json")
 ENGINE_DEFAULT_BEFORE = {"enforce_eager": True}
 
 
+def get_dotted(tree: dict, dotted: str, default=None):
+    """tree["lora"]["r"] for "lora.r"; `default` where a part is missing (or holds None)."""
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return default if tree is None else tree
+
+
 def set_dotted(tree: dict, dotted: str, value) -> None:
     """tree["lora"]["r"] = value for "lora.r", creating the parents a partial config lacks.
     ValueError when a parent holds a value rather than fields ("quant.x")."""

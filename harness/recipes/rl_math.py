@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from harness.common.numbers import INF_STANDIN
+
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over the positions where mask is 1 (prompt and padding positions carry 0)."""
@@ -127,10 +129,6 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
     return (s.exp() * (s - t)).sum(-1)
 
 
-# What a logged metric holds in place of an infinite log-ratio (a sampled token outside the trainer's truncated
-# support): end_step stops a run on any non-finite metric as diverged, and JSON has no inf, so the largest float32
-# stands in; it reads unmistakably as "infinite" and stays a number
-INF_STANDIN = float(torch.finfo(torch.float32).max)
 
 
 def mismatch_metrics(train_logp, sampler_logp, mask, cap: float) -> dict[str, float]:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from harness.common.numbers import mean
+from harness.common.numbers import INF_STANDIN, mean, median
 from harness.common.text import number, visible
-from harness.config.run import VLLM_SAME, set_dotted
+from harness.config.run import VLLM_SAME, get_dotted, set_dotted
 from harness.reports.markdown import STATUS_MARK, md, md_table, run_config
 from harness.results.layout import finite, read_metrics
 
@@ -42,7 +42,6 @@ CORRECTION = ("train.tis_cap", "train.is_mode", "train.is_cap_min")
 # keys whose presence in a cell declares a mismatch study (quant is in nearly every matrix, so it does not)
 DECLARING = {dotted for _, dotted, _, _ in SOURCES if dotted != "quant"} | set(CORRECTION)
 UNJUDGED = ("Incomplete",)
-INFINITE = 3.4e38  # rl_math.INF_STANDIN (float32's max) and above
 
 TEXT = (
     "Where train/rollout mismatch comes from. Per cell: for each metric, each seed's median over its training steps "
@@ -91,12 +90,6 @@ class Profile:
         return self.cell["name"]
 
 
-def _get(tree: dict, dotted: str, default=None):
-    for part in dotted.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return default if tree is None else tree
-
-
 def cell_config(root: Path, matrix: dict, cell: dict) -> dict:
     """The resolved config.json of one of the cell's runs; before any ran, the matrix's base with the cell's key."""
     cfg = run_config(root, cell)
@@ -110,21 +103,19 @@ def cell_config(root: Path, matrix: dict, cell: dict) -> dict:
 
 
 def source_values(cfg: dict) -> dict[str, object]:
-    vllm = _get(cfg, ENGINE, "in_process") != "in_process"
+    vllm = get_dotted(cfg, ENGINE, "in_process") != "in_process"
     out = {}
     for name, dotted, ref, engine_only in SOURCES:
-        value = _get(cfg, dotted, ref) if vllm or not engine_only else ref
+        value = get_dotted(cfg, dotted, ref) if vllm or not engine_only else ref
         if dotted == "rollout.quantization" and value == "same":  # what vLLM loads: the trainer's format where it has it
-            value = _get(cfg, "rollout.rollout_model") or VLLM_SAME.get(_get(cfg, "quant", "bf16")) or "bf16"
+            value = get_dotted(cfg, "rollout.rollout_model") or VLLM_SAME.get(get_dotted(cfg, "quant", "bf16")) or "bf16"
         out[name] = value
     return out
 
 
 def run_statistic(rows: list[dict], metric: str) -> float | None:
     values = [r[metric] for r in rows if r["step"] > 0 and finite(r.get(metric))]
-    if not values:
-        return None
-    return max(values) if metric.endswith("_max") else statistics.median(values)
+    return max(values, default=None) if metric.endswith("_max") else median(values)
 
 
 def profiles(root: Path, matrix: dict, cells: list[dict]) -> list[Profile]:
@@ -139,10 +130,10 @@ def profiles(root: Path, matrix: dict, cells: list[dict]) -> list[Profile]:
                 seeds[r["seed"]] = stats
         others = {k: v for k, v in cell["key"].items()
                   if k not in {dotted for _, dotted, _, _ in SOURCES} | set(CORRECTION) | {ENGINE}}
-        cap = _get(cfg, "train.tis_cap")
-        correction = None if cap is None else {"is_mode": _get(cfg, "train.is_mode", "token_truncate"), "tis_cap": cap,
-                                               "is_cap_min": _get(cfg, "train.is_cap_min")}
-        out.append(Profile(cell, str(_get(cfg, ENGINE, "in_process")), json.dumps(others, sort_keys=True, default=str),
+        cap = get_dotted(cfg, "train.tis_cap")
+        correction = None if cap is None else {"is_mode": get_dotted(cfg, "train.is_mode", "token_truncate"), "tis_cap": cap,
+                                               "is_cap_min": get_dotted(cfg, "train.is_cap_min")}
+        out.append(Profile(cell, str(get_dotted(cfg, ENGINE, "in_process")), json.dumps(others, sort_keys=True, default=str),
                            source_values(cfg), correction, seeds))
     return out
 
@@ -188,8 +179,7 @@ def per_cell_rows(found: list[Profile]) -> tuple[list[str], list[list[str]]]:
 
 
 def _number(value: float | None, digits: int) -> str:
-    # the loop logs an infinite log-ratio (a token outside the trainer's truncated support) as float32's max
-    return "∞" if value is not None and value >= INFINITE else number(value, digits)
+    return "∞" if value is not None and value >= INF_STANDIN else number(value, digits)
 
 
 ATTRIBUTION_TITLES = ["reference cell (engine, other axes)", "source", "value", "cell", "Δ |Δ logprob| vs reference",

@@ -117,14 +117,12 @@ class HFEngine:
         # top_k=0 to generate: no top-k of its own (transformers defaults to 50); rollout.top_k is SamplerLogprobs'
         # remove_invalid_values: a diverged policy's NaN logits would crash the sampler; let it
         # sample so the training step can see the non-finite loss and stop the run as diverged.
-        scored = not greedy and temperature is None  # the sampler's log-probs: rollouts only
-        recorder = SamplerLogprobs(self.cfg.temperature, self.cfg.top_p, self.cfg.top_k) if scored else None
+        # a rollout (no temperature of the caller's): SamplerLogprobs applies the run's temperature, top-k and top-p
+        # and records the sampled tokens' log-probs, so generate applies none; a sampled eval: its temperature alone
+        recorder = None if greedy or temperature else SamplerLogprobs(self.cfg.temperature, self.cfg.top_p, self.cfg.top_k)
         sampling = dict(do_sample=False) if greedy else dict(
-            do_sample=True, temperature=temperature or self.cfg.temperature, top_p=1.0 if temperature else self.cfg.top_p,
-            top_k=0, remove_invalid_values=True
-        )
-        if recorder is not None:  # it applies temperature, top-k and top-p itself (SamplerLogprobs): none left to generate
-            sampling |= dict(temperature=1.0, top_p=1.0, logits_processor=LogitsProcessorList([recorder]))
+            do_sample=True, temperature=temperature or 1.0, top_p=1.0, top_k=0, remove_invalid_values=True,
+            **({"logits_processor": LogitsProcessorList([recorder])} if recorder else {}))
         was_training = self.model.training
         self.model.eval()
         # transformers fills every setting a call leaves unset from the checkpoint's generation_config.json
