@@ -17,25 +17,8 @@ set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD QRL_CACHE=/tmp/qrlc TOKENIZERS_PARALLELISM=false  # $PWD: bench/ imports harness
 # FlashInfer's sampler compiles with nvcc at engine start (minutes); the engine core stays in the calling process
 export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ENABLE_V1_MULTIPROCESSING=0
-wheels() {  # each folder's wheels, carried this call or staged in .gpustore by an earlier one
-  for d in "$@"; do if ls "$d"/*.whl >/dev/null 2>&1; then ls "$d"/*.whl; else ls ".gpustore/$d"/*.whl 2>/dev/null; fi; done
-}
-if [ ! -f /tmp/site/.issue23 ]; then  # once per machine
-  if ! python -c "import vllm" 2>/dev/null && [ -d .gpustore/.gpu01 ]; then
-    # as .gpustore/.gpu01/install.sh, over the .gpuNN folders alone: the folders staged beside them pin other
-    # versions of some of the same packages (pydantic), which pip refuses to install together
-    rm -rf /tmp/gpuwhl && mkdir -p /tmp/gpuwhl
-    find .gpustore/.gpu[0-9]* -name '*.whl' -exec cp -l {} /tmp/gpuwhl/ \;
-    for first in $(find .gpustore/.gpu[0-9]* -name '*.whl.part00'); do
-      whl=$(basename "${first%.part00}")
-      cat $(find .gpustore/.gpu[0-9]* -name "$whl.part*" -printf '%f %p\n' | sort | cut -d" " -f2) > "/tmp/gpuwhl/$whl"
-    done
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/gpuwhl/*.whl \
-      2>&1 | grep -v WARNING | tail -2
-  fi
-  pip install -q --no-deps --upgrade --target /tmp/site $(wheels .gpupyd .gpubnb .gputrl) 2>&1 | grep -v WARNING | tail -2
-  mkdir -p /tmp/site && touch /tmp/site/.issue23
-fi
+source bench/gpu_install.sh
+gpu_install .gpupyd .gpubnb .gputrl
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/scale
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

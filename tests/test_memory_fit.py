@@ -129,3 +129,15 @@ def test_capacity_cpu():
     cap = capacity_gib(CPU)
     assert 0 < cap <= total / 1024**3
     assert not fits({"peak_gib": 1.0, "fit_gib": cap + 1}, cap) and fits({"peak_gib": 1.0, "fit_gib": cap / 2}, cap)
+
+
+def test_a_gpu_estimate_without_a_gpu_takes_vllms_share_of_an_assumed_h100(tiny_model):
+    """`memory-fit --device cuda` on a CPU-only machine: vLLM's part is gpu_memory_utilization of an H100 80GB
+    (it read the GPU's total memory and crashed here before)."""
+    from harness.execution.memory_fit import ASSUMED_GPU_GIB
+
+    if torch.cuda.is_available():
+        pytest.skip("the case of a machine without a GPU")
+    cfg = RunConfig(rollout={"colocation": "colocated", "quantization": "bf16", "gpu_memory_utilization": 0.05})
+    est = estimate(cfg, torch.device("cuda"))
+    assert est["parts"]["vllm"] == pytest.approx(0.05 * ASSUMED_GPU_GIB, rel=1e-6)

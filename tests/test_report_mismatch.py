@@ -162,3 +162,47 @@ def test_an_infinite_log_ratio_reads_as_infinity():
     from harness.reports.mismatch import _number
 
     assert _number(INF_STANDIN, 3) == "∞" and _number(0.5, 3) != "∞" and _number(None, 3) == _number(None, 2)
+
+
+KV_MATRIX = """\
+description: fp8 KV cache scales as one precision source
+base:
+  task: {name: arith, eval_size: 50}
+  rollout: {colocation: colocated, quantization: bf16}
+axes:
+  quant: [bf16]
+include:
+  - {quant: bf16, rollout.kv_cache_dtype: fp8, rollout.kv_scales: static, label: static}
+  - {quant: bf16, rollout.kv_cache_dtype: fp8, rollout.kv_scales: recalibrate, label: recalibrated}
+seeds: [0, 1]
+baseline: {quant: bf16}
+"""
+
+
+def test_kv_scales_are_part_of_the_kv_cache_source_and_their_check_is_shown(tmp_path):
+    """Two fp8-cache cells differing only in rollout.kv_scales are each one source away from the bf16 cell (the
+    scales are not an axis of their own that would put them in another group), and the KV check columns appear."""
+    root, runs = write_sweep(tmp_path, KV_MATRIX, "kv")
+    planted = {"quant=bf16": [0.010, 0.012], "quant=bf16,rollout.kv_cache_dtype=fp8,rollout.kv_scales=static (static)":
+               [0.050, 0.054], "quant=bf16,rollout.kv_cache_dtype=fp8,rollout.kv_scales=recalibrate (recalibrated)":
+               [0.030, 0.032]}
+    assert set(runs) == set(planted)
+    for name, diffs in planted.items():
+        for run_dir, diff in zip(runs[name], diffs):
+            mismatch_run(run_dir, diff, 0.8, corrected=False)
+            if "fp8" in name:  # the check's two numbers, at two steps
+                t = JsonlTracker(run_dir)
+                for step in (3, 7):
+                    t.log({"mismatch/kv_static_abs": 0.06, "mismatch/kv_recalibrated_abs": 0.02, "kv/scale_shift": 0.1}, step)
+    judge(root)
+    text = write_report(root, tmp_path / "reports" / "kv").read_text()
+    rows = {(r[1], r[2]): r for r in table(text, "Attribution")[1:]}
+    assert rows[("KV cache", "fp8 (static scales)")][4] == "+0.04100 ± 0.00100"  # (0.040 + 0.042) / 2
+    assert rows[("KV cache", "fp8 (recalibrate scales)")][4] == "+0.02000 ± 0.00000"
+    # two values of one source are alternatives, not parts of one sum: each is the whole of its reference's gap here
+    assert rows[("KV cache", "fp8 (static scales)")][5] == rows[("KV cache", "fp8 (recalibrate scales)")][5] == "100%"
+    per_cell = table(text, "Per cell")
+    head = per_cell[0]
+    static = next(r for r in per_cell if r[0].endswith("(static)"))
+    assert static[head.index("KV check: load-time scales")] == "0.0600"
+    assert static[head.index("KV check: recalibrated")] == "0.0200"

@@ -111,9 +111,10 @@ def memory_fit(
     from pydantic import ValidationError
 
     from harness import api
-    from harness.config.run import RunConfig, set_dotted
+    from harness.config.dotted import set_dotted
+    from harness.config.run import RunConfig
     from harness.config.strict_yaml import YamlProblem, parse_yaml
-    from harness.execution.memory_fit import estimate
+    from harness.execution.memory_fit import ASSUMED_GPU_GIB, estimate
 
     if config is not None and matrix is not None:
         raise fail("give a config file or --matrix NAME --cell 'axis=value', not both")
@@ -149,6 +150,9 @@ def memory_fit(
         if gib:
             table.add_row(part, f"{gib:.3f}")
     console.print(table)
+    if dev.type == "cuda" and not torch.cuda.is_available() and cfg.rollout.engine == "vllm":
+        console.print(f"(no GPU here: vLLM's gpu_memory_utilization taken of an H100 80GB, {ASSUMED_GPU_GIB} GiB)",
+                      highlight=False)
 
 
 @app.command()

@@ -19,9 +19,10 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from harness.common.validation import validation_problems
+from harness.config.dotted import get_dotted, set_dotted
 from harness.config.matrix_checks import exclude_patterns, excluded, key_problem, max_runs_problem, size_problems
 from harness.config.preflight import check_run
-from harness.config.run import SEED_MAX, Frozen, RunConfig, get_dotted, set_dotted
+from harness.config.run import SEED_MAX, Frozen, RunConfig
 from harness.config.seeds import AdaptiveSeeds, Seeds
 from harness.config.strict_yaml import YamlProblem, load_yaml, parse_yaml
 from harness.config.tune_space import TuneSpec

@@ -98,6 +98,10 @@ class RolloutConfig(Frozen):
         "same", description="vLLM's weights: same (the trainer's format where vLLM has it), bf16 (unquantized), "
                             "bitsandbytes (NF4), fp8")
     kv_cache_dtype: str = Field("auto", description="vLLM kv_cache_dtype: auto, fp8, fp8_e4m3, fp8_e5m2, ...")
+    kv_scales: Literal["static", "recalibrate"] = Field(
+        "static", description="an fp8 KV cache's scales: static (vLLM's, from the checkpoint or 1.0), recalibrate (from the "
+                              "trainer's keys and values after every adapter sync; colocated only). Both check them "
+                              "every eval_every-th sync (mismatch/kv_static_abs, mismatch/kv_recalibrated_abs)")
     rollout_model: str | None = Field(None, description="a different checkpoint for vLLM (e.g. a pre-quantized export); "
                                       "the trainer's adapter is still synced")
     dtype: DTYPES = Field("auto", description="vLLM's dtype; auto: the trainer's compute dtype")
@@ -126,6 +130,21 @@ class RolloutConfig(Frozen):
         if v not in (True, False, "auto") or not isinstance(v, (bool, str)):  # 1 == True: a number is refused too
             raise ValueError(f"expected true or false, or auto; got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _kv_scales(self):
+        if self.kv_scales == "recalibrate" and not self.kv_cache_dtype.startswith("fp8"):
+            raise ValueError(f"kv_scales recalibrate sets an fp8 KV cache's scales; kv_cache_dtype is {self.kv_cache_dtype!r} "
+                             "(valid with it: auto, static)")
+        if self.kv_scales == "recalibrate" and self.colocation == "server":
+            raise ValueError("kv_scales recalibrate writes the scales inside the engine, which a `vllm serve` process does "
+                             "not expose: use colocation colocated, or kv_scales static")
+        return self
+
+    @property
+    def kv_scales_mode(self) -> str | None:
+        """How the engine's fp8 KV-cache scales are kept: static or recalibrate; None without an fp8 cache."""
+        return self.kv_scales if self.kv_cache_dtype.startswith("fp8") else None
 
     @field_validator("max_lora_rank")
     @classmethod
@@ -358,30 +377,8 @@ class RunConfig(Frozen):
 
 # Fields (dotted) that came after results existed; append new fields here, never remove one.
 ADDED_LATER = ("task.chat", "task.system_prompt", "task.format_reward", "task.options", "eval", "train.micro_batch_size",
-               "rollout.top_k", "train.is_mode", "train.is_cap_min")
+               "rollout.top_k", "train.is_mode", "train.is_cap_min", "rollout.kv_scales")
 _DEFAULTS = RunConfig().model_dump(mode="json")
 # engine options whose default changed (issue 23: CUDA graphs on a GPU); an in-process run resets engine options to
 # their defaults, so its canonical JSON writes the old one and keeps its run id
 ENGINE_DEFAULT_BEFORE = {"enforce_eager": True}
-
-
-def get_dotted(tree: dict, dotted: str, default=None):
-    """tree["lora"]["r"] for "lora.r"; `default` where a part is missing (or holds None)."""
-    for part in dotted.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return default if tree is None else tree
-
-
-def set_dotted(tree: dict, dotted: str, value) -> None:
-    """tree["lora"]["r"] = value for "lora.r", creating the parents a partial config lacks.
-    ValueError when a parent holds a value rather than fields ("quant.x")."""
-    *parents, leaf = dotted.split(".")
-    for i, part in enumerate(parents):
-        node = tree.get(part)
-        if isinstance(node, str) and part == "task":  # `task: arith` shorthand
-            node = {"name": node}
-        if node is not None and not isinstance(node, dict):
-            raise ValueError(f"{dotted}: {'.'.join(parents[:i + 1])} is a value ({node!r}), not a group of fields")
-        tree[part] = node = dict(node or {})
-        tree = node
-    tree[leaf] = value

@@ -14,7 +14,8 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from harness.common.validation import validation_problems
-from harness.config.run import Frozen, RunConfig, set_dotted
+from harness.config.dotted import set_dotted
+from harness.config.run import Frozen, RunConfig
 
 OBJECTIVES = {  # name -> (what a trial's value is, direction)
     "eval_reward": ("the mean over the trial's seeds of the verdicts' final score (verdict.judge_run's eval_final)", "maximize"),

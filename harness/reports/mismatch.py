@@ -20,7 +20,8 @@ import yaml
 
 from harness.common.numbers import INF_STANDIN, mean, median
 from harness.common.text import number, visible
-from harness.config.run import VLLM_SAME, get_dotted, set_dotted
+from harness.config.dotted import get_dotted, set_dotted
+from harness.config.run import VLLM_SAME
 from harness.reports.markdown import STATUS_MARK, md, md_table, run_config
 from harness.results.layout import finite, read_metrics
 
@@ -32,12 +33,17 @@ METRICS = [(DIFF, "|Δ logprob| mean", 5), ("mismatch/logratio_abs_p95", "p95", 
            ("mismatch/seq_logratio_abs_max", "seq |Σ| max", 3), ("mismatch/seq_out_of_cap_frac", "seq out of cap", 4),
            ("mismatch/ratio_out_of_cap_frac", "tokens out of cap", 4), ("mismatch/is_ratio_mean", "IS ratio mean", 4)]
 CORRECTION_METRICS = [("mismatch/is_weight_mean", "IS weight mean", 4), ("mismatch/is_masked_frac", "masked share", 4)]
+# an fp8 KV cache (rollout/kv_scales.py): vLLM's |Δ logprob| to the trainer under its load-time and under
+# recalibrated scales; how far recalibration moved the scales per sync
+KV_METRICS = [("mismatch/kv_static_abs", "KV check: load-time scales", 4),
+              ("mismatch/kv_recalibrated_abs", "KV check: recalibrated", 4), ("kv/scale_shift", "KV scale shift per sync", 4)]
 ENGINE = "rollout.colocation"
 # (source, config field, its bf16 value, read by vLLM alone): an in_process run has no engine options to differ in
 SOURCES = [("trainer weights", "quant", "bf16", False), ("rollout weights", "rollout.quantization", "bf16", True),
            ("KV cache", "rollout.kv_cache_dtype", "auto", True), ("top_p", "rollout.top_p", 1.0, False),
            ("top_k", "rollout.top_k", 0, False)]
 REFERENCE = {name: ref for name, _, ref, _ in SOURCES}
+SOURCE_DETAILS = {"rollout.kv_scales"}  # part of a source's value (source_values), not an axis of its own
 CORRECTION = ("train.tis_cap", "train.is_mode", "train.is_cap_min")
 # keys whose presence in a cell declares a mismatch study (quant is in nearly every matrix, so it does not)
 DECLARING = {dotted for _, dotted, _, _ in SOURCES if dotted != "quant"} | set(CORRECTION)
@@ -50,7 +56,11 @@ TEXT = (
     "seq |Σ| is a completion's summed log-ratio; out of cap: the share of tokens (sequences) whose ratio is outside "
     "[1/mismatch_cap, mismatch_cap]; ∞: some step sampled a token outside the trainer's own top-p/top-k support "
     "(its truncated log-prob is -inf; counted out of cap, left out of the means); IS weight mean and masked share: "
-    "the correction's weights, when one is on. "
+    "the correction's weights, when one is on; KV check: with an fp8 KV cache, every eval_every-th sync vLLM scores 32 "
+    "completions of the latest rollout under the scales it loaded with and under scales recalibrated from the trainer, "
+    "and each is compared with the trainer's log-probs (mean |Δ logprob| per token; static scales are stale when the "
+    "first is clearly above the second); KV scale shift: the mean |ln| change of the scales per sync when they are "
+    "recalibrated. "
     "Attribution: the precision sources are the trainer's weights (quant), the rollout engine's weights "
     "(rollout.quantization, `same` read as the format vLLM then loads), its KV cache (kv_cache_dtype) and sampling "
     "truncation (top_p, top_k); the engine options count only for vLLM cells. The reference cell has every source at "
@@ -58,7 +68,9 @@ TEXT = (
     "that differs from it in exactly one source, Δ is its mean |Δ logprob| minus the reference's, taken seed by seed "
     "over the seeds both finished and averaged, ± half the range of those per-seed differences; share is Δ over the "
     "sum of the Δs of every single-source cell of that reference (signed: a source that lowers the mismatch has a "
-    "negative share). A cell that differs in several sources shows its Δ beside the sum of its single-source parts; "
+    "negative share), one value per source: a source with several values (an fp8 KV cache with static and with "
+    "recalibrated scales) counts at its first in the others' shares, and each of its values at its own in its "
+    "share). A cell that differs in several sources shows its Δ beside the sum of its single-source parts; "
     "the difference is the interaction. The engine row compares a vLLM reference cell with the in_process one of the "
     "same other axes (not part of the shares). Corrections: a cell with train.tis_cap set, its verdict beside that of "
     "the same cell without the correction and of its reference cell, all from the verdicts above; it restores parity "
@@ -109,6 +121,8 @@ def source_values(cfg: dict) -> dict[str, object]:
         value = get_dotted(cfg, dotted, ref) if vllm or not engine_only else ref
         if dotted == "rollout.quantization" and value == "same":  # what vLLM loads: the trainer's format where it has it
             value = get_dotted(cfg, "rollout.rollout_model") or VLLM_SAME.get(get_dotted(cfg, "quant", "bf16")) or "bf16"
+        if dotted == "rollout.kv_cache_dtype" and str(value).startswith("fp8"):  # its scales are part of the source
+            value = f"{value} ({get_dotted(cfg, 'rollout.kv_scales', 'static')} scales)"
         out[name] = value
     return out
 
@@ -125,11 +139,12 @@ def profiles(root: Path, matrix: dict, cells: list[dict]) -> list[Profile]:
         seeds = {}
         for r in cell["runs"]:
             rows = read_metrics(root / r["run_id"])
-            stats = {m: x for m, _, _ in METRICS + CORRECTION_METRICS if (x := run_statistic(rows, m)) is not None}
+            stats = {m: x for m, _, _ in METRICS + CORRECTION_METRICS + KV_METRICS
+                     if (x := run_statistic(rows, m)) is not None}
             if stats:
                 seeds[r["seed"]] = stats
         others = {k: v for k, v in cell["key"].items()
-                  if k not in {dotted for _, dotted, _, _ in SOURCES} | set(CORRECTION) | {ENGINE}}
+                  if k not in {dotted for _, dotted, _, _ in SOURCES} | set(CORRECTION) | {ENGINE} | SOURCE_DETAILS}
         cap = get_dotted(cfg, "train.tis_cap")
         correction = None if cap is None else {"is_mode": get_dotted(cfg, "train.is_mode", "token_truncate"), "tis_cap": cap,
                                                "is_cap_min": get_dotted(cfg, "train.is_cap_min")}
@@ -171,7 +186,7 @@ def _value_text(p: Profile, names: list[str]) -> str:
 
 def per_cell_rows(found: list[Profile]) -> tuple[list[str], list[list[str]]]:
     shown = [p for p in found if p.seeds]
-    extra = [m for m in CORRECTION_METRICS if any(m[0] in s for p in shown for s in p.seeds.values())]
+    extra = [m for m in CORRECTION_METRICS + KV_METRICS if any(m[0] in s for p in shown for s in p.seeds.values())]
     titles = ["cell", "engine", "seeds", *[t for _, t, _ in METRICS + extra]]
     rows = [[p.name, p.engine, f"{len(p.seeds)}/{len(p.cell['runs'])}",
              *[_number(p.value(m), digits) for m, _, digits in METRICS + extra]] for p in shown]
@@ -196,8 +211,11 @@ def attribution_rows(found: list[Profile]) -> list[list[str]]:
         head = f"{ref.name} ({_group_text(ref)})"
         group = [p for p in found if (p.engine, p.others) == (engine, others) and p.correction is None and p is not ref]
         singles = {(p.differs()[0], p.sources[p.differs()[0]]): (p, delta(p, ref)) for p in group if len(p.differs()) == 1}
-        total = sum(d[0] for _, d in singles.values() if d is not None)
+        first = {}  # each source's first value in the matrix: the one the other sources' shares count it at
+        for (source, _), (_, d) in singles.items():
+            first.setdefault(source, d[0] if d is not None else 0.0)
         for (source, value), (p, d) in singles.items():
+            total = sum(first.values()) - first[source] + (d[0] if d is not None else 0.0)
             share = f"{d[0] / total:.0%}" if d is not None and total else "–"
             rows.append([head, source, str(value), p.name, delta_text(d), share, "–", "–"])
         for p in group:

@@ -47,11 +47,12 @@ def check_key(cfg: RunConfig, device: torch.device) -> str:
 
 
 def cached(cfg: RunConfig, root: Path, device: torch.device, force: bool = False) -> tuple[Path, dict]:
-    """(its file, the check's record) for this configuration, from root/engine_checks/ unless
-    `force` or absent; then the check runs and is saved there."""
+    """(its file, the check's record) for this configuration, from root/engine_checks/ unless `force`, absent
+    or failed for a passing reason (an engine that could not start while a neighbour freed GPU memory); then the
+    check runs and is saved there."""
     path = root / "engine_checks" / f"{check_key(cfg, device)}.json"
-    if path.exists() and not force:
-        return path, read_json(path)
+    if path.exists() and not force and not (record := read_json(path)).get("transient"):
+        return path, record
     record = check_in_right_process(cfg, device, root / "engine_checks")
     write_json_atomic(path, record)
     return path, record
@@ -93,7 +94,7 @@ def run_check(cfg: RunConfig, device: torch.device, workdir: Path, plant: str | 
     from harness.models.loading import load_policy, reference
     from harness.recipes.rl_math import completion_logprobs, mismatch_metrics
     from harness.rollout.hf import HFEngine
-    from harness.rollout.vllm import VLLMEngine
+    from harness.rollout.vllm import TRANSIENT_START_FAILURE, VLLMEngine
 
     t0 = time.perf_counter()
     record = {"ok": False, "failures": [], "plant": plant, "colocation": cfg.rollout.colocation, "quant": cfg.quant,
@@ -105,6 +106,7 @@ def run_check(cfg: RunConfig, device: torch.device, workdir: Path, plant: str | 
         engine = VLLMEngine(model, tokenizer, cfg, device, workdir)
     except Exception as e:  # an engine that cannot start fails its check with the reason
         record["failures"].append(f"vLLM did not start: {type(e).__name__}: {e}"[:1500])
+        record["transient"] = TRANSIENT_START_FAILURE in str(e)  # not kept: checked again by the next run
         return record | {"seconds": round(time.perf_counter() - t0, 1)}
     try:
         record |= {"engine": engine.facts}

