@@ -50,7 +50,41 @@ def test_other_start_errors_and_the_last_attempt_are_raised(fake_llm):
     fake_llm.errors = [AssertionError(PROFILING)] * vllm.START_ATTEMPTS
     with pytest.raises(AssertionError, match="memory profiling"):
         vllm._start({})
-    assert fake_llm.started == 0
+    assert fake_llm.started == 0 and not fake_llm.errors  # every attempt was made
+
+
+def test_an_engine_check_records_that_refusal_as_transient(fake_llm, tiny_model, tmp_path):
+    """run_check on an engine that vLLM refuses every time for freed memory: failed, and marked transient."""
+    fake_llm.errors = [AssertionError(PROFILING)] * vllm.START_ATTEMPTS
+    cfg = tiny_run_config()
+    cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_validate({"colocation": "colocated", "quantization": "bf16"})})
+    record = engine_check.run_check(cfg, torch.device("cpu"), tmp_path)
+    assert not record["ok"] and record["transient"] and "memory profiling" in record["failures"][0]
+    fake_llm.errors = [RuntimeError("no bitsandbytes kernels")]
+    record = engine_check.run_check(cfg, torch.device("cpu"), tmp_path)
+    assert not record["ok"] and not record["transient"]
+
+
+def test_the_gpu_memory_lock_is_held_until_its_block_ends(monkeypatch, tmp_path):
+    """While one engine starts (or frees memory) under the lock, another process's attempt to take it would block:
+    a non-blocking attempt on the same file fails inside the block and succeeds after it."""
+    import fcntl
+
+    path = tmp_path / "gpu.lock"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(vllm, "_lock_path", lambda: path)
+
+    def try_lock() -> bool:
+        with open(path, "a") as other:
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                return False
+
+    with vllm._gpu_memory_lock():
+        assert not try_lock()
+    assert try_lock()
 
 
 def test_a_check_that_failed_on_freed_memory_runs_again_and_others_are_kept(tmp_path, monkeypatch):

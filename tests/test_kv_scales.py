@@ -51,6 +51,24 @@ def test_amax_is_the_rotary_pair_norm_for_keys_and_plain_for_values_over_unmaske
     assert scales[0][1] == pytest.approx(7.0 / V_RANGE)   # |-7|
 
 
+def test_a_key_norm_after_the_projection_is_where_keys_are_read():
+    """Qwen3 normalises each head's key (self_attn.k_norm) after k_proj and before rotary and the cache: the amax is
+    taken there. Here the norm doubles the keys."""
+    keys, values = torch.tensor([[3.0, 0.0, 4.0, 0.0]]), torch.tensor([[1.0, 2.0]])
+    model = _Toy(keys, values)
+    attn = model.layers[0].self_attn
+    attn.k_norm = torch.nn.Identity()
+    attn.k_norm.register_forward_hook(lambda m, a, out: out * 2)
+    real_forward = model.forward
+
+    def forward(input_ids, attention_mask, position_ids=None):
+        k, v = real_forward(input_ids, attention_mask)
+        return attn.k_norm(k), v
+
+    model.forward = forward
+    assert trainer_scales(model, torch.tensor([[0]]), torch.tensor([[1]]))[0][0] == pytest.approx(10.0 / K_RANGE)
+
+
 def test_scale_shift_is_the_mean_absolute_log_ratio():
     old, new = {0: (1.0, 2.0), 1: (4.0, 1.0)}, {0: (2.0, 2.0), 1: (1.0, 1.0)}
     assert scale_shift(old, new) == pytest.approx((abs(torch.log(torch.tensor(2.0))) + 0 + abs(torch.log(torch.tensor(0.25))) + 0)

@@ -132,8 +132,8 @@ def test_capacity_cpu():
 
 
 def test_a_gpu_estimate_without_a_gpu_takes_vllms_share_of_an_assumed_h100(tiny_model):
-    """`memory-fit --device cuda` on a CPU-only machine: vLLM's part is gpu_memory_utilization of an H100 80GB
-    (it read the GPU's total memory and crashed here before)."""
+    """`memory-fit --device cuda` on a CPU-only machine: with no GPU to ask, vLLM's part is gpu_memory_utilization of
+    an assumed H100 80GB."""
     from harness.execution.memory_fit import ASSUMED_GPU_GIB
 
     if torch.cuda.is_available():

@@ -172,6 +172,7 @@ base:
 axes:
   quant: [bf16]
 include:
+  - {quant: bf16, rollout.top_p: 0.9, label: top_p}
   - {quant: bf16, rollout.kv_cache_dtype: fp8, rollout.kv_scales: static, label: static}
   - {quant: bf16, rollout.kv_cache_dtype: fp8, rollout.kv_scales: recalibrate, label: recalibrated}
 seeds: [0, 1]
@@ -183,7 +184,8 @@ def test_kv_scales_are_part_of_the_kv_cache_source_and_their_check_is_shown(tmp_
     """Two fp8-cache cells differing only in rollout.kv_scales are each one source away from the bf16 cell (the
     scales are not an axis of their own that would put them in another group), and the KV check columns appear."""
     root, runs = write_sweep(tmp_path, KV_MATRIX, "kv")
-    planted = {"quant=bf16": [0.010, 0.012], "quant=bf16,rollout.kv_cache_dtype=fp8,rollout.kv_scales=static (static)":
+    planted = {"quant=bf16": [0.010, 0.012], "quant=bf16,rollout.top_p=0.9 (top_p)": [0.020, 0.022],
+               "quant=bf16,rollout.kv_cache_dtype=fp8,rollout.kv_scales=static (static)":
                [0.050, 0.054], "quant=bf16,rollout.kv_cache_dtype=fp8,rollout.kv_scales=recalibrate (recalibrated)":
                [0.030, 0.032]}
     assert set(runs) == set(planted)
@@ -198,9 +200,12 @@ def test_kv_scales_are_part_of_the_kv_cache_source_and_their_check_is_shown(tmp_
     text = write_report(root, tmp_path / "reports" / "kv").read_text()
     rows = {(r[1], r[2]): r for r in table(text, "Attribution")[1:]}
     assert rows[("KV cache", "fp8 (static scales)")][4] == "+0.04100 ± 0.00100"  # (0.040 + 0.042) / 2
-    assert rows[("KV cache", "fp8 (recalibrate scales)")][4] == "+0.02000 ± 0.00000"
-    # two values of one source are alternatives, not parts of one sum: each is the whole of its reference's gap here
-    assert rows[("KV cache", "fp8 (static scales)")][5] == rows[("KV cache", "fp8 (recalibrate scales)")][5] == "100%"
+    assert rows[("KV cache", "fp8 (recalibrated scales)")][4] == "+0.02000 ± 0.00000"
+    # two values of one source are alternatives, not parts of one sum: top_p's share counts the KV cache at its first
+    # value (static, 0.041), and each KV value's share counts itself beside top_p (0.010)
+    assert rows[("top_p", "0.9")][5] == "20%"  # 0.010 / (0.010 + 0.041); summing both KV values would give 14%
+    assert rows[("KV cache", "fp8 (static scales)")][5] == "80%"  # 0.041 / 0.051
+    assert rows[("KV cache", "fp8 (recalibrated scales)")][5] == "67%"  # 0.020 / 0.030
     per_cell = table(text, "Per cell")
     head = per_cell[0]
     static = next(r for r in per_cell if r[0].endswith("(static)"))

@@ -99,9 +99,10 @@ class RolloutConfig(Frozen):
                             "bitsandbytes (NF4), fp8")
     kv_cache_dtype: str = Field("auto", description="vLLM kv_cache_dtype: auto, fp8, fp8_e4m3, fp8_e5m2, ...")
     kv_scales: Literal["static", "recalibrate"] = Field(
-        "static", description="an fp8 KV cache's scales: static (vLLM's, from the checkpoint or 1.0), recalibrate (from the "
-                              "trainer's keys and values after every adapter sync; colocated only). Both check them "
-                              "every eval_every-th sync (mismatch/kv_static_abs, mismatch/kv_recalibrated_abs)")
+        "static", description="an fp8 KV cache's scales: static (vLLM's, from the checkpoint or 1.0), recalibrate "
+                              "(colocated; from the trainer's keys and values after every adapter sync). Colocated, "
+                              "both check them every eval_every-th sync (mismatch/kv_static_abs, "
+                              "mismatch/kv_recalibrated_abs)")
     rollout_model: str | None = Field(None, description="a different checkpoint for vLLM (e.g. a pre-quantized export); "
                                       "the trainer's adapter is still synced")
     dtype: DTYPES = Field("auto", description="vLLM's dtype; auto: the trainer's compute dtype")
@@ -135,7 +136,7 @@ class RolloutConfig(Frozen):
     def _kv_scales(self):
         if self.kv_scales == "recalibrate" and not self.kv_cache_dtype.startswith("fp8"):
             raise ValueError(f"kv_scales recalibrate sets an fp8 KV cache's scales; kv_cache_dtype is {self.kv_cache_dtype!r} "
-                             "(valid with it: auto, static)")
+                             "(valid with it: static)")
         if self.kv_scales == "recalibrate" and self.colocation == "server":
             raise ValueError("kv_scales recalibrate writes the scales inside the engine, which a `vllm serve` process does "
                              "not expose: use colocation colocated, or kv_scales static")

@@ -122,7 +122,7 @@ def source_values(cfg: dict) -> dict[str, object]:
         if dotted == "rollout.quantization" and value == "same":  # what vLLM loads: the trainer's format where it has it
             value = get_dotted(cfg, "rollout.rollout_model") or VLLM_SAME.get(get_dotted(cfg, "quant", "bf16")) or "bf16"
         if dotted == "rollout.kv_cache_dtype" and str(value).startswith("fp8"):  # its scales are part of the source
-            value = f"{value} ({get_dotted(cfg, 'rollout.kv_scales', 'static')} scales)"
+            value = f"{value} ({'recalibrated' if get_dotted(cfg, 'rollout.kv_scales') == 'recalibrate' else 'static'} scales)"
         out[name] = value
     return out
 
@@ -211,11 +211,12 @@ def attribution_rows(found: list[Profile]) -> list[list[str]]:
         head = f"{ref.name} ({_group_text(ref)})"
         group = [p for p in found if (p.engine, p.others) == (engine, others) and p.correction is None and p is not ref]
         singles = {(p.differs()[0], p.sources[p.differs()[0]]): (p, delta(p, ref)) for p in group if len(p.differs()) == 1}
-        first = {}  # each source's first value in the matrix: the one the other sources' shares count it at
+        first = {}  # each source's first value in the matrix with data: the one the other sources' shares count
         for (source, _), (_, d) in singles.items():
-            first.setdefault(source, d[0] if d is not None else 0.0)
+            if d is not None:
+                first.setdefault(source, d[0])
         for (source, value), (p, d) in singles.items():
-            total = sum(first.values()) - first[source] + (d[0] if d is not None else 0.0)
+            total = sum(first.values()) - first.get(source, 0.0) + (d[0] if d is not None else 0.0)
             share = f"{d[0] / total:.0%}" if d is not None and total else "–"
             rows.append([head, source, str(value), p.name, delta_text(d), share, "–", "–"])
         for p in group:

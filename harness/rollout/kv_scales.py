@@ -25,7 +25,9 @@ import torch
 K_RANGE, V_RANGE = 200.0, 100.0
 CALIBRATION_ROWS = 32  # sequences of the latest rollout the scales are computed on
 CHECK_ROWS = 32  # of those, the ones the check scores on both sides (all: a tiny task's few tokens are noisy)
-_TRAINER_PROJ = re.compile(r"layers\.(\d+)\.self_attn\.([kv])_proj$")
+# where the trainer's keys and values are as the cache sees them, but for rotary: the projections, or a key's
+# per-head norm where the model has one (Qwen3's k_norm, applied after k_proj)
+_TRAINER_KV = re.compile(r"layers\.(\d+)\.self_attn\.([kv])_(proj|norm)$")
 _ENGINE_LAYER = re.compile(r"layers\.(\d+)\.")
 
 Scales = dict[int, tuple[float, float]]  # layer index -> (k_scale, v_scale)
@@ -51,8 +53,13 @@ def trainer_scales(model, ids: torch.Tensor, mask: torch.Tensor) -> Scales:
             amax[index, kind] = max(amax.get((index, kind), 0.0), float(x.abs().max()) if x.numel() else 0.0)
         return record
 
-    handles = [m.register_forward_hook(hook(int(match[1]), match[2]))
-               for name, m in model.named_modules() if (match := _TRAINER_PROJ.search(name))]
+    found = {}
+    for name, m in model.named_modules():
+        if (match := _TRAINER_KV.search(name)) and (match[2], match[3]) != ("v", "norm"):
+            key = int(match[1]), match[2]
+            if match[3] == "norm" or key not in found:  # a key norm comes after the projection: it wins
+                found[key] = m
+    handles = [m.register_forward_hook(hook(index, kind)) for (index, kind), m in found.items()]
     if not handles:
         raise RuntimeError("kv_scales recalibrate: the trainer has no layers.N.self_attn.k_proj / v_proj modules to "
                            "take keys and values from; use rollout.kv_scales static")
@@ -69,9 +76,8 @@ def trainer_scales(model, ids: torch.Tensor, mask: torch.Tensor) -> Scales:
         model.train(was_training)
         for h in handles:
             h.remove()
-    tiny = torch.finfo(torch.float32).tiny  # an all-zero layer keeps a usable scale
-    return {i: (max(amax[i, "k"] / K_RANGE, tiny), max(amax[i, "v"] / V_RANGE, tiny))
-            for i in sorted({i for i, _ in amax})}
+    # a layer with all-zero keys or values (nothing to calibrate on) keeps vLLM's default scale, 1.0
+    return {i: (amax[i, "k"] / K_RANGE or 1.0, amax[i, "v"] / V_RANGE or 1.0) for i in sorted({i for i, _ in amax})}
 
 
 def _attention_layers(worker) -> dict[int, torch.nn.Module]:
@@ -107,12 +113,12 @@ def scale_shift(old: Scales, new: Scales) -> float:
 
 class KVScales:
     """Keeps a colocated engine's fp8 KV-cache scales (recalibrate) and checks them (both modes).
-    The engine calls remember() with every sampled rollout, synced() after an adapter sync, and before_generate()
-    before it generates."""
+    The engine calls remember() with every sampled rollout, synced() after an adapter sync (the work is done there,
+    in the engine's sync, apart from the rollout's time) and before_generate() before it generates (the first sync
+    has no rollout to calibrate on: the step's prompts, there)."""
 
     def __init__(self, engine, mode: str):
         self.engine, self.mode = engine, mode
-        self.llm = engine.backend.llm
         self.loaded: Scales = self.llm.collective_rpc(read_scales)[0]
         self.current = self.loaded
         self.rollout: tuple[torch.Tensor, ...] | None = None  # prompt ids, prompt mask, completion ids, completion mask
@@ -121,19 +127,26 @@ class KVScales:
     def remember(self, prompt_ids, prompt_mask, ids, mask) -> None:
         self.rollout = tuple(t[:CALIBRATION_ROWS] for t in (prompt_ids, prompt_mask, ids, mask))
 
-    def synced(self) -> None:
-        self.pending, self.syncs = True, self.syncs + 1
+    @property
+    def llm(self):  # not kept: the engine must be freeable when its backend closes
+        return self.engine.backend.llm
 
-    def before_generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> None:
-        if not self.pending:
-            return
-        self.pending = False
-        t0 = time.perf_counter()
+    def synced(self) -> None:
+        self.syncs += 1
         if self.rollout:
             p_ids, p_mask, c_ids, c_mask = self.rollout
-            fresh = trainer_scales(self.engine.model, torch.cat([p_ids, c_ids], 1), torch.cat([p_mask, c_mask], 1))
+            self._update(torch.cat([p_ids, c_ids], 1), torch.cat([p_mask, c_mask], 1))
         else:
-            fresh = trainer_scales(self.engine.model, prompt_ids[:CALIBRATION_ROWS], prompt_mask[:CALIBRATION_ROWS])
+            self.pending = True
+
+    def before_generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> None:
+        if self.pending:
+            self.pending = False
+            self._update(prompt_ids[:CALIBRATION_ROWS], prompt_mask[:CALIBRATION_ROWS])
+
+    def _update(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        fresh = trainer_scales(self.engine.model, ids, mask)
         if self.rollout and (self.syncs - 1) % self.engine.cfg.train.eval_every == 0:
             static, recalibrated = self.check(fresh)
             self.engine._stat("mismatch/kv_static_abs", static)
@@ -188,7 +201,8 @@ class KVScales:
         self._apply(scales)
         rows = [i[m.bool()].tolist() for i, m in zip(ids.cpu(), mask.cpu())]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=r) for r in rows],
-                                 SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0),
+                                 SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, seed=0),  # not
+                                 # from the generators the rollouts draw from
                                  lora_request=self.engine.backend.lora_request, use_tqdm=False)
         scores = torch.zeros(ids.shape, dtype=torch.float32)
         for r, (o, row, m) in enumerate(zip(outs, rows, mask.cpu().bool())):

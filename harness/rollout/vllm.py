@@ -156,6 +156,7 @@ class VLLMEngine:
         return {"time/sync_s": 0.0} | out
 
     def close(self) -> None:
+        self.kv = None  # it reaches vLLM through the backend, which frees it now
         self.backend.close()
         shutil.rmtree(self.sync_dir, ignore_errors=True)
 
@@ -236,9 +237,15 @@ def _gpu_memory_lock():
     if not torch.cuda.is_available():
         yield
         return
-    with open(Path(tempfile.gettempdir()) / "quant-rl-vllm-start.lock", "a") as lock:
+    with open(_lock_path(), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         yield
+
+
+def _lock_path() -> Path:
+    """One lock per physical GPU (its UUID: runs pinned to different GPUs all see theirs as cuda:0)."""
+    uuid = torch.cuda.get_device_properties(torch.cuda.current_device()).uuid
+    return Path(tempfile.gettempdir()) / f"quant-rl-vllm-{uuid}.lock"
 
 
 def _start(args: dict):
@@ -252,7 +259,9 @@ def _start(args: dict):
         except AssertionError as e:
             if TRANSIENT_START_FAILURE not in str(e) or attempt == START_ATTEMPTS - 1:
                 raise
-            _tear_down()  # the half-started engine's process group, before the next one makes its own
+        # out of the except block, whose traceback holds the half-started engine: its memory and process group go
+        # before the next one makes its own
+        _tear_down()
 
 
 def _tear_down() -> None:
