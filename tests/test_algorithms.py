@@ -151,7 +151,8 @@ RECIPE_METRICS = {
     "sft": {"loss", "kl", "entropy", "grad_norm", "sft/reference_tokens"},
     "grpo": {"loss", "kl", "entropy", "clip_ratio", "grad_norm", "frac_reward_zero_std"},
 }
-COMMON = {"reward/mean", "eval/reward", "time/train_s", "throughput/train_tokens_per_s", "memory/peak_gib", "mismatch/k3_kl"}
+COMMON = {"reward/mean", "eval/reward", "time/train_s", "throughput/train_tokens_per_s", "memory/peak_gib", "mismatch/k3_kl",
+          "mismatch/logratio_abs_p99", "mismatch/seq_out_of_cap_frac"}  # the tails too, in every recipe
 
 
 @pytest.mark.parametrize("algorithm, train", [

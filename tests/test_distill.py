@@ -35,7 +35,7 @@ def test_quantized_student_distills_toward_the_teacher(tmp_path, tiny_model, mon
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert "eval/reward" in rows[0] and "eval/reward" in rows[3]
     assert all(r["kl"] > 0 and math.isfinite(r["kl"]) for r in rows[1:])  # quantization error is a real gap
-    assert {"reward/mean", "entropy", "grad_norm", "memory/peak_gib"} <= rows[1].keys()
+    assert {"reward/mean", "entropy", "grad_norm", "memory/peak_gib", "mismatch/logratio_abs_p99"} <= rows[1].keys()
     after = dict(seen["model"].named_parameters())
     assert any(not torch.equal(after[n], seen["at_load"][n]) for n in after if "lora_B" in n)
     assert all(same(after[n], seen["at_load"][n]) for n in after if "lora_" not in n)

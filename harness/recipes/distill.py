@@ -38,7 +38,7 @@ from harness.recipes.common import (
     system_metrics,
     token_count,
 )
-from harness.recipes.rl_math import completion_logits, masked_mean, mismatch_metrics, reverse_kl, token_logprobs_and_entropy
+from harness.recipes.rl_math import completion_logits, masked_mean, reverse_kl, sampler_mismatch, token_logprobs_and_entropy
 from harness.tracking.files import Tracker
 
 
@@ -68,7 +68,7 @@ def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, p
                 kl = masked_mean(reverse_kl(student_logits, teacher_logits), mask)
                 logp, entropy = token_logprobs_and_entropy(student_logits.detach(), batch.completion_ids)
                 # before the first update the student is the policy the engine sampled for
-                mismatch = mismatch or mismatch_metrics(logp, batch.sampler_logprobs, mask, t.mismatch_cap)
+                mismatch = mismatch or sampler_mismatch(logp, batch.sampler_logprobs, mask, t.mismatch_cap)
                 grad_norm = optimizer_step(s, kl, t.max_grad_norm)
                 buf.add({"loss": kl, "kl": kl, "grad_norm": grad_norm, "entropy": masked_mean(entropy, mask)})
             train = end_train(s, step, t0)

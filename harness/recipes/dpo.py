@@ -47,7 +47,7 @@ from harness.recipes.rl_math import (
     dpo_loss,
     k3_kl,
     masked_mean,
-    mismatch_metrics,
+    sampler_mismatch,
     sequence_logprob,
 )
 from harness.tracking.files import Tracker
@@ -88,7 +88,7 @@ def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, p
                 for _ in range(t.updates_per_batch):
                     logp, entropy = completion_logprobs(model, *args)
                     # before the first update the trainer is the policy the engine sampled for
-                    mismatch = mismatch or mismatch_metrics(logp.detach(), batch.sampler_logprobs[pick], mask, t.mismatch_cap)
+                    mismatch = mismatch or sampler_mismatch(logp.detach(), batch.sampler_logprobs[pick], mask, t.mismatch_cap)
                     loss_value, logged = loss(logp, ref_logp, mask, n_pairs, t.beta)
                     grad_norm = optimizer_step(s, loss_value, t.max_grad_norm)
                     buf.add(logged | {"loss": loss_value, "grad_norm": grad_norm, "kl": masked_mean(k3_kl(logp, ref_logp), mask),

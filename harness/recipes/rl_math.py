@@ -202,6 +202,11 @@ def mismatch_tails(train_logp, sampler_logp, mask, cap: float) -> dict[str, floa
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
+def sampler_mismatch(train_logp, sampler_logp, mask, cap: float) -> dict[str, float]:
+    """Every mismatch/* metric of one step: the means (mismatch_metrics) and the tails (mismatch_tails)."""
+    return mismatch_metrics(train_logp, sampler_logp, mask, cap) | mismatch_tails(train_logp, sampler_logp, mask, cap)
+
+
 def is_weights(train_logp, sampler_logp, mask, mode: str, cap_max: float | None, cap_min: float | None = None):
     """Importance-sampling weights correcting for the rollout engine sampling from another policy than the
     trainer's, as TRL 1.16 computes them (vllm_importance_sampling_mode; Yao et al., 2025, for token_truncate):

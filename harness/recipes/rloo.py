@@ -43,7 +43,7 @@ from harness.recipes.rl_math import (
     k3_kl,
     loo_advantages,
     masked_mean,
-    mismatch_metrics,
+    sampler_mismatch,
     sequence_logprob,
     zero_std_groups,
 )
@@ -97,6 +97,6 @@ def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, p
             metrics |= system_metrics(s, sampled, train, t.updates_per_batch * token_count(batch.prompt_mask, mask))
             metrics |= {"frac_reward_zero_std": zero_std_groups(rewards, t.group_size).float().mean().item(),
                         "reward/kl_penalised_mean": penalised.mean().item(),
-                        **mismatch_metrics(old_logp, batch.sampler_logprobs, mask, t.mismatch_cap)}
+                        **sampler_mismatch(old_logp, batch.sampler_logprobs, mask, t.mismatch_cap)}
             end_step(s, step, metrics, sampled)
         return s.facts

@@ -36,7 +36,7 @@ from harness.recipes.common import (
     system_metrics,
     token_count,
 )
-from harness.recipes.rl_math import completion_logprobs, k3_kl, masked_mean, mismatch_metrics, zero_std_groups
+from harness.recipes.rl_math import completion_logprobs, k3_kl, masked_mean, sampler_mismatch, zero_std_groups
 from harness.rollout.hf import encode_prompts, pad_completions
 from harness.tracking.files import Tracker
 
@@ -90,7 +90,7 @@ def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, p
             metrics |= {"kl": masked_mean(k3_kl(old_logp, ref_logp), mask).item(), "entropy": masked_mean(entropy, mask).item(),
                         "frac_reward_zero_std": zero_std_groups(rewards, t.group_size).float().mean().item(),
                         "sft/reference_tokens": refs[3].sum().item(),
-                        **mismatch_metrics(old_logp, batch.sampler_logprobs, mask, t.mismatch_cap)}
+                        **sampler_mismatch(old_logp, batch.sampler_logprobs, mask, t.mismatch_cap)}
             metrics |= system_metrics(s, sampled, train, t.updates_per_batch * token_count(refs[1], refs[3]))
             end_step(s, step, metrics, sampled)
         return s.facts
