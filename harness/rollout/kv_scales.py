@@ -10,8 +10,10 @@ is 448, which leaves room for keys and values larger than the calibration batch'
 The check, in both modes at every eval_every-th sync: vLLM scores the latest rollout's completions under the scales
 it loaded with and under scales recalibrated now, and each is compared with the trainer's log-probs of the same
 tokens: mismatch/kv_static_abs and mismatch/kv_recalibrated_abs, mean |vLLM - trainer| per token. Static scales are
-stale when the first is clearly above the second. (The two vLLM scorings also differ from each other by about the
-fp8 rounding noise of both, so their difference alone would flag scales that are fine.)
+stale when the first is clearly above the second. Where every key and value sits in e4m3's normal range under both
+scales, the two differ only by where the rounding falls (bench/kv_scales.py); a scale matters where values overflow
+448 or fall below that range. (The two vLLM scorings also differ from each other by about the fp8 rounding noise of
+both, so their difference alone would flag scales that are fine.)
 """
 
 from __future__ import annotations
@@ -145,9 +147,12 @@ class KVScales:
             self._update(prompt_ids[:CALIBRATION_ROWS], prompt_mask[:CALIBRATION_ROWS])
 
     def _update(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        check = self.rollout is not None and (self.syncs - 1) % self.engine.cfg.train.eval_every == 0
+        if self.mode == "static" and not check:  # nothing to set: no trainer forward
+            return
         t0 = time.perf_counter()
         fresh = trainer_scales(self.engine.model, ids, mask)
-        if self.rollout and (self.syncs - 1) % self.engine.cfg.train.eval_every == 0:
+        if check:
             static, recalibrated = self.check(fresh)
             self.engine._stat("mismatch/kv_static_abs", static)
             self.engine._stat("mismatch/kv_recalibrated_abs", recalibrated)
