@@ -349,3 +349,21 @@ def test_sequence_weights_in_micro_batches_give_the_whole_batch_step(tmp_path, t
         assert parts[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-6), key
     for name in w_lora:
         torch.testing.assert_close(p_lora[name], w_lora[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "sft"])
+def test_other_recipes_take_the_ratio_under_the_sampler_s_truncation(tmp_path, tiny_model, algorithm):
+    """rloo and sft log the same mismatch metrics as grpo: in process, at top_p 0.9, the trainer is the sampler and
+    its truncated log-probs give a ratio of 1 (the full-distribution ones would give about the nucleus' mass)."""
+    from harness.execution.lifecycle import run_one
+    from harness.results.layout import read_metrics
+
+    cfg = tiny_run_config(steps=2, eval_every=2).model_copy(update={"algorithm": algorithm})
+    cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_validate({"top_p": 0.9, "temperature": 0.9})})
+    summary = run_one(cfg, tmp_path / cfg.run_id, torch.device("cpu"))
+    assert summary["status"] == "ok", summary.get("traceback")
+    rows = [r for r in read_metrics(tmp_path / cfg.run_id) if r["step"] > 0]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["mismatch/is_ratio_mean"] == pytest.approx(1.0, abs=1e-3), row
+        assert row["mismatch/logratio_abs_max"] < 1e-2

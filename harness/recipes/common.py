@@ -140,6 +140,14 @@ def system_metrics(s: Setup, sampled: Sampled, train: tuple[float, float], train
     }
 
 
+def sampler_truncation(cfg: RunConfig) -> tuple[int, float] | None:
+    """(top_k, top_p) when the rollouts sample from a truncated distribution, else None: the engines report the
+    log-probs of that distribution, so the trainer's side of the mismatch ratio is taken under the same truncation
+    (rl_math.truncated_logprobs; without it the ratio reads about the nucleus' mass, not 1)."""
+    r = cfg.rollout
+    return (r.top_k, r.top_p) if r.top_k or r.top_p < 1 else None
+
+
 def token_count(prompt_mask, completion_mask) -> int:
     return int(prompt_mask.sum().item() + completion_mask.sum().item())
 

@@ -49,6 +49,7 @@ from harness.recipes.common import (
     end_train,
     log_start,
     sample_groups,
+    sampler_truncation,
     setup,
     system_metrics,
     token_count,
@@ -114,10 +115,7 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, progress=lambda **kw: None) -> dict:
-    t, r = cfg.train, cfg.rollout
-    # the engines sample from (and report log-probs of) the truncated distribution: the trainer's own truncated
-    # log-probs are what theirs compare with
-    truncation = (r.top_k, r.top_p) if r.top_k or r.top_p < 1 else None
+    t, truncation = cfg.train, sampler_truncation(cfg)
     with setup(RunContext(cfg, run_dir, tracker, device, progress)) as s:
         model = s.model
         start = log_start(s)

@@ -33,6 +33,7 @@ from harness.recipes.common import (
     log_start,
     optimizer_step,
     sample_groups,
+    sampler_truncation,
     setup,
     system_metrics,
     token_count,
@@ -63,7 +64,7 @@ def loss(logp, old_logp, advantages, mask, clip_low: float, clip_high: float):
 
 
 def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, progress=lambda **kw: None) -> dict:
-    t = cfg.train
+    t, truncation = cfg.train, sampler_truncation(cfg)
     with setup(RunContext(cfg, run_dir, tracker, device, progress)) as s:
         model = s.model
         start = log_start(s)
@@ -83,9 +84,11 @@ def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, p
             buf = MetricBuffer()
             old_logp = None
             for _ in range(t.updates_per_batch):
-                logp, entropy = completion_logprobs(model, *args)
-                if old_logp is None:  # the first forward is the sampling policy's: old log-probs without a forward of their own
+                first = old_logp is None
+                logp, entropy, *sampled_logp = completion_logprobs(model, *args, truncation=truncation if first else None)
+                if first:  # the first forward is the sampling policy's: old log-probs without a forward of their own
                     old_logp = logp.detach()
+                    old_sampled = sampled_logp[0].detach() if sampled_logp else old_logp  # under the sampler's truncation
                     adv, penalised = advantages(rewards, old_logp, ref_logp, mask, t.beta, t.group_size)
                 loss_value, clipped = loss(logp, old_logp, adv, mask, t.clip_low, t.clip_high)
                 grad_norm = optimizer_step(s, loss_value, t.max_grad_norm)
@@ -97,6 +100,6 @@ def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, p
             metrics |= system_metrics(s, sampled, train, t.updates_per_batch * token_count(batch.prompt_mask, mask))
             metrics |= {"frac_reward_zero_std": zero_std_groups(rewards, t.group_size).float().mean().item(),
                         "reward/kl_penalised_mean": penalised.mean().item(),
-                        **sampler_mismatch(old_logp, batch.sampler_logprobs, mask, t.mismatch_cap)}
+                        **sampler_mismatch(old_sampled, batch.sampler_logprobs, mask, t.mismatch_cap)}
             end_step(s, step, metrics, sampled)
         return s.facts

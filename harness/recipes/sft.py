@@ -32,6 +32,7 @@ from harness.recipes.common import (
     log_start,
     optimizer_step,
     sample_groups,
+    sampler_truncation,
     setup,
     system_metrics,
     token_count,
@@ -67,7 +68,7 @@ def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, p
 
             args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, cfg.rollout.temperature)
             with torch.no_grad():  # measured apart from time/train_s, which is the SFT update alone
-                old_logp, entropy = completion_logprobs(model, *args)
+                old_logp, entropy, *sampled_logp = completion_logprobs(model, *args, truncation=sampler_truncation(cfg))
                 with reference(model) as ref:
                     ref_logp, _ = completion_logprobs(ref, *args)
 
@@ -90,7 +91,8 @@ def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, p
             metrics |= {"kl": masked_mean(k3_kl(old_logp, ref_logp), mask).item(), "entropy": masked_mean(entropy, mask).item(),
                         "frac_reward_zero_std": zero_std_groups(rewards, t.group_size).float().mean().item(),
                         "sft/reference_tokens": refs[3].sum().item(),
-                        **sampler_mismatch(old_logp, batch.sampler_logprobs, mask, t.mismatch_cap)}
+                        **sampler_mismatch(sampled_logp[0] if sampled_logp else old_logp, batch.sampler_logprobs, mask,
+                                           t.mismatch_cap)}
             metrics |= system_metrics(s, sampled, train, t.updates_per_batch * token_count(refs[1], refs[3]))
             end_step(s, step, metrics, sampled)
         return s.facts
