@@ -13,7 +13,8 @@ from conftest import REPO
 from processes import freeze, gone, pids_with, wait_until
 
 # Two runs at a time, one torch thread each: the short one (12 steps) finishes while the long one, started
-# with it and as fast, is about as far: some 18 of its 30 steps are still to go when the test freezes it.
+# with it and as fast, is about as far: some 48 of its 60 steps are still to go when the test freezes it (at 30
+# steps, two test suites sharing 2 cores once let it finish first).
 MATRIX = """\
 # make sweep MATRIX=resume
 base:
@@ -21,7 +22,7 @@ base:
   train: {steps: 12, prompts_per_step: 4, group_size: 4, eval_every: 6, checkpoint_every: 5}
 axes: {quant: [bf16]}
 include:
-  - {quant: bf16, train.steps: 30, label: long}
+  - {quant: bf16, train.steps: 60, label: long}
 """
 
 
@@ -60,7 +61,7 @@ def test_killed_sweep_resumes_without_rerunning_or_duplicating(tmp_path, tiny_mo
     # the finished run was not touched; the killed one continued from its checkpoint
     assert ((first / "summary.json").read_bytes(), (first / "metrics.jsonl").read_bytes()) == finished
     steps = [r["step"] for r in read_metrics(second)]
-    assert steps == list(range(31)), [s for s, n in Counter(steps).items() if n > 1]
+    assert steps == list(range(61)), [s for s, n in Counter(steps).items() if n > 1]
     env = read_json(second / "env.json")
     assert len(env["resumed_at"]) == 1, "the second run was restarted, not resumed"
     assert read_json(second / "summary.json")["status"] == "ok"
