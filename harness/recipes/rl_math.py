@@ -89,6 +89,11 @@ def clipped_surrogate(logp, old_logp, advantages, clip_low: float, clip_high: fl
     return -torch.minimum(unclipped, clipped), is_clipped
 
 
+def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that follow the attention mask, as `generate` gives them: left padding does not count."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0):
     """Logits that score each completion token, [N, C, V], float32, divided by the temperature.
 
@@ -99,7 +104,7 @@ def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion
     """
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention = torch.cat([prompt_mask, completion_mask], dim=1)
-    position_ids = (attention.cumsum(1) - 1).clamp(min=0)
+    position_ids = mask_positions(attention)
     n_completion = completion_ids.shape[1]
     logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
                    logits_to_keep=n_completion + 1).logits

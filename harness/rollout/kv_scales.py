@@ -24,6 +24,8 @@ import time
 
 import torch
 
+from harness.recipes.rl_math import mask_positions
+
 K_RANGE, V_RANGE = 200.0, 100.0
 CALIBRATION_ROWS = 32  # sequences of the latest rollout the scales are computed on
 CHECK_ROWS = 32  # of those, the ones the check scores on both sides (all: a tiny task's few tokens are noisy)
@@ -72,8 +74,8 @@ def trainer_scales(model, ids: torch.Tensor, mask: torch.Tensor) -> Scales:
     try:
         for start in range(0, ids.shape[0], 8):
             keep[0] = mask[start:start + 8].bool()
-            part = mask[start:start + 8]  # positions follow the mask, as in generate and the training forward
-            body(input_ids=ids[start:start + 8], attention_mask=part, position_ids=(part.cumsum(-1) - 1).clamp(min=0))
+            part = mask[start:start + 8]  # positions as in generate and the training forward
+            body(input_ids=ids[start:start + 8], attention_mask=part, position_ids=mask_positions(part))
     finally:
         model.train(was_training)
         for h in handles:
@@ -177,18 +179,13 @@ class KVScales:
 
     @torch.no_grad()
     def _trainer_logprobs(self, p_ids, p_mask, c_ids, c_mask) -> torch.Tensor:
-        from harness.recipes.rl_math import completion_logits, token_logprobs_and_entropy
+        from harness.recipes.rl_math import completion_logprobs
 
         model, was_training = self.engine.model, self.engine.model.training
         model.eval()
-        try:
-            parts = []
-            for i in range(0, p_ids.shape[0], 2):  # two rows at a time: [2, C, vocab] float32 logits
-                rows = slice(i, i + 2)
-                logits = completion_logits(model, p_ids[rows], p_mask[rows], c_ids[rows], c_mask[rows], 1.0)
-                parts.append(token_logprobs_and_entropy(logits, c_ids[rows])[0].float().cpu())
-                del logits
-            return torch.cat(parts)
+        try:  # two rows at a time: [2, C, vocab] float32 logits
+            return torch.cat([completion_logprobs(model, p_ids[i:i + 2], p_mask[i:i + 2], c_ids[i:i + 2], c_mask[i:i + 2])
+                              [0].float().cpu() for i in range(0, p_ids.shape[0], 2)])
         finally:
             model.train(was_training)
 
