@@ -9,7 +9,8 @@
 #      one call each: command `mkdir -p .gpustore && cp -al .gpu01 .gpustore/`, carry [".gpu01"]; .gpu02, ...
 #   3. command `bash bench/h200_issue23.sh [bench/scale.py arguments]`, carry [".gputrl", ".gpures"]
 #      (.gputrl: trl 1.16.0, datasets, pyarrow, dill, multiprocess, xxhash, fsspec, 55 MB; .gpures:
-#      gsm_symbolic.jsonl, and a scale.json there is continued: its ok rows are kept, the rest re-run)
+#      gsm_symbolic.jsonl, and scale-<gpu>.json there, e.g. scale-h200.json, is continued on that GPU model: its ok
+#      rows are kept, the rest re-run; save the call's scale.json back under that name)
 #   e.g. bash bench/h200_issue23.sh --shapes qwen2.5-1.5b --quants bf16 --max-new 256
 # A call runs at most 10 minutes: sides not started by --deadline (DEADLINE, default 540 s) are left for the next
 # call, which (on the same warm machine) finds /tmp/scale/scale.json and skips what is done.
@@ -24,7 +25,9 @@ mkdir -p "$OUT" /tmp/scale
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import importlib.metadata as m; print({p: m.version(p) for p in ('torch', 'transformers', 'peft', 'trl', 'datasets')})"
 python -c "import vllm; print('vllm', vllm.__version__)" 2>&1 | tail -1
-[ -f .gpures/scale.json ] && [ ! -f /tmp/scale/scale.json ] && cp .gpures/scale.json /tmp/scale/
+# rows are kept per GPU model (.gpures/scale-h100.json, scale-h200.json): --skip-done must not keep another card's
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200|a100|b200' | tr A-Z a-z)
+[ -f ".gpures/scale-${gpu:-gpu}.json" ] && [ ! -f /tmp/scale/scale.json ] && cp ".gpures/scale-${gpu:-gpu}.json" /tmp/scale/scale.json
 # --micro-batch 16: 128 x 256 completions at once need 18.6 GiB for one float32 copy of the 152k-wide logits,
 # and the harness OOMs on an 80 GB H100 at 1.5B (given again after it, an argument of yours wins)
 python bench/scale.py --data .gpures/gsm_symbolic.jsonl --work /tmp/scale-work --out /tmp/scale --skip-done \

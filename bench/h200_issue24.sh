@@ -2,7 +2,8 @@
 # The GPU part of issue 24: matrices/mismatch_gpu.yaml (vLLM's NF4 / FP8 weights, an FP8 KV cache with static and
 # recalibrated scales), packed on one GPU, and its report. Staging as bench/h200_issue23.sh says (steps 1-2: .gpupyd,
 # .gpubnb and vLLM's .gpuNN folders into .gpustore/), then:
-#   bash bench/h200_issue24.sh            carry [".gpures"] (a results tarball from an earlier call is continued)
+#   bash bench/h200_issue24.sh            carry [".gpures"] (an earlier call's results tarball, saved as
+#                                         .gpures/mismatch_gpu-<gpu>.tgz, e.g. -h200, is continued on that GPU model)
 #   RETRY=failed bash bench/h200_issue24.sh   runs the failed runs again
 # A call runs at most 10 minutes: the sweep stops at SWEEP_TIMEOUT (default 480 s) and the next call resumes it.
 set -uo pipefail
@@ -14,7 +15,10 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import vllm, bitsandbytes; print('vllm', vllm.__version__, 'bitsandbytes', bitsandbytes.__version__)" 2>&1 | tail -1
-if [ -f .gpures/mismatch_gpu.tgz ] && [ ! -d results/mismatch_gpu ]; then mkdir -p results && tar xzf .gpures/mismatch_gpu.tgz -C results; fi
+# results are continued per GPU model only (.gpures/mismatch_gpu-h100.tgz, -h200.tgz): one report, one card
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200|a100|b200' | tr A-Z a-z)
+tgz=.gpures/mismatch_gpu-${gpu:-gpu}.tgz
+if [ -f "$tgz" ] && [ ! -d results/mismatch_gpu ]; then mkdir -p results && tar xzf "$tgz" -C results; fi
 # SIGINT: the sweep records the runs it stops as killed and the next call resumes them from their checkpoints
 time timeout -s INT "${SWEEP_TIMEOUT:-480}" python -m harness sweep mismatch_gpu --runs-per-gpu auto --wandb off \
   --reports /tmp/rep ${RETRY:+--retry "$RETRY"} 2>&1 | grep -v "^\s*$" | tail -40
