@@ -351,9 +351,9 @@ def test_sequence_weights_in_micro_batches_give_the_whole_batch_step(tmp_path, t
         torch.testing.assert_close(p_lora[name], w_lora[name], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("algorithm", ["rloo", "sft"])
+@pytest.mark.parametrize("algorithm", ["rloo", "sft", "dpo", "distill"])
 def test_other_recipes_take_the_ratio_under_the_sampler_s_truncation(tmp_path, tiny_model, algorithm):
-    """rloo and sft log the same mismatch metrics as grpo: in process, at top_p 0.9, the trainer is the sampler and
+    """rloo, sft, dpo and distill log the same mismatch metrics as grpo: in process, at top_p 0.9, the trainer is the sampler and
     its truncated log-probs give a ratio of 1 (the full-distribution ones would give about the nucleus' mass)."""
     from harness.execution.lifecycle import run_one
     from harness.results.layout import read_metrics

@@ -34,16 +34,24 @@ from harness.recipes.common import (
     log_start,
     optimizer_step,
     sample_groups,
+    sampler_truncation,
     setup,
     system_metrics,
     token_count,
 )
-from harness.recipes.rl_math import completion_logits, masked_mean, reverse_kl, sampler_mismatch, token_logprobs_and_entropy
+from harness.recipes.rl_math import (
+    completion_logits,
+    masked_mean,
+    reverse_kl,
+    sampler_mismatch,
+    token_logprobs_and_entropy,
+    truncated_logprobs,
+)
 from harness.tracking.files import Tracker
 
 
 def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, progress=lambda **kw: None) -> dict:
-    t = cfg.train
+    t, truncation = cfg.train, sampler_truncation(cfg)
     with setup(RunContext(cfg, run_dir, tracker, device, progress)) as s:
         teacher = load_model(resolve(cfg.teacher or cfg.model), device, s.dtype)  # a shape: the student's random weights
         teacher.requires_grad_(False).eval()
@@ -67,8 +75,12 @@ def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, p
                 student_logits = completion_logits(s.model, *args)
                 kl = masked_mean(reverse_kl(student_logits, teacher_logits), mask)
                 logp, entropy = token_logprobs_and_entropy(student_logits.detach(), batch.completion_ids)
-                # before the first update the student is the policy the engine sampled for
-                mismatch = mismatch or sampler_mismatch(logp, batch.sampler_logprobs, mask, t.mismatch_cap)
+                # before the first update the student is the policy the engine sampled for: its side of the ratio
+                # under the sampler's truncation (common.sampler_truncation)
+                if not mismatch:
+                    sampler_side = logp if truncation is None else \
+                        truncated_logprobs(student_logits.detach(), batch.completion_ids, *truncation)
+                    mismatch = sampler_mismatch(sampler_side, batch.sampler_logprobs, mask, t.mismatch_cap)
                 grad_norm = optimizer_step(s, kl, t.max_grad_norm)
                 buf.add({"loss": kl, "kl": kl, "grad_norm": grad_norm, "entropy": masked_mean(entropy, mask)})
             train = end_train(s, step, t0)

@@ -37,6 +37,7 @@ from harness.recipes.common import (
     log_start,
     optimizer_step,
     sample_groups,
+    sampler_truncation,
     setup,
     system_metrics,
     token_count,
@@ -63,7 +64,7 @@ def loss(logp, ref_logp, mask, n_pairs: int, beta: float) -> tuple[torch.Tensor,
 
 
 def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, progress=lambda **kw: None) -> dict:
-    t = cfg.train
+    t, truncation = cfg.train, sampler_truncation(cfg)
     with setup(RunContext(cfg, run_dir, tracker, device, progress)) as s:
         model = s.model
         start = log_start(s)
@@ -86,9 +87,11 @@ def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, p
                     ref_logp, _ = completion_logprobs(ref, *args)
                 model.train()
                 for _ in range(t.updates_per_batch):
-                    logp, entropy = completion_logprobs(model, *args)
-                    # before the first update the trainer is the policy the engine sampled for
-                    mismatch = mismatch or sampler_mismatch(logp.detach(), batch.sampler_logprobs[pick], mask, t.mismatch_cap)
+                    # before the first update the trainer is the policy the engine sampled for: its side of the
+                    # ratio under the sampler's truncation (common.sampler_truncation)
+                    logp, entropy, *truncated = completion_logprobs(model, *args, truncation=None if mismatch else truncation)
+                    mismatch = mismatch or sampler_mismatch((truncated[0] if truncated else logp).detach(),
+                                                            batch.sampler_logprobs[pick], mask, t.mismatch_cap)
                     loss_value, logged = loss(logp, ref_logp, mask, n_pairs, t.beta)
                     grad_norm = optimizer_step(s, loss_value, t.max_grad_norm)
                     buf.add(logged | {"loss": loss_value, "grad_norm": grad_norm, "kl": masked_mean(k3_kl(logp, ref_logp), mask),
