@@ -51,8 +51,9 @@ def main() -> None:
         layers = sorted(calibrated)
         print("| scales | mean |vLLM - trainer| log-prob per token |\n|---|---|")
         for s in [float(x) for x in a.scales.split(",")]:
-            print(f"| {s:g} | {engine.kv.check({i: (s, s) for i in layers})[1]:.4f} |")
-        print(f"| recalibrated (keys {min(k for k, _ in calibrated.values()):.4f}-{max(k for k, _ in calibrated.values()):.4f}) "
+            print(f"| {s:g} | {engine.kv.check({i: (s, s, 1.0) for i in layers})[1]:.4f} |")
+        keys = [s.k for s in calibrated.values()]
+        print(f"| recalibrated (keys {min(keys):.4f}-{max(keys):.4f}) "
               f"| {engine.kv.check(calibrated)[1]:.4f} |")
     finally:
         engine.close()

@@ -9,20 +9,23 @@ import torch
 from pydantic import ValidationError
 
 from harness.config.run import RunConfig
-from harness.rollout.kv_scales import K_RANGE, V_RANGE, scale_shift, trainer_scales
+from harness.rollout.kv_scales import K_RANGE, Q_RANGE, V_RANGE, scale_shift, trainer_scales
 from tests.conftest import tiny_run_config
 
 
 class _Attn(torch.nn.Module):
-    def __init__(self, k, v):
+    def __init__(self, k, v, q=None):
         super().__init__()
         self.k_proj, self.v_proj = k, v
+        if q is not None:
+            self.q_proj = q
 
 
 class _Toy(torch.nn.Module):
-    """layers.0.self_attn.{k,v}_proj read the embedding: the projections' outputs are the hand-set rows below."""
+    """layers.0.self_attn.{k,v}_proj (and q_proj when queries are given) read the embedding: the projections' outputs
+    are the hand-set rows below."""
 
-    def __init__(self, keys, values):
+    def __init__(self, keys, values, queries=None):
         super().__init__()
         self.config = type("C", (), {"head_dim": 4, "hidden_size": 8, "num_attention_heads": 2})()
         self.embed = torch.nn.Embedding.from_pretrained(torch.eye(keys.shape[0]))
@@ -30,12 +33,16 @@ class _Toy(torch.nn.Module):
         v = torch.nn.Linear(keys.shape[0], values.shape[1], bias=False)
         k.weight.data, v.weight.data = keys.T.clone(), values.T.clone()
         self.layers = torch.nn.ModuleList([torch.nn.Module()])
-        self.layers[0].self_attn = _Attn(k, v)
+        q = None
+        if queries is not None:
+            q = torch.nn.Linear(keys.shape[0], queries.shape[1], bias=False)
+            q.weight.data = queries.T.clone()
+        self.layers[0].self_attn = _Attn(k, v, q)
 
     def forward(self, input_ids, attention_mask, position_ids=None):
         h = self.embed(input_ids)
         a = self.layers[0].self_attn
-        return a.k_proj(h), a.v_proj(h)
+        return (a.q_proj(h) if hasattr(a, "q_proj") else None), a.k_proj(h), a.v_proj(h)
 
 
 def test_amax_is_the_rotary_pair_norm_for_keys_and_plain_for_values_over_unmasked_tokens():
@@ -49,6 +56,18 @@ def test_amax_is_the_rotary_pair_norm_for_keys_and_plain_for_values_over_unmaske
     scales = trainer_scales(model, ids, mask)
     assert scales[0][0] == pytest.approx(5.0 / K_RANGE)   # not 4 (the largest channel), not 100 (masked)
     assert scales[0][1] == pytest.approx(7.0 / V_RANGE)   # |-7|
+    assert scales[0].q == 1.0  # no q_proj: vLLM's default
+
+
+def test_queries_are_calibrated_as_keys_are():
+    """vLLM quantizes queries with an fp8 cache on Hopper (FlashAttention 3): their scale is the rotary pair norm's
+    amax / 200, as vLLM's own calc_kv_scales."""
+    keys, values = torch.tensor([[3.0, 0.0, 4.0, 0.0], [0.0, 1.0, 0.0, 1.0]]), torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    # two heads of head_dim 4: head 1's pair (1, 3) of token 1 has norm 13, the largest channel being 12
+    queries = torch.tensor([[1.0, 0.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0],
+                            [0.0, 0.0, 0.0, 0.0, 0.0, 5.0, 0.0, 12.0]])
+    scales = trainer_scales(_Toy(keys, values, queries), torch.tensor([[0, 1]]), torch.tensor([[1, 1]]))
+    assert scales[0].q == pytest.approx(13.0 / Q_RANGE) and scales[0].k == pytest.approx(5.0 / K_RANGE)
 
 
 def test_a_key_norm_after_the_projection_is_where_keys_are_read():
@@ -62,8 +81,8 @@ def test_a_key_norm_after_the_projection_is_where_keys_are_read():
     real_forward = model.forward
 
     def forward(input_ids, attention_mask, position_ids=None):
-        k, v = real_forward(input_ids, attention_mask)
-        return attn.k_norm(k), v
+        q, k, v = real_forward(input_ids, attention_mask)
+        return q, attn.k_norm(k), v
 
     model.forward = forward
     assert trainer_scales(model, torch.tensor([[0]]), torch.tensor([[1]]))[0][0] == pytest.approx(10.0 / K_RANGE)
@@ -118,17 +137,17 @@ def test_recalibrated_scales_are_used_and_the_check_sees_stale_ones(fp8_engine):
     from harness.tasks import load_task
 
     engine = fp8_engine
-    assert engine.facts["kv_scales"] == "recalibrate" and engine.kv.loaded == {i: (1.0, 1.0) for i in range(4)}
+    assert engine.facts["kv_scales"] == "recalibrate" and engine.kv.loaded == {i: (1.0, 1.0, 1.0) for i in range(4)}
     prompts = [p.prompt for p in load_task(engine.cfg.task).eval[:32]]
     batch = engine.generate(prompts)  # first sync: calibrated on these prompts
     in_engine = engine.backend.llm.collective_rpc(read_scales)[0]
     calibrated = engine.kv.current
-    assert in_engine.keys() == calibrated.keys() and all(k != 1.0 for k, _ in in_engine.values())
+    assert in_engine.keys() == calibrated.keys() and all(s.k != 1.0 and s.q != 1.0 for s in in_engine.values())
     assert [x for i in in_engine for x in in_engine[i]] == pytest.approx([x for i in in_engine for x in calibrated[i]])
     engine.kv.remember(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
     fine_static, fine_recalibrated = engine.kv.check(calibrated)
     assert fine_static < 0.3 and fine_recalibrated < 0.3 and fine_static < 2 * fine_recalibrated
-    engine.kv.loaded = {i: (k / 10, v / 10) for i, (k, v) in calibrated.items()}  # stale load-time scales
+    engine.kv.loaded = {i: s._replace(k=s.k / 10, v=s.v / 10) for i, s in calibrated.items()}  # stale load-time scales
     stale, recalibrated = engine.kv.check(calibrated)
     assert stale > 4 * recalibrated and recalibrated == pytest.approx(fine_recalibrated), (stale, recalibrated)
     assert engine.backend.llm.collective_rpc(read_scales)[0] == in_engine  # the check leaves the scales in use
@@ -171,4 +190,4 @@ def test_static_scales_stay_and_are_only_checked(fp8_engine):
         metrics = engine.pop_metrics()
         assert ("time/kv_scales_s" in metrics) == ("mismatch/kv_static_abs" in metrics) == (step == 3), metrics
         assert "kv/scale_shift" not in metrics
-    assert engine.backend.llm.collective_rpc(read_scales)[0] == engine.kv.loaded == {i: (1.0, 1.0) for i in range(4)}
+    assert engine.backend.llm.collective_rpc(read_scales)[0] == engine.kv.loaded == {i: (1.0, 1.0, 1.0) for i in range(4)}

@@ -4,8 +4,10 @@ vLLM writes keys and values into an fp8 cache as x / scale. Its scales come from
 the engine loads: a sync that changes the adapter changes the keys and values the engine writes, not the scales, so
 they go stale (NeMo RL PR 3008 recalibrates them every step). `recalibrate` sets them after every adapter sync from
 the trainer's own keys and values on the latest rollout (the first sync: on the step's prompts), as vLLM's own
-calculation does, amax / 200 for keys and amax / 100 for values (vllm.envs K/V_SCALE_CONSTANT: e4m3's largest value
-is 448, which leaves room for keys and values larger than the calibration batch's).
+calculation does (Attention.calc_kv_scales), amax / 200 for keys and amax / 100 for values (vllm.envs
+K/V_SCALE_CONSTANT: e4m3's largest value is 448, which leaves room for keys and values larger than the calibration
+batch's), and amax / 200 for queries: on backends that take fp8 queries with an fp8 cache (FlashAttention 3 on Hopper)
+vLLM quantizes each query with its layer's q scale, also 1.0 unless calibrated.
 
 The check, in both modes at every eval_every-th sync: vLLM scores the latest rollout's completions under the scales
 it loaded with and under scales recalibrated now, and each is compared with the trainer's log-probs of the same
@@ -21,28 +23,35 @@ from __future__ import annotations
 import math
 import re
 import time
+from typing import NamedTuple
 
 import torch
 
 from harness.recipes.rl_math import mask_positions
 
-K_RANGE, V_RANGE = 200.0, 100.0
+Q_RANGE, K_RANGE, V_RANGE = 200.0, 200.0, 100.0
 CALIBRATION_ROWS = 32  # sequences of the latest rollout the scales are computed on
 CHECK_ROWS = 32  # of those, the ones the check scores on both sides (all: a tiny task's few tokens are noisy)
-# where the trainer's keys and values are as the cache sees them, but for rotary: the projections, or a key's
-# per-head norm where the model has one (Qwen3's k_norm, applied after k_proj)
-_TRAINER_KV = re.compile(r"layers\.(\d+)\.self_attn\.([kv])_(proj|norm)$")
+# where the trainer's queries, keys and values are as attention sees them, but for rotary: the projections, or a
+# query's or key's per-head norm where the model has one (Qwen3's q_norm and k_norm, applied after the projection)
+_TRAINER_KV = re.compile(r"layers\.(\d+)\.self_attn\.([qkv])_(proj|norm)$")
 _ENGINE_LAYER = re.compile(r"layers\.(\d+)\.")
 
-Scales = dict[int, tuple[float, float]]  # layer index -> (k_scale, v_scale)
+class LayerScales(NamedTuple):
+    k: float
+    v: float
+    q: float = 1.0  # read only by backends that quantize queries (with an fp8 cache on Hopper)
+
+
+Scales = dict[int, LayerScales]  # layer index -> its scales
 
 
 @torch.no_grad()
 def trainer_scales(model, ids: torch.Tensor, mask: torch.Tensor) -> Scales:
-    """Scales from the trainer's keys and values over the unmasked tokens of `ids`. A key's largest value after
-    rotary embedding is bounded, at every position, by the norm of the pair of channels rotary turns together
-    (rotate_half's i and i + head_dim / 2): that norm is the key's amax here, since the projection's output is
-    pre-rotary."""
+    """Scales from the trainer's queries, keys and values over the unmasked tokens of `ids`. A query's or key's
+    largest value after rotary embedding is bounded, at every position, by the norm of the pair of channels rotary
+    turns together (rotate_half's i and i + head_dim / 2): that norm is its amax here, since the projection's output
+    is pre-rotary."""
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     amax: dict[tuple[int, str], float] = {}
@@ -51,7 +60,7 @@ def trainer_scales(model, ids: torch.Tensor, mask: torch.Tensor) -> Scales:
     def hook(index: int, kind: str):
         def record(module, args, out):
             x = out.float()[keep[0]]
-            if kind == "k":
+            if kind in "qk":
                 x = x.view(x.shape[0], -1, head_dim)
                 x = torch.hypot(x[..., : head_dim // 2], x[..., head_dim // 2:])
             amax[index, kind] = max(amax.get((index, kind), 0.0), float(x.abs().max()) if x.numel() else 0.0)
@@ -61,12 +70,12 @@ def trainer_scales(model, ids: torch.Tensor, mask: torch.Tensor) -> Scales:
     for name, m in model.named_modules():
         if (match := _TRAINER_KV.search(name)) and (match[2], match[3]) != ("v", "norm"):
             key = int(match[1]), match[2]
-            if match[3] == "norm" or key not in found:  # a key norm comes after the projection: it wins
+            if match[3] == "norm" or key not in found:  # a per-head norm comes after the projection: it wins
                 found[key] = m
     handles = [m.register_forward_hook(hook(index, kind)) for (index, kind), m in found.items()]
     if not handles:
-        raise RuntimeError("kv_scales recalibrate: the trainer has no layers.N.self_attn.k_proj / v_proj modules to "
-                           "take keys and values from; use rollout.kv_scales static")
+        raise RuntimeError("kv_scales recalibrate: the trainer has no layers.N.self_attn.q_proj / k_proj / v_proj "
+                           "modules to take queries, keys and values from; use rollout.kv_scales static")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     body = getattr(base, "model", base)  # the decoder without lm_head: no [rows, tokens, vocab] logits
     was_training = model.training
@@ -80,8 +89,9 @@ def trainer_scales(model, ids: torch.Tensor, mask: torch.Tensor) -> Scales:
         model.train(was_training)
         for h in handles:
             h.remove()
-    # a layer with all-zero keys or values (nothing to calibrate on) keeps vLLM's default scale, 1.0
-    return {i: (amax[i, "k"] / K_RANGE or 1.0, amax[i, "v"] / V_RANGE or 1.0) for i in sorted({i for i, _ in amax})}
+    # a layer with all-zero queries, keys or values (nothing to calibrate on) keeps vLLM's default scale, 1.0
+    return {i: LayerScales(amax[i, "k"] / K_RANGE or 1.0, amax[i, "v"] / V_RANGE or 1.0,
+                           amax.get((i, "q"), 0.0) / Q_RANGE or 1.0) for i in sorted({i for i, _ in amax})}
 
 
 def _attention_layers(worker) -> dict[int, torch.nn.Module]:
@@ -91,7 +101,8 @@ def _attention_layers(worker) -> dict[int, torch.nn.Module]:
 
 def read_scales(worker) -> Scales:
     """Runs inside vLLM's worker (collective_rpc): each attention layer's scales now."""
-    return {i: (float(m._k_scale), float(m._v_scale)) for i, m in _attention_layers(worker).items()}
+    return {i: LayerScales(float(m._k_scale), float(m._v_scale), float(getattr(m, "_q_scale", 1.0)))
+            for i, m in _attention_layers(worker).items()}
 
 
 def write_scales(worker, scales: Scales) -> None:
@@ -100,17 +111,20 @@ def write_scales(worker, scales: Scales) -> None:
     layers = _attention_layers(worker)
     if set(layers) != set(scales):
         raise RuntimeError(f"kv scales for layers {sorted(scales)}, but the engine's attention layers are {sorted(layers)}")
-    for i, (k, v) in scales.items():
+    for i, (k, v, q) in scales.items():
         m = layers[i]
         m._k_scale.fill_(k), m._v_scale.fill_(v)
         m._k_scale_float, m._v_scale_float = k, v
+        if hasattr(m, "_q_scale"):
+            m._q_scale.fill_(q)
+            m._q_scale_float = q
         for name, value in (("_k_scale_cpu", k), ("_v_scale_cpu", v)):
             if hasattr(m, name):
                 getattr(m, name).fill_(value)
 
 
 def scale_shift(old: Scales, new: Scales) -> float:
-    """Mean |ln(new / old)| over layers and keys/values: how far the scales moved."""
+    """Mean |ln(new / old)| over layers and their scales: how far the scales moved."""
     logs = [abs(math.log(n / o)) for i in new for n, o in zip(new[i], old[i])]
     return sum(logs) / len(logs)
 
