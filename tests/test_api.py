@@ -95,3 +95,27 @@ def test_one_config_runs_from_python_and_resumes_as_finished(tmp_path, tiny_mode
     again = []
     harness.run(cfg, results=tmp_path, name="one", executor=harness.settings("sequential"), on_event=again.append)
     assert [(type(e), e.todo) for e in again] == [(Planned, 0)]
+
+
+def test_git_commit_says_when_the_code_is_not_that_commit(tmp_path):
+    """env.json's git_commit: the commit, "+dirty" when a tracked file differs from it (a working tree copied onto
+    another machine beside an older .git), untracked files (results/) not counted."""
+    import subprocess
+
+    from harness.common.system import git_commit
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("a = 1\n")
+    git("add", "code.py")
+    git("commit", "-qm", "one")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert git_commit(tmp_path) == head
+    (tmp_path / "results.json").write_text("{}")
+    assert git_commit(tmp_path) == head
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert git_commit(tmp_path) == head + "+dirty"
+    assert git_commit(tmp_path / "nowhere") is None  # no such folder: no commit to name

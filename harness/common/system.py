@@ -107,10 +107,16 @@ class PeakMemory:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
 
 
-def git_commit() -> str | None:
+def git_commit(where: Path | None = None) -> str | None:
+    """The checkout's commit, with "+dirty" when tracked files differ from it: a run's code is then not that commit's
+    (a copy of a working tree on another machine keeps the .git of an older commit)."""
+    here = where or Path(__file__).parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
-        return out.stdout.strip() if out.returncode == 0 else None
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=here)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], capture_output=True, timeout=20, cwd=here)
+        return out.stdout.strip() + ("+dirty" if dirty.returncode == 1 else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
