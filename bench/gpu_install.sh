@@ -1,6 +1,6 @@
 # Sourced by bench/h200_issue23.sh and h200_issue24.sh: `gpu_install FOLDER...` installs into /tmp/site, once per
 # machine, vLLM 0.26 from the .gpuNN folders staged in .gpustore/ (../shared/tools/gpu-wheels/README.md), then
-# each named folder's wheels (.gpupyd: pydantic; .gpubnb: bitsandbytes; .gputrl: trl and datasets), carried this
+# each named folder's wheels (.gpupyd: pydantic; .gpubnb: bitsandbytes; .gpuarrow: pyarrow; .gputrl: trl and datasets), carried this
 # call or staged by an earlier one. The caller exports PYTHONPATH=/tmp/site:...
 wheels() {  # a folder's wheels, carried this call or staged in .gpustore by an earlier one
   if ls "$1"/*.whl >/dev/null 2>&1; then ls "$1"/*.whl; else ls ".gpustore/$1"/*.whl 2>/dev/null; fi

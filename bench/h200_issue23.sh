@@ -7,8 +7,10 @@
 #   2. only if the machine lacks vLLM 0.26.0: the bundle of ../shared/tools/gpu-wheels/README.md packed into
 #      folders that fit beside the tree (`python3 ../shared/tools/gpu-wheels/pack.py .gpuwheels . 54000000`),
 #      one call each: command `mkdir -p .gpustore && cp -al .gpu01 .gpustore/`, carry [".gpu01"]; .gpu02, ...
-#   3. command `bash bench/h200_issue23.sh [bench/scale.py arguments]`, carry [".gputrl", ".gpures"]
-#      (.gputrl: trl 1.16.0, datasets, pyarrow, dill, multiprocess, xxhash, fsspec, 55 MB; .gpures:
+#   3. command `mkdir -p .gpustore && cp -al .gpuarrow .gpustore/`, carry [".gpuarrow"] (pyarrow's 55 MB wheel, for
+#      datasets: with the ~10 MB tree it fills a call's 64 MiB alone)
+#   4. command `bash bench/h200_issue23.sh [bench/scale.py arguments]`, carry [".gputrl", ".gpures"]
+#      (.gputrl: trl 1.16.0, datasets, dill, multiprocess, xxhash, fsspec, 2.5 MB; .gpures:
 #      gsm_symbolic.jsonl, and scale-<gpu>.json there, e.g. scale-h200.json, is continued on that GPU model: its ok
 #      rows are kept, the rest re-run; save the call's scale.json back under that name)
 #   e.g. bash bench/h200_issue23.sh --shapes qwen2.5-1.5b --quants bf16 --max-new 256
@@ -19,7 +21,7 @@ export PYTHONPATH=/tmp/site:$PWD QRL_CACHE=/tmp/qrlc TOKENIZERS_PARALLELISM=fals
 # FlashInfer's sampler compiles with nvcc at engine start (minutes); the engine core stays in the calling process
 export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ENABLE_V1_MULTIPROCESSING=0
 source bench/gpu_install.sh
-gpu_install .gpupyd .gpubnb .gputrl
+gpu_install .gpupyd .gpubnb .gpuarrow .gputrl
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/scale
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
