@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements of issue 23: bench/scale.py (harness vs TRL GRPO steps at real shapes, raw vLLM, MFU).
-# A call carries at most 64 MiB with the 8 MB tree, and a machine idle 30 s is given back with its files: stage
+# A call carries at most 64 MiB with the ~10 MB tree, and a machine idle 30 s is given back with its files: stage
 # the wheel folders into .gpustore/ by back-to-back calls on one warm machine, then run.
 #   1. command `mkdir -p .gpustore && cp -al .gpupyd .gpubnb .gpustore/`, carry [".gpupyd", ".gpubnb"]
 #      (pydantic; bitsandbytes 0.50.2 for nf4)
