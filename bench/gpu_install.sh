@@ -28,3 +28,7 @@ gpu_install() {
     fi
   done
 }
+
+gpu_model() {  # the first GPU's model, lower case (h100, h200, ...): results are kept apart per model
+  nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200|a100|b200' | tr A-Z a-z
+}

@@ -28,7 +28,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import importlib.metadata as m; print({p: m.version(p) for p in ('torch', 'transformers', 'peft', 'trl', 'datasets')})"
 python -c "import vllm; print('vllm', vllm.__version__)" 2>&1 | tail -1
 # rows are kept per GPU model (.gpures/scale-h100.json, scale-h200.json): --skip-done must not keep another card's
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200|a100|b200' | tr A-Z a-z)
+gpu=$(gpu_model)
 [ -f ".gpures/scale-${gpu:-gpu}.json" ] && [ ! -f /tmp/scale/scale.json ] && cp ".gpures/scale-${gpu:-gpu}.json" /tmp/scale/scale.json
 # --micro-batch 16: 128 x 256 completions at once need 18.6 GiB for one float32 copy of the 152k-wide logits,
 # and the harness OOMs on an 80 GB H100 at 1.5B (given again after it, an argument of yours wins)

@@ -16,7 +16,7 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import vllm, bitsandbytes; print('vllm', vllm.__version__, 'bitsandbytes', bitsandbytes.__version__)" 2>&1 | tail -1
 # results are continued per GPU model only (.gpures/mismatch_gpu-h100.tgz, -h200.tgz): one report, one card
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200|a100|b200' | tr A-Z a-z)
+gpu=$(gpu_model)
 tgz=.gpures/mismatch_gpu-${gpu:-gpu}.tgz
 if [ -f "$tgz" ] && [ ! -d results/mismatch_gpu ]; then mkdir -p results && tar xzf "$tgz" -C results; fi
 # SIGINT: the sweep records the runs it stops as killed and the next call resumes them from their checkpoints

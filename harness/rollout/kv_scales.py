@@ -60,7 +60,7 @@ def trainer_scales(model, ids: torch.Tensor, mask: torch.Tensor) -> Scales:
     def hook(index: int, kind: str):
         def record(module, args, out):
             x = out.float()[keep[0]]
-            if kind in "qk":
+            if kind in ("q", "k"):
                 x = x.view(x.shape[0], -1, head_dim)
                 x = torch.hypot(x[..., : head_dim // 2], x[..., head_dim // 2:])
             amax[index, kind] = max(amax.get((index, kind), 0.0), float(x.abs().max()) if x.numel() else 0.0)
