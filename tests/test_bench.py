@@ -1,4 +1,5 @@
-"""The benchmark's own accounting: exclusive times (a call's timed children are not counted twice)."""
+"""The benchmark's own accounting: exclusive times (a call's timed children are not counted twice), and the record
+bench/scale.py keeps of its rows and the calls that measured them."""
 
 import sys
 
@@ -17,3 +18,27 @@ def test_exclusive_timer_subtracts_nested_calls(monkeypatch):
     outer()
     # forward: 2 calls x (end - start = 2); generate: (end - start = 8) - 4 spent in forward
     assert timer.totals == {"forward": 4, "generate": 4}
+
+
+def test_scale_bench_keeps_rows_and_the_calls_that_measured_them(tmp_path):
+    """bench/scale.py on the tiny model, as the GPU machine runs it: a side's row, a vLLM side skipped on a CPU, and
+    every invocation recorded in scale.json's calls (a later --skip-done call keeps the rows and points nowhere new)."""
+    import json
+    import subprocess
+
+    def scale(*args):
+        cmd = [sys.executable, str(REPO / "bench" / "scale.py"), "--model", "builtin:tiny-arith", "--task", "arith",
+               "--max-new", "5", "--quants", "bf16", "--warmup", "0", "--steps", "1", "--device", "cpu",
+               "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), *args]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return json.loads((tmp_path / "out" / "scale.json").read_text())
+
+    first = scale("--sides", "harness,harness-vllm")
+    rows = {r["side"]: r for r in first["rows"]}
+    assert rows["harness"]["status"] == "ok" and rows["harness"]["step_s_median"] > 0
+    assert rows["harness"]["completion_tokens_median"] > 0 and rows["harness"]["call"] == 0
+    assert rows["harness-vllm"]["status"] == "skipped" and "CUDA" in rows["harness-vllm"]["error"]
+    second = scale("--sides", "harness", "--skip-done", "--max-model-len", "64")
+    assert [c["config"]["max_model_len"] for c in second["calls"]] == [None, 64]
+    assert second["rows"] == first["rows"]  # the ok row was kept, not measured again

@@ -103,3 +103,26 @@ def test_a_check_that_failed_on_freed_memory_runs_again_and_others_are_kept(tmp_
     with pytest.raises(engine_check.EngineCheckFailed, match="bitsandbytes"):
         engine_check.require(cfg, tmp_path, torch.device("cpu"))
     assert len(calls) == 1
+
+
+def test_the_trainers_cached_memory_is_released_before_vllm_wakes(monkeypatch):
+    """After a train phase torch's allocator keeps the blocks it freed; vLLM's pool is mapped again on wake, and at 7B
+    nf4 x 1024 tokens on an 80 GB card it found no room (out of memory in cumem_allocator on the second wake). The
+    cache goes back to the driver first. vLLM has no sleep mode on a CPU: SleepingLLM stands in for the engine,
+    recording the order of the two calls."""
+    from types import SimpleNamespace
+
+    events: list[str] = []
+
+    class SleepingLLM:
+        def wake_up(self):
+            events.append("wake_up")
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append("empty_cache"))
+    engine = vllm.VLLMEngine.__new__(vllm.VLLMEngine)  # only what _wake reads
+    engine.cfg, engine.asleep, engine.stats = tiny_run_config(), True, {}
+    engine.backend = SimpleNamespace(llm=SleepingLLM())
+    engine._wake()
+    assert events == ["empty_cache", "wake_up"] and not engine.asleep and "time/wake_s" in engine.stats
+    engine._wake()  # awake: nothing to do
+    assert events == ["empty_cache", "wake_up"]

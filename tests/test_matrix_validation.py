@@ -113,6 +113,43 @@ def test_cuda_graphs_by_default_on_a_gpu_only():
     assert '"enforce_eager":true' in RunConfig().canonical_json()
 
 
+def test_max_model_len_reaches_the_engine_and_keeps_run_ids_at_its_default():
+    import torch
+
+    from harness.rollout.vllm import engine_args
+
+    colocated = RunConfig(rollout={"colocation": "colocated"})
+    assert "max_model_len" not in engine_args(colocated, "m", torch.bfloat16, False, torch.device("cuda"))
+    assert "max_model_len" not in colocated.canonical_json()  # added later: runs at the default keep their ids
+    bounded = RunConfig(rollout={"colocation": "colocated", "max_model_len": 2048})
+    assert engine_args(bounded, "m", torch.bfloat16, False, torch.device("cuda"))["max_model_len"] == 2048
+    assert bounded.run_id != colocated.run_id
+    with pytest.raises(ValueError, match="max_model_len"):
+        RunConfig(rollout={"colocation": "colocated", "max_model_len": 0})
+
+
+def test_merged_lora_sync_needs_an_unquantized_colocated_lora_base():
+    import torch
+
+    from harness.rollout.vllm import engine_args
+
+    merged = RunConfig(rollout={"colocation": "colocated", "lora_sync": "merged"})
+    assert "enable_lora" not in engine_args(merged, "m", torch.bfloat16, False, torch.device("cuda"))
+    adapter = RunConfig(rollout={"colocation": "colocated"})
+    assert engine_args(adapter, "m", torch.bfloat16, False, torch.device("cuda"))["enable_lora"] is True
+    assert "lora_sync" not in adapter.canonical_json() and merged.run_id != adapter.run_id
+    for bad, why in (({"train": {"trainable": "full"}}, "trainable is full"),
+                     ({"rollout": {"colocation": "server"}}, "colocation is server"),
+                     ({"quant": "nf4"}, "quant is nf4"),
+                     ({"rollout": {"quantization": "fp8"}}, "vLLM's weights are fp8"),
+                     ({"rollout": {"rollout_model": "/some/export"}}, "rollout_model is set")):
+        tree = {"rollout": {"colocation": "colocated", "lora_sync": "merged"}}
+        for k, v in bad.items():
+            tree[k] = tree.get(k, {}) | v if isinstance(v, dict) else v
+        with pytest.raises(ValueError, match=f"lora_sync: merged.*{why}.*valid: lora_sync adapter"):
+            RunConfig.model_validate(tree)
+
+
 def test_in_process_engine_fields_are_validated_then_reset():
     plain = RunConfig()
     assert RunConfig(rollout={"kv_cache_dtype": "fp8", "gpu_memory_utilization": 0.5}).run_id == plain.run_id

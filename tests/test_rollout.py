@@ -104,3 +104,27 @@ def test_streamed_sampler_logprobs_match_the_stacked_scores(tiny_model, temperat
     assert (batch.completion_mask == 0).any() and (batch.sampler_logprobs[batch.completion_mask == 0] == 0).all()
     assert (batch.sampler_logprobs[batch.completion_mask == 1] < 0).any()  # not all certain: a test that can fail
     torch.testing.assert_close(batch.sampler_logprobs, reference, atol=1e-5, rtol=0)
+
+
+def test_policy_weights_are_peft_own_merge(tiny_model):
+    """What a merged LoRA sync (rollout.lora_sync: merged) writes into vLLM: every weight of the policy under its HF
+    name, W + scale BA in the adapted layers, as peft's merge_and_unload of a trained adapter, and no adapter tensor."""
+    import copy
+
+    from harness.models.loading import load_policy
+    from harness.rollout.engine_check import perturb
+    from harness.rollout.vllm import policy_weights
+
+    cfg = tiny_run_config(dtype="float32")
+    model, _ = load_policy(cfg, torch.device("cpu"), torch.float32)
+    perturb(model, lora=True, seed=3, scale=0.5)
+    pushed = dict(policy_weights(model))
+    reference = dict(copy.deepcopy(model).merge_and_unload().named_parameters())
+    assert set(pushed) == set(reference)
+    adapted = 0
+    for name, weight in pushed.items():
+        torch.testing.assert_close(weight, reference[name], rtol=0, atol=1e-6)
+        base = model.get_parameter("base_model.model." + name.replace(".weight", ".base_layer.weight")
+                                   if name.endswith("proj.weight") else "base_model.model." + name)
+        adapted += bool((weight - base).abs().max() > 1e-3)  # the adapter moved it: the bare base would fail above
+    assert adapted == sum(".lora_A." in n for n, _ in model.named_parameters()) >= 7

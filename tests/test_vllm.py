@@ -57,7 +57,8 @@ def engine(request, tiny_model, tmp_path_factory):
     released = with_sampling_defaults(tiny_model, tmp_path_factory.mktemp(request.param) / "released")
     # and a chat template with role tokens of its own, as an Instruct model's tokenizer has (test_chat_prompts_...)
     make_tokenizer(CHAT_TEMPLATE, CHAT_TOKENS).save_pretrained(released)
-    cfg = vllm_config(request.param).model_copy(update={"model": str(released)})
+    # max_model_len below the tiny model's 256 positions: test_the_longest_sequence_is_the_configured_one
+    cfg = vllm_config(request.param, max_model_len=MAX_LEN).model_copy(update={"model": str(released)})
     model, tokenizer = load_policy(cfg, torch.device("cpu"), torch.float32)
     perturb(model, seed=1)  # a non-trivial adapter from the first sync on
     eng = VLLMEngine(model, tokenizer, cfg, torch.device("cpu"), tmp_path_factory.mktemp(request.param))
@@ -69,6 +70,9 @@ def engine(request, tiny_model, tmp_path_factory):
             urllib.request.urlopen(eng.backend.url + "/health", timeout=5)
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", eng.backend.port)) != 0
+
+
+MAX_LEN = 192
 
 
 def prompts(n=48):
@@ -162,6 +166,18 @@ def test_sync_time_is_recorded_and_reset(engine):
     assert engine.pop_metrics() == {"time/sync_s": 0.0}
 
 
+def test_the_longest_sequence_is_the_configured_one(engine):
+    """rollout.max_model_len reaches both engines (an 80 GB card at gpu_memory_utilization 0.3 has no room for one
+    of a 7B's default 131072-token sequences, and vLLM refuses to start)."""
+    if engine.cfg.rollout.colocation == "colocated":
+        assert engine.backend.llm.llm_engine.model_config.max_model_len == MAX_LEN
+    else:
+        import json
+
+        with urllib.request.urlopen(engine.backend.url + "/v1/models", timeout=10) as r:
+            assert json.load(r)["data"][0]["max_model_len"] == MAX_LEN
+
+
 def test_check_engine_compares_like_with_like_under_top_p(tiny_model, tmp_path):
     """vLLM's log-probs are of the nucleus it sampled from; the trainer's full-distribution ones would differ by the
     nucleus' log-mass on every token, a mismatch that is only truncation."""
@@ -172,15 +188,26 @@ def test_check_engine_compares_like_with_like_under_top_p(tiny_model, tmp_path):
     assert truncated["logprob_diff_mean"] < 1e-4 < truncated["stale_logprob_diff_mean"]
 
 
-def test_check_engine_passes_and_catches_a_stale_adapter(tiny_model, tmp_path):
+@pytest.mark.parametrize("lora_sync", ["adapter", "merged", "full weights"])
+def test_check_engine_passes_and_catches_a_stale_adapter(tiny_model, tmp_path, lora_sync):
+    """Each way of syncing the trainer (a LoRA adapter; merged: W + scale BA written into vLLM's weights, no LoRA in
+    vLLM; a full-weight trainer's every weight) gives vLLM the moved policy, not the stale one; a sync that did not
+    happen is caught (planted once: the check's detection does not depend on the way)."""
     from harness.rollout.engine_check import run_check
 
-    cfg = vllm_config("colocated")
+    if lora_sync == "full weights":
+        cfg = vllm_config("colocated")
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"trainable": "full"})})
+    else:
+        cfg = vllm_config("colocated", lora_sync=lora_sync)
     good = run_check(cfg, torch.device("cpu"), tmp_path, n_prompts=32)
     assert good["ok"], good["failures"]
+    assert good["engine"].get("lora_sync", "adapter") == lora_sync.replace("full weights", "adapter")
     assert good["logprob_diff_mean"] < 1e-4 < good["stale_logprob_diff_mean"]
     assert good["greedy_agreement_with_trainer"] == 1.0
     assert good["sleep"] == "skipped: vLLM has no sleep mode on CPU"
+    if lora_sync != "adapter":
+        return
     stale = run_check(cfg, torch.device("cpu"), tmp_path, plant="stale-adapter", n_prompts=32)
     assert not stale["ok"]
     assert any("did not take effect" in f for f in stale["failures"])

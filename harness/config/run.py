@@ -107,6 +107,11 @@ class RolloutConfig(Frozen):
                                       "the trainer's adapter is still synced")
     dtype: DTYPES = Field("auto", description="vLLM's dtype; auto: the trainer's compute dtype")
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="share of the GPU vLLM may take (weights + KV cache)")
+    lora_sync: Literal["adapter", "merged"] = Field(
+        "adapter", description="a LoRA trainer's weights in vLLM: adapter (loaded as one; LoRA kernels at every decode "
+                               "step) or merged (W + scale BA written into vLLM's weights; colocated, bf16 base only)")
+    max_model_len: int | None = Field(None, ge=1, description="vLLM's longest sequence (default: the model's, 131072 for "
+                                      "Qwen2.5, which a small KV cache refuses): the longest prompt + max_new_tokens")
     enforce_eager: bool | Literal["auto"] = Field(
         "auto", description="true: no CUDA graphs (faster start, slower decode); auto: CUDA graphs on a GPU (measured "
                             "at 1.5B: ~8x the eager decode for ~40 s more engine start), eager on CPU")
@@ -337,6 +342,14 @@ class RunConfig(Frozen):
                              "vLLM could not load the adapter")
         if self.lora.r > VLLM_LORA_RANKS[-1]:
             raise ValueError(f"lora.r {self.lora.r} is above vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}")
+        if r.lora_sync == "merged":
+            why = ("train.trainable is full" if self.train.trainable != "lora" else "colocation is server (no endpoint "
+                   "replaces weights)" if r.colocation == "server" else f"quant is {self.quant}" if self.quant != "bf16"
+                   else f"vLLM's weights are {self.vllm_quantization}" if self.vllm_quantization else
+                   "rollout_model is set" if r.rollout_model else None)
+            if why:
+                raise ValueError(f"rollout.lora_sync: merged writes base + adapter into vLLM's unquantized copy of the "
+                                 f"trainer's LoRA base, colocated; here {why} (valid: lora_sync adapter)")
         if r.quantization == "same" and r.rollout_model is None and self.quant not in VLLM_SAME:
             raise ValueError(f"rollout.quantization: same: vLLM has no in-flight equivalent of {self.quant}; choose one of "
                              "bf16, bitsandbytes, fp8, or give rollout.rollout_model (e.g. a pre-quantized export)")
@@ -378,7 +391,8 @@ class RunConfig(Frozen):
 
 # Fields (dotted) that came after results existed; append new fields here, never remove one.
 ADDED_LATER = ("task.chat", "task.system_prompt", "task.format_reward", "task.options", "eval", "train.micro_batch_size",
-               "rollout.top_k", "train.is_mode", "train.is_cap_min", "rollout.kv_scales")
+               "rollout.top_k", "train.is_mode", "train.is_cap_min", "rollout.kv_scales",
+               "rollout.max_model_len", "rollout.lora_sync")
 _DEFAULTS = RunConfig().model_dump(mode="json")
 # engine options whose default changed (issue 23: CUDA graphs on a GPU); an in-process run resets engine options to
 # their defaults, so its canonical JSON writes the old one and keeps its run id

@@ -4,8 +4,10 @@
 Sync: each generate() first pushes the trainer's weights if they changed since the last push,
 which the trainable tensors' version counters tell (every optimizer step and checkpoint load
 bumps them). LoRA runs save the adapter and load it into vLLM as a new adapter (colocated: a new
-LoRARequest; server: POST /v1/load_lora_adapter); base weights are never re-uploaded. Full-weight
-runs (colocated only) push every weight through the worker's `load_weights`.
+LoRARequest; server: POST /v1/load_lora_adapter); base weights are never re-uploaded. With
+`rollout.lora_sync: merged` (colocated, unquantized base) they instead push every weight, W + scale BA in the
+adapted layers, through vLLM's in-place `reload_weights`, and vLLM runs without LoRA kernels. Full-weight runs
+(colocated only) push every weight the same way.
 
 Hand-off (colocated on CUDA with `sleep_mode`): release() puts vLLM to sleep before the trainer
 trains and the next generate() wakes it, so vLLM's KV cache does not sit on the trainer's memory.
@@ -45,9 +47,11 @@ def engine_args(cfg: RunConfig, source: str, dtype: torch.dtype, sleep: bool, de
             # not the checkpoint's generation_config.json: `vllm serve` would take a repetition_penalty or
             # min_p from it for every request, sampling from something other than the policy being trained
             "generation_config": "vllm"}
+    if r.max_model_len:
+        args["max_model_len"] = r.max_model_len
     if cfg.vllm_quantization:
         args["quantization"] = cfg.vllm_quantization
-    if cfg.train.trainable == "lora":
+    if cfg.train.trainable == "lora" and r.lora_sync == "adapter":
         rank = r.max_lora_rank or min(x for x in VLLM_LORA_RANKS if x >= cfg.lora.r)
         args |= {"enable_lora": True, "max_lora_rank": rank, "max_loras": 1}
     if sleep:
@@ -86,6 +90,8 @@ class VLLMEngine:
                       "hand_off": (f"sleep level {r.sleep_level}" if self.sleeps else
                                    "skipped: vLLM has no sleep mode on CPU"
                                    if r.colocation == "colocated" and not on_cuda and r.sleep_mode else "none")}
+        if cfg.train.trainable == "lora" and r.lora_sync == "merged":
+            self.facts["lora_sync"] = "merged"
         t0 = time.perf_counter()
         self.backend = (_Colocated(args) if r.colocation == "colocated"
                         else Server(args, device, self.sync_dir.parent / "vllm_server.log"))
@@ -168,6 +174,9 @@ class VLLMEngine:
         if not self.asleep:
             return
         t0 = time.perf_counter()
+        # the trainer's freed blocks go back to the driver first: its allocator's cache held the train phase's peak
+        # and vLLM's pool could not be mapped again (7B nf4, 1024 tokens: out of memory on the second wake)
+        torch.cuda.empty_cache()
         self.backend.llm.wake_up()
         if self.cfg.rollout.sleep_level == 2:  # weights dropped: the base comes back from the checkpoint, the adapter
             self.backend.llm.collective_rpc("reload_weights")  # (or the trained weights) from the trainer
@@ -189,7 +198,10 @@ class VLLMEngine:
         if version == self.synced_version and not force:
             return
         t0 = time.perf_counter()
-        if self.cfg.train.trainable == "lora":
+        if self.cfg.train.trainable == "lora" and self.cfg.rollout.lora_sync == "merged":
+            self.syncs += 1
+            self.backend.load_weights(policy_weights(self.model))
+        elif self.cfg.train.trainable == "lora":
             self.syncs += 1
             path = self.sync_dir / f"adapter-{self.syncs}"
             self.model.save_pretrained(path)
@@ -199,7 +211,7 @@ class VLLMEngine:
                 if old != path:
                     shutil.rmtree(old, ignore_errors=True)
         else:
-            self.backend.load_weights([(name, p.detach()) for name, p in self.model.named_parameters()])
+            self.backend.load_weights(policy_weights(self.model))
         self.synced_version = version
         self._stat("time/sync_s", time.perf_counter() - t0)
         if self.kv:
@@ -208,6 +220,31 @@ class VLLMEngine:
     def mark_synced(self) -> None:
         """Take the trainer's current weights as already pushed (check-engine's planted stale adapter)."""
         self.synced_version = sum(p._version for p in self.trainable)
+
+
+def policy_weights(model):
+    """(HF name, tensor) of every weight of the trainer's policy, a LoRA adapter merged into its layer's weight
+    (W + scale BA, computed in float32, one layer at a time: a 7B's merged copy would be 14 GB at once): what a
+    full-weight run, or `rollout.lora_sync: merged`, writes into vLLM."""
+    from peft.tuners.lora import LoraLayer
+
+    lora = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                continue
+            layer, _, leaf = name.rpartition(".base_layer.")
+            if not layer:
+                yield name.removeprefix("base_model.model."), p.detach()
+                continue
+            module, merged = lora[layer], p.detach()
+            if leaf == "weight" and not module.merged:  # merged by peft: in the weight already
+                merged = merged.float()
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        merged = merged + module.get_delta_weight(adapter).float()
+                merged = merged.to(p.dtype)
+            yield f"{layer.removeprefix('base_model.model.')}.{leaf}", merged
 
 
 def vllm_version() -> str:
@@ -274,11 +311,6 @@ def _tear_down() -> None:
         torch.cuda.empty_cache()
 
 
-def _load_weights(worker, weights):
-    """Runs inside vLLM's worker (collective_rpc): replace the model's weights, HF names accepted."""
-    worker.model_runner.model.load_weights(weights=weights)
-
-
 class _Colocated:
     """vLLM's LLM in this process, on the trainer's device."""
 
@@ -301,7 +333,10 @@ class _Colocated:
         self.lora_request = LoRARequest(name, lora_id, path)
 
     def load_weights(self, weights) -> None:
-        self.llm.collective_rpc(_load_weights, args=(weights,))
+        # vLLM's in-place reload: its kernels' processed weights (the CPU backend's repacked linears, which lose the
+        # plain loader) are rebuilt layer by layer from checkpoint-format tensors into the same storage, which CUDA
+        # graphs keep pointing at. Every weight goes: a layer left half-loaded would be processed with the rest unset
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     def generate(self, prompts: list[list[int]], params: dict, adapter) -> list[tuple[list[int], list[float] | None]]:
