@@ -24,8 +24,8 @@ rows and rewrites OUT/scale.json after each, so a killed bench keeps what it mea
 - `harness-vllm`, `harness-vllm-eager`: the recipe with colocated vLLM (harness.rollout.vllm), CUDA graphs on /
   off (rollout.enforce_eager false / true); vLLM sleeps at level 1 (weights to CPU) while the trainer trains,
   and each step hands vLLM the new adapter (a LoRARequest; base weights never move).
-- `harness-vllm-merged`: as `harness-vllm`, with rollout.lora_sync merged: each sync writes W + scale BA of every
-  adapted layer into vLLM's weights (its in-place reload_weights) and vLLM decodes without LoRA kernels, as TRL's
+- `harness-vllm-merged`: as `harness-vllm`, with rollout.lora_sync merged: each sync writes every weight into vLLM,
+  W + scale BA in the adapted layers (its in-place reload_weights) and vLLM decodes without LoRA kernels, as TRL's
   engine does; bf16 only. Its limit is raw vLLM without an adapter.
 - `trl-vllm`: GRPOTrainer(use_vllm=True, vllm_mode="colocate"), vllm_gpu_memory_utilization and sleep mode as
   the harness's. What differs, by TRL's design: each step TRL merges the LoRA into the base, pushes every

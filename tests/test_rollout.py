@@ -128,3 +128,20 @@ def test_policy_weights_are_peft_own_merge(tiny_model):
                                    if name.endswith("proj.weight") else "base_model.model." + name)
         adapted += bool((weight - base).abs().max() > 1e-3)  # the adapter moved it: the bare base would fail above
     assert adapted == sum(".lora_A." in n for n, _ in model.named_parameters()) >= 7
+
+
+def test_a_merged_sync_refuses_an_adapter_on_a_tied_weight():
+    """With the LM head tied to the embeddings, peft lists the shared weight once (as the embeddings'): an adapter on
+    the head would be left out of the merged weights without a word. It is refused before anything is written."""
+    import peft
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from harness.rollout.vllm import policy_weights
+
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, tie_word_embeddings=True)
+    tied = peft.get_peft_model(Qwen2ForCausalLM(config), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match="tied weight.*lm_head.*lora_sync adapter"):
+        next(policy_weights(tied))
+    untied = peft.get_peft_model(Qwen2ForCausalLM(config), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    assert "model.layers.0.self_attn.q_proj.weight" in dict(policy_weights(untied))

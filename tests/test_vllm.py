@@ -176,6 +176,10 @@ def test_the_longest_sequence_is_the_configured_one(engine):
 
         with urllib.request.urlopen(engine.backend.url + "/v1/models", timeout=10) as r:
             assert json.load(r)["data"][0]["max_model_len"] == MAX_LEN
+    # a prompt that leaves less than max_new_tokens: vLLM would stop it short without a word; refused, naming the field
+    too_long = "+".join(["12"] * MAX_LEN)
+    with pytest.raises(ValueError, match=f"rollout.max_model_len {MAX_LEN} is below a prompt"):
+        engine.generate([prompts(1)[0], too_long])
 
 
 def test_check_engine_compares_like_with_like_under_top_p(tiny_model, tmp_path):

@@ -313,7 +313,9 @@ class RunConfig(Frozen):
             raise ValueError("train.trainable: full needs a base whose weights can train (bf16 or a ModelOpt format), "
                              f"not {self.quant}")
         if self.rollout.engine == "vllm":
-            self._check_vllm_options()
+            from harness.config.engine_options import check_vllm_options
+
+            check_vllm_options(self)
         return self
 
     def _check_algorithm_options(self) -> None:
@@ -331,28 +333,6 @@ class RunConfig(Frozen):
                      for users, fields in ignored.items()]
             raise ValueError(f"{'; '.join(parts)}; algorithm {self.algorithm} has no such option (it would be ignored): "
                              "remove it, or set it only on cells whose algorithm reads it")
-
-    def _check_vllm_options(self) -> None:
-        r = self.rollout
-        if r.colocation == "server" and self.train.trainable == "full":
-            raise ValueError("rollout.colocation: server syncs LoRA adapters over HTTP; vLLM's server has no endpoint to replace "
-                             "full weights, so train.trainable: full needs colocation colocated (weights pushed in-process)")
-        if self.train.trainable == "lora" and r.max_lora_rank is not None and r.max_lora_rank < self.lora.r:
-            raise ValueError(f"rollout.max_lora_rank {r.max_lora_rank} is below lora.r {self.lora.r}: "
-                             "vLLM could not load the adapter")
-        if self.lora.r > VLLM_LORA_RANKS[-1]:
-            raise ValueError(f"lora.r {self.lora.r} is above vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}")
-        if r.lora_sync == "merged":
-            why = ("train.trainable is full" if self.train.trainable != "lora" else "colocation is server (no endpoint "
-                   "replaces weights)" if r.colocation == "server" else f"quant is {self.quant}" if self.quant != "bf16"
-                   else f"vLLM's weights are {self.vllm_quantization}" if self.vllm_quantization else
-                   "rollout_model is set" if r.rollout_model else None)
-            if why:
-                raise ValueError(f"rollout.lora_sync: merged writes base + adapter into vLLM's unquantized copy of the "
-                                 f"trainer's LoRA base, colocated; here {why} (valid: lora_sync adapter)")
-        if r.quantization == "same" and r.rollout_model is None and self.quant not in VLLM_SAME:
-            raise ValueError(f"rollout.quantization: same: vLLM has no in-flight equivalent of {self.quant}; choose one of "
-                             "bf16, bitsandbytes, fp8, or give rollout.rollout_model (e.g. a pre-quantized export)")
 
     @property
     def kl_in_loss(self) -> bool:

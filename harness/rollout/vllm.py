@@ -118,6 +118,10 @@ class VLLMEngine:
         r = self.cfg.rollout
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, self.device)
         token_prompts = [ids[m.bool()].tolist() for ids, m in zip(prompt_ids.cpu(), prompt_mask.cpu())]
+        longest = max(map(len, token_prompts)) + r.max_new_tokens
+        if r.max_model_len and longest > r.max_model_len:  # vLLM would stop those sequences short, silently
+            raise ValueError(f"rollout.max_model_len {r.max_model_len} is below a prompt of {longest - r.max_new_tokens} "
+                             f"tokens + rollout.max_new_tokens {r.max_new_tokens}: raise it to at least {longest}")
         rollout = {"temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k, "logprobs": 0}  # top_k 0: vLLM's none
         untruncated = {"temperature": temperature, "top_p": 1.0, "top_k": 0}
         params = {"max_tokens": r.max_new_tokens} | ({"temperature": 0.0} if greedy else untruncated if temperature else rollout)
@@ -222,6 +226,7 @@ class VLLMEngine:
         self.synced_version = sum(p._version for p in self.trainable)
 
 
+@torch.no_grad()
 def policy_weights(model):
     """(HF name, tensor) of every weight of the trainer's policy, a LoRA adapter merged into its layer's weight
     (W + scale BA, computed in float32, one layer at a time: a 7B's merged copy would be 14 GB at once): what a
@@ -229,22 +234,25 @@ def policy_weights(model):
     from peft.tuners.lora import LoraLayer
 
     lora = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_" in name:
-                continue
-            layer, _, leaf = name.rpartition(".base_layer.")
-            if not layer:
-                yield name.removeprefix("base_model.model."), p.detach()
-                continue
-            module, merged = lora[layer], p.detach()
-            if leaf == "weight" and not module.merged:  # merged by peft: in the weight already
-                merged = merged.float()
-                for adapter in module.active_adapters:
-                    if adapter in module.lora_A:
-                        merged = merged + module.get_delta_weight(adapter).float()
-                merged = merged.to(p.dtype)
-            yield f"{layer.removeprefix('base_model.model.')}.{leaf}", merged
+    listed = {n.removesuffix(".base_layer.weight") for n, _ in model.named_parameters() if n.endswith(".base_layer.weight")}
+    if missing := set(lora) - listed:  # a weight tied to another (lm_head to the embeddings) is listed once
+        raise ValueError(f"rollout.lora_sync: merged cannot write an adapter on a tied weight ({sorted(missing)[0]}): "
+                         "leave it out of lora.target_modules, or use lora_sync adapter")
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            continue
+        layer, _, leaf = name.rpartition(".base_layer.")
+        if not layer:
+            yield name.removeprefix("base_model.model."), p.detach()
+            continue
+        module, weight = lora[layer], p.detach()
+        if leaf == "weight":
+            # an adapter peft merged is in the weight already; a disabled one is not the policy
+            pending = [] if module.disable_adapters else [
+                a for a in module.active_adapters if a in module.lora_A and a not in module.merged_adapters]
+            if pending:
+                weight = (weight.float() + sum(module.get_delta_weight(a).float() for a in pending)).to(p.dtype)
+        yield f"{layer.removeprefix('base_model.model.')}.{leaf}", weight
 
 
 def vllm_version() -> str:
@@ -333,10 +341,15 @@ class _Colocated:
         self.lora_request = LoRARequest(name, lora_id, path)
 
     def load_weights(self, weights) -> None:
+        from harness.rollout.kv_scales import read_scales, write_scales
+
         # vLLM's in-place reload: its kernels' processed weights (the CPU backend's repacked linears, which lose the
         # plain loader) are rebuilt layer by layer from checkpoint-format tensors into the same storage, which CUDA
-        # graphs keep pointing at. Every weight goes: a layer left half-loaded would be processed with the rest unset
+        # graphs keep pointing at. Every weight goes: a layer left half-loaded would be processed with the rest unset.
+        # The reload also sets every attention layer's KV-cache scales back to 1.0: they are put back after it
+        scales = self.llm.collective_rpc(read_scales)[0]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self.llm.collective_rpc(write_scales, args=(scales,))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     def generate(self, prompts: list[list[int]], params: dict, adapter) -> list[tuple[list[int], list[float] | None]]:
