@@ -293,3 +293,47 @@ def test_tune_from_python_runs_the_study_and_says_what_it_found(tmp_path, tiny_m
     again = harness.tune(tmp_path / "m.yaml", "quant=bf16", results=tmp_path / "results", reports=tmp_path / "reports",
                          device="cpu")
     assert again.best[0].number == result.best[0].number, "a finished study resumes with nothing to run"
+
+
+def test_a_queued_trial_handed_to_two_workers_keeps_the_result_of_the_one_that_ran_it(tmp_path, tiny_model, monkeypatch):
+    """optuna on SQLite can pop one queued trial (the matrix's values) in two workers at once. The second copy finds
+    the trial's folder locked by the first; it waits for the first to run and report, then gives up without a report
+    of its own: before, it reported a failure first and the first worker's report raised (a crashed worker, a trial
+    marked failed that had run). Two handles on one trial stand in for the two workers' copies."""
+    import threading
+
+    import optuna
+    import torch
+
+    from harness.common.files import locked
+    from harness.tuning import study as t
+    from harness.tuning.trial import RunFailed
+
+    study = make_study(tmp_path, {"trials": 1, "sampler": "random"}, trials=1)
+    s, _ = t.create(study)
+    first = s.ask()  # worker A pops the queued trial and runs it: its run_id set, its folder locked
+    cfg = trial_config(study.cell_cfg, study.spec, first.params)
+    first.set_user_attr("run_id", cfg.run_id)
+    run_dir = study.run_dir(cfg.run_id)
+    run_dir.mkdir(parents=True)
+    waiting, result = threading.Event(), {}
+    await_copy = t.await_the_other_copy
+    monkeypatch.setattr(t, "await_the_other_copy", lambda *a, **k: waiting.set() or await_copy(*a, **k))
+
+    def second_copy():
+        try:
+            t.objective(optuna.trial.Trial(s, first._trial_id), study, torch.device("cpu"), lambda **kw: None)
+        except RunFailed as e:
+            result["error"] = str(e)
+
+    with locked(run_dir / ".lock"):
+        worker_b = threading.Thread(target=second_copy)
+        worker_b.start()
+        assert waiting.wait(timeout=60)  # B found the folder locked by this same trial
+    s.tell(first, 0.75)  # A's run ended (its lock released) and A reports it
+    worker_b.join(timeout=60)
+    assert not worker_b.is_alive() and "second copy" in result["error"]
+    frozen = s._storage.get_trial(first._trial_id)
+    assert frozen.state == TrialState.COMPLETE and frozen.values == [0.75]
+    with pytest.raises(ValueError, match="Cannot tell a COMPLETE trial"):  # B's report, refused; work() passes over it
+        s.tell(optuna.trial.Trial(s, first._trial_id), state=TrialState.FAIL)

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from harness.config.run import VLLM_LORA_RANKS, VLLM_SAME
-
 if TYPE_CHECKING:
     from harness.config.run import RunConfig
+
+
+# rollout.quantization `same`: the vLLM in-flight quantization that matches each trainer format
+VLLM_SAME = {"bf16": None, "nf4": "bitsandbytes", "fp8": "fp8"}
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's MaxLoRARanks
 
 
 def check_vllm_options(cfg: RunConfig) -> None:

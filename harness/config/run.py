@@ -11,11 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from harness.config.engine_options import VLLM_LORA_RANKS, VLLM_SAME, check_vllm_options
 from harness.registries import ALGORITHMS, COLOCATION, MODELS, QUANT, SHAPES, TASKS
-
-# rollout.quantization `same`: the vLLM in-flight quantization that matches each trainer format
-VLLM_SAME = {"bf16": None, "nf4": "bitsandbytes", "fp8": "fp8"}
-
 
 SEED_MAX = 2**32 - 1  # torch.manual_seed takes [-2**63, 2**64); numpy's (and most samplers') range is [0, 2**32)
 
@@ -75,7 +72,6 @@ class TaskConfig(Frozen):
         return hash(self.model_dump_json())
 
 
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's MaxLoRARanks
 DTYPES = Literal["auto", "bfloat16", "float16", "float32"]
 
 
@@ -313,8 +309,6 @@ class RunConfig(Frozen):
             raise ValueError("train.trainable: full needs a base whose weights can train (bf16 or a ModelOpt format), "
                              f"not {self.quant}")
         if self.rollout.engine == "vllm":
-            from harness.config.engine_options import check_vllm_options
-
             check_vllm_options(self)
         return self
 

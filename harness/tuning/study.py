@@ -40,7 +40,7 @@ from harness.config.matrix import Criteria
 from harness.config.run import RunConfig
 from harness.config.tune_space import TuneSpec, defaults, trial_config, trial_seeds
 from harness.errors import HarnessError
-from harness.tuning.trial import RunFailed, run_trial
+from harness.tuning.trial import RunFailed, SecondCopy, await_the_other_copy, holder_is_another_trial, run_trial
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # each worker prints its own line per trial
@@ -234,8 +234,20 @@ def work(study: Study, worker: int, device: str, on_trial: Callable[[optuna.tria
                 return
             time.sleep(min(study.spec.heartbeat_s, 5))
             continue
-        s.optimize(lambda trial: objective(trial, study, dev, on_step or (lambda **kw: None)), n_trials=1, catch=(RunFailed,),
-                   callbacks=[lambda _, t: on_trial(t)])
+        copies: list[int] = []
+
+        def run(trial: optuna.Trial) -> float | list[float]:
+            try:
+                return objective(trial, study, dev, on_step or (lambda **kw: None))
+            except SecondCopy:
+                copies.append(trial.number)
+                raise
+
+        try:
+            s.optimize(run, n_trials=1, catch=(RunFailed,), callbacks=[lambda _, t: on_trial(t)])
+        except ValueError:  # optuna: "Cannot tell a COMPLETE trial": a second copy's report, refused; the first's stands
+            if not copies:
+                raise
 
 
 def _worker_id() -> str:
@@ -289,12 +301,14 @@ def objective(trial: optuna.Trial, study: Study, device: torch.device, on_step: 
     # two trials with the same parameters (or a worker taken for dead while still alive) must not train into one folder;
     # the first seed's folder locks all the trial's seeds
     with locked(run_dir / ".lock", wait=False) as mine:
-        if not mine:
-            error = f"another trial is running the same configuration ({cfg.run_id})"
-            trial.set_user_attr("status", "busy")
-            trial.set_user_attr("error", error)
-            raise RunFailed(error)
-        return run_trial(trial, study, cfg, device, on_step)
+        if mine:
+            return run_trial(trial, study, cfg, device, on_step)
+    if not holder_is_another_trial(trial, cfg.run_id) and await_the_other_copy(trial, run_dir):
+        raise SecondCopy("a second copy of this trial, which another worker ran and reported")
+    error = f"another trial is running the same configuration ({cfg.run_id})"
+    trial.set_user_attr("status", "busy")
+    trial.set_user_attr("error", error)
+    raise RunFailed(error)
 
 
 def trial_line(t: optuna.trial.FrozenTrial, worker: int | None = None) -> str:

@@ -26,11 +26,14 @@ Scores are keyed by seed, so a seed is never counted twice.
 from __future__ import annotations
 
 import statistics
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import optuna
+from optuna.trial import TrialState
 
+from harness.common.files import locked
 from harness.config.run import RunConfig
 from harness.recipes import Pruned
 from harness.results.layout import finite, is_finished, read_json, read_metrics
@@ -155,3 +158,27 @@ def _record(trial: optuna.Trial, summaries: list[dict]) -> None:
     trial.set_user_attr("peak_memory_gib", max(got("peak_memory_gib"), default=None))
     for key in ("eval_start", "eval_end"):
         trial.set_user_attr(key, statistics.fmean(got(key)) if got(key) else None)
+
+
+class SecondCopy(RunFailed):
+    """This worker was handed a trial another worker ran and reported: optuna refuses this one's report."""
+
+
+def holder_is_another_trial(trial: optuna.Trial, run_id: str) -> bool:
+    """Whether the folder's lock is held by another trial with the same parameters, or by this very trial: optuna on
+    SQLite can hand one queued trial (the matrix's values) to two workers at once (SQLite has no SELECT FOR UPDATE).
+    A holder sets its run_id before it locks, so another trial holding the lock is visible here."""
+    return any(t.number != trial.number and t.user_attrs.get("run_id") == run_id
+               for t in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
+def await_the_other_copy(trial: optuna.Trial, run_dir: Path, tell_within_s: float = 60.0) -> bool:
+    """This worker holds a second copy of a trial another worker is running: wait for that run to end and the other
+    worker to report it, so that its result stands. Failing here first would mark the trial failed and make the
+    other worker's report raise (optuna: "Trial#0 has already finished and can not be updated")."""
+    with locked(run_dir / ".lock"):  # the other copy's run has ended when its lock is free
+        pass
+    storage, deadline = trial.study._storage, time.monotonic() + tell_within_s
+    while not (done := storage.get_trial(trial._trial_id).state.is_finished()) and time.monotonic() < deadline:
+        time.sleep(0.2)  # polls the event (the report), bounded in case the other worker died before making it
+    return done
