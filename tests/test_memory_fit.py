@@ -96,6 +96,7 @@ def test_wide_model(tiny_model, tmp_path):
     assert abs(est["peak_gib"] / measured - 1) <= TOLERANCE, report("wide bf16", est, measured)
 
 
+@pytest.mark.slow  # four training runs of the wide model, 55 s of make test's 10 minutes: make test-slow runs it
 def test_micro_batches_lower_the_peak_as_estimated(tiny_model, tmp_path):
     """grpo's train.micro_batch_size: the training logits and activations of a quarter of the batch at a time."""
     model = wide_model(tmp_path / "wide", tiny_model)
