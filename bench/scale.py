@@ -275,10 +275,10 @@ def main() -> None:
               "group": a.group, "warmup": a.warmup, "steps": a.steps, "micro_batch": a.micro_batch or None,
               "gpu_memory_utilization": a.gpu_memory_utilization, "max_model_len": a.max_model_len, "device": a.device,
               "work": str(work.resolve())}
-    result |= {"versions": versions(), "config": common, "command": sys.argv[1:]}
     # every invocation that measured into this file, its rows pointing at it ("call"): the rows of one file come from
     # several calls (a call runs at most 10 minutes on the GPU machine)
-    result.setdefault("calls", []).append({"command": sys.argv[1:], "versions": result["versions"], "config": common,
+    result.pop("command", None), result.pop("config", None), result.pop("versions", None)  # kept per call since stop 33
+    result.setdefault("calls", []).append({"command": sys.argv[1:], "versions": versions(), "config": common,
                                            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     order = [s for s in SIDE_NAMES if s in a.sides.split(",")]
     for model in models:

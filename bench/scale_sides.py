@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -21,6 +22,7 @@ sys.path.insert(0, str(HERE))
 import grpo_vs_trl as gvt  # noqa: E402
 
 from harness.common.system import GIB, compute_dtype, device_name  # noqa: E402
+from harness.common.validation import validation_problems  # noqa: E402
 from harness.config.run import RunConfig  # noqa: E402
 
 # side -> (kind, options). harness / trl: a GRPO step; vllm*: raw LLM.generate, no trainer around it
@@ -79,8 +81,10 @@ def run(spec: dict) -> dict:
     row = {k: spec[k] for k in ("model", "quant", "max_new", "side")} | {"status": "ok"}
     device = torch.device(spec["device"])
     row["device"] = device_name(device)
-    if SIDES[spec["side"]][1].get("lora_sync") == "merged" and spec["quant"] != "bf16":
-        return row | {"status": "skipped", "error": "merged weights need an unquantized (bf16) base"}
+    try:
+        config(spec)
+    except ValidationError as e:  # a side the harness refuses for this work (merged weights of an nf4 base): its reason
+        return row | {"status": "skipped", "error": "; ".join(validation_problems(e, RunConfig))[:600]}
     if uses_vllm(spec["side"]):
         if device.type != "cuda":
             return row | {"status": "skipped", "error": "no CUDA"}

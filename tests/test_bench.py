@@ -40,5 +40,15 @@ def test_scale_bench_keeps_rows_and_the_calls_that_measured_them(tmp_path):
     assert rows["harness"]["completion_tokens_median"] > 0 and rows["harness"]["call"] == 0
     assert rows["harness-vllm"]["status"] == "skipped" and "CUDA" in rows["harness-vllm"]["error"]
     second = scale("--sides", "harness", "--skip-done", "--max-model-len", "64")
-    assert [c["config"]["max_model_len"] for c in second["calls"]] == [None, 64]
+    assert [c["config"]["max_model_len"] for c in second["calls"]] == [None, 64] and "command" not in second
     assert second["rows"] == first["rows"]  # the ok row was kept, not measured again
+
+
+def test_a_side_the_harness_refuses_is_skipped_with_its_reason():
+    """Merged weights of an nf4 base: the harness's own config check refuses it, and the bench row says why."""
+    import scale_sides
+
+    spec = {"model": "builtin:tiny-arith", "task": "arith", "quant": "nf4", "max_new": 5, "side": "harness-vllm-merged",
+            "prompts": 4, "group": 2, "warmup": 0, "steps": 1, "gpu_memory_utilization": 0.3, "device": "cpu"}
+    row = scale_sides.run(spec)
+    assert row["status"] == "skipped" and "lora_sync: merged" in row["error"] and "quant is nf4" in row["error"]

@@ -202,11 +202,8 @@ class VLLMEngine:
         if version == self.synced_version and not force:
             return
         t0 = time.perf_counter()
-        if self.cfg.train.trainable == "lora" and self.cfg.rollout.lora_sync == "merged":
-            self.syncs += 1
-            self.backend.load_weights(policy_weights(self.model))
-        elif self.cfg.train.trainable == "lora":
-            self.syncs += 1
+        self.syncs += 1
+        if self.cfg.train.trainable == "lora" and self.cfg.rollout.lora_sync == "adapter":
             path = self.sync_dir / f"adapter-{self.syncs}"
             self.model.save_pretrained(path)
             self.adapter = (f"{SERVED_NAME}-{self.syncs}", self.syncs, str(path))
@@ -214,7 +211,7 @@ class VLLMEngine:
             for old in self.sync_dir.glob("adapter-*"):
                 if old != path:
                     shutil.rmtree(old, ignore_errors=True)
-        else:
+        else:  # full weights, or a LoRA merged into them
             self.backend.load_weights(policy_weights(self.model))
         self.synced_version = version
         self._stat("time/sync_s", time.perf_counter() - t0)
