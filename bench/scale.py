@@ -118,7 +118,8 @@ def run_side(spec: dict, timeout: float | None, log: Path) -> dict:
     if row is None:
         tail = "\n".join(err.strip().splitlines()[-12:])
         row = base | {"status": "crashed", "error": f"exit {code}: {tail}"[-1500:]}
-    return row | {"wall_s": round(time.perf_counter() - t0, 1), "log": str(log)}
+    # a side can print its row and still exit non-zero (vLLM's teardown of a sleeping engine prints CUDA errors)
+    return row | {"wall_s": round(time.perf_counter() - t0, 1), "log": str(log), "exit_code": code}
 
 
 def _text(x) -> str:

@@ -213,11 +213,13 @@ def test_a_weight_reload_keeps_the_kv_scales_in_use(tiny_model, tmp_path, monkey
     try:
         prompts = [p.prompt for p in load_task(cfg.task).eval[:8]]
         engine.generate(prompts)
+        assert "mismatch/merge_rel_err" not in engine.pop_metrics()  # B starts at zero: nothing merged, nothing lost
         llm = engine.backend.llm
         planted = {i: LayerScales(2.0, 3.0, 4.0) for i in llm.collective_rpc(read_scales)[0]}
         llm.collective_rpc(write_scales, args=(planted,))
         perturb(model, lora=True, seed=5)
         engine.generate(prompts)
         assert engine.syncs == 2 and llm.collective_rpc(read_scales)[0] == planted
+        assert 0 <= engine.pop_metrics()["mismatch/merge_rel_err"] < 1e-4  # float32 weights hold the update
     finally:
         engine.close()

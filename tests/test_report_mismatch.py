@@ -211,3 +211,41 @@ def test_kv_scales_are_part_of_the_kv_cache_source_and_their_check_is_shown(tmp_
     static = next(r for r in per_cell if r[0].endswith("(static)"))
     assert static[head.index("KV check: load-time scales")] == "0.0600"
     assert static[head.index("KV check: recalibrated")] == "0.0200"
+
+
+SYNC_MATRIX = """\
+description: a merged LoRA sync as one precision source
+base:
+  task: {name: arith, eval_size: 50}
+  rollout: {colocation: colocated, quantization: bf16}
+axes:
+  quant: [bf16]
+include:
+  - {quant: bf16, rollout.lora_sync: merged, label: merged}
+seeds: [0, 1]
+baseline: {quant: bf16}
+"""
+
+
+def test_a_merged_lora_sync_is_a_precision_source_with_its_rounding_shown(tmp_path):
+    """rollout.lora_sync: merged stores W + scale BA in bf16 for vLLM: its cell is one source away from the adapter
+    cell, and what the rounding lost of each update is shown beside its mismatch."""
+    root, runs = write_sweep(tmp_path, SYNC_MATRIX, "sync")
+    planted = {"quant=bf16": [0.010, 0.012], "quant=bf16,rollout.lora_sync=merged (merged)": [0.016, 0.020]}
+    assert set(runs) == set(planted)
+    for name, diffs in planted.items():
+        for run_dir, diff in zip(runs[name], diffs):
+            mismatch_run(run_dir, diff, 0.8, corrected=False)
+            if "merged" in name:
+                t = JsonlTracker(run_dir)
+                for step, lost in ((3, 0.30), (7, 0.20), (9, 0.10)):
+                    t.log({"mismatch/merge_rel_err": lost}, step)
+    judge(root)
+    text = write_report(root, tmp_path / "reports" / "sync").read_text()
+    rows = {(r[1], r[2]): r for r in table(text, "Attribution")[1:]}
+    assert rows[("LoRA sync", "merged")][4] == "+0.00700 ± 0.00100"  # (0.006 + 0.008) / 2
+    per_cell = table(text, "Per cell")
+    merged = next(r for r in per_cell if r[0].endswith("(merged)"))
+    assert merged[per_cell[0].index("merged update lost")] == "0.2000"  # each seed's median over its syncs
+    adapter = next(r for r in per_cell if r[0] == "quant=bf16")
+    assert adapter[per_cell[0].index("merged update lost")] == "–"

@@ -113,6 +113,63 @@ def test_temperature_scales_the_trained_distribution(random_qwen):
     assert hot.item() == pytest.approx(torch.log_softmax(logits / 2, -1)[9].item(), abs=1e-5)
 
 
+def test_entropy_by_hand_and_in_pieces(monkeypatch):
+    import harness.recipes.rl_math as rl_math
+
+    uniform = torch.zeros(2, 3, 8)  # every position uniform over 8 ids: entropy ln 8
+    sure = torch.full((1, 1, 8), -30.0)
+    sure[0, 0, 5] = 30.0  # all the mass on one id: entropy ~0
+    _, h = rl_math.token_logprobs_and_entropy(uniform, torch.zeros(2, 3, dtype=torch.long))
+    assert h.shape == (2, 3) and torch.allclose(h, torch.full((2, 3), math.log(8)))
+    assert rl_math.token_logprobs_and_entropy(sure, torch.zeros(1, 1, dtype=torch.long))[1].item() == pytest.approx(0, abs=1e-20)
+    logits = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(0))
+    whole = rl_math.entropy(torch.log_softmax(logits, -1))
+    monkeypatch.setattr(rl_math, "ENTROPY_ROWS", 4)  # 15 positions in pieces of 4, the last one short
+    assert torch.allclose(rl_math.entropy(torch.log_softmax(logits, -1)), whole, rtol=0, atol=1e-6)
+
+
+def test_scoring_keeps_one_vocabulary_sized_tensor_for_the_backward(random_qwen):
+    """What autograd keeps between the forward and the backward: log_softmax's output, one float32 [N, C, V] copy.
+    The entropy is a metric (no loss has it), so it keeps nothing; with a gradient it kept exp(log p) too, and at a
+    152k vocabulary each copy is 9.3 GiB for 16 completions of 1024 tokens (the train phase's peak, issue 23)."""
+    from harness.recipes.rl_math import token_logprobs_and_entropy
+
+    logits = torch.randn(2, 3, 32, requires_grad=True)
+    kept = {}  # storage -> a tensor saved on it
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logp, entropy = token_logprobs_and_entropy(logits * 1.0, torch.zeros(2, 3, dtype=torch.long))
+    assert sum(t.numel() == logits.numel() for t in kept.values()) == 1
+    assert not entropy.requires_grad and logp.requires_grad
+    logp.sum().backward()
+    assert torch.allclose(logits.grad.sum(-1), torch.zeros(2, 3), atol=1e-6)  # d log p_k / d logits sums to 0
+
+
+def test_a_temperature_leaves_the_model_output_as_it_was():
+    """completion_logits divides its own float32 copy in place; when the model's logits are float32 already there is
+    no copy, and they are divided out of place."""
+    from harness.recipes.rl_math import completion_logits
+
+    class Head(torch.nn.Module):
+        def __init__(self, dtype):
+            super().__init__()
+            self.out, self.dtype = None, dtype
+
+        def forward(self, input_ids, logits_to_keep, **_):
+            self.out = torch.ones(*input_ids.shape[:1], logits_to_keep, 4, dtype=self.dtype)
+            return type("Out", (), {"logits": self.out})
+
+    for dtype in (torch.float32, torch.bfloat16):
+        head, ids = Head(dtype), torch.ones(1, 2, dtype=torch.long)
+        scaled = completion_logits(head, ids, torch.ones_like(ids), ids, torch.ones_like(ids), temperature=2.0)
+        assert scaled.dtype == torch.float32 and torch.equal(scaled, torch.full((1, 2, 4), 0.5))
+        assert torch.equal(head.out, torch.ones_like(head.out))
+
+
 def test_mismatch_metrics():
     mask = torch.tensor([[1, 1, 0]])
     same = mismatch_metrics(torch.tensor([[-1.0, -2, -3]]), torch.tensor([[-1.0, -2, 9]]), mask, cap=2.0)

@@ -130,6 +130,31 @@ def test_policy_weights_are_peft_own_merge(tiny_model):
     assert adapted == sum(".lora_A." in n for n, _ in model.named_parameters()) >= 7
 
 
+@pytest.mark.parametrize("dtype, delta, lost", [
+    (torch.bfloat16, 2.0 ** -9, 1.0),        # under half of bf16's step at 1.0 (2^-7): 1 + delta is stored as 1
+    (torch.bfloat16, 2.0 ** -7, 0.0),        # one whole step: stored exactly
+    (torch.bfloat16, 3 * 2.0 ** -9, 1 / 3),  # 1 + 3/512 is stored as 1 + 4/512: off by 1/512, a third of delta
+    (torch.float32, 2.0 ** -9, 0.0)])
+def test_a_merged_sync_measures_the_update_its_dtype_loses(dtype, delta, lost):
+    """mismatch/merge_rel_err, hand-computed: base weights all 1.0, the adapter adding `delta` to each. The trainer
+    adds the adapter's output to the base layer's and keeps the update whole; a merged copy in bf16 may not."""
+    import peft
+
+    from harness.rollout.vllm import merge_rel_err, policy_weights
+
+    base = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False)).to(dtype)
+    base[0].weight.data.fill_(1.0)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=1, lora_alpha=2, target_modules=["0"]))  # scale 2
+    layer = model.base_model.model[0]
+    layer.lora_A["default"].weight.data.fill_(0.5)
+    layer.lora_B["default"].weight.data.fill_(delta)  # scale * B A = 2 * delta * 0.5 = delta
+    rounding = {}
+    (_, weight), = policy_weights(model, rounding)
+    assert weight.dtype == dtype and torch.equal(weight, torch.full((4, 4), 1.0 + delta).to(dtype))
+    assert rounding["delta_sq"] == pytest.approx(16 * delta ** 2)
+    assert merge_rel_err(rounding) == pytest.approx(lost, abs=1e-12)
+
+
 def test_a_merged_sync_refuses_an_adapter_on_a_tied_weight():
     """With the LM head tied to the embeddings, peft lists the shared weight once (as the embeddings'): an adapter on
     the head would be left out of the merged weights without a word. It is refused before anything is written."""

@@ -105,7 +105,9 @@ class RolloutConfig(Frozen):
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="share of the GPU vLLM may take (weights + KV cache)")
     lora_sync: Literal["adapter", "merged"] = Field(
         "adapter", description="a LoRA trainer's weights in vLLM: adapter (loaded as one; LoRA kernels at every decode "
-                               "step) or merged (W + scale BA written into vLLM's weights; colocated, bf16 base only)")
+                               "step) or merged (W + scale BA written into vLLM's weights; colocated, bf16 base only; "
+                               "decodes faster, but bf16 drops updates under half a weight's step: "
+                               "mismatch/merge_rel_err)")
     max_model_len: int | None = Field(None, ge=1, description="vLLM's longest sequence (default: the model's, 131072 for "
                                       "Qwen2.5, which a small KV cache refuses): the longest prompt + max_new_tokens")
     enforce_eager: bool | Literal["auto"] = Field(

@@ -107,8 +107,11 @@ def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion
     position_ids = mask_positions(attention)
     n_completion = completion_ids.shape[1]
     logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
-                   logits_to_keep=n_completion + 1).logits
-    return logits[:, :-1].float() / temperature
+                   logits_to_keep=n_completion + 1).logits[:, :-1]
+    scaled = logits.float()  # [N, C, V] float32: at a 152k vocabulary each such copy is GiBs; make no second one
+    if temperature == 1.0:
+        return scaled
+    return scaled.div_(temperature) if scaled is not logits else scaled / temperature  # (not the model's own output)
 
 
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0,
@@ -125,7 +128,23 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
 def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor):
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return logp, -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy(logp_all.detach())
+
+
+ENTROPY_ROWS = 256  # positions per piece: 256 x 152k float32 is 0.15 GB
+
+
+@torch.no_grad()
+def entropy(logp_all: torch.Tensor) -> torch.Tensor:
+    """-sum p log p over the vocabulary, [...] from [..., V] log-probs. No loss has an entropy term (it is a metric
+    and the verdict's floor), so no gradient: with one, autograd kept exp(log p) beside log p, a second [N, C, V]
+    float32 copy until the backward, and the product a third at the forward's peak. A few positions at a time."""
+    flat = logp_all.reshape(-1, logp_all.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=flat.dtype, device=flat.device)
+    for i in range(0, flat.shape[0], ENTROPY_ROWS):
+        piece = flat[i:i + ENTROPY_ROWS]
+        out[i:i + ENTROPY_ROWS] = -(piece.exp() * piece).sum(-1)
+    return out.view(logp_all.shape[:-1])
 
 
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

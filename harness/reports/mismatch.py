@@ -37,10 +37,13 @@ CORRECTION_METRICS = [("mismatch/is_weight_mean", "IS weight mean", 4), ("mismat
 # recalibrated scales; how far recalibration moved the scales per sync
 KV_METRICS = [("mismatch/kv_static_abs", "KV check: load-time scales", 4),
               ("mismatch/kv_recalibrated_abs", "KV check: recalibrated", 4), ("kv/scale_shift", "KV scale shift per sync", 4)]
+# rollout.lora_sync: merged: the share of the adapter's update that storing W + scale BA in the weights' dtype loses
+SYNC_METRICS = [("mismatch/merge_rel_err", "merged update lost", 4)]
 ENGINE = "rollout.colocation"
 # (source, config field, its bf16 value, read by vLLM alone): an in_process run has no engine options to differ in
 SOURCES = [("trainer weights", "quant", "bf16", False), ("rollout weights", "rollout.quantization", "bf16", True),
-           ("KV cache", "rollout.kv_cache_dtype", "auto", True), ("top_p", "rollout.top_p", 1.0, False),
+           ("KV cache", "rollout.kv_cache_dtype", "auto", True), ("LoRA sync", "rollout.lora_sync", "adapter", True),
+           ("top_p", "rollout.top_p", 1.0, False),
            ("top_k", "rollout.top_k", 0, False)]
 REFERENCE = {name: ref for name, _, ref, _ in SOURCES}
 SOURCE_DETAILS = {"rollout.kv_scales"}  # part of a source's value (source_values), not an axis of its own
@@ -60,11 +63,15 @@ TEXT = (
     "completions of the latest rollout under the scales it loaded with and under scales recalibrated from the trainer, "
     "and each is compared with the trainer's log-probs (mean |Δ logprob| per token; static scales are stale when the "
     "first is clearly above the second); KV scale shift: the mean |ln| change of the scales per sync when they are "
-    "recalibrated. "
+    "recalibrated; merged update lost: with rollout.lora_sync merged, ||stored − exact|| / ||scale·BA|| of W + scale·BA "
+    "at each sync, the share of the adapter's update that storing the merged weights in their dtype loses (bf16 keeps 8 "
+    "significant bits: an update under half a step of W is lost whole, which the trainer, adding the adapter's "
+    "output to the base layer's, keeps). "
     "Attribution: the precision sources are the trainer's weights (quant), the rollout engine's weights "
-    "(rollout.quantization, `same` read as the format vLLM then loads), its KV cache (kv_cache_dtype) and sampling "
-    "truncation (top_p, top_k); the engine options count only for vLLM cells. The reference cell has every source at "
-    "its bf16 value (bf16, bf16, auto, 1.0, 0), the same engine, the same other axes and no correction. For a cell "
+    "(rollout.quantization, `same` read as the format vLLM then loads), its KV cache (kv_cache_dtype), how a LoRA "
+    "adapter reaches it (lora_sync: adapter, or merged into the weights) and sampling truncation (top_p, top_k); "
+    "the engine options count only for vLLM cells. The reference cell has every source at its bf16 value (bf16, "
+    "bf16, auto, adapter, 1.0, 0), the same engine, the same other axes and no correction. For a cell "
     "that differs from it in exactly one source, Δ is its mean |Δ logprob| minus the reference's, taken seed by seed "
     "over the seeds both finished and averaged, ± half the range of those per-seed differences; share is Δ over the "
     "sum of the Δs of every single-source cell of that reference (signed: a source that lowers the mismatch has a "
@@ -139,7 +146,7 @@ def profiles(root: Path, matrix: dict, cells: list[dict]) -> list[Profile]:
         seeds = {}
         for r in cell["runs"]:
             rows = read_metrics(root / r["run_id"])
-            stats = {m: x for m, _, _ in METRICS + CORRECTION_METRICS + KV_METRICS
+            stats = {m: x for m, _, _ in METRICS + CORRECTION_METRICS + KV_METRICS + SYNC_METRICS
                      if (x := run_statistic(rows, m)) is not None}
             if stats:
                 seeds[r["seed"]] = stats
@@ -186,7 +193,7 @@ def _value_text(p: Profile, names: list[str]) -> str:
 
 def per_cell_rows(found: list[Profile]) -> tuple[list[str], list[list[str]]]:
     shown = [p for p in found if p.seeds]
-    extra = [m for m in CORRECTION_METRICS + KV_METRICS if any(m[0] in s for p in shown for s in p.seeds.values())]
+    extra = [m for m in CORRECTION_METRICS + KV_METRICS + SYNC_METRICS if any(m[0] in s for p in shown for s in p.seeds.values())]
     titles = ["cell", "engine", "seeds", *[t for _, t, _ in METRICS + extra]]
     rows = [[p.name, p.engine, f"{len(p.seeds)}/{len(p.cell['runs'])}",
              *[_number(p.value(m), digits) for m, _, digits in METRICS + extra]] for p in shown]

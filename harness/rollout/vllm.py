@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gc
+import math
 import os
 import shutil
 import tempfile
@@ -212,7 +213,10 @@ class VLLMEngine:
                 if old != path:
                     shutil.rmtree(old, ignore_errors=True)
         else:  # full weights, or a LoRA merged into them
-            self.backend.load_weights(policy_weights(self.model))
+            rounding = {}
+            self.backend.load_weights(policy_weights(self.model, rounding))
+            if rounding.get("delta_sq"):  # none before the adapter's first step (B starts at zero)
+                self._stat("mismatch/merge_rel_err", merge_rel_err(rounding))
         self.synced_version = version
         self._stat("time/sync_s", time.perf_counter() - t0)
         if self.kv:
@@ -224,10 +228,15 @@ class VLLMEngine:
 
 
 @torch.no_grad()
-def policy_weights(model):
+def policy_weights(model, rounding: dict | None = None):
     """(HF name, tensor) of every weight of the trainer's policy, a LoRA adapter merged into its layer's weight
     (W + scale BA, computed in float32, one layer at a time: a 7B's merged copy would be 14 GB at once): what a
-    full-weight run, or `rollout.lora_sync: merged`, writes into vLLM."""
+    full-weight run, or `rollout.lora_sync: merged`, writes into vLLM.
+
+    `rounding`, when given, adds up over the merged layers what storing W + scale BA in the weight's dtype costs:
+    "err_sq", the squared distance of the stored weight from the float32 sum, and "delta_sq", scale BA's. A bf16
+    weight has 8 significant bits, so an update smaller than half a step of W is lost whole; the trainer, which adds
+    the adapter's output to the base layer's, keeps it (merge_rel_err)."""
     from peft.tuners.lora import LoraLayer
 
     lora = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
@@ -248,8 +257,19 @@ def policy_weights(model):
             pending = [] if module.disable_adapters else [
                 a for a in module.active_adapters if a in module.lora_A and a not in module.merged_adapters]
             if pending:
-                weight = (weight.float() + sum(module.get_delta_weight(a).float() for a in pending)).to(p.dtype)
+                delta = sum(module.get_delta_weight(a).float() for a in pending)
+                exact = weight.float() + delta
+                weight = exact.to(p.dtype)
+                if rounding is not None:
+                    rounding["err_sq"] = rounding.get("err_sq", 0.0) + (weight.float() - exact).square().sum().item()
+                    rounding["delta_sq"] = rounding.get("delta_sq", 0.0) + delta.square().sum().item()
         yield f"{layer.removeprefix('base_model.model.')}.{leaf}", weight
+
+
+def merge_rel_err(rounding: dict) -> float:
+    """||stored(W + scale BA) - (W + scale BA)|| / ||scale BA|| over every merged layer (Frobenius): 0 when the
+    weights' dtype holds the merged update exactly, 1 when the stored weights are W unchanged, the update lost."""
+    return math.sqrt(rounding["err_sq"] / rounding["delta_sq"])
 
 
 def vllm_version() -> str:
