@@ -243,6 +243,8 @@ def main() -> None:
     p.add_argument("--deadline", type=float, help="start no side after this many seconds; each side's timeout "
                    "shrinks to what is left (a 10-minute machine call)")
     p.add_argument("--skip-done", action="store_true", help="keep OUT/scale.json's ok rows instead of re-measuring")
+    p.add_argument("--redo", default="", help="comma-separated sides to measure again despite --skip-done (after a "
+                   "change to what they run); their new rows replace the old")
     p.add_argument("--work", default="/tmp/scale-work")
     p.add_argument("--out", default="reports/scale")
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -253,7 +255,7 @@ def main() -> None:
         print(json.dumps(run(json.loads(a.one)), default=str), flush=True)
         os._exit(0)  # an in-process vLLM engine's threads can keep a finished process alive
     t_start = time.perf_counter()
-    unknown = set(a.sides.split(",")) - set(SIDE_NAMES)
+    unknown = (set(a.sides.split(",")) | set(filter(None, a.redo.split(",")))) - set(SIDE_NAMES)
     if unknown:
         p.error(f"unknown sides {sorted(unknown)}; known: {', '.join(SIDE_NAMES)}")
     if a.task == "boxed" and not a.data:
@@ -282,13 +284,14 @@ def main() -> None:
     result.setdefault("calls", []).append({"command": sys.argv[1:], "versions": versions(), "config": common,
                                            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     order = [s for s in SIDE_NAMES if s in a.sides.split(",")]
+    redo = set(filter(None, a.redo.split(",")))
     for model in models:
         for quant in a.quants.split(","):
             for max_new in map(int, a.max_new.split(",")):
                 for side in order:
                     spec = common | {"model": model, "quant": quant, "max_new": max_new, "side": side}
                     done = {key(r): r for r in result["rows"]}
-                    if a.skip_done and done.get(key(spec), {}).get("status") == "ok":
+                    if a.skip_done and side not in redo and done.get(key(spec), {}).get("status") == "ok":
                         continue
                     timeout = a.side_timeout
                     if a.deadline is not None:
@@ -305,6 +308,8 @@ def main() -> None:
                           + (f" ({row.get('error', '')[:200]})" if row["status"] != "ok" else ""), flush=True)
                     result["rows"] = [r for r in result["rows"] if key(r) != key(row)] + [row]
                     result["device"] = row.get("device") or result.get("device")
+                    if row.get("device"):  # the parent makes no CUDA context to ask; the first side's row tells
+                        result["calls"][-1].setdefault("device", row["device"])
                     write(out, result)  # after every side: a killed bench keeps what it measured
     finish(out, result)
 

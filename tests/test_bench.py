@@ -22,7 +22,8 @@ def test_exclusive_timer_subtracts_nested_calls(monkeypatch):
 
 def test_scale_bench_keeps_rows_and_the_calls_that_measured_them(tmp_path):
     """bench/scale.py on the tiny model, as the GPU machine runs it: a side's row, a vLLM side skipped on a CPU, and
-    every invocation recorded in scale.json's calls (a later --skip-done call keeps the rows and points nowhere new)."""
+    every invocation recorded in scale.json's calls (a later --skip-done call keeps the rows and points nowhere new;
+    --redo measures a side again)."""
     import json
     import subprocess
 
@@ -42,6 +43,9 @@ def test_scale_bench_keeps_rows_and_the_calls_that_measured_them(tmp_path):
     second = scale("--sides", "harness", "--skip-done", "--max-model-len", "64")
     assert [c["config"]["max_model_len"] for c in second["calls"]] == [None, 64] and "command" not in second
     assert second["rows"] == first["rows"]  # the ok row was kept, not measured again
+    assert rows["harness"]["exit_code"] == 0 and first["calls"][0]["device"] == rows["harness"]["device"]
+    third = scale("--sides", "harness", "--skip-done", "--redo", "harness")
+    assert [r["call"] for r in third["rows"] if r["side"] == "harness"] == [2]  # measured again, the old row replaced
 
 
 def test_a_side_the_harness_refuses_is_skipped_with_its_reason():

@@ -128,7 +128,7 @@ def test_entropy_by_hand_and_in_pieces(monkeypatch):
     assert torch.allclose(rl_math.entropy(torch.log_softmax(logits, -1)), whole, rtol=0, atol=1e-6)
 
 
-def test_scoring_keeps_one_vocabulary_sized_tensor_for_the_backward(random_qwen):
+def test_scoring_keeps_one_vocabulary_sized_tensor_for_the_backward():
     """What autograd keeps between the forward and the backward: log_softmax's output, one float32 [N, C, V] copy.
     The entropy is a metric (no loss has it), so it keeps nothing; with a gradient it kept exp(log p) too, and at a
     152k vocabulary each copy is 9.3 GiB for 16 completions of 1024 tokens (the train phase's peak, issue 23)."""

@@ -136,8 +136,8 @@ def test_policy_weights_are_peft_own_merge(tiny_model):
     (torch.bfloat16, 3 * 2.0 ** -9, 1 / 3),  # 1 + 3/512 is stored as 1 + 4/512: off by 1/512, a third of delta
     (torch.float32, 2.0 ** -9, 0.0)])
 def test_a_merged_sync_measures_the_update_its_dtype_loses(dtype, delta, lost):
-    """mismatch/merge_rel_err, hand-computed: base weights all 1.0, the adapter adding `delta` to each. The trainer
-    adds the adapter's output to the base layer's and keeps the update whole; a merged copy in bf16 may not."""
+    """mismatch/merge_rel_err, hand-computed: base weights all 1.0, the adapter adding `delta` to each. A merged copy
+    in bf16 rounds each weight's update to bf16's step at 1.0 (2^-7)."""
     import peft
 
     from harness.rollout.vllm import merge_rel_err, policy_weights

@@ -30,11 +30,11 @@ BNB4_BLOCK, BNB4_DQ_BLOCK, BNB4_LAYER_BYTES = 64, 256, 256 * 4 + 4
 MODELOPT_BUFFER_BYTES = 4 / 128
 ADAMW_STATES = 2  # exp_avg, exp_avg_sq, each shaped and typed like its parameter
 # float32 [N, C, V] tensors alive at once (N sequences, C completion tokens, V vocabulary). grpo: at the backward's
-# peak log_softmax's output (kept for it), the gradients into and out of log_softmax, the model's bf16 logits (half a
-# copy); the entropy, computed without a gradient a few positions at a time, keeps none (bench/logit_memory.py on a
-# CPU: 3.5 copies, 4.5 until issue 23, when the entropy's exp was kept for a backward it never had; the issue 23
-# H100 runs, estimated with 4, were within 1% of their measured peaks). distill: teacher and student logits,
-# reverse_kl's log_softmax, exp and difference, the entropy's (not re-measured since its entropy went to pieces).
+# peak, log_softmax's output (kept for it) and the gradients into and out of log_softmax; the entropy, computed
+# without a gradient a few positions at a time, keeps none (bench/logit_memory.py on a CPU: 3.01 copies, and 4.01
+# until issue 23, when the entropy's exp was kept for a backward it never had; the issue 23 H100 runs, estimated
+# with 4, were within 1.2% of their measured peaks). distill: teacher and student logits, reverse_kl's
+# log_softmax, exp and difference, the entropy's (not re-measured since its entropy went to pieces).
 TRAIN_LOGIT_COPIES = {"grpo": 3, "distill": 8}
 # Rollout (HFEngine.generate): float32 [N, V] tensors of one decoding step, never of the whole completion
 # (rollout.hf.SamplerLogprobs keeps only each sampled token's log-prob; until issue 23 generate's stacked

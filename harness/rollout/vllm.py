@@ -161,7 +161,7 @@ class VLLMEngine:
         self.asleep = True
 
     def pop_metrics(self) -> dict:
-        """Since the last call: times summed, memory readings at their largest."""
+        """Since the last call: times summed, the rest (memory readings, the merge's rounding) at their largest."""
         out = {k: sum(v) if k.startswith("time/") else max(v) for k, v in self.stats.items()}
         self.stats = {}
         return {"time/sync_s": 0.0} | out
@@ -215,7 +215,7 @@ class VLLMEngine:
         else:  # full weights, or a LoRA merged into them
             rounding = {}
             self.backend.load_weights(policy_weights(self.model, rounding))
-            if rounding.get("delta_sq"):  # none before the adapter's first step (B starts at zero)
+            if "delta_sq" in rounding and rounding["delta_sq"] > 0:  # zero before the adapter's first step (B is 0)
                 self._stat("mismatch/merge_rel_err", merge_rel_err(rounding))
         self.synced_version = version
         self._stat("time/sync_s", time.perf_counter() - t0)
@@ -234,9 +234,10 @@ def policy_weights(model, rounding: dict | None = None):
     full-weight run, or `rollout.lora_sync: merged`, writes into vLLM.
 
     `rounding`, when given, adds up over the merged layers what storing W + scale BA in the weight's dtype costs:
-    "err_sq", the squared distance of the stored weight from the float32 sum, and "delta_sq", scale BA's. A bf16
-    weight has 8 significant bits, so an update smaller than half a step of W is lost whole; the trainer, which adds
-    the adapter's output to the base layer's, keeps it (merge_rel_err)."""
+    "err_sq", the squared distance of the stored weight from the float32 sum, and "delta_sq", scale BA's (0-d
+    tensors). A bf16 weight has 8 significant bits, so an update smaller than half a step of W is lost whole; the
+    trainer adds the adapter's output, summed over the input features, to the base layer's output before rounding
+    it, and loses far less of it (merge_rel_err)."""
     from peft.tuners.lora import LoraLayer
 
     lora = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
@@ -260,16 +261,16 @@ def policy_weights(model, rounding: dict | None = None):
                 delta = sum(module.get_delta_weight(a).float() for a in pending)
                 exact = weight.float() + delta
                 weight = exact.to(p.dtype)
-                if rounding is not None:
-                    rounding["err_sq"] = rounding.get("err_sq", 0.0) + (weight.float() - exact).square().sum().item()
-                    rounding["delta_sq"] = rounding.get("delta_sq", 0.0) + delta.square().sum().item()
+                if rounding is not None:  # summed on the device: an .item() per layer would wait for each
+                    rounding["err_sq"] = rounding.get("err_sq", 0.0) + (weight.float() - exact).square().sum()
+                    rounding["delta_sq"] = rounding.get("delta_sq", 0.0) + delta.square().sum()
         yield f"{layer.removeprefix('base_model.model.')}.{leaf}", weight
 
 
 def merge_rel_err(rounding: dict) -> float:
     """||stored(W + scale BA) - (W + scale BA)|| / ||scale BA|| over every merged layer (Frobenius): 0 when the
     weights' dtype holds the merged update exactly, 1 when the stored weights are W unchanged, the update lost."""
-    return math.sqrt(rounding["err_sq"] / rounding["delta_sq"])
+    return math.sqrt(float(rounding["err_sq"]) / float(rounding["delta_sq"]))
 
 
 def vllm_version() -> str:
