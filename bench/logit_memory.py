@@ -1,12 +1,16 @@
 """Peak memory of scoring completions and of its backward, in float32 [N, C, V] copies: how the trainer turns the
-model's logits into each token's log-prob and each position's entropy (rl_math.completion_logits and
-token_logprobs_and_entropy). At a 152k vocabulary this is the train phase's largest term: on an H100 the memory-fit
-estimate, 4 copies of 9.3 GiB, was 37 of the measured 66 GiB peak at 1.5B x 16 completions of 1024 tokens (issue 23).
+model's logits into each token's log-prob and each position's entropy. `pieces`: rl_math.completion_logprobs
+(TokenScores), what grpo, rloo, dpo and sft train through; `whole`: completion_logits and token_logprobs_and_entropy
+on the whole float32 tensor, as distill scores. At a 152k vocabulary this is the train phase's largest term: on an
+H100 the memory-fit estimate, 4 copies of 9.3 GiB, was 37 of the measured 66 GiB peak at 1.5B x 16 completions of
+1024 tokens (issue 23).
 
 CPU only, each measurement in a fresh process: peak RSS above the process before the model's bf16 logits exist,
-over the size of one float32 copy (large tensors are mmapped, so RSS follows what is alive).
+over the size of one float32 copy (large tensors are mmapped, so RSS follows what is alive). The logits come from a
+bf16 matmul, as lm_head's do, so nothing but the scoring keeps them.
 
-    python bench/logit_memory.py                      # N 16, C 512, V 32768: 1 GiB a copy
+    python bench/logit_memory.py                      # pieces; N 16, C 512, V 32768: 1 GiB a copy
+    python bench/logit_memory.py --path whole         # the whole tensor
     python bench/logit_memory.py --n 8 --c 256 --v 151936 --temperature 0.7
 """
 
@@ -28,29 +32,33 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def measure(n: int, c: int, v: int, temperature: float) -> dict:
+def measure(n: int, c: int, v: int, temperature: float, path: str) -> dict:
     import torch
 
-    from harness.recipes.rl_math import completion_logits, token_logprobs_and_entropy
+    from harness.recipes.rl_math import completion_logits, completion_logprobs, token_logprobs_and_entropy
 
     class Head(torch.nn.Module):  # the model's output: bf16 logits of every completion position, as on a GPU
         def __init__(self):
             super().__init__()
-            self.logits = torch.nn.Parameter(torch.zeros(1))
+            torch.manual_seed(0)
+            self.hidden = torch.nn.Parameter(torch.randn(n, c + 1, 8, dtype=torch.bfloat16))
+            self.head = torch.nn.Parameter(torch.randn(v, 8, dtype=torch.bfloat16))
 
         def forward(self, input_ids, logits_to_keep, **_):
-            torch.manual_seed(0)
-            base = torch.randn(n, logits_to_keep, v, dtype=torch.bfloat16)
-            # a plain namespace, freed on return as transformers' output is (a class made here would sit in a
-            # reference cycle and keep the bf16 logits until the garbage collector ran)
-            return types.SimpleNamespace(logits=base + self.logits.to(torch.bfloat16))
+            # lm_head's matmul: its output is kept by nothing but the caller, as a real model's; a plain namespace
+            # is freed on return as transformers' output is (a class made here would sit in a reference cycle)
+            return types.SimpleNamespace(logits=self.hidden[:, -logits_to_keep:] @ self.head.T)
 
     ids, comp = torch.zeros(n, 1, dtype=torch.long), torch.zeros(n, c, dtype=torch.long)
     copy = n * c * v * 4
+    head = Head()
     start = rss_bytes()
-    logits = completion_logits(Head(), ids, torch.ones_like(ids), comp, torch.ones_like(comp), temperature)
-    logp, entropy = token_logprobs_and_entropy(logits, comp)
-    del logits
+    if path == "pieces":  # what grpo, rloo, dpo and sft train through
+        logp, entropy = completion_logprobs(head, ids, torch.ones_like(ids), comp, torch.ones_like(comp), temperature)
+    else:  # distill's, which needs every position's distribution at once
+        logits = completion_logits(head, ids, torch.ones_like(ids), comp, torch.ones_like(comp), temperature)
+        logp, entropy = token_logprobs_and_entropy(logits, comp)
+        del logits
     forward = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     logp.sum().backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -64,13 +72,16 @@ def main() -> None:
     p.add_argument("--c", type=int, default=512, help="completion tokens")
     p.add_argument("--v", type=int, default=32768, help="vocabulary")
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--path", choices=("pieces", "whole"), default="pieces",
+                   help="pieces: completion_logprobs (grpo, rloo, dpo, sft); whole: completion_logits + "
+                        "token_logprobs_and_entropy (distill)")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
-        print(json.dumps(measure(a.n, a.c, a.v, a.temperature)))
+        print(json.dumps(measure(a.n, a.c, a.v, a.temperature, a.path)))
         return
     cmd = [sys.executable, __file__, "--one", "--n", str(a.n), "--c", str(a.c), "--v", str(a.v),
-           "--temperature", str(a.temperature)]
+           "--temperature", str(a.temperature), "--path", a.path]
     print(subprocess.run(cmd, check=True, capture_output=True, text=True, env={"OMP_NUM_THREADS": "2"}).stdout.strip())
 
 

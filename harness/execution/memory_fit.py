@@ -20,6 +20,7 @@ from harness.common.files import write_atomic
 from harness.common.system import GIB
 from harness.config.run import RunConfig
 from harness.quant.base import QuantFormat
+from harness.recipes.rl_math import SCORE_ROWS
 
 # bitsandbytes 4-bit (Params4bit, quantize_4bit in bnb 0.50): 4 bits a weight, a uint8 absmax per 64
 # under double quantization (float32 without), those quantized per 256 with a float32 absmax, and per
@@ -29,13 +30,16 @@ BNB4_BLOCK, BNB4_DQ_BLOCK, BNB4_LAYER_BYTES = 64, 256, 256 * 4 + 4
 # per 128 weights (INT4_AWQ's block, the finest static one registered; NVFP4's 16-blocks are per forward).
 MODELOPT_BUFFER_BYTES = 4 / 128
 ADAMW_STATES = 2  # exp_avg, exp_avg_sq, each shaped and typed like its parameter
-# float32 [N, C, V] tensors alive at once (N sequences, C completion tokens, V vocabulary). grpo: at the backward's
-# peak, log_softmax's output (kept for it) and the gradients into and out of log_softmax; the entropy, computed
-# without a gradient a few positions at a time, keeps none (bench/logit_memory.py on a CPU: 3.01 copies, and 4.01
-# until issue 23, when the entropy's exp was kept for a backward it never had; the issue 23 H100 runs, estimated
-# with 4, were within 1.2% of their measured peaks). distill: teacher and student logits, reverse_kl's
-# log_softmax, exp and difference, the entropy's (not re-measured since its entropy went to pieces).
-TRAIN_LOGIT_COPIES = {"grpo": 3, "distill": 8}
+# float32 [N, C, V] tensors alive at once (N sequences, C completion tokens, V vocabulary). distill (the whole
+# tensor: rl_math.completion_logits): teacher and student logits, reverse_kl's log_softmax, exp and difference, the
+# entropy's. The others, as before issue 23: scaled logits, log_softmax, exp, exp * log_softmax.
+TRAIN_LOGIT_COPIES = {"distill": 8}
+# grpo scores in pieces (rl_math.TokenScores): the model's logits, kept for the backward, and their gradient, both in
+# the compute dtype, and one piece's float32 temporaries. bench/logit_memory.py (CPU, bf16 logits, N 16 x C 512 x V
+# 32768): 1.20 float32 copies at the backward's peak, 4.01 before issue 23 (the H100 runs of issue 23, estimated with
+# 4, were within 1.2% of their measured peaks). rloo, dpo and sft score the same way; their terms are not re-measured
+SCORE_PIECE_COPIES = 6  # float32 [SCORE_ROWS, V] at once: the piece, its log_softmax, exp, product; in the backward
+# the gradient into log_softmax and out of it (the 0.2 copies over 1.0 measured above, at 32 MB a piece)
 # Rollout (HFEngine.generate): float32 [N, V] tensors of one decoding step, never of the whole completion
 # (rollout.hf.SamplerLogprobs keeps only each sampled token's log-prob; until issue 23 generate's stacked
 # output_scores and their log_softmax held 3 [N, C, V] copies, measured 2.8). Peak RSS over a generate on CPU
@@ -117,7 +121,10 @@ def estimate(cfg: RunConfig, device: torch.device) -> dict:
     # RoPE's cos and sin; lm_head's input when it trains. The final norm saves its float32 input and the
     # first layer's norm saves nothing when the embedding output needs no grad (LoRA, no checkpointing)
     extra = 2 * act * _head_dim(text) + (act * h if full else 0) + (4 * h if full or t.gradient_checkpointing else 0)
-    logits = TRAIN_LOGIT_COPIES.get(cfg.algorithm, 4) * part_cv4
+    if cfg.algorithm == "grpo":
+        logits = 2 * m * c * vocab * b + SCORE_PIECE_COPIES * min(m * c, SCORE_ROWS) * vocab * 4
+    else:
+        logits = TRAIN_LOGIT_COPIES.get(cfg.algorithm, 4) * part_cv4
     if t.gradient_checkpointing:  # layer inputs kept; a layer is recomputed after the logits' backward freed those
         activations = part_tokens * (n_layers * act * h + extra + layer)
         train = activations - part_tokens * layer + max(part_tokens * layer, logits)

@@ -94,20 +94,24 @@ def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0):
-    """Logits that score each completion token, [N, C, V], float32, divided by the temperature.
+def model_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+    """The model's logits at the completion's positions and one before, [N, C + 1, V], in its own dtype.
 
     The logits at position t predict token t+1, so the completion's C tokens are scored by the
-    logits at positions P-1 .. P+C-2. Positions follow the attention mask, as in `generate`, so
-    left-padded prompts get the positions they were sampled with. Dividing by the sampling
-    temperature makes the trained policy the one that was sampled from.
+    logits at positions P-1 .. P+C-2 (the first C of these). Positions follow the attention mask, as in
+    `generate`, so left-padded prompts get the positions they were sampled with.
     """
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention = torch.cat([prompt_mask, completion_mask], dim=1)
     position_ids = mask_positions(attention)
-    n_completion = completion_ids.shape[1]
-    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
-                   logits_to_keep=n_completion + 1).logits[:, :-1]
+    return model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
+                 logits_to_keep=completion_ids.shape[1] + 1).logits
+
+
+def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0):
+    """Logits that score each completion token, [N, C, V], float32, divided by the temperature (the trained policy
+    is then the one sampled from). Whole: distill's reverse KL needs every position's distribution at once."""
+    logits = model_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)[:, :-1]
     scaled = logits.float()  # [N, C, V] float32: at a 152k vocabulary each such copy is GiBs; make no second one
     if temperature == 1.0:
         return scaled
@@ -117,21 +121,78 @@ def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0,
                         truncation: tuple[int, float] | None = None):
     """(log-prob of each completion token, entropy of each position's distribution), both [N, C]; with `truncation`
-    (top_k, top_p) a third, the same forward's truncated_logprobs (no gradient)."""
-    logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature)
-    logp, entropy = token_logprobs_and_entropy(logits, completion_ids)
-    if truncation is None:
-        return logp, entropy
-    return logp, entropy, truncated_logprobs(logits, completion_ids, *truncation)
+    (top_k, top_p) a third, the same forward's truncated_logprobs (no gradient). Computed a few positions at a time
+    from the model's own logits (TokenScores): no float32 [N, C, V] copy is ever whole."""
+    logits = model_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    logp, entropy, truncated = TokenScores.apply(logits, completion_ids, temperature, truncation)
+    return (logp, entropy) if truncation is None else (logp, entropy, truncated)
+
+
+SCORE_ROWS = 256  # positions per piece: 256 x 152k float32 is 0.15 GB
+
+
+def pieces(n: int, c: int):
+    """(sequence slice, position slice) covering [n, c] in pieces of about SCORE_ROWS positions."""
+    if c >= SCORE_ROWS:
+        for i in range(n):
+            for j in range(0, c, SCORE_ROWS):
+                yield slice(i, i + 1), slice(j, min(c, j + SCORE_ROWS))
+    else:
+        step = SCORE_ROWS // max(c, 1)
+        for i in range(0, n, step):
+            yield slice(i, min(n, i + step)), slice(0, c)
+
+
+class TokenScores(torch.autograd.Function):
+    """log_softmax(logits / temperature) at each completion token, from the model's [N, C + 1, V] logits, the same
+    operations as on the whole float32 tensor (the same numbers, bit for bit on a CPU: tests/test_rl_math.py) but a
+    piece at a time. Autograd on the whole kept log_softmax's [N, C, V] float32 output for the backward and made two
+    more in it (the gradients into and out of log_softmax): 9.3 GiB each for 16 completions of 1024 tokens at a 152k
+    vocabulary, the train phase's largest term (issue 23). This keeps the model's logits (half such a copy in bf16)
+    and recomputes each piece's log_softmax in the backward. The entropy and the truncated log-probs come from the
+    same pieces, without a gradient (no loss has them)."""
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature, truncation):
+        n, c = tokens.shape
+        logp = torch.zeros(n, c, dtype=torch.float32, device=logits.device)
+        entropy, truncated = torch.zeros_like(logp), torch.zeros_like(logp) if truncation else logp.new_empty(0)
+        for rows, cols in pieces(n, c):
+            x, tok = _scaled(logits[rows, cols], temperature), tokens[rows, cols].unsqueeze(-1)
+            lp = torch.log_softmax(x, dim=-1)
+            logp[rows, cols] = lp.gather(-1, tok).squeeze(-1)
+            entropy[rows, cols] = -(lp.exp() * lp).sum(-1)
+            if truncation:
+                truncated[rows, cols] = truncated_logprobs(x, tok.squeeze(-1), *truncation)
+        ctx.save_for_backward(logits, tokens)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(entropy, truncated)
+        return logp, entropy, truncated
+
+    @staticmethod
+    def backward(ctx, grad_logp, _entropy, _truncated):
+        logits, tokens = ctx.saved_tensors
+        grad = torch.zeros_like(logits)  # the last position scores no completion token
+        for rows, cols in pieces(*tokens.shape):
+            lp = torch.log_softmax(_scaled(logits[rows, cols], ctx.temperature), dim=-1)
+            # as autograd did on the whole: gather's backward, log_softmax's, the division's, the cast's
+            into = torch.zeros_like(lp).scatter_add_(-1, tokens[rows, cols].unsqueeze(-1), grad_logp[rows, cols].unsqueeze(-1))
+            g = torch._log_softmax_backward_data(into, lp, -1, torch.float32)
+            grad[rows, cols] = (g if ctx.temperature == 1.0 else g / ctx.temperature).to(logits.dtype)
+        return grad, None, None, None
+
+
+def _scaled(piece: torch.Tensor, temperature: float) -> torch.Tensor:
+    x = piece.float()
+    if temperature == 1.0:
+        return x
+    return x.div_(temperature) if x is not piece else x / temperature
 
 
 def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor):
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return logp, entropy(logp_all.detach())
-
-
-ENTROPY_ROWS = 256  # positions per piece: 256 x 152k float32 is 0.15 GB
 
 
 @torch.no_grad()
@@ -141,9 +202,9 @@ def entropy(logp_all: torch.Tensor) -> torch.Tensor:
     float32 copy until the backward, and the product a third at the forward's peak. A few positions at a time."""
     flat = logp_all.reshape(-1, logp_all.shape[-1])
     out = torch.empty(flat.shape[0], dtype=flat.dtype, device=flat.device)
-    for i in range(0, flat.shape[0], ENTROPY_ROWS):
-        piece = flat[i:i + ENTROPY_ROWS]
-        out[i:i + ENTROPY_ROWS] = -(piece.exp() * piece).sum(-1)
+    for i in range(0, flat.shape[0], SCORE_ROWS):
+        piece = flat[i:i + SCORE_ROWS]
+        out[i:i + SCORE_ROWS] = -(piece.exp() * piece).sum(-1)
     return out.view(logp_all.shape[:-1])
 
 
