@@ -157,7 +157,6 @@ class FixedLogits(torch.nn.Module):
         self.logits = logits
 
     def forward(self, input_ids, logits_to_keep, **_):
-        assert logits_to_keep == self.logits.shape[1]
         return type("Out", (), {"logits": self.logits})
 
 
@@ -168,12 +167,13 @@ def whole_scores(logits, tokens, temperature, truncation):
     scaled = logits[:, :-1].float() / temperature
     logp_all = torch.log_softmax(scaled, dim=-1)
     logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return logp, -(logp_all.exp() * logp_all).sum(-1), truncated_logprobs(scaled, tokens, *truncation)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return (logp, entropy) if truncation is None else (logp, entropy, truncated_logprobs(scaled, tokens, *truncation))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("temperature, truncation", [(1.0, (0, 0.9)), (0.7, (5, 1.0))])
-@pytest.mark.parametrize("rows", [3, 64])  # pieces of part of a sequence, and of several whole sequences
+@pytest.mark.parametrize("temperature, truncation", [(1.0, (0, 0.9)), (0.7, (5, 1.0)), (0.7, (5, 0.8)), (1.0, None)])
+@pytest.mark.parametrize("rows", [3, 14, 64])  # pieces of part of a sequence, of 2 sequences, of all 5
 def test_scores_in_pieces_are_the_whole_tensor_scores_bit_for_bit(monkeypatch, dtype, temperature, truncation, rows):
     import harness.recipes.rl_math as rl_math
 
@@ -187,16 +187,27 @@ def test_scores_in_pieces_are_the_whole_tensor_scores_bit_for_bit(monkeypatch, d
     for score in ("pieces", "whole"):
         leaf = start.clone().requires_grad_()
         if score == "pieces":
-            logp, entropy, truncated = rl_math.completion_logprobs(
+            scores = rl_math.completion_logprobs(
                 FixedLogits(leaf), ids, torch.ones_like(ids), tokens, torch.ones_like(tokens), temperature, truncation)
         else:
-            logp, entropy, truncated = whole_scores(leaf, tokens, temperature, truncation)
-        (logp * weights).sum().backward()
-        results.append((logp.detach(), entropy, truncated, leaf.grad))
+            scores = whole_scores(leaf, tokens, temperature, truncation)
+        assert len(scores) == (2 if truncation is None else 3)
+        (scores[0] * weights).sum().backward()
+        results.append((scores[0].detach(), *scores[1:], leaf.grad))
     for got, expected in zip(*results):
         assert got.dtype == expected.dtype and torch.equal(got, expected)
-    assert results[0][3][:, -1].abs().sum() == 0 and results[0][3].abs().sum() > 0
-    assert not results[0][1].requires_grad and not results[0][2].requires_grad
+    grad = results[0][-1]
+    assert grad[:, -1].abs().sum() == 0 and grad.abs().sum() > 0  # the last position scores no token
+    assert not any(x.requires_grad for x in results[0][1:-1])
+
+
+def test_scoring_refuses_logits_of_other_positions():
+    """A model that ignores logits_to_keep and returns every position would have its first C positions scored."""
+    from harness.recipes.rl_math import completion_logprobs
+
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="logits for 5 positions, not the last 3"):
+        completion_logprobs(FixedLogits(torch.zeros(1, 5, 8)), ids, torch.ones_like(ids), ids[:, :2], torch.ones(1, 2))
 
 
 def test_scoring_keeps_only_the_models_logits_for_the_backward():

@@ -32,14 +32,17 @@ MODELOPT_BUFFER_BYTES = 4 / 128
 ADAMW_STATES = 2  # exp_avg, exp_avg_sq, each shaped and typed like its parameter
 # float32 [N, C, V] tensors alive at once (N sequences, C completion tokens, V vocabulary). distill (the whole
 # tensor: rl_math.completion_logits): teacher and student logits, reverse_kl's log_softmax, exp and difference, the
-# entropy's. The others, as before issue 23: scaled logits, log_softmax, exp, exp * log_softmax.
+# entropy's. rloo, dpo and sft: what scoring on the whole tensor held before issue 23 (scaled logits, log_softmax,
+# exp, exp * log_softmax), now a conservative bound: they score in pieces as grpo does, not re-measured.
 TRAIN_LOGIT_COPIES = {"distill": 8}
 # grpo scores in pieces (rl_math.TokenScores): the model's logits, kept for the backward, and their gradient, both in
 # the compute dtype, and one piece's float32 temporaries. bench/logit_memory.py (CPU, bf16 logits, N 16 x C 512 x V
 # 32768): 1.20 float32 copies at the backward's peak, 4.01 before issue 23 (the H100 runs of issue 23, estimated with
 # 4, were within 1.2% of their measured peaks). rloo, dpo and sft score the same way; their terms are not re-measured
 SCORE_PIECE_COPIES = 6  # float32 [SCORE_ROWS, V] at once: the piece, its log_softmax, exp, product; in the backward
-# the gradient into log_softmax and out of it (the 0.2 copies over 1.0 measured above, at 32 MB a piece)
+# the gradient into log_softmax and out of it (the 0.2 copies over 1.0 measured above, at 32 MB a piece). With
+# top_k or top_p, truncated_logprobs' sort adds its values and int64 indices (measured: 8-10 pieces at the peak)
+TRUNCATION_PIECE_COPIES = 4
 # Rollout (HFEngine.generate): float32 [N, V] tensors of one decoding step, never of the whole completion
 # (rollout.hf.SamplerLogprobs keeps only each sampled token's log-prob; until issue 23 generate's stacked
 # output_scores and their log_softmax held 3 [N, C, V] copies, measured 2.8). Peak RSS over a generate on CPU
@@ -122,7 +125,8 @@ def estimate(cfg: RunConfig, device: torch.device) -> dict:
     # first layer's norm saves nothing when the embedding output needs no grad (LoRA, no checkpointing)
     extra = 2 * act * _head_dim(text) + (act * h if full else 0) + (4 * h if full or t.gradient_checkpointing else 0)
     if cfg.algorithm == "grpo":
-        logits = 2 * m * c * vocab * b + SCORE_PIECE_COPIES * min(m * c, SCORE_ROWS) * vocab * 4
+        piece = SCORE_PIECE_COPIES + (TRUNCATION_PIECE_COPIES if r.top_k or r.top_p < 1 else 0)
+        logits = 2 * m * (c + 1) * vocab * b + piece * min(m * c, SCORE_ROWS) * vocab * 4
     else:
         logits = TRAIN_LOGIT_COPIES.get(cfg.algorithm, 4) * part_cv4
     if t.gradient_checkpointing:  # layer inputs kept; a layer is recomputed after the logits' backward freed those

@@ -124,6 +124,9 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     (top_k, top_p) a third, the same forward's truncated_logprobs (no gradient). Computed a few positions at a time
     from the model's own logits (TokenScores): no float32 [N, C, V] copy is ever whole."""
     logits = model_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    if logits.shape[1] != completion_ids.shape[1] + 1:  # else the first C positions would be scored, silently
+        raise ValueError(f"the model returned logits for {logits.shape[1]} positions, not the last "
+                         f"{completion_ids.shape[1] + 1} asked for with logits_to_keep")
     logp, entropy, truncated = TokenScores.apply(logits, completion_ids, temperature, truncation)
     return (logp, entropy) if truncation is None else (logp, entropy, truncated)
 
@@ -145,8 +148,9 @@ def pieces(n: int, c: int):
 
 class TokenScores(torch.autograd.Function):
     """log_softmax(logits / temperature) at each completion token, from the model's [N, C + 1, V] logits, the same
-    operations as on the whole float32 tensor (the same numbers, bit for bit on a CPU: tests/test_rl_math.py) but a
-    piece at a time. Autograd on the whole kept log_softmax's [N, C, V] float32 output for the backward and made two
+    operations as on the whole float32 tensor (log-probs, gradients and truncated log-probs the same bit for bit on a
+    CPU, tests/test_rl_math.py; the entropy to 1 ulp, where torch splits a one-row sum across threads) but a piece
+    at a time. Autograd on the whole kept log_softmax's [N, C, V] float32 output for the backward and made two
     more in it (the gradients into and out of log_softmax): 9.3 GiB each for 16 completions of 1024 tokens at a 152k
     vocabulary, the train phase's largest term (issue 23). This keeps the model's logits (half such a copy in bf16)
     and recomputes each piece's log_softmax in the backward. The entropy and the truncated log-probs come from the
