@@ -255,7 +255,8 @@ def main() -> None:
         print(json.dumps(run(json.loads(a.one)), default=str), flush=True)
         os._exit(0)  # an in-process vLLM engine's threads can keep a finished process alive
     t_start = time.perf_counter()
-    unknown = (set(a.sides.split(",")) | set(filter(None, a.redo.split(",")))) - set(SIDE_NAMES)
+    redo = set(filter(None, a.redo.split(",")))
+    unknown = (set(a.sides.split(",")) | redo) - set(SIDE_NAMES)
     if unknown:
         p.error(f"unknown sides {sorted(unknown)}; known: {', '.join(SIDE_NAMES)}")
     if a.task == "boxed" and not a.data:
@@ -284,7 +285,6 @@ def main() -> None:
     result.setdefault("calls", []).append({"command": sys.argv[1:], "versions": versions(), "config": common,
                                            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     order = [s for s in SIDE_NAMES if s in a.sides.split(",")]
-    redo = set(filter(None, a.redo.split(",")))
     for model in models:
         for quant in a.quants.split(","):
             for max_new in map(int, a.max_new.split(",")):

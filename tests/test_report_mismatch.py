@@ -164,20 +164,17 @@ def test_an_infinite_log_ratio_reads_as_infinity():
     assert _number(INF_STANDIN, 3) == "∞" and _number(0.5, 3) != "∞" and _number(None, 3) == _number(None, 2)
 
 
-KV_MATRIX = """\
-description: fp8 KV cache scales as one precision source
-base:
-  task: {name: arith, eval_size: 50}
-  rollout: {colocation: colocated, quantization: bf16}
-axes:
-  quant: [bf16]
-include:
-  - {quant: bf16, rollout.top_p: 0.9, label: top_p}
-  - {quant: bf16, rollout.kv_cache_dtype: fp8, rollout.kv_scales: static, label: static}
-  - {quant: bf16, rollout.kv_cache_dtype: fp8, rollout.kv_scales: recalibrate, label: recalibrated}
-seeds: [0, 1]
-baseline: {quant: bf16}
-"""
+def source_matrix(description: str, *cells: str) -> str:
+    """A colocated bf16 matrix whose `cells` (include lines) each change a precision source of the bf16 cell."""
+    return "\n".join([f"description: {description}", "base:", "  task: {name: arith, eval_size: 50}",
+                      "  rollout: {colocation: colocated, quantization: bf16}", "axes:", "  quant: [bf16]", "include:",
+                      *(f"  - {c}" for c in cells), "seeds: [0, 1]", "baseline: {quant: bf16}", ""])
+
+
+KV_MATRIX = source_matrix(
+    "fp8 KV cache scales as one precision source", "{quant: bf16, rollout.top_p: 0.9, label: top_p}",
+    "{quant: bf16, rollout.kv_cache_dtype: fp8, rollout.kv_scales: static, label: static}",
+    "{quant: bf16, rollout.kv_cache_dtype: fp8, rollout.kv_scales: recalibrate, label: recalibrated}")
 
 
 def test_kv_scales_are_part_of_the_kv_cache_source_and_their_check_is_shown(tmp_path):
@@ -213,18 +210,8 @@ def test_kv_scales_are_part_of_the_kv_cache_source_and_their_check_is_shown(tmp_
     assert static[head.index("KV check: recalibrated")] == "0.0200"
 
 
-SYNC_MATRIX = """\
-description: a merged LoRA sync as one precision source
-base:
-  task: {name: arith, eval_size: 50}
-  rollout: {colocation: colocated, quantization: bf16}
-axes:
-  quant: [bf16]
-include:
-  - {quant: bf16, rollout.lora_sync: merged, label: merged}
-seeds: [0, 1]
-baseline: {quant: bf16}
-"""
+SYNC_MATRIX = source_matrix("a merged LoRA sync as one precision source",
+                            "{quant: bf16, rollout.lora_sync: merged, label: merged}")
 
 
 def test_a_merged_lora_sync_is_a_precision_source_with_its_rounding_shown(tmp_path):

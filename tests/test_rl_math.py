@@ -235,20 +235,11 @@ def test_a_temperature_leaves_the_model_output_as_it_was():
     no copy, and they are divided out of place."""
     from harness.recipes.rl_math import completion_logits
 
-    class Head(torch.nn.Module):
-        def __init__(self, dtype):
-            super().__init__()
-            self.out, self.dtype = None, dtype
-
-        def forward(self, input_ids, logits_to_keep, **_):
-            self.out = torch.ones(*input_ids.shape[:1], logits_to_keep, 4, dtype=self.dtype)
-            return type("Out", (), {"logits": self.out})
-
     for dtype in (torch.float32, torch.bfloat16):
-        head, ids = Head(dtype), torch.ones(1, 2, dtype=torch.long)
-        scaled = completion_logits(head, ids, torch.ones_like(ids), ids, torch.ones_like(ids), temperature=2.0)
+        out, ids = torch.ones(1, 3, 4, dtype=dtype), torch.ones(1, 2, dtype=torch.long)
+        scaled = completion_logits(FixedLogits(out), ids, torch.ones_like(ids), ids, torch.ones_like(ids), temperature=2.0)
         assert scaled.dtype == torch.float32 and torch.equal(scaled, torch.full((1, 2, 4), 0.5))
-        assert torch.equal(head.out, torch.ones_like(head.out))
+        assert torch.equal(out, torch.ones_like(out))
 
 
 def test_mismatch_metrics():

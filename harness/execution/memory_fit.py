@@ -38,7 +38,7 @@ TRAIN_LOGIT_COPIES = {"distill": 8}
 # grpo scores in pieces (rl_math.TokenScores): the model's logits, kept for the backward, and their gradient, both in
 # the compute dtype, and one piece's float32 temporaries. bench/logit_memory.py (CPU, bf16 logits, N 16 x C 512 x V
 # 32768): 1.20 float32 copies at the backward's peak, 4.01 before issue 23 (the H100 runs of issue 23, estimated with
-# 4, were within 1.2% of their measured peaks). rloo, dpo and sft score the same way; their terms are not re-measured
+# 4, were within 1.2% of their measured peaks)
 SCORE_PIECE_COPIES = 6  # float32 [SCORE_ROWS, V] at once: the piece, its log_softmax, exp, product; in the backward
 # the gradient into log_softmax and out of it (the 0.2 copies over 1.0 measured above, at 32 MB a piece). With
 # top_k or top_p, truncated_logprobs' sort adds its values and int64 indices (measured: 8-10 pieces at the peak)

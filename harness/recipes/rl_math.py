@@ -111,11 +111,7 @@ def model_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask
 def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0):
     """Logits that score each completion token, [N, C, V], float32, divided by the temperature (the trained policy
     is then the one sampled from). Whole: distill's reverse KL needs every position's distribution at once."""
-    logits = model_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)[:, :-1]
-    scaled = logits.float()  # [N, C, V] float32: at a 152k vocabulary each such copy is GiBs; make no second one
-    if temperature == 1.0:
-        return scaled
-    return scaled.div_(temperature) if scaled is not logits else scaled / temperature  # (not the model's own output)
+    return _scaled(model_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)[:, :-1], temperature)
 
 
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0,
@@ -160,18 +156,18 @@ class TokenScores(torch.autograd.Function):
     def forward(ctx, logits, tokens, temperature, truncation):
         n, c = tokens.shape
         logp = torch.zeros(n, c, dtype=torch.float32, device=logits.device)
-        entropy, truncated = torch.zeros_like(logp), torch.zeros_like(logp) if truncation else logp.new_empty(0)
+        ent, truncated = torch.zeros_like(logp), torch.zeros_like(logp) if truncation else logp.new_empty(0)
         for rows, cols in pieces(n, c):
             x, tok = _scaled(logits[rows, cols], temperature), tokens[rows, cols].unsqueeze(-1)
             lp = torch.log_softmax(x, dim=-1)
             logp[rows, cols] = lp.gather(-1, tok).squeeze(-1)
-            entropy[rows, cols] = -(lp.exp() * lp).sum(-1)
+            ent[rows, cols] = entropy(lp)
             if truncation:
                 truncated[rows, cols] = truncated_logprobs(x, tok.squeeze(-1), *truncation)
         ctx.save_for_backward(logits, tokens)
         ctx.temperature = temperature
-        ctx.mark_non_differentiable(entropy, truncated)
-        return logp, entropy, truncated
+        ctx.mark_non_differentiable(ent, truncated)
+        return logp, ent, truncated
 
     @staticmethod
     def backward(ctx, grad_logp, _entropy, _truncated):
@@ -186,11 +182,13 @@ class TokenScores(torch.autograd.Function):
         return grad, None, None, None
 
 
-def _scaled(piece: torch.Tensor, temperature: float) -> torch.Tensor:
-    x = piece.float()
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """float32 logits / temperature, with one float32 copy at most: divided in place when .float() made one, out of
+    place when the logits were float32 already (the model's own output is left as it was)."""
+    x = logits.float()
     if temperature == 1.0:
         return x
-    return x.div_(temperature) if x is not piece else x / temperature
+    return x.div_(temperature) if x is not logits else x / temperature
 
 
 def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor):
