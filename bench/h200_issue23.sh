@@ -14,8 +14,9 @@
 #      gsm_symbolic.jsonl, and scale-<gpu>.json there, e.g. scale-h200.json, is continued on that GPU model: its ok
 #      rows are kept, the rest re-run; save the call's scale.json back under that name)
 #   e.g. bash bench/h200_issue23.sh --shapes qwen2.5-1.5b --quants bf16 --max-new 256
-# A call runs at most 10 minutes: sides not started by --deadline (DEADLINE, default 540 s) are left for the next
-# call, which (on the same warm machine) finds /tmp/scale/scale.json and skips what is done.
+# A call runs at most 10 minutes: sides not started by DEADLINE (default 540 s from the call's start, the wheel
+# installs included; a running side is stopped there too) are left for the next call, which (on the same warm
+# machine) finds /tmp/scale/scale.json and skips what is done.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD QRL_CACHE=/tmp/qrlc TOKENIZERS_PARALLELISM=false  # $PWD: bench/ imports harness
 # FlashInfer's sampler compiles with nvcc at engine start (minutes); the engine core stays in the calling process
@@ -33,7 +34,7 @@ gpu=$(gpu_model)
 # --micro-batch 16: 128 x 256 completions at once need 18.6 GiB for one float32 copy of the 152k-wide logits,
 # and the harness OOMs on an 80 GB H100 at 1.5B (given again after it, an argument of yours wins)
 python bench/scale.py --data .gpures/gsm_symbolic.jsonl --work /tmp/scale-work --out /tmp/scale --skip-done \
-  --micro-batch 16 --deadline "${DEADLINE:-540}" "$@" 2>&1 | grep -v "^\s*$" | tail -60
+  --micro-batch 16 --deadline "$(( ${DEADLINE:-540} - SECONDS ))" "$@" 2>&1 | grep -v "^\s*$" | tail -60
 cp /tmp/scale/scale.json /tmp/scale/tables.md "$OUT/"
 # each side's output (its tail), one archive: what comes back from a call is limited in files too
 rm -rf /tmp/scale-logs && mkdir -p /tmp/scale-logs

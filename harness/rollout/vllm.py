@@ -168,6 +168,11 @@ class VLLMEngine:
 
     def close(self) -> None:
         self.kv = None  # it reaches vLLM through the backend, which frees it now
+        if self.asleep:  # vLLM releases a sleeping engine's pools twice at teardown ("CUDA Error: invalid argument at
+            # cumem_allocator.cpp", vllm-project/vllm#36651); a wake that fails (out of memory) leaves only that message
+            with contextlib.suppress(Exception):
+                torch.cuda.empty_cache()
+                self.backend.llm.wake_up()
         self.backend.close()
         shutil.rmtree(self.sync_dir, ignore_errors=True)
 
