@@ -18,6 +18,7 @@
 # installs included; a running side is stopped there too) are left for the next call, which (on the same warm
 # machine) finds /tmp/scale/scale.json and skips what is done.
 set -uo pipefail
+SECONDS=0  # DEADLINE counts from here (an exported SECONDS would be taken over)
 export PYTHONPATH=/tmp/site:$PWD QRL_CACHE=/tmp/qrlc TOKENIZERS_PARALLELISM=false  # $PWD: bench/ imports harness
 # FlashInfer's sampler compiles with nvcc at engine start (minutes); the engine core stays in the calling process
 export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ENABLE_V1_MULTIPROCESSING=0

@@ -126,3 +126,42 @@ def test_the_trainers_cached_memory_is_released_before_vllm_wakes(monkeypatch):
     assert events == ["empty_cache", "wake_up"] and not engine.asleep and "time/wake_s" in engine.stats
     engine._wake()  # awake: nothing to do
     assert events == ["empty_cache", "wake_up"]
+
+
+@pytest.mark.parametrize("wake_fails", [False, True])
+def test_a_sleeping_engine_is_woken_under_the_gpu_lock_before_its_teardown(monkeypatch, tmp_path, wake_fails):
+    """Torn down asleep, vLLM's allocator releases its pools a second time ("CUDA Error: invalid argument at
+    cumem_allocator.cpp" on every colocated run's exit); awake, once. The wake maps vLLM's pool again, so it happens
+    under the lock that neighbour engines measure free memory under; a wake that fails does not stop the teardown.
+    vLLM has no sleep mode on a CPU: SleepingLLM stands in for the engine, recording the order of the calls."""
+    import contextlib
+    from types import SimpleNamespace
+
+    events: list[str] = []
+
+    class SleepingLLM:
+        llm_engine = SimpleNamespace(engine_core=SimpleNamespace(shutdown=lambda: events.append("shutdown")))
+
+        def wake_up(self):
+            events.append("wake_up")
+            if wake_fails:
+                raise RuntimeError("out of memory")
+
+    @contextlib.contextmanager
+    def lock():
+        events.append("lock")
+        yield
+        events.append("unlock")
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append("empty_cache"))
+    monkeypatch.setattr(vllm, "_gpu_memory_lock", lock)
+    monkeypatch.setattr(vllm, "_tear_down", lambda: events.append("tear_down"))
+    for asleep in (True, False):
+        events.clear()
+        backend = vllm._Colocated.__new__(vllm._Colocated)  # only what close reads
+        backend.llm = SleepingLLM()
+        engine = vllm.VLLMEngine.__new__(vllm.VLLMEngine)
+        engine.backend, engine.asleep, engine.kv, engine.sync_dir = backend, asleep, None, tmp_path / "sync"
+        engine.close()
+        woken = ["empty_cache", "wake_up"] if asleep else []
+        assert events == ["lock", *woken, "shutdown", "tear_down", "unlock"]

@@ -54,7 +54,7 @@ def engine_args(cfg: RunConfig, source: str, dtype: torch.dtype, sleep: bool, de
         args["quantization"] = cfg.vllm_quantization
     if cfg.train.trainable == "lora" and r.lora_sync == "adapter":
         rank = r.max_lora_rank or min(x for x in VLLM_LORA_RANKS if x >= cfg.lora.r)
-        # every request carries the adapter: CUDA graphs for batches without one (vLLM captures both) would never replay
+        # every request carries the adapter: vLLM's graphs for batches without one would never replay (one would run eager)
         lora_graphs = {"cudagraph_specialize_lora": False}
         args |= {"enable_lora": True, "max_lora_rank": rank, "max_loras": 1, "compilation_config": lora_graphs}
     if sleep:
@@ -170,12 +170,7 @@ class VLLMEngine:
 
     def close(self) -> None:
         self.kv = None  # it reaches vLLM through the backend, which frees it now
-        if self.asleep:  # vLLM releases a sleeping engine's pools twice at teardown ("CUDA Error: invalid argument at
-            # cumem_allocator.cpp", vllm-project/vllm#36651); a wake that fails (out of memory) leaves only that message
-            with contextlib.suppress(Exception):
-                torch.cuda.empty_cache()
-                self.backend.llm.wake_up()
-        self.backend.close()
+        self.backend.close(asleep=self.asleep)
         shutil.rmtree(self.sync_dir, ignore_errors=True)
 
     # --- internals
@@ -391,9 +386,14 @@ class _Colocated:
             result.append((tokens, logprobs))
         return result
 
-    def close(self) -> None:
+    def close(self, asleep: bool = False) -> None:
         """Free the engine so that the next run's engine (a sweep makes one per run) finds the device empty."""
-        with _gpu_memory_lock():  # not while a neighbour's engine measures the GPU's free memory
+        with _gpu_memory_lock():  # not while a neighbour's engine measures the GPU's free memory (a wake maps its pool)
+            if asleep:  # vLLM releases a sleeping engine's pools twice at teardown ("CUDA Error: invalid argument at
+                # cumem_allocator.cpp", vllm-project/vllm#36651); a wake that fails (out of memory) leaves only that
+                with contextlib.suppress(Exception):  # message, not another error over the one that ended the run
+                    torch.cuda.empty_cache()
+                    self.llm.wake_up()
             self.llm.llm_engine.engine_core.shutdown()
             del self.llm
             _tear_down()

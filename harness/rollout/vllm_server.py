@@ -125,7 +125,7 @@ class Server:
             out.append((tokens, logprobs))
         return out
 
-    def close(self) -> None:
+    def close(self, asleep: bool = False) -> None:  # asleep: the colocated backend's; a server never sleeps
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
