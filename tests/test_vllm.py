@@ -132,6 +132,9 @@ def test_a_lora_update_reaches_the_rollouts(engine):
     before = engine.generate(texts, greedy=True).texts
     syncs = engine.syncs
     perturb(engine.model, seed=2, scale=0.3)
+    engine.sync()
+    if engine.cfg.rollout.colocation == "colocated":  # read at the sync (its time), not at the rollout's first use
+        assert engine.syncs in engine.backend.llm.llm_engine.list_loras()
     after = engine.generate(texts, greedy=True).texts
     assert engine.syncs == syncs + 1  # one new adapter, pushed because the weights' versions moved
     assert after != before

@@ -342,8 +342,7 @@ class _Colocated:
 
     def __init__(self, args: dict):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: "colocated" means that
-        # workaround(vllm 0.26): FlashInfer's sampler compiles its kernel with nvcc at start-up (minutes);
-        # torch's sampler is exact too
+        # workaround(vllm 0.26): FlashInfer's sampler compiles with nvcc at start-up (minutes); torch's is exact too
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would bury the sweep's progress
         threads = torch.get_num_threads()
@@ -357,6 +356,7 @@ class _Colocated:
         from vllm.lora.request import LoRARequest
 
         self.lora_request = LoRARequest(name, lora_id, path)
+        self.llm.llm_engine.add_lora(self.lora_request)  # read now, in the sync's time, not at the rollout's first use
 
     def load_weights(self, weights) -> None:
         from harness.rollout.kv_scales import read_scales, write_scales
