@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # The GPU measurements of issue 23: bench/scale.py (harness vs TRL GRPO steps at real shapes, raw vLLM, MFU).
 # A call carries at most 64 MiB with the ~10 MB tree, and a machine idle 30 s is given back with its files: stage
-# the wheel folders into .gpustore/ by back-to-back calls on one warm machine, then run.
-#   1. command `mkdir -p .gpustore && cp -al .gpupyd .gpubnb .gpustore/`, carry [".gpupyd", ".gpubnb"]
-#      (pydantic; bitsandbytes 0.50.2 for nf4)
-#   2. only if the machine lacks vLLM 0.26.0: the bundle of ../shared/tools/gpu-wheels/README.md packed into
-#      folders that fit beside the tree (`python3 ../shared/tools/gpu-wheels/pack.py .gpuwheels . 54000000`),
-#      one call each: command `mkdir -p .gpustore && cp -al .gpu01 .gpustore/`, carry [".gpu01"]; .gpu02, ...
+# the wheel folders into .gpustore/ by back-to-back calls on one warm machine, then run. `bash bench/gpu_stage.sh`
+# builds every folder here and prints those calls in order:
+#   1. the bundle of ../shared/tools/gpu-wheels/README.md (vLLM 0.26.0, bitsandbytes 0.50.2, pydantic...), one call
+#      per folder: command `mkdir -p .gpustore && cp -al .gpu01 .gpustore/`, carry [".gpu01"]; .gpu02, ...
+#   2. only on a machine that has vLLM 0.26.0 already (the H200s and H100s lent so far lacked it), instead of 1:
+#      command `mkdir -p .gpustore && cp -al .gpupyd .gpubnb .gpustore/`, carry [".gpupyd", ".gpubnb"]
 #   3. command `mkdir -p .gpustore && cp -al .gpuarrow .gpustore/`, carry [".gpuarrow"] (pyarrow's 55 MB wheel, for
 #      datasets: with the ~10 MB tree it fills a call's 64 MiB alone)
 #   4. command `bash bench/h200_issue23.sh [bench/scale.py arguments]`, carry [".gputrl", ".gpures"]
-#      (.gputrl: trl 1.16.0, datasets, dill, multiprocess, xxhash, fsspec, 2.5 MB; .gpures:
+#      (.gputrl: trl 1.16.0, datasets 5.2.0, multiprocess, xxhash, fsspec, 2.5 MB; .gpures:
 #      gsm_symbolic.jsonl, and scale-<gpu>.json there, e.g. scale-h200.json, is continued on that GPU model: its ok
 #      rows are kept, the rest re-run; save the call's scale.json back under that name)
 #   e.g. bash bench/h200_issue23.sh --shapes qwen2.5-1.5b --quants bf16 --max-new 256
