@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU part of issue 24: matrices/mismatch_gpu.yaml (vLLM's NF4 / FP8 weights, an FP8 KV cache with static and
-# recalibrated scales), packed on one GPU, and its report. Staging as bench/h200_issue23.sh says (steps 1-2: .gpupyd,
-# .gpubnb and vLLM's .gpuNN folders into .gpustore/), then:
+# recalibrated scales), packed on one GPU, and its report. Staging as bench/h200_issue23.sh says (vLLM's .gpuNN
+# folders into .gpustore/: `bash bench/gpu_stage.sh` prints the calls), then:
 #   bash bench/h200_issue24.sh            carry [".gpures"] (an earlier call's results tarball, saved as
 #                                         .gpures/mismatch_gpu-<gpu>.tgz, e.g. -h200, is continued on that GPU model)
 #   RETRY=failed bash bench/h200_issue24.sh   runs the failed runs again

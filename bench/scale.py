@@ -245,6 +245,9 @@ def main() -> None:
     p.add_argument("--skip-done", action="store_true", help="keep OUT/scale.json's ok rows instead of re-measuring")
     p.add_argument("--redo", default="", help="comma-separated sides to measure again despite --skip-done (after a "
                    "change to what they run); their new rows replace the old")
+    p.add_argument("--estimate", type=float, metavar="GPU_GIB", help="run nothing: print each harness side's "
+                   "memory-fit estimate of its train peak (train_peak_gib_median) on a GPU of this many GiB (an H200: "
+                   "140.4), for the next call's sides, made before it")
     p.add_argument("--work", default="/tmp/scale-work")
     p.add_argument("--out", default="reports/scale")
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -285,6 +288,8 @@ def main() -> None:
     result.setdefault("calls", []).append({"command": sys.argv[1:], "versions": versions(), "config": common,
                                            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     order = [s for s in SIDE_NAMES if s in a.sides.split(",")]
+    if a.estimate:
+        return print_estimates(common, models, a, order)
     for model in models:
         for quant in a.quants.split(","):
             for max_new in map(int, a.max_new.split(",")):
@@ -312,6 +317,30 @@ def main() -> None:
                         result["calls"][-1].setdefault("device", row["device"])
                     write(out, result)  # after every side: a killed bench keeps what it measured
     finish(out, result)
+
+
+def print_estimates(common: dict, models: list[str], a, order: list[str]) -> None:
+    import torch
+    from pydantic import ValidationError
+    from scale_sides import SIDES, config
+
+    from harness.common.validation import validation_problems
+    from harness.config.run import RunConfig
+    from harness.execution.memory_fit import estimate
+
+    for model in models:
+        for quant in a.quants.split(","):
+            for max_new in map(int, a.max_new.split(",")):
+                for side in (s for s in order if SIDES[s][0] == "harness"):
+                    spec = common | {"model": model, "quant": quant, "max_new": max_new, "side": side}
+                    try:
+                        cfg = config(spec)
+                    except ValidationError as e:  # as the side would be skipped
+                        print(f"[{model} {quant} {max_new}] {side}: skipped: {'; '.join(validation_problems(e, RunConfig))}")
+                        continue
+                    est = estimate(cfg, torch.device("cuda"), a.estimate)
+                    print(f"[{model} {quant} {max_new}] {side}: train peak estimated {est['peak_gib']:.1f} GiB "
+                          f"on a {a.estimate} GiB GPU", flush=True)
 
 
 def finish(out: Path, result: dict) -> None:

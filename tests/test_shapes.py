@@ -235,3 +235,21 @@ def test_memory_fit_estimates_a_shape_with_bf16_activations_under_nf4():
     assert f"peak {est['nf4']['peak_gib']:.2f} GiB" in out.output and "base_weights" in out.output
     bad = CliRunner().invoke(app, ["memory-fit", "--set", "model=shape:qwen2.5-1.5"])
     assert bad.exit_code == 2 and "did you mean 'qwen2.5-1.5b'" in bad.output
+
+
+def test_memory_fit_takes_the_gpus_size_that_vllms_share_is_of():
+    """`--gpu-gib` sets the total that gpu_memory_utilization is a share of (an H200's estimate on a machine without
+    one); without it, an H100's is assumed and said."""
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+    from harness.execution.memory_fit import ASSUMED_GPU_GIB
+
+    args = ["memory-fit", "--set", "model=shape:qwen2.5-1.5b", "--set", "rollout.colocation=colocated", "--device", "cuda"]
+    h200, h100 = CliRunner().invoke(app, [*args, "--gpu-gib", "140.4"]), CliRunner().invoke(app, args)
+    assert h200.exit_code == 0 and h100.exit_code == 0, h200.output + h100.output
+    def vllm_part(output: str) -> str:
+        return next(line.split("│")[2].strip() for line in output.splitlines() if line.startswith("│ vllm "))
+
+    assert vllm_part(h200.output) == f"{0.3 * 140.4:.3f}" and "taken of an H100" not in h200.output
+    assert vllm_part(h100.output) == f"{0.3 * ASSUMED_GPU_GIB:.3f}" and "taken of an H100" in h100.output

@@ -104,6 +104,9 @@ def memory_fit(
                                    "--set quant=nf4 --set train.prompts_per_step=8"),
     device: str = typer.Option("auto", help="auto (CUDA when present, else CPU), cpu or cuda: a GPU's estimate can be made "
                                "without one (train.dtype auto then means bfloat16, an H100's)"),
+    gpu_gib: float | None = typer.Option(None, min=1, help="With --device cuda: the GPU's total memory in GiB, which "
+                                         "vLLM's gpu_memory_utilization is a share of (an H200: 140.4; default: this "
+                                         "GPU's, or without one an H100's)"),
 ):
     """Print a run's expected peak memory and its parts (GiB): the pre-check a sweep makes before launching it
     (harness/execution/memory_fit.py). Trains nothing, downloads nothing for builtin: and shape: models."""
@@ -137,7 +140,7 @@ def memory_fit(
         raise fail(str(e)) from None
     with failing():
         api.job(cfg)  # the run's own checks (its folder name)
-    est = estimate(cfg, dev)
+    est = estimate(cfg, dev, gpu_gib)
     if est["peak_gib"] is None:
         raise fail(f"no estimate for {cfg.model}: {est['reason']}")
     shapes = est["shapes"]
@@ -150,7 +153,7 @@ def memory_fit(
         if gib:
             table.add_row(part, f"{gib:.3f}")
     console.print(table)
-    if dev.type == "cuda" and not torch.cuda.is_available() and cfg.rollout.engine == "vllm":
+    if dev.type == "cuda" and not torch.cuda.is_available() and cfg.rollout.engine == "vllm" and not gpu_gib:
         console.print(f"(no GPU here: vLLM's gpu_memory_utilization taken of an H100 80GB, {ASSUMED_GPU_GIB} GiB)",
                       highlight=False)
 

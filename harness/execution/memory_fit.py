@@ -75,10 +75,11 @@ EXTRA_IMPORTS = {"modelopt": ["modelopt.torch.quantization"], "vllm": ["vllm"]} 
 _runtime_cache: dict[str, float] = {}
 
 
-def estimate(cfg: RunConfig, device: torch.device) -> dict:
+def estimate(cfg: RunConfig, device: torch.device, gpu_gib: float | None = None) -> dict:
     """Expected `memory/peak_gib` of `cfg` on `device`, its parts in GiB, and `fit_gib`, what the device must
     hold (CUDA: + allocator overhead and context; + a vLLM server sharing it). peak_gib is None, with a
-    reason, when the model's config, tokenizer or task cannot be read (an HF id offline, say)."""
+    reason, when the model's config, tokenizer or task cannot be read (an HF id offline, say). `gpu_gib`: the GPU's
+    total memory, which vLLM's gpu_memory_utilization is a share of (default capacity_gib: this GPU's, or an H100's)."""
     from harness.common.system import compute_dtype
     from harness.models.loading import resolve
     from harness.registries import QUANT
@@ -147,7 +148,7 @@ def estimate(cfg: RunConfig, device: torch.device) -> dict:
              "previous_update": RETAINED_LOGIT_COPIES.get(cfg.algorithm, 2) * part_cv4
                                 + (act * widths * part_tokens * n_layers if bnb == "int8" else 0),
              "cuda_workspace": CUDA_WORKSPACE_BYTES if cuda else 0}
-    parts["vllm"], server = _vllm_bytes(cfg, device, parts, 0 if full else n_train * 4, (quantized + other) * b)
+    parts["vllm"], server = _vllm_bytes(cfg, device, parts, 0 if full else n_train * 4, (quantized + other) * b, gpu_gib)
     static = sum(parts.values())
     # AdamW's foreach path (CUDA's default) makes a temporary like the states (sqrt(exp_avg_sq), measured);
     # on CPU it steps one parameter at a time
@@ -209,7 +210,7 @@ def _lora_targets(cfg: RunConfig, linears: dict) -> list[str]:
 
 
 def _vllm_bytes(cfg: RunConfig, device: torch.device, parts: dict, adapter_bytes: float,
-                weights_compute: float) -> tuple[float, float]:
+                weights_compute: float, gpu_gib: float | None) -> tuple[float, float]:
     """(vLLM's share of this process's peak, a vLLM server's share of the same device)."""
     r = cfg.rollout
     if r.engine != "vllm":
@@ -217,7 +218,7 @@ def _vllm_bytes(cfg: RunConfig, device: torch.device, parts: dict, adapter_bytes
     if device.type == "cuda":
         # gpu_memory_utilization x total for weights + KV cache. Colocated, its tensors come from this
         # process's caching allocator (asleep too: sleep unmaps the pages, the blocks stay allocated)
-        share = r.gpu_memory_utilization * capacity_gib(device) * GIB
+        share = r.gpu_memory_utilization * (gpu_gib or capacity_gib(device)) * GIB
         if r.colocation == "colocated":
             return share, 0.0
         return 0.0, 0.0 if torch.cuda.device_count() > 1 else share + CUDA_CONTEXT_GIB * GIB  # the server: next GPU if any
