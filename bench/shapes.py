@@ -11,9 +11,8 @@ skip step 1 (CUDA warm-up). Each runs in a fresh process (`--one`), so one run's
 the next. `--legacy-nf4` loads nf4 as the harness did before issue 22 (peft's prepare_model_for_kbit_training,
 which casts embeddings, norms and lm_head to float32), for the before/after comparison.
 
-`--data`: a GSM8K-form JSONL ({"question", "answer": "... #### N"}); the prompts' lengths are what matter. With
-reasoning-gym installed: `python -c "import json, reasoning_gym as rg; [print(json.dumps({'question': e['question'],
-'answer': f\"#### {e['answer']}\"})) for e in rg.create_dataset('gsm_symbolic', seed=1234, size=300)]" > gsm.jsonl`.
+`--data`: a GSM8K-form JSONL ({"question", "answer": "... #### N"}); the prompts' lengths are what matter.
+`bash bench/gpu_stage.sh` writes one from reasoning-gym (.gpures/gsm_symbolic.jsonl: gsm_symbolic, seed 1234, 300).
 """
 
 from __future__ import annotations
