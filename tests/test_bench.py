@@ -56,3 +56,31 @@ def test_a_side_the_harness_refuses_is_skipped_with_its_reason():
             "prompts": 4, "group": 2, "warmup": 0, "steps": 1, "gpu_memory_utilization": 0.3, "device": "cpu"}
     row = scale_sides.run(spec)
     assert row["status"] == "skipped" and "lora_sync: merged" in row["error"] and "quant is nf4" in row["error"]
+
+
+def test_the_grid_takes_the_first_cards_figure_and_says_why_a_cell_has_none(tmp_path):
+    """bench/scale_grid.py: a configuration's cell shows the first card's ok row, falls back to the next card's, and
+    without one names the failure, the known incompatibility (TRL's vLLM path with nf4) or `not run`."""
+    import json
+
+    import scale_grid
+
+    def card(name, rows):
+        folder = tmp_path / f"bench-scale-{name}"
+        folder.mkdir()
+        (folder / "scale.json").write_text(json.dumps({"rows": [
+            {"model": "shape:qwen2.5-7b", "quant": q, "max_new": 256, "side": s, "status": st, "step_s_median": v}
+            for q, s, st, v in rows]}))
+        return folder
+
+    first = card("h200", [("nf4", "harness-vllm", "ok", 20.25), ("bf16", "trl", "crashed", None)])
+    second = card("h100", [("nf4", "harness-vllm", "ok", 21.86), ("nf4", "trl", "ok", 52.11),
+                           ("bf16", "trl", "timeout", None)])
+    text = scale_grid.grid([first, second])
+    nf4 = next(line for line in text.splitlines() if line.startswith("| qwen2.5-7b | nf4 | 256 |")).split(" | ")
+    bf16 = next(line for line in text.splitlines() if line.startswith("| qwen2.5-7b | bf16 | 256 |")).split(" | ")
+    # columns: shape, quant, new, harness, trl, harness-vllm, trl-vllm, vllm-lora
+    assert nf4[3:8] == ["not run", "H100 52.11", "H200 20.25",
+                        "cannot run: vLLM 0.26 refuses TRL's merged, packed 4-bit weights", "not run |"]
+    assert bf16[4] == "H200 crashed; H100 timeout" and bf16[6] == "not run"
+    assert text.rstrip().endswith("2 of 40 cells measured on some card.")
