@@ -41,6 +41,9 @@ rows and rewrites OUT/scale.json after each, so a killed bench keeps what it mea
   (enable_lora, a LoRARequest) or without, CUDA graphs on or off. A "step" is one generate call of all 128.
 The harness sides skip the step-0 held-out evaluation (no step's work); TRL evaluates nothing.
 
+Rows record the card (`machine`: its CUDA UUID), and the tables pair rows of one machine only: raw vLLM on two H100s
+lent weeks apart decoded 1.46x apart (bench-scale-h100, stop 37).
+
 Per step (medians over `--steps` after `--warmup`): step s (harness: between the recipe's progress callbacks;
 TRL: on_step_begin -> on_step_end); rollout s (harness: time/rollout_s, generation and reward, the engine's
 wake and weight sync apart; TRL: its _generate_single_turn less its weight sync, vLLM's wake and sleep included);
@@ -103,8 +106,8 @@ def run_side(spec: dict, timeout: float | None, log: Path) -> dict:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         out, err, code = proc.stdout, proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as e:
-        out, err, code = _text(e.stdout), _text(e.stderr) + f"\ntimed out after {timeout:.0f} s", None
+    except subprocess.TimeoutExpired as e:  # the call's deadline (or --side-timeout): not the side's failure
+        out, err, code = _text(e.stdout), _text(e.stderr) + f"\nstopped by the time limit after {timeout:.0f} s", None
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(f"$ {' '.join(cmd)}\n--- stdout\n{out}\n--- stderr\n{err}")
     row = None
@@ -117,9 +120,20 @@ def run_side(spec: dict, timeout: float | None, log: Path) -> dict:
                 pass
     if row is None:
         tail = "\n".join(err.strip().splitlines()[-12:])
-        row = base | {"status": "crashed", "error": f"exit {code}: {tail}"[-1500:]}
+        row = base | {"status": "crashed" if code is not None else "stopped", "error": f"exit {code}: {tail}"[-1500:]}
     # a side can print its row and still exit non-zero (vLLM's teardown of a sleeping engine prints CUDA errors)
     return row | {"wall_s": round(time.perf_counter() - t0, 1), "log": str(log), "exit_code": code}
+
+
+def keep(result: dict, row: dict) -> None:
+    """A side's new row in place of its key's old one; but a redo that did not end ok keeps the ok figures it was to
+    replace, and the call that tried records the attempt (`not_replaced`)."""
+    old = next((r for r in result["rows"] if key(r) == key(row)), None)
+    if row["status"] != "ok" and old and old.get("status") == "ok":
+        result["calls"][-1].setdefault("not_replaced", []).append(
+            {k: row.get(k) for k in ("model", "quant", "max_new", "side", "status", "error")})
+        return
+    result["rows"] = [r for r in result["rows"] if key(r) != key(row)] + [row]
 
 
 def _text(x) -> str:
@@ -160,7 +174,10 @@ def _cell(row: dict | None, field: str, digits: int = 2) -> str:
 
 
 def _ratio(a: dict | None, b: dict | None, field: str = "step_s_median") -> str:
+    """a / b where both rows were measured on one machine (rows from before machines were recorded pair as before)."""
     if _ok(a) and _ok(b) and a.get(field) and b.get(field):
+        if a.get("machine") != b.get("machine"):
+            return "n/a (other machines)"
         return f"{a[field] / b[field]:.2f}"
     return "n/a"
 
@@ -172,7 +189,7 @@ def markdown(rows: list[dict]) -> str:
     cases = sorted({key(r)[:3] for r in rows}, key=lambda c: (c[0], c[1], c[2]))
     devices = sorted({r["device"] for r in rows if r.get("device")})
     lines = [f"Device: {', '.join(devices) or 'unknown'}. Medians of the timed steps; s/step; "
-             "harness/TRL below 1: the harness is faster.", "",
+             "harness/TRL below 1: the harness is faster; a ratio pairs rows of one machine only.", "",
              "| model | quant | new tokens | harness in-process | TRL in-process | harness/TRL | harness vLLM "
              "(graphs) | TRL vLLM | harness/TRL (vLLM) | harness vLLM (eager) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -311,7 +328,7 @@ def main() -> None:
                           + (f", {row['step_s_median']:.2f} s/step" if row.get("step_s_median") else "")
                           + (f", {row['rollout_tokens_per_s']:.0f} tok/s" if row.get("rollout_tokens_per_s") else "")
                           + (f" ({row.get('error', '')[:200]})" if row["status"] != "ok" else ""), flush=True)
-                    result["rows"] = [r for r in result["rows"] if key(r) != key(row)] + [row]
+                    keep(result, row)
                     result["device"] = row.get("device") or result.get("device")
                     if row.get("device"):  # the parent makes no CUDA context to ask; the first side's row tells
                         result["calls"][-1].setdefault("device", row["device"])

@@ -48,7 +48,8 @@ def cell(cards: list[tuple[str, dict]], key: tuple) -> tuple[str, bool]:
 def grid(folders: list[Path]) -> str:
     cards = [load(f) for f in folders]
     lines = [f"Issue 23's grid: the median step (s) of each configuration, from {', '.join(c for c, _ in cards)} "
-             f"(first found wins). `not run`: no card has measured it yet (device time).", "",
+             f"(first found wins). `not run`: no card has measured it yet (device time). Coverage only: ratios come from "
+             f"one machine's rows, in each card's tables.md.", "",
              "| shape | quant | new tokens | " + " | ".join(title for _, title in COLUMNS) + " |",
              "|---|---|---|" + "---|" * len(COLUMNS)]
     counts = {"done": 0, "all": 0}

@@ -59,7 +59,7 @@ def raw_side(spec: dict, device: torch.device) -> dict:
     dtype = compute_dtype(device, cfg.train.dtype)
     args = engine_args(cfg, _checkpoint(cfg, device), dtype, sleep=False, device=device)
     if not opts["lora"]:
-        for k in ("enable_lora", "max_lora_rank", "max_loras", "compilation_config"):  # the last: LoRA's graphs only
+        for k in ("enable_lora", "max_lora_rank", "max_loras"):
             args.pop(k, None)
     adapter = random_adapter(spec, cfg.lora.r, cfg.lora.alpha) if opts["lora"] else None
     source = resolve(cfg.model)

@@ -81,6 +81,8 @@ def run(spec: dict) -> dict:
     row = {k: spec[k] for k in ("model", "quant", "max_new", "side")} | {"status": "ok"}
     device = torch.device(spec["device"])
     row["device"] = device_name(device)
+    if device.type == "cuda":  # the card itself: bench/scale.py pairs rows of one machine only (H100s differ by 1.5x)
+        row["machine"] = str(torch.cuda.get_device_properties(device).uuid)
     try:
         config(spec)
     except ValidationError as e:  # a side the harness refuses for this work (merged weights of an nf4 base): its reason

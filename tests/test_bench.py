@@ -84,3 +84,34 @@ def test_the_grid_takes_the_first_cards_figure_and_says_why_a_cell_has_none(tmp_
                         "cannot run: vLLM 0.26 refuses TRL's merged, packed 4-bit weights", "not run |"]
     assert bf16[4] == "H200 crashed; H100 timeout" and bf16[6] == "not run"
     assert text.rstrip().endswith("2 of 40 cells measured on some card.")
+
+
+def test_a_redo_that_does_not_finish_keeps_the_figures_it_was_to_replace():
+    """bench/scale.py's keep: a new row replaces its side's old one, unless it failed where the old one was ok (a
+    redo stopped at the call's deadline must not erase a measured row); the call then records the attempt."""
+    import scale
+
+    side = {"model": "shape:qwen2.5-1.5b", "quant": "bf16", "max_new": 1024, "side": "harness-vllm"}
+    result = {"rows": [side | {"status": "ok", "step_s_median": 21.98, "call": 0}], "calls": [{}, {}]}
+    scale.keep(result, side | {"status": "stopped", "error": "stopped by the time limit after 117 s", "call": 1})
+    assert result["rows"] == [side | {"status": "ok", "step_s_median": 21.98, "call": 0}]
+    assert result["calls"][1]["not_replaced"] == [side | {"status": "stopped",
+                                                          "error": "stopped by the time limit after 117 s"}]
+    scale.keep(result, side | {"status": "ok", "step_s_median": 20.5, "call": 1})
+    assert result["rows"] == [side | {"status": "ok", "step_s_median": 20.5, "call": 1}]
+    other = side | {"side": "trl-vllm"}
+    scale.keep(result, other | {"status": "crashed", "error": "exit 1"})  # nothing measured to keep: the failure stays
+    assert [r["status"] for r in result["rows"]] == ["ok", "crashed"]
+
+
+def test_the_tables_pair_rows_of_one_machine_only():
+    """A harness/TRL or rollout-vs-limit ratio is computed only between rows measured on the same card."""
+    import scale
+
+    case = {"model": "shape:qwen2.5-1.5b", "quant": "bf16", "max_new": 256, "status": "ok", "completion_tokens_median": 1}
+    harness = case | {"side": "harness-vllm", "step_s_median": 9.0, "rollout_tokens_per_s": 14711.0, "machine": "A"}
+    limit = case | {"side": "vllm-lora", "step_s_median": 2.4, "rollout_tokens_per_s": 13503.0}
+    trl = case | {"side": "trl-vllm", "step_s_median": 10.0, "machine": "A"}
+    text = scale.markdown([harness, limit | {"machine": "B"}, trl])
+    assert "| 9.00 | 10.00 | 0.90 |" in text and "n/a (other machines) of vllm-lora" in text
+    assert "1.09 of vllm-lora" in scale.markdown([harness, limit | {"machine": "A"}, trl])

@@ -139,9 +139,8 @@ def test_merged_lora_sync_needs_an_unquantized_colocated_lora_base():
     assert "enable_lora" not in engine_args(merged, "m", torch.bfloat16, False, torch.device("cuda"))
     adapter = RunConfig(rollout={"colocation": "colocated"})
     args = engine_args(adapter, "m", torch.bfloat16, False, torch.device("cuda"))
-    # every request carries the adapter: vLLM's graphs for batches without one are not captured
-    assert args["enable_lora"] is True and args["compilation_config"] == {"cudagraph_specialize_lora": False}
-    assert "compilation_config" not in engine_args(merged, "m", torch.bfloat16, False, torch.device("cuda"))
+    # vLLM's own LoRA graphs: turning their specialisation off decoded slower on an H100 (stop 37)
+    assert args["enable_lora"] is True and "compilation_config" not in args
     assert "lora_sync" not in adapter.canonical_json() and merged.run_id != adapter.run_id
     # no LoRA in vLLM: its rank slots do not bound the adapter
     RunConfig(rollout={"colocation": "colocated", "lora_sync": "merged"}, lora={"r": 1024})
