@@ -11,8 +11,9 @@
 #      datasets: with the ~10 MB tree it fills a call's 64 MiB alone)
 #   4. command `bash bench/h200_issue23.sh [bench/scale.py arguments]`, carry [".gputrl", ".gpures"]
 #      (.gputrl: trl 1.16.0, datasets 5.2.0, multiprocess, xxhash, fsspec, 2.5 MB; .gpures:
-#      gsm_symbolic.jsonl, and scale-<gpu>.json there, e.g. scale-h200.json, is continued on that GPU model: its ok
-#      rows are kept, the rest re-run; save the call's scale.json back under that name)
+#      gsm_symbolic.jsonl, and scale-<gpu>.json there, e.g. scale-h200.json, is continued on that GPU model: the ok
+#      rows of this very card are kept, every other side named is measured (again); save the call's scale.json back
+#      under that name)
 #   e.g. bash bench/h200_issue23.sh --shapes qwen2.5-1.5b --quants bf16 --max-new 256
 # A call runs at most 10 minutes: sides not started by DEADLINE (default 540 s from the call's start, the wheel
 # installs included; a running side is stopped there too) are left for the next call, which (on the same warm

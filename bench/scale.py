@@ -42,7 +42,8 @@ rows and rewrites OUT/scale.json after each, so a killed bench keeps what it mea
 The harness sides skip the step-0 held-out evaluation (no step's work); TRL evaluates nothing.
 
 Rows record the card (`machine`: its CUDA UUID), and the tables pair rows of one machine only: raw vLLM on two H100s
-lent weeks apart decoded 1.46x apart (bench-scale-h100, stop 37).
+lent weeks apart decoded 1.46x apart (bench-scale-h100, stop 37). So `--skip-done` keeps only this machine's rows: a
+call continues its machine's earlier calls, and on a new machine every side named is measured again.
 
 Per step (medians over `--steps` after `--warmup`): step s (harness: between the recipe's progress callbacks;
 TRL: on_step_begin -> on_step_end); rollout s (harness: time/rollout_s, generation and reward, the engine's
@@ -123,6 +124,16 @@ def run_side(spec: dict, timeout: float | None, log: Path) -> dict:
         row = base | {"status": "crashed" if code is not None else "stopped", "error": f"exit {code}: {tail}"[-1500:]}
     # a side can print its row and still exit non-zero (vLLM's teardown of a sleeping engine prints CUDA errors)
     return row | {"wall_s": round(time.perf_counter() - t0, 1), "log": str(log), "exit_code": code}
+
+
+def machine_id(device: str) -> str | None:
+    """This card's CUDA UUID as the sides record it (`machine`), asked of a child process: the parent makes no CUDA
+    context. None on a CPU, whose rows carry none."""
+    if not device.startswith("cuda"):
+        return None
+    probe = f"import torch; print(torch.cuda.get_device_properties(torch.device({device!r})).uuid)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    return done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else None
 
 
 def keep(result: dict, row: dict) -> None:
@@ -259,7 +270,9 @@ def main() -> None:
     p.add_argument("--side-timeout", type=float, help="seconds a side may take before it is killed")
     p.add_argument("--deadline", type=float, help="start no side after this many seconds; each side's timeout "
                    "shrinks to what is left (a 10-minute machine call)")
-    p.add_argument("--skip-done", action="store_true", help="keep OUT/scale.json's ok rows instead of re-measuring")
+    p.add_argument("--skip-done", action="store_true", help="keep OUT/scale.json's ok rows of this machine (this "
+                   "card's; a pair is measured on one) instead of re-measuring: a killed or deadline-stopped call "
+                   "continues on the same machine")
     p.add_argument("--redo", default="", help="comma-separated sides to measure again despite --skip-done (after a "
                    "change to what they run); their new rows replace the old")
     p.add_argument("--estimate", type=float, metavar="GPU_GIB", help="run nothing: print each harness side's "
@@ -289,6 +302,7 @@ def main() -> None:
         from harness.config.run import RolloutConfig
 
         a.gpu_memory_utilization = RolloutConfig().gpu_memory_utilization
+    machine = machine_id(a.device)
     out, work = Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -314,7 +328,10 @@ def main() -> None:
                     spec = common | {"model": model, "quant": quant, "max_new": max_new, "side": side}
                     done = {key(r): r for r in result["rows"]}
                     if a.skip_done and side not in redo and done.get(key(spec), {}).get("status") == "ok":
-                        continue
+                        if done[key(spec)].get("machine") == machine:
+                            continue
+                        print(f"[{model} {quant} {max_new}] {side}: measured again, its row is another machine's",
+                              flush=True)
                     timeout = a.side_timeout
                     if a.deadline is not None:
                         left = a.deadline - (time.perf_counter() - t_start)

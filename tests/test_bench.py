@@ -46,6 +46,12 @@ def test_scale_bench_keeps_rows_and_the_calls_that_measured_them(tmp_path):
     assert rows["harness"]["exit_code"] == 0 and first["calls"][0]["device"] == rows["harness"]["device"]
     third = scale("--sides", "harness", "--skip-done", "--redo", "harness")
     assert [r["call"] for r in third["rows"] if r["side"] == "harness"] == [2]  # measured again, the old row replaced
+    # a row of another card is not this machine's to keep: --skip-done measures it again (pairs share a machine)
+    for r in third["rows"]:
+        r["machine"] = "another card"
+    (tmp_path / "out" / "scale.json").write_text(json.dumps(third))
+    fourth = scale("--sides", "harness", "--skip-done")
+    assert [(r["call"], r.get("machine")) for r in fourth["rows"] if r["side"] == "harness"] == [(3, None)]
 
 
 def test_a_side_the_harness_refuses_is_skipped_with_its_reason():
