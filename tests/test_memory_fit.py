@@ -78,7 +78,17 @@ def boxed_questions(path: Path, n: int = 40) -> Path:
     return path
 
 
-def test_wide_model(tiny_model, tmp_path):
+@pytest.fixture
+def fixed_mmap_threshold(monkeypatch):
+    """glibc's allocator with a fixed mmap threshold, for the estimate and the measured run alike (measured_peak passes
+    this environment on). With glibc's default, dynamic threshold the RSS peak keeps part of the freed transients, and
+    how much varies from run to run: the wide model's peak measured 2.00, 2.13, 2.16 and 2.26 GiB in four identical
+    runs (0.3-0.6 retained transients, against the estimate's 1: +15% to +30.4%, a test that failed at the tolerance
+    now and then). Fixed, the live tensors decide and the estimate leaves out its retention term (memory_fit)."""
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")
+
+
+def test_wide_model(tiny_model, tmp_path, fixed_mmap_threshold):
     """Weights, activations and logits of a few hundred MB each: the model terms, not the runtime, decide.
     float32 whatever the CPU, so the terms have those sizes on bf16-capable CPUs too."""
     model = wide_model(tmp_path / "wide", tiny_model)
@@ -97,7 +107,7 @@ def test_wide_model(tiny_model, tmp_path):
 
 
 @pytest.mark.slow  # four training runs of the wide model, 55 s of make test's 10 minutes: make test-slow runs it
-def test_micro_batches_lower_the_peak_as_estimated(tiny_model, tmp_path):
+def test_micro_batches_lower_the_peak_as_estimated(tiny_model, tmp_path, fixed_mmap_threshold):
     """grpo's train.micro_batch_size: the training logits and activations of a quarter of the batch at a time."""
     model = wide_model(tmp_path / "wide", tiny_model)
     base = dict(model=str(model), task={"name": "boxed", "source": str(boxed_questions(tmp_path / "q.jsonl")), "eval_size": 4},
