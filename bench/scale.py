@@ -41,9 +41,9 @@ rows and rewrites OUT/scale.json after each, so a killed bench keeps what it mea
   (enable_lora, a LoRARequest) or without, CUDA graphs on or off. A "step" is one generate call of all 128.
 The harness sides skip the step-0 held-out evaluation (no step's work); TRL evaluates nothing.
 
-Rows record the card (`machine`: its CUDA UUID), and the tables pair rows of one machine only: raw vLLM on two H100s
-lent weeks apart decoded 1.46x apart (bench-scale-h100, stop 37). So `--skip-done` keeps only this machine's rows: a
-call continues its machine's earlier calls, and on a new machine every side named is measured again.
+Rows record the card (`machine`: its CUDA UUID), and the tables pair rows of one machine only: of two H100s lent a
+day apart, one took 1.47x as long for the same raw-vLLM call (bench-scale-h100, stop 37). So `--skip-done` keeps only
+this machine's rows: a call continues its machine's earlier calls; on a new machine every side named is measured again.
 
 Per step (medians over `--steps` after `--warmup`): step s (harness: between the recipe's progress callbacks;
 TRL: on_step_begin -> on_step_end); rollout s (harness: time/rollout_s, generation and reward, the engine's
@@ -107,7 +107,7 @@ def run_side(spec: dict, timeout: float | None, log: Path) -> dict:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         out, err, code = proc.stdout, proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as e:  # the call's deadline (or --side-timeout): not the side's failure
+    except subprocess.TimeoutExpired as e:  # the call's deadline, or --side-timeout (which a hung side also meets)
         out, err, code = _text(e.stdout), _text(e.stderr) + f"\nstopped by the time limit after {timeout:.0f} s", None
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(f"$ {' '.join(cmd)}\n--- stdout\n{out}\n--- stderr\n{err}")
@@ -128,22 +128,31 @@ def run_side(spec: dict, timeout: float | None, log: Path) -> dict:
 
 def machine_id(device: str) -> str | None:
     """This card's CUDA UUID as the sides record it (`machine`), asked of a child process: the parent makes no CUDA
-    context. None on a CPU, whose rows carry none."""
+    context. None on a CPU, whose rows carry none. Raises RuntimeError when a CUDA device does not answer."""
     if not device.startswith("cuda"):
         return None
     probe = f"import torch; print(torch.cuda.get_device_properties(torch.device({device!r})).uuid)"
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
-    return done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else None
+    try:
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"asking {device} for its UUID took over 300 s") from None
+    if done.returncode != 0 or not done.stdout.strip():
+        raise RuntimeError(f"asking {device} for its UUID failed: {done.stderr.strip()[-500:]}")
+    return done.stdout.strip().splitlines()[-1]
 
 
 def keep(result: dict, row: dict) -> None:
-    """A side's new row in place of its key's old one; but a redo that did not end ok keeps the ok figures it was to
-    replace, and the call that tried records the attempt (`not_replaced`)."""
+    """A side's new row in place of its key's old one, which the call keeps (`superseded`) when it had figures; but
+    a side that crashed or was stopped leaves the ok row it was to replace, and the call records the attempt
+    (`not_replaced`). A side now skipped (the harness refuses the config) does replace it: those figures are void."""
     old = next((r for r in result["rows"] if key(r) == key(row)), None)
-    if row["status"] != "ok" and old and old.get("status") == "ok":
+    ok_before = old is not None and old.get("status") == "ok"
+    if row["status"] in ("crashed", "stopped") and ok_before:
         result["calls"][-1].setdefault("not_replaced", []).append(
             {k: row.get(k) for k in ("model", "quant", "max_new", "side", "status", "error")})
         return
+    if ok_before:
+        result["calls"][-1].setdefault("superseded", []).append(old)
     result["rows"] = [r for r in result["rows"] if key(r) != key(row)] + [row]
 
 
@@ -185,7 +194,8 @@ def _cell(row: dict | None, field: str, digits: int = 2) -> str:
 
 
 def _ratio(a: dict | None, b: dict | None, field: str = "step_s_median") -> str:
-    """a / b where both rows were measured on one machine (rows from before machines were recorded pair as before)."""
+    """a / b where both rows were measured on one machine (the same `machine`: a UUID, a stop's label, or none on a
+    CPU); else no ratio."""
     if _ok(a) and _ok(b) and a.get(field) and b.get(field):
         if a.get("machine") != b.get("machine"):
             return "n/a (other machines)"
@@ -302,7 +312,10 @@ def main() -> None:
         from harness.config.run import RolloutConfig
 
         a.gpu_memory_utilization = RolloutConfig().gpu_memory_utilization
-    machine = machine_id(a.device)
+    try:  # only --skip-done reads it: rows of another card are measured again
+        machine = machine_id(a.device) if a.skip_done and not a.estimate else None
+    except RuntimeError as e:
+        p.error(f"--skip-done keeps this card's rows only, and {e}")
     out, work = Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)

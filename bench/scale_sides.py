@@ -81,7 +81,7 @@ def run(spec: dict) -> dict:
     row = {k: spec[k] for k in ("model", "quant", "max_new", "side")} | {"status": "ok"}
     device = torch.device(spec["device"])
     row["device"] = device_name(device)
-    if device.type == "cuda":  # the card itself: bench/scale.py pairs rows of one machine only (H100s differ by 1.5x)
+    if device.type == "cuda":  # the card itself: bench/scale.py pairs rows of one machine only (two H100s: 1.47x)
         row["machine"] = str(torch.cuda.get_device_properties(device).uuid)
     try:
         config(spec)

@@ -93,8 +93,9 @@ def test_the_grid_takes_the_first_cards_figure_and_says_why_a_cell_has_none(tmp_
 
 
 def test_a_redo_that_does_not_finish_keeps_the_figures_it_was_to_replace():
-    """bench/scale.py's keep: a new row replaces its side's old one, unless it failed where the old one was ok (a
-    redo stopped at the call's deadline must not erase a measured row); the call then records the attempt."""
+    """bench/scale.py's keep: a new row replaces its side's old one (the call keeps replaced figures), unless it crashed
+    or was stopped where the old one was ok (a redo stopped at the call's deadline must not erase a measured row); the
+    call then records the attempt."""
     import scale
 
     side = {"model": "shape:qwen2.5-1.5b", "quant": "bf16", "max_new": 1024, "side": "harness-vllm"}
@@ -105,9 +106,14 @@ def test_a_redo_that_does_not_finish_keeps_the_figures_it_was_to_replace():
                                                           "error": "stopped by the time limit after 117 s"}]
     scale.keep(result, side | {"status": "ok", "step_s_median": 20.5, "call": 1})
     assert result["rows"] == [side | {"status": "ok", "step_s_median": 20.5, "call": 1}]
+    assert result["calls"][1]["superseded"] == [side | {"status": "ok", "step_s_median": 21.98, "call": 0}]
     other = side | {"side": "trl-vllm"}
     scale.keep(result, other | {"status": "crashed", "error": "exit 1"})  # nothing measured to keep: the failure stays
     assert [r["status"] for r in result["rows"]] == ["ok", "crashed"]
+    # a config the harness now refuses voids the old figures: the skip replaces them, the call keeps them
+    scale.keep(result, side | {"status": "skipped", "error": "lora_sync: merged needs ...", "call": 1})
+    assert [r["status"] for r in result["rows"]] == ["crashed", "skipped"]
+    assert [r["step_s_median"] for r in result["calls"][1]["superseded"]] == [21.98, 20.5]
 
 
 def test_the_tables_pair_rows_of_one_machine_only():

@@ -277,7 +277,9 @@ def runtime_gib(cfg: RunConfig, model_type: str = "qwen2") -> float:
                f"transformers.models.{model_type}.modeling_{model_type}"]  # the last: loaded lazily by from_pretrained
     modules += EXTRA_IMPORTS["modelopt"] if QUANT.get(cfg.quant).fake_quant else []
     modules += EXTRA_IMPORTS["vllm"] if cfg.rollout.colocation == "colocated" else []
-    key = json.dumps([sorted(modules), library_versions(), torch.get_num_threads()], sort_keys=True)
+    # the allocator's mmap threshold too: the probe's RSS is measured under the environment the run gets
+    key = json.dumps([sorted(modules), library_versions(), torch.get_num_threads(),
+                      os.environ.get("MALLOC_MMAP_THRESHOLD_")], sort_keys=True)
     path = cache_root() / "memory_fit_runtime.json"
     stored = lambda: json.loads(path.read_text()) if path.exists() else {}  # noqa: E731
     if key not in _runtime_cache and key not in stored():
