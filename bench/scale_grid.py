@@ -18,7 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from scale import MAX_NEW, QUANTS, SHAPES  # noqa: E402
+from scale import MAX_NEW, QUANTS, SHAPES, _ok, key  # noqa: E402
 
 COLUMNS = (("harness", "harness in-process"), ("trl", "TRL in-process"), ("harness-vllm", "harness colocated vLLM"),
            ("trl-vllm", "TRL vLLM colocate"), ("vllm-lora", "raw vLLM + LoRA (limit)"))
@@ -28,20 +28,20 @@ CANNOT = {("nf4", "trl-vllm"): "cannot run: vLLM 0.26 refuses TRL's merged, pack
 def load(folder: Path) -> tuple[str, dict]:
     """A card's name (the folder's suffix) and its rows by (model, quant, max_new, side)."""
     rows = json.loads((folder / "scale.json").read_text())["rows"]
-    return folder.name.rsplit("-", 1)[-1].upper(), {(r["model"], r["quant"], r["max_new"], r["side"]): r for r in rows}
+    return folder.name.rsplit("-", 1)[-1].upper(), {key(r): r for r in rows}
 
 
-def cell(cards: list[tuple[str, dict]], key: tuple) -> tuple[str, bool]:
+def cell(cards: list[tuple[str, dict]], case: tuple) -> tuple[str, bool]:
     """The first card's ok figure, else the next one's; else why none ran (a failure's status, or not measured).
     The flag: whether a card measured it."""
     failed = []
     for card, rows in cards:
-        row = rows.get(key)
-        if row and row.get("status") == "ok":
+        row = rows.get(case)
+        if _ok(row):
             return f"{card} {row['step_s_median']:.2f}", True
         if row:
             failed.append(f"{card} {row['status']}")
-    quant, side = key[1], key[3]
+    quant, side = case[1], case[3]
     return CANNOT.get((quant, side)) or ("; ".join(failed) if failed else "not run"), False
 
 
@@ -52,15 +52,14 @@ def grid(folders: list[Path]) -> str:
              f"one machine's rows, in each card's tables.md.", "",
              "| shape | quant | new tokens | " + " | ".join(title for _, title in COLUMNS) + " |",
              "|---|---|---|" + "---|" * len(COLUMNS)]
-    counts = {"done": 0, "all": 0}
+    measured = []
     for shape in SHAPES:
         for quant in QUANTS:
             for max_new in MAX_NEW:
                 cells = [cell(cards, (f"shape:{shape}", quant, max_new, side)) for side, _ in COLUMNS]
-                counts["all"] += len(cells)
-                counts["done"] += sum(done for _, done in cells)
+                measured += [done for _, done in cells]
                 lines.append(f"| {shape} | {quant} | {max_new} | " + " | ".join(text for text, _ in cells) + " |")
-    lines += ["", f"{counts['done']} of {counts['all']} cells measured on some card."]
+    lines += ["", f"{sum(measured)} of {len(measured)} cells measured on some card."]
     return "\n".join(lines)
 
 
