@@ -7,7 +7,8 @@
 #                      lacks (../shared/tools/gpu-wheels/fetch.sh; about 930 MB), in folders that fit one call with
 #                      the tree (64 MiB less the tree and a margin: about 54 MB)
 #   .gpupyd, .gpubnb   pydantic and bitsandbytes alone, at the bundle's versions: for a GPU machine that has vLLM
-#   .gputrl            trl 1.16.0 and datasets 5.2.0 with what datasets needs beyond the machine's (2.5 MB)
+#   .gputrl            trl 1.16.0 and datasets 5.2.0 with what datasets needs beyond the machine's, dill included
+#                      (2.6 MB: an in-process call needs no bundle)
 #   .gpuarrow          pyarrow (about 55 MB: with the ~10 MB tree it fills a call's 64 MiB alone)
 #   .gpures/gsm_symbolic.jsonl  300 GSM8K-form problems from reasoning-gym (seed 1234): bench/scale.py's --data
 #   .gpures/scale-<gpu>.json    reports/bench-scale-<gpu>/scale.json's rows, which h200_issue23.sh continues; once
@@ -74,8 +75,9 @@ fi
 echo "bundle: $(ls -d .gpu[0-9]* | wc -l) folders of at most $limit bytes (the tree: $tree)"
 download .gpupyd $(pins pydantic pydantic-core annotated-types typing-inspection)
 download .gpubnb $(pins bitsandbytes)
-# datasets 5.2.0's requirements that the machine lacks (dill comes with the bundle), at the versions stop 36 resolved
-download .gputrl trl==1.16.0 datasets==5.2.0 multiprocess==0.70.19 xxhash==4.1.0 fsspec==2026.9.0
+# datasets 5.2.0's requirements that the machine lacks, at the versions stop 36 resolved; dill at the bundle's pin:
+# an in-process call runs before the bundle is staged, and datasets reads dill's version on import (stop 38's crash)
+download .gputrl trl==1.16.0 datasets==5.2.0 multiprocess==0.70.19 xxhash==4.1.0 fsspec==2026.9.0 $(pins dill)
 download .gpuarrow pyarrow==26.0.1
 mkdir -p .gpures
 if [ ! -s .gpures/gsm_symbolic.jsonl ]; then
@@ -88,7 +90,7 @@ for report in reports/bench-scale-h[0-9]*/scale.json; do  # the committed rows: 
   gpu=${report#reports/bench-scale-}; gpu=${gpu%/scale.json}
   [ -f ".gpures/scale-$gpu.json" ] || { cp "$report" ".gpures/scale-$gpu.json"; echo ".gpures/scale-$gpu.json: from $report"; }
 done
-for d in .gpu[0-9]* .gpupyd,.gpubnb .gputrl,.gpures .gpuarrow; do  # what each call carries
+for d in .gpu[0-9]* .gpupyd,.gpubnb .gputrl,.gpures .gpupyd,.gpubnb,.gputrl,.gpures .gpuarrow; do  # what each call carries
   size=$(files_bytes ${d//,/ })
   [ $((size + tree)) -le $((64 * 1048576)) ] || echo "warning: ${d//,/ } and the tree: $((size + tree)) bytes, over a call's 64 MiB" >&2
 done
@@ -104,3 +106,6 @@ done
 echo "  $n. command \`DEADLINE=540 bash bench/h200_issue23.sh ARGS\`, carry [\".gputrl\", \".gpures\"] (ARGS: bench/scale.py's)"
 echo "On a machine that has vLLM 0.26.0 already, one call instead of the .gpuNN ones: command"
 echo "  \`mkdir -p .gpustore && cp -al .gpupyd .gpubnb .gpustore/\`, carry [\".gpupyd\", \".gpubnb\"]"
+echo "In-process sides only (harness, trl), measuring within a minute of the machine's start: the .gpuarrow call, then"
+echo "  \`DEADLINE=540 bash bench/h200_issue23.sh ARGS\`, carry [\".gpupyd\", \".gpubnb\", \".gputrl\", \".gpures\"] (stop 38);"
+echo "  the .gpuNN calls may follow on that machine for the vLLM sides"

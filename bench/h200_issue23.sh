@@ -10,7 +10,7 @@
 #   3. command `mkdir -p .gpustore && cp -al .gpuarrow .gpustore/`, carry [".gpuarrow"] (pyarrow's 55 MB wheel, for
 #      datasets: with the ~10 MB tree it fills a call's 64 MiB alone)
 #   4. command `bash bench/h200_issue23.sh [bench/scale.py arguments]`, carry [".gputrl", ".gpures"]
-#      (.gputrl: trl 1.16.0, datasets 5.2.0, multiprocess, xxhash, fsspec, 2.5 MB; .gpures:
+#      (.gputrl: trl 1.16.0, datasets 5.2.0, multiprocess, xxhash, fsspec, dill, 2.6 MB; .gpures:
 #      gsm_symbolic.jsonl, and scale-<gpu>.json there, e.g. scale-h200.json, is continued on that GPU model: the ok
 #      rows of this very card are kept, every other side named is measured (again); save the call's scale.json back
 #      under that name)
