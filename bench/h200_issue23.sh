@@ -16,8 +16,9 @@
 #      under that name)
 #   e.g. bash bench/h200_issue23.sh --shapes qwen2.5-1.5b --quants bf16 --max-new 256
 # A call runs at most 10 minutes: sides not started by DEADLINE (default 540 s from the call's start, the wheel
-# installs included; a running side is stopped there too) are left for the next call, which (on the same warm
-# machine) finds /tmp/scale/scale.json and skips what is done.
+# installs included; a running side is stopped there too), or from the first that an earlier row of it says would not
+# finish by then, are left for the next call, which (on the same warm machine) finds /tmp/scale/scale.json and skips
+# what is done.
 set -uo pipefail
 SECONDS=0  # DEADLINE counts from here (an exported SECONDS would be taken over)
 export PYTHONPATH=/tmp/site:$PWD QRL_CACHE=/tmp/qrlc TOKENIZERS_PARALLELISM=false  # $PWD: bench/ imports harness

