@@ -186,8 +186,8 @@ def main() -> None:
     p.add_argument("--redo", default="", help="comma-separated sides to measure again despite --skip-done (after a "
                    "change to what they run); their new rows replace the old")
     p.add_argument("--estimate", type=float, metavar="GPU_GIB", help="run nothing: print each harness side's "
-                   "memory-fit estimate of its train peak (train_peak_gib_median) on a GPU of this many GiB (an H200: "
-                   "140.4), for the next call's sides, made before it")
+                   "memory-fit estimate of its train and rollout peaks (train_peak_gib_median, rollout_peak_gib_median) "
+                   "on a GPU of this many GiB (an H200: 140.4), for the next call's sides, made before it")
     p.add_argument("--work", default="/tmp/scale-work")
     p.add_argument("--out", default="reports/scale")
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -295,8 +295,9 @@ def print_estimates(common: dict, models: list[str], a, order: list[str]) -> Non
                         print(f"[{model} {quant} {max_new}] {side}: skipped: {'; '.join(validation_problems(e, RunConfig))}")
                         continue
                     est = estimate(cfg, torch.device("cuda"), a.estimate)
-                    print(f"[{model} {quant} {max_new}] {side}: train peak estimated {est['peak_gib']:.1f} GiB "
-                          f"on a {a.estimate} GiB GPU", flush=True)
+                    phases = est["phase_gib"]  # train_peak_gib_median and rollout_peak_gib_median in scale.json
+                    print(f"[{model} {quant} {max_new}] {side}: train peak estimated {phases['train']:.1f} GiB, "
+                          f"rollout {phases['rollout']:.1f}, on a {a.estimate} GiB GPU", flush=True)
 
 
 def finish(out: Path, result: dict) -> None:

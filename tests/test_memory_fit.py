@@ -49,29 +49,30 @@ def test_tiny_model_smoke_shapes(tiny_model, tmp_path, quant):
     assert abs(est["peak_gib"] / measured - 1) <= TOLERANCE, report(f"tiny {quant}", est, measured)
 
 
-def wide_model(folder: Path, tiny: Path, hidden: int = 512, layers: int = 2) -> Path:
+def wide_model(folder: Path, tiny: Path, hidden: int = 512, layers: int = 2, intermediate: int | None = None) -> Path:
     """A randomly initialised Qwen2 with the tiny model's character tokenizer. Its vocabulary (32768) is far
     larger than the tokenizer's (98): the logits and embeddings are then the size of a real model's, and ids
     the tokenizer lacks, which the random policy samples, decode to nothing (their reward is 0)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers, num_attention_heads=8,
-                         num_key_value_heads=2, vocab_size=32768, max_position_embeddings=512, tie_word_embeddings=False,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    config = Qwen2Config(hidden_size=hidden, intermediate_size=intermediate or 3 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=8, num_key_value_heads=2, vocab_size=32768, max_position_embeddings=512,
+                         tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None)
     Qwen2ForCausalLM(config).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny / name, folder / name)
     return folder
 
 
-def boxed_questions(path: Path, n: int = 40) -> Path:
-    """Word problems of uneven lengths (~70-190 characters, one token each): batches are left-padded, as real ones are."""
+def boxed_questions(path: Path, n: int = 40, fillers: tuple[int, int] = (0, 4)) -> Path:
+    """Word problems of uneven lengths (~70-190 characters with 0-4 fillers, one token each): batches are left-padded,
+    as real ones are."""
     rng = random.Random(0)
     rows = []
     for _ in range(n):
         a, b = rng.randint(2, 99), rng.randint(2, 99)
-        filler = " Each of them is counted once." * rng.randint(0, 4)
+        filler = " Each of them is counted once." * rng.randint(*fillers)
         rows.append({"question": f"Tom has {a} apples and buys {b} more.{filler} How many apples does he have?",
                      "answer": f"#### {a + b}"})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -104,6 +105,24 @@ def test_wide_model(tiny_model, tmp_path, fixed_mmap_threshold):
     assert model_parts >= 0.5 * est["peak_gib"], est["parts"]
     assert min(est["parts"][k] for k in ("base_weights", "activations", "logits")) >= 0.1, est["parts"]
     assert abs(est["peak_gib"] / measured - 1) <= TOLERANCE, report("wide bf16", est, measured)
+
+
+def test_a_long_prompt_rollout_peaks_at_its_prefill(tiny_model, tmp_path, fixed_mmap_threshold):
+    """In-process generation's first forward takes every sequence's padded prompt at once: with a wide MLP, prompts of
+    ~330-400 tokens and small training micro-batches its intermediate-wide temporaries are the run's peak (issue 23's
+    7B rollouts peaked at 41 GiB where the train phase took 24). Without the prefill term the estimate is about half."""
+    model = wide_model(tmp_path / "wide", tiny_model, hidden=256, intermediate=8192)
+    cfg = RunConfig(model=str(model),
+                    task={"name": "boxed", "source": str(boxed_questions(tmp_path / "q.jsonl", 12, (9, 11))), "eval_size": 4},
+                    rollout={"max_new_tokens": 8},
+                    train={"steps": 1, "prompts_per_step": 4, "group_size": 4, "eval_every": 25, "dtype": "float32",
+                           "checkpoint_every": 25, "micro_batch_size": 2})
+    est = estimate(cfg, CPU)
+    measured = measured_peak(cfg, tmp_path / cfg.run_id)
+    print(report("long prompts", est, measured))
+    assert est["phase"] == "rollout" and est["shapes"]["prompt_tokens"] >= 330, (est["phase"], est["shapes"])
+    assert est["parts"]["rollout_prefill"] >= 0.4 * est["peak_gib"], est["parts"]
+    assert abs(est["peak_gib"] / measured - 1) <= TOLERANCE, report("long prompts", est, measured)
 
 
 @pytest.mark.slow  # four training runs of the wide model, 55 s of make test's 10 minutes: make test-slow runs it
