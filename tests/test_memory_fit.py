@@ -108,14 +108,15 @@ def test_wide_model(tiny_model, tmp_path, fixed_mmap_threshold):
 
 
 def test_a_long_prompt_rollout_peaks_at_its_prefill(tiny_model, tmp_path, fixed_mmap_threshold):
-    """In-process generation's first forward takes every sequence's padded prompt at once: with a wide MLP, prompts of
-    ~330-400 tokens and small training micro-batches its intermediate-wide temporaries are the run's peak (issue 23's
-    7B rollouts peaked at 41 GiB where the train phase took 24). Without the prefill term the estimate is about half."""
+    """In-process generation's first forward takes every distinct prompt, padded, at once: with a wide MLP, 16
+    prompts of ~330-400 tokens and small training micro-batches its intermediate-wide temporaries are the run's peak
+    (issue 23's 7B rollouts, which prefilled all 128 copies, peaked at 41 GiB where the train phase took 24). Without
+    the prefill term the estimate is about 40% low."""
     model = wide_model(tmp_path / "wide", tiny_model, hidden=256, intermediate=8192)
     cfg = RunConfig(model=str(model),
-                    task={"name": "boxed", "source": str(boxed_questions(tmp_path / "q.jsonl", 12, (9, 11))), "eval_size": 4},
+                    task={"name": "boxed", "source": str(boxed_questions(tmp_path / "q.jsonl", 20, (9, 11))), "eval_size": 4},
                     rollout={"max_new_tokens": 8},
-                    train={"steps": 1, "prompts_per_step": 4, "group_size": 4, "eval_every": 25, "dtype": "float32",
+                    train={"steps": 1, "prompts_per_step": 16, "group_size": 2, "eval_every": 25, "dtype": "float32",
                            "checkpoint_every": 25, "micro_batch_size": 2})
     est = estimate(cfg, CPU)
     measured = measured_peak(cfg, tmp_path / cfg.run_id)

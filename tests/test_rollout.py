@@ -170,3 +170,49 @@ def test_a_merged_sync_refuses_an_adapter_on_a_tied_weight():
         next(policy_weights(tied))
     untied = peft.get_peft_model(Qwen2ForCausalLM(config), peft.LoraConfig(r=4, target_modules=["q_proj"]))
     assert "model.layers.0.self_attn.q_proj.weight" in dict(policy_weights(untied))
+
+
+def test_a_grouped_batch_prefills_each_distinct_prompt_once_and_samples_the_same(tiny_model):
+    """GRPO's batch repeats each prompt group_size times in a row: shared_prompt_cache prefills each distinct prompt
+    once and repeats its cache. With the same seed, the same completions and sampler log-probs as prefilling every
+    copy, greedy too; the first forward sees the distinct prompts alone. A batch of distinct prompts (a held-out eval)
+    or of repeats out of order is left to generate."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from harness.rollout.hf import HFEngine, encode_prompts, shared_prompt_cache
+    from harness.tasks import load_task
+
+    cfg = tiny_run_config()
+    cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_validate({"max_new_tokens": 12})})
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    distinct = [p.prompt for p in load_task(cfg.task).train[:6]]
+    grouped = [p for p in distinct for _ in range(4)]
+    first_forward = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: first_forward.append(args[0].shape))
+    runs = {}
+    for share in (True, False):
+        engine = HFEngine(model, tokenizer, cfg)
+        engine.share_prompts = share
+        first_forward.clear()
+        torch.manual_seed(0)
+        sampled = engine.generate(grouped)
+        shape = first_forward[0]
+        runs[share] = (sampled, engine.generate(grouped, greedy=True), shape)
+    hook.remove()
+    (shared, shared_greedy, shared_shape), (plain, plain_greedy, plain_shape) = runs[True], runs[False]
+    width = plain.prompt_ids.shape[1]
+    assert tuple(shared_shape) == (6, width - 1) and tuple(plain_shape) == (24, width)
+    assert torch.equal(shared.completion_ids, plain.completion_ids) and shared.texts == plain.texts
+    assert torch.allclose(shared.sampler_logprobs, plain.sampler_logprobs, atol=1e-5)
+    assert shared_greedy.texts == plain_greedy.texts
+    ids, mask = encode_prompts(tokenizer, distinct, torch.device("cpu"))
+    assert shared_prompt_cache(model, ids, mask) is None
+    ids, mask = encode_prompts(tokenizer, distinct * 4, torch.device("cpu"))  # repeats anywhere: each row its own
+    with torch.no_grad():
+        cache = shared_prompt_cache(model, ids, mask)
+        whole = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True,
+                      position_ids=(mask[:, :-1].cumsum(-1) - 1).clamp(min=0)).past_key_values
+    assert cache.get_seq_length() == ids.shape[1] - 1
+    for ours, theirs in zip(cache.layers, whole.layers):
+        assert torch.allclose(ours.keys, theirs.keys, atol=1e-5) and torch.allclose(ours.values, theirs.values, atol=1e-5)

@@ -84,11 +84,36 @@ def decode_completions(tokenizer, completion: torch.Tensor, mask: torch.Tensor) 
     return texts
 
 
+def shared_prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+    """The KV cache of every prompt but its last token, computed once per distinct prompt and copied to its repeats,
+    for `generate` to continue (it then runs the last prompt token and the completion). A GRPO batch repeats each
+    prompt group_size times: the prefill took every copy through the model at once, and the H100's 7B rollout
+    peaked there at 41 GiB where training took 24 (issue 23). None where no prompt repeats (a held-out eval), the
+    prompt is one token, or the model's cache cannot select rows."""
+    n, width = prompt_ids.shape
+    if width < 2:
+        return None
+    rows, copy_of = torch.unique(prompt_ids, dim=0, return_inverse=True)
+    if len(rows) == n:
+        return None
+    order = torch.arange(n, device=prompt_ids.device)
+    first = torch.full((len(rows),), n, device=prompt_ids.device).scatter_reduce(0, copy_of, order, "amin")
+    ids, mask = prompt_ids[first, :-1], prompt_mask[first, :-1]
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate derives them
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    if not hasattr(cache, "batch_select_indices"):
+        return None
+    cache.batch_select_indices(copy_of)  # each row of the batch gets its prompt's
+    return cache
+
+
 class HFEngine:
     """A rollout.base.RolloutEngine."""
 
     facts: dict
     sleeps = False  # the trainer's own model: nothing to put to sleep
+    share_prompts = True  # shared_prompt_cache; bench/prompt_sharing.py turns it off to measure what it saves
 
     def __init__(self, model, tokenizer, cfg, device=None, workdir=None):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg.rollout
@@ -132,9 +157,11 @@ class HFEngine:
         own, hf_model.generation_config = hf_model.generation_config, GenerationConfig()
         try:
             with seeded(device, seed):
+                cache = shared_prompt_cache(self.model, prompt_ids, prompt_mask) if self.share_prompts else None
                 out = self.model.generate(
                     input_ids=prompt_ids,
                     attention_mask=prompt_mask,
+                    **({"past_key_values": cache} if cache is not None else {}),
                     max_new_tokens=self.cfg.max_new_tokens,
                     pad_token_id=self.tokenizer.pad_token_id,
                     eos_token_id=self.tokenizer.eos_token_id,
