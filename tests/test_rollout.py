@@ -180,39 +180,46 @@ def test_a_grouped_batch_prefills_each_distinct_prompt_once_and_samples_the_same
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from harness.rollout.hf import HFEngine, encode_prompts, shared_prompt_cache
-    from harness.tasks import load_task
 
     cfg = tiny_run_config()
     cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_validate({"max_new_tokens": 12})})
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    distinct = [p.prompt for p in load_task(cfg.task).train[:6]]
+    distinct = ["1+2=", "33+44=", "5+55=", "12+3=", "7+8=", "91+19="]  # 4 to 6 tokens: left padding
     grouped = [p for p in distinct for _ in range(4)]
-    first_forward = []
-    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: first_forward.append(args[0].shape))
+    forwards = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: forwards.append(tuple(args[0].shape)))
     runs = {}
     for share in (True, False):
         engine = HFEngine(model, tokenizer, cfg)
         engine.share_prompts = share
-        first_forward.clear()
+        forwards.clear()
         torch.manual_seed(0)
         sampled = engine.generate(grouped)
-        shape = first_forward[0]
-        runs[share] = (sampled, engine.generate(grouped, greedy=True), shape)
+        runs[share] = (sampled, engine.generate(grouped, greedy=True), forwards[:3])
     hook.remove()
-    (shared, shared_greedy, shared_shape), (plain, plain_greedy, plain_shape) = runs[True], runs[False]
+    (shared, shared_greedy, shared_forwards), (plain, plain_greedy, plain_forwards) = runs[True], runs[False]
     width = plain.prompt_ids.shape[1]
-    assert tuple(shared_shape) == (6, width - 1) and tuple(plain_shape) == (24, width)
+    assert (plain.prompt_mask == 0).any()  # left-padded
+    # the distinct prompts' prefill, then generate goes on from the last prompt token: it used the cache
+    assert shared_forwards == [(6, width - 1), (24, 1), (24, 1)] and plain_forwards == [(24, width), (24, 1), (24, 1)]
     assert torch.equal(shared.completion_ids, plain.completion_ids) and shared.texts == plain.texts
     assert torch.allclose(shared.sampler_logprobs, plain.sampler_logprobs, atol=1e-5)
     assert shared_greedy.texts == plain_greedy.texts
     ids, mask = encode_prompts(tokenizer, distinct, torch.device("cpu"))
     assert shared_prompt_cache(model, ids, mask) is None
-    ids, mask = encode_prompts(tokenizer, distinct * 4, torch.device("cpu"))  # repeats anywhere: each row its own
-    with torch.no_grad():
+
+    def each_row_its_own(ids, mask):
         cache = shared_prompt_cache(model, ids, mask)
-        whole = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True,
-                      position_ids=(mask[:, :-1].cumsum(-1) - 1).clamp(min=0)).past_key_values
-    assert cache.get_seq_length() == ids.shape[1] - 1
-    for ours, theirs in zip(cache.layers, whole.layers):
-        assert torch.allclose(ours.keys, theirs.keys, atol=1e-5) and torch.allclose(ours.values, theirs.values, atol=1e-5)
+        with torch.no_grad():
+            whole = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True,
+                          position_ids=(mask[:, :-1].cumsum(-1) - 1).clamp(min=0)).past_key_values
+        assert cache.get_seq_length() == ids.shape[1] - 1
+        for ours, theirs in zip(cache.layers, whole.layers):
+            assert torch.allclose(ours.keys, theirs.keys, atol=1e-5) and torch.allclose(ours.values, theirs.values, atol=1e-5)
+
+    each_row_its_own(*encode_prompts(tokenizer, distinct * 4, torch.device("cpu")))  # repeats in any order
+    # a prompt that starts with the pad id has another's ids, padded less: its mask keeps it apart
+    pad, digit = tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("5")
+    ids = torch.tensor([[pad, pad, digit, digit]] * 4)
+    each_row_its_own(ids, torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]]))

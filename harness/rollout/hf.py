@@ -84,16 +84,20 @@ def decode_completions(tokenizer, completion: torch.Tensor, mask: torch.Tensor) 
     return texts
 
 
+@torch.no_grad()
 def shared_prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
     """The KV cache of every prompt but its last token, computed once per distinct prompt and copied to its repeats,
     for `generate` to continue (it then runs the last prompt token and the completion). A GRPO batch repeats each
     prompt group_size times: the prefill took every copy through the model at once, and the H100's 7B rollout
-    peaked there at 41 GiB where training took 24 (issue 23). None where no prompt repeats (a held-out eval), the
-    prompt is one token, or the model's cache cannot select rows."""
+    peaked there at 41 GiB where training took 24 (issue 23). The same computation, rounded otherwise: identical on
+    a CPU in float32, log-probs ~3e-3 apart in nf4. None where no prompt repeats (a held-out eval), the prompt is one
+    token, or the model's cache cannot select rows (linear-attention and state-space layers; their forward is then
+    wasted, once a rollout). The model must be in eval mode (a training forward keeps no cache under checkpointing)."""
     n, width = prompt_ids.shape
     if width < 2:
         return None
-    rows, copy_of = torch.unique(prompt_ids, dim=0, return_inverse=True)
+    # a prompt's row is its ids and its mask: one that starts with the pad id encodes to another's ids, padded less
+    rows, copy_of = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
     if len(rows) == n:
         return None
     order = torch.arange(n, device=prompt_ids.device)
@@ -101,11 +105,11 @@ def shared_prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
     ids, mask = prompt_ids[first, :-1], prompt_mask[first, :-1]
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate derives them
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    if not hasattr(cache, "batch_select_indices"):
+    try:
+        out.past_key_values.batch_select_indices(copy_of)  # each row of the batch gets its prompt's
+    except (AttributeError, NotImplementedError):  # no cache, or a layer kind that cannot select rows
         return None
-    cache.batch_select_indices(copy_of)  # each row of the batch gets its prompt's
-    return cache
+    return out.past_key_values
 
 
 class HFEngine:
