@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -24,18 +25,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def hwm_bytes() -> int:
+def status_bytes(field: str) -> int:
+    """A /proc/self/status memory field (VmRSS, VmHWM) in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def measure(a: argparse.Namespace, share: bool) -> dict:
@@ -44,6 +39,7 @@ def measure(a: argparse.Namespace, share: bool) -> dict:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from harness.config.run import RunConfig
+    from harness.models.loading import load_tokenizer, resolve
     from harness.rollout.hf import HFEngine
 
     torch.manual_seed(0)
@@ -51,36 +47,26 @@ def measure(a: argparse.Namespace, share: bool) -> dict:
                          num_attention_heads=8, num_key_value_heads=2, vocab_size=32768, pad_token_id=0, eos_token_id=1)
     model = get_peft_model(Qwen2ForCausalLM(config), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
 
-    class Tokenizer:  # prompts are space-separated ids: lengths and padding exactly as asked, no vocabulary needed
-        pad_token_id, eos_token_id, padding_side = 0, 1, "left"
-
-        def __call__(self, texts, return_tensors=None, padding=False, add_special_tokens=False):
-            rows = [[int(t) for t in text.split()] for text in texts]
-            width = max(map(len, rows))
-            ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-            return {"input_ids": ids, "attention_mask": (torch.arange(width) >= width - torch.tensor(
-                [len(r) for r in rows])[:, None]).long()}
-
-        def decode(self, ids, skip_special_tokens=False):
-            return " ".join(map(str, ids))
-
-    rng = torch.Generator().manual_seed(1)
-    lengths = torch.randint(a.prompt_len * 3 // 4, a.prompt_len + 1, (a.prompts,), generator=rng)
-    prompts = [" ".join(map(str, torch.randint(2, 32768, (int(n),), generator=rng).tolist())) for n in lengths]
+    # the shipped tiny model's character tokenizer (one token a character): prompts of random digits have exactly
+    # the lengths asked; the wide model's other ids decode to nothing
+    tokenizer = load_tokenizer(resolve("builtin:tiny-arith"))
+    rng = random.Random(1)
+    prompts = ["".join(rng.choices("0123456789", k=rng.randint(a.prompt_len * 3 // 4, a.prompt_len)))
+               for _ in range(a.prompts)]
     batch = [p for p in prompts for _ in range(a.group)]
     cfg = RunConfig(rollout={"max_new_tokens": a.max_new})
-    engine = HFEngine(model, Tokenizer(), cfg)
+    engine = HFEngine(model, tokenizer, cfg)
     engine.share_prompts = share
     seconds = []
     with torch.no_grad():
         engine.generate(batch[: a.group])  # warm
         Path("/proc/self/clear_refs").write_text("5")
-        before = rss_bytes()
+        before = status_bytes("VmRSS")
         for _ in range(a.repeats):
             t0 = time.perf_counter()
             engine.generate(batch)
             seconds.append(time.perf_counter() - t0)
-        peak = hwm_bytes() - before
+        peak = status_bytes("VmHWM") - before
     return {"share": share, "rollout_s": statistics.median(seconds), "peak_above_start_gib": peak / 2**30}
 
 

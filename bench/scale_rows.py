@@ -26,7 +26,7 @@ def keep(result: dict, row: dict) -> None:
     a side that crashed or was stopped leaves the ok row it was to replace, and the call records the attempt
     (`not_replaced`). A side now skipped (the harness refuses the config) does replace it: those figures are void."""
     old = next((r for r in result["rows"] if key(r) == key(row)), None)
-    ok_before = old is not None and old.get("status") == "ok"
+    ok_before = _ok(old)
     if row["status"] in ("crashed", "stopped") and ok_before:
         result["calls"][-1].setdefault("not_replaced", []).append(
             {k: row.get(k) for k in ("model", "quant", "max_new", "side", "status", "error")})
@@ -51,9 +51,10 @@ def expected_s(row: dict | None, calls: list[dict], warmup: int, steps: int) -> 
 
 
 def peak_alloc_gib(row: dict) -> float | None:
-    """The row's peak allocated GPU memory over its timed steps. The harness's recipe resets the allocator's peak at
-    each phase, so a harness row before stop 38 recorded its last train phase's alone; the largest of the phases'
-    peaks and its own is the figure. None where the row has none (a CPU run: its phase peaks are the process's RSS)."""
+    """The row's peak allocated GPU memory over its timed steps, as the tables show it. The harness's recipe resets the
+    allocator's peak at each phase, so a harness row's own peak_alloc_gib is its last train phase's alone; the largest
+    of the phases' peaks and its own is the figure. None where the row has none (a CPU run: its phase peaks are the
+    process's RSS)."""
     if row.get("peak_alloc_gib") is None:
         return None
     phases = [v for k in ("rollout_peak_gib", "train_peak_gib") for v in (row.get("per_step") or {}).get(k) or []]

@@ -20,7 +20,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import grpo_vs_trl as gvt  # noqa: E402
-from scale_rows import peak_alloc_gib  # noqa: E402
 
 from harness.common.system import GIB, compute_dtype, device_name  # noqa: E402
 from harness.common.validation import validation_problems  # noqa: E402
@@ -245,7 +244,6 @@ def harness_side(spec: dict, device: torch.device) -> dict:
              "train_peak_gib": [r["memory/train_peak_gib"] for r in rows]}
     used += [r.get("memory/device_used_gib") for r in rows]
     out = summarize(steps, spec, device, used)
-    out["peak_alloc_gib"] = peak_alloc_gib(out)  # the recipe resets the allocator's peak at each phase
     # the harness's own tokens/s (generation alone) is the same number from the same clock
     return out | {"setup_s": facts.get("setup_s"), "engine_start_s": facts.get("engine_start_s"),
                   "hand_off": facts.get("hand_off"), "run_config": cfg.model_dump(mode="json")}

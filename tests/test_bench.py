@@ -156,7 +156,7 @@ def test_a_sides_expected_time_scales_its_earlier_run_to_this_calls_steps():
 
 
 def test_the_harness_step_peak_is_the_larger_phase_peak():
-    """The recipe resets the allocator's peak at each phase, so a harness row's own peak_alloc_gib (before stop 38) is
+    """The recipe resets the allocator's peak at each phase, so a harness row's own peak_alloc_gib is
     its last train phase's: the tables show the larger of the phases' peaks; a TRL row, without phases, its own."""
     import scale_rows
 

@@ -179,7 +179,7 @@ def test_a_grouped_batch_prefills_each_distinct_prompt_once_and_samples_the_same
     or of repeats out of order is left to generate."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from harness.rollout.hf import HFEngine, encode_prompts, shared_prompt_cache
+    from harness.rollout.hf import HFEngine, encode_distinct, shared_prompt_cache
 
     cfg = tiny_run_config()
     cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_validate({"max_new_tokens": 12})})
@@ -206,11 +206,11 @@ def test_a_grouped_batch_prefills_each_distinct_prompt_once_and_samples_the_same
     assert torch.equal(shared.completion_ids, plain.completion_ids) and shared.texts == plain.texts
     assert torch.allclose(shared.sampler_logprobs, plain.sampler_logprobs, atol=1e-5)
     assert shared_greedy.texts == plain_greedy.texts
-    ids, mask = encode_prompts(tokenizer, distinct, torch.device("cpu"))
-    assert shared_prompt_cache(model, ids, mask) is None
+    assert shared_prompt_cache(model, *encode_distinct(tokenizer, distinct, torch.device("cpu"))) is None
 
-    def each_row_its_own(ids, mask):
-        cache = shared_prompt_cache(model, ids, mask)
+    def each_row_its_own(distinct_ids, distinct_mask, copy_of):
+        cache = shared_prompt_cache(model, distinct_ids, distinct_mask, copy_of)
+        ids, mask = distinct_ids[copy_of], distinct_mask[copy_of]
         with torch.no_grad():
             whole = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True,
                           position_ids=(mask[:, :-1].cumsum(-1) - 1).clamp(min=0)).past_key_values
@@ -218,8 +218,8 @@ def test_a_grouped_batch_prefills_each_distinct_prompt_once_and_samples_the_same
         for ours, theirs in zip(cache.layers, whole.layers):
             assert torch.allclose(ours.keys, theirs.keys, atol=1e-5) and torch.allclose(ours.values, theirs.values, atol=1e-5)
 
-    each_row_its_own(*encode_prompts(tokenizer, distinct * 4, torch.device("cpu")))  # repeats in any order
-    # a prompt that starts with the pad id has another's ids, padded less: its mask keeps it apart
+    each_row_its_own(*encode_distinct(tokenizer, distinct * 4, torch.device("cpu")))  # repeats in any order
+    # two prompts with the same ids, one padded (a prompt that starts with the pad id's text): each its own mask
     pad, digit = tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("5")
-    ids = torch.tensor([[pad, pad, digit, digit]] * 4)
-    each_row_its_own(ids, torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]]))
+    each_row_its_own(torch.tensor([[pad, pad, digit, digit]] * 2), torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]]),
+                     torch.tensor([0, 1, 0, 1]))

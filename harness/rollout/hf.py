@@ -39,15 +39,21 @@ class Rollout:
     texts: list[str]  # completions decoded up to eos
 
 
-def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and mask. A GRPO batch repeats each prompt group_size times: each distinct prompt
-    is tokenized once and its row repeated (the same tensors; the profile found tokenizing every copy
-    the largest named cost of a step outside the model)."""
+def encode_distinct(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each distinct prompt's left-padded ids and mask, tokenized once ([U, P]), and the row of each of `prompts`
+    among them ([N]). A GRPO batch repeats each prompt group_size times: the profile found tokenizing every copy the
+    largest named cost of a step outside the model, and prefilling every copy the rollout's memory peak."""
     tokenizer.padding_side = "left"  # generation appends on the right, so prompts end together
     row_of = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
     enc = tokenizer(list(row_of), return_tensors="pt", padding=True, add_special_tokens=False)
-    rows = torch.tensor([row_of[p] for p in prompts]) if len(row_of) < len(prompts) else slice(None)
-    return enc["input_ids"][rows].to(device), enc["attention_mask"][rows].to(device)
+    copy_of = torch.tensor([row_of[p] for p in prompts], device=device)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device), copy_of
+
+
+def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and mask of every prompt ([N, P]): encode_distinct's rows, repeated."""
+    ids, mask, copy_of = encode_distinct(tokenizer, prompts, device)
+    return ids[copy_of], mask[copy_of]
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -85,28 +91,22 @@ def decode_completions(tokenizer, completion: torch.Tensor, mask: torch.Tensor) 
 
 
 @torch.no_grad()
-def shared_prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
-    """The KV cache of every prompt but its last token, computed once per distinct prompt and copied to its repeats,
-    for `generate` to continue (it then runs the last prompt token and the completion). A GRPO batch repeats each
-    prompt group_size times: the prefill took every copy through the model at once, and the H100's 7B rollout
-    peaked there at 41 GiB where training took 24 (issue 23). The same computation, rounded otherwise: identical on
-    a CPU in float32, log-probs ~3e-3 apart in nf4. None where no prompt repeats (a held-out eval), the prompt is one
-    token, or the model's cache cannot select rows (linear-attention and state-space layers; their forward is then
-    wasted, once a rollout). The model must be in eval mode (a training forward keeps no cache under checkpointing)."""
-    n, width = prompt_ids.shape
-    if width < 2:
+def shared_prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor, copy_of: torch.Tensor):
+    """The KV cache of every prompt but its last token, computed once per distinct prompt (encode_distinct's `ids`
+    and `mask`) and copied to each row of the batch (`copy_of`), for `generate` to continue from (it then runs the
+    last prompt token and the completion). A GRPO batch repeats each prompt group_size times: the prefill took every
+    copy through the model at once, and the H100's 7B rollout peaked there at 41 GiB where training took 24 (issue
+    23). The same computation, rounded otherwise: identical on a CPU in float32, log-probs ~3e-3 apart in nf4. None
+    where no prompt repeats (a held-out eval), the prompt is one token, or the model's cache cannot select rows
+    (linear-attention and state-space layers; their forward is then wasted, once a rollout). The model must be in
+    eval mode (a training forward keeps no cache under checkpointing)."""
+    if ids.shape[1] < 2 or len(ids) == len(copy_of):
         return None
-    # a prompt's row is its ids and its mask: one that starts with the pad id encodes to another's ids, padded less
-    rows, copy_of = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
-    if len(rows) == n:
-        return None
-    order = torch.arange(n, device=prompt_ids.device)
-    first = torch.full((len(rows),), n, device=prompt_ids.device).scatter_reduce(0, copy_of, order, "amin")
-    ids, mask = prompt_ids[first, :-1], prompt_mask[first, :-1]
+    ids, mask = ids[:, :-1], mask[:, :-1]
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate derives them
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     try:
-        out.past_key_values.batch_select_indices(copy_of)  # each row of the batch gets its prompt's
+        out.past_key_values.batch_select_indices(copy_of)
     except (AttributeError, NotImplementedError):  # no cache, or a layer kind that cannot select rows
         return None
     return out.past_key_values
@@ -142,7 +142,8 @@ class HFEngine:
     def generate(self, prompts: list[str], greedy: bool = False, temperature: float | None = None,
                  seed: int | None = None) -> Rollout:
         device = next(self.model.parameters()).device
-        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, device)
+        distinct_ids, distinct_mask, copy_of = encode_distinct(self.tokenizer, prompts, device)
+        prompt_ids, prompt_mask = distinct_ids[copy_of], distinct_mask[copy_of]
         # top_k=0 to generate: no top-k of its own (transformers defaults to 50); rollout.top_k is SamplerLogprobs'
         # remove_invalid_values: a diverged policy's NaN logits would crash the sampler; let it
         # sample so the training step can see the non-finite loss and stop the run as diverged.
@@ -161,7 +162,8 @@ class HFEngine:
         own, hf_model.generation_config = hf_model.generation_config, GenerationConfig()
         try:
             with seeded(device, seed):
-                cache = shared_prompt_cache(self.model, prompt_ids, prompt_mask) if self.share_prompts else None
+                cache = (shared_prompt_cache(self.model, distinct_ids, distinct_mask, copy_of) if self.share_prompts
+                         else None)
                 out = self.model.generate(
                     input_ids=prompt_ids,
                     attention_mask=prompt_mask,
