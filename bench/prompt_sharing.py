@@ -1,4 +1,4 @@
-"""What prefilling each distinct prompt once saves an in-process rollout (rollout.hf.shared_prompt_cache): HFEngine's
+"""What prefilling each distinct prompt once saves an in-process rollout (rollout.hf.prompt_cache): HFEngine's
 generate on a GRPO-shaped batch (P prompts x G copies, prompts padded to ~L tokens) with the sharing on and off.
 
 CPU, a random wide Qwen2 (the MLP's intermediate width decides the prefill's memory), float32, LoRA r 16 on every

@@ -14,6 +14,7 @@ import torch
 
 from harness.config.run import RunConfig
 from harness.execution.memory_fit import capacity_gib, estimate, fits
+from harness.results.layout import read_metrics
 
 CPU = torch.device("cpu")
 TOLERANCE = 0.30  # the issue's acceptance criterion
@@ -107,23 +108,43 @@ def test_wide_model(tiny_model, tmp_path, fixed_mmap_threshold):
     assert abs(est["peak_gib"] / measured - 1) <= TOLERANCE, report("wide bf16", est, measured)
 
 
-def test_a_long_prompt_rollout_peaks_at_its_prefill(tiny_model, tmp_path, fixed_mmap_threshold):
-    """In-process generation's first forward takes every distinct prompt, padded, at once: with a wide MLP, 16
-    prompts of ~330-400 tokens and small training micro-batches its intermediate-wide temporaries are the run's peak
-    (issue 23's 7B rollouts, which prefilled all 128 copies, peaked at 41 GiB where the train phase took 24). Without
-    the prefill term the estimate is about 40% low."""
+def long_prompt_run(tiny_model, tmp_path: Path, eval_size: int) -> RunConfig:
+    """A wide MLP (8192), 16 prompts of ~330-400 tokens a step and small training micro-batches: the prefill's
+    intermediate-wide temporaries are the run's peak."""
     model = wide_model(tmp_path / "wide", tiny_model, hidden=256, intermediate=8192)
-    cfg = RunConfig(model=str(model),
-                    task={"name": "boxed", "source": str(boxed_questions(tmp_path / "q.jsonl", 20, (9, 11))), "eval_size": 4},
-                    rollout={"max_new_tokens": 8},
-                    train={"steps": 1, "prompts_per_step": 16, "group_size": 2, "eval_every": 25, "dtype": "float32",
-                           "checkpoint_every": 25, "micro_batch_size": 2})
+    return RunConfig(model=str(model),
+                     task={"name": "boxed", "source": str(boxed_questions(tmp_path / "q.jsonl", 100, (9, 11))),
+                           "eval_size": eval_size},
+                     rollout={"max_new_tokens": 8},
+                     train={"steps": 1, "prompts_per_step": 16, "group_size": 2, "eval_every": 25, "dtype": "float32",
+                            "checkpoint_every": 25, "micro_batch_size": 2})
+
+
+def test_a_long_prompt_rollout_peaks_at_its_prefill(tiny_model, tmp_path, fixed_mmap_threshold):
+    """In-process generation's first forward takes every distinct prompt, padded, at once: its intermediate-wide
+    temporaries are this run's peak (issue 23's 7B rollouts, which prefilled all 128 copies, peaked at 41 GiB where
+    the train phase took 24). Without the prefill term the estimate is about 40% low."""
+    cfg = long_prompt_run(tiny_model, tmp_path, eval_size=4)
     est = estimate(cfg, CPU)
     measured = measured_peak(cfg, tmp_path / cfg.run_id)
     print(report("long prompts", est, measured))
     assert est["phase"] == "rollout" and est["shapes"]["prompt_tokens"] >= 330, (est["phase"], est["shapes"])
     assert est["parts"]["rollout_prefill"] >= 0.4 * est["peak_gib"], est["parts"]
     assert abs(est["peak_gib"] / measured - 1) <= TOLERANCE, report("long prompts", est, measured)
+
+
+@pytest.mark.slow  # 40 s more of make test's 10 minutes: make test-slow (CI) runs it
+def test_a_held_out_eval_prefills_no_more_at_once_than_a_rollout(tiny_model, tmp_path, fixed_mmap_threshold):
+    """The held-out eval's 40 distinct prompts are prefilled 16 at a time, 32 to a generate (a rollout's prompts
+    and rows), and the run's peak, its evals' included, stays the estimate's. With the eval's 40
+    prompts at once, as they were, this run peaked at 2.98 GiB against the estimate's 1.66 (1.67 now)."""
+    cfg = long_prompt_run(tiny_model, tmp_path, eval_size=40)
+    est = estimate(cfg, CPU)
+    measured = measured_peak(cfg, tmp_path / cfg.run_id)
+    print(report("long-prompt eval", est, measured))
+    assert abs(est["peak_gib"] / measured - 1) <= TOLERANCE, report("long-prompt eval", est, measured)
+    evals = [r["memory/eval_peak_gib"] for r in read_metrics(tmp_path / cfg.run_id) if "eval/reward" in r]
+    assert len(evals) == 2 and max(evals) <= measured, evals  # step 0's and the last step's, within the run's peak
 
 
 @pytest.mark.slow  # four training runs of the wide model, 55 s of make test's 10 minutes: make test-slow runs it

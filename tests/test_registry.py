@@ -66,7 +66,7 @@ def test_a_class_lacking_protocol_members_is_refused(fake_module):
         reg.get("half")
     msg = str(err.value)
     assert "rollout engine registry: 'half' -> fake_targets:Engine" in msg
-    assert "lacks close, mark_synced, pop_metrics, release" in msg
+    assert "lacks close, eval_batch, mark_synced, pop_metrics, release" in msg
 
 
 def test_an_instance_that_is_not_a_format_is_refused(fake_module):
@@ -164,8 +164,8 @@ def test_engine_classes_satisfy_the_engine_protocol():
     from harness.rollout.hf import HFEngine
     from harness.rollout.vllm import VLLMEngine
 
-    assert protocol_members(RolloutEngine) == ["close", "facts", "generate", "mark_synced", "pop_metrics", "release", "sleeps",
-                                               "sync"]
+    assert protocol_members(RolloutEngine) == ["close", "eval_batch", "facts", "generate", "mark_synced", "pop_metrics",
+                                               "release", "sleeps", "sync"]
     for cls in (HFEngine, VLLMEngine):
         assert mismatch(cls, RolloutEngine) is None, cls
     assert isinstance(HFEngine(None, None, RunConfig()), RolloutEngine)

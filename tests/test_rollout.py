@@ -173,15 +173,16 @@ def test_a_merged_sync_refuses_an_adapter_on_a_tied_weight():
 
 
 def test_a_grouped_batch_prefills_each_distinct_prompt_once_and_samples_the_same(tiny_model):
-    """GRPO's batch repeats each prompt group_size times in a row: shared_prompt_cache prefills each distinct prompt
-    once and repeats its cache. With the same seed, the same completions and sampler log-probs as prefilling every
-    copy, greedy too; the first forward sees the distinct prompts alone. A batch of distinct prompts (a held-out eval)
-    or of repeats out of order is left to generate."""
+    """GRPO's batch repeats each prompt group_size times in a row: prompt_cache prefills each distinct prompt once
+    and repeats its cache. With the same seed, the same completions and sampler log-probs as prefilling every copy,
+    greedy too; the first forward sees the distinct prompts alone. Repeats out of order are shared alike. A batch of
+    distinct prompts (a held-out eval) is left to generate where it is no taller than a rollout's prefill, and
+    prefilled a rollout's prompts at a time where it is taller: the same cache, the same greedy completions."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from harness.rollout.hf import HFEngine, encode_distinct, shared_prompt_cache
+    from harness.rollout.hf import HFEngine, encode_distinct, prompt_cache
 
-    cfg = tiny_run_config()
+    cfg = tiny_run_config(prompts_per_step=6, group_size=4)  # the rollout below: 6 prompts x 4 completions
     cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_validate({"max_new_tokens": 12})})
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
@@ -206,10 +207,10 @@ def test_a_grouped_batch_prefills_each_distinct_prompt_once_and_samples_the_same
     assert torch.equal(shared.completion_ids, plain.completion_ids) and shared.texts == plain.texts
     assert torch.allclose(shared.sampler_logprobs, plain.sampler_logprobs, atol=1e-5)
     assert shared_greedy.texts == plain_greedy.texts
-    assert shared_prompt_cache(model, *encode_distinct(tokenizer, distinct, torch.device("cpu"))) is None
+    assert prompt_cache(model, *encode_distinct(tokenizer, distinct, torch.device("cpu")), rows=6) is None
 
-    def each_row_its_own(distinct_ids, distinct_mask, copy_of):
-        cache = shared_prompt_cache(model, distinct_ids, distinct_mask, copy_of)
+    def each_row_its_own(distinct_ids, distinct_mask, copy_of, rows=6):
+        cache = prompt_cache(model, distinct_ids, distinct_mask, copy_of, rows)
         ids, mask = distinct_ids[copy_of], distinct_mask[copy_of]
         with torch.no_grad():
             whole = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True,
@@ -223,3 +224,19 @@ def test_a_grouped_batch_prefills_each_distinct_prompt_once_and_samples_the_same
     pad, digit = tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("5")
     each_row_its_own(torch.tensor([[pad, pad, digit, digit]] * 2), torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]]),
                      torch.tensor([0, 1, 0, 1]))
+
+    each_row_its_own(*encode_distinct(tokenizer, distinct, torch.device("cpu")), rows=4)  # distinct, 4 + 2 a forward
+    each_row_its_own(*encode_distinct(tokenizer, distinct * 4, torch.device("cpu")), rows=4)  # and repeated
+    # a held-out eval taller than a rollout's prefill (HFEngine.prefill_rows, the rollout's distinct prompts):
+    # prefilled 4 prompts a forward, the same greedy completions as generate's own prefill of all 6
+    engine = HFEngine(model, tokenizer, tiny_run_config())
+    assert engine.prefill_rows == 4 and engine.eval_batch == 16  # tiny_run_config: 4 prompts x 4 completions
+    runs = {}
+    for share in (True, False):
+        engine.share_prompts = share
+        forwards.clear()
+        hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: forwards.append(tuple(args[0].shape)))
+        runs[share] = (engine.generate(distinct, greedy=True).texts, forwards[:3])
+        hook.remove()
+    assert runs[True][1] == [(4, width - 1), (2, width - 1), (6, 1)] and runs[False][1][0] == (6, width)
+    assert runs[True][0] == runs[False][0]

@@ -56,7 +56,8 @@ ROLLOUT_STEP_COPIES, ROLLOUT_TOP_P_COPIES = 7, 4
 # 1.02 more on that CPU, 1.9-1.95 on an H100 in bf16 (issue 23: Qwen2.5 1.5B and 7B shapes, LoRA r 16 on every
 # linear, prompts padded to 456 and 671 tokens; the harness's rollout peak 9.9-41.2 GiB, 7.1-7.2 bf16 copies in all,
 # where the estimate without this term was 5-22). Those rollouts prefilled every copy of a prompt; since stop 38 each
-# distinct prompt is prefilled once and its cache copied to the group (rollout.hf.shared_prompt_cache)
+# distinct prompt is prefilled once and its cache copied to the group, and a held-out eval's prompts are prefilled
+# as many at a time as a rollout's (rollout.hf.prompt_cache)
 PREFILL_MLP_COPIES, PREFILL_LORA_F32_COPIES = 3.3, {4: 1.0, 2: 2.0}  # by the compute dtype's bytes
 # The recipes' loop variables hold the last update's outputs until the next update's forward returns:
 # distill's both logits (the other recipes counted alike); and bnb's int8 matmul keeps its input on ctx.tensors, which
@@ -152,7 +153,9 @@ def estimate(cfg: RunConfig, device: torch.device, gpu_gib: float | None = None)
     step_copies = ROLLOUT_STEP_COPIES + (ROLLOUT_TOP_P_COPIES if r.top_p < 1 else 0)
     rollout_logits = step_copies * n * vocab * 4 if r.engine == "hf" else 0
     mlp_lora = any(k.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj") for k in targets)
-    distinct = t.prompts_per_step  # the prompts the prefill takes: a group's copies share its cache
+    distinct = t.prompts_per_step  # the prompts a prefill takes: a group's copies share its cache
+    # the held-out eval's rows a generate (HFEngine.eval_batch: n), all distinct, prefilled `distinct` at a time
+    evals = min(n, cfg.task.eval_size * max(1, cfg.eval.samples))
     prefill = (distinct * prompt_len * getattr(text, "intermediate_size", 4 * h)
                * (PREFILL_MLP_COPIES * act + (4 * PREFILL_LORA_F32_COPIES.get(act, 2.0) if mlp_lora else 0))
                if r.engine == "hf" else 0)
@@ -165,8 +168,10 @@ def estimate(cfg: RunConfig, device: torch.device, gpu_gib: float | None = None)
     static = sum(parts.values())
     # AdamW's foreach path (CUDA's default) makes a temporary like the states (sqrt(exp_avg_sq), measured);
     # on CPU it steps one parameter at a time
-    # the rollout peaks at the prefill (the distinct prompts' cache) or at the last decoding step (the whole cache)
-    rollout = max(kv + rollout_logits, kv * distinct / n * prompt_len / seq + prefill)
+    # a generation peaks at the last decoding step (the whole cache) or at a prefill: a rollout's holds the distinct
+    # prompts' cache, an eval's the cache of every prompt it takes and of the part being prefilled (rollout.hf.prompt_cache)
+    prompt_kv = kv * prompt_len / seq / n  # a row's
+    rollout = max(kv + rollout_logits, prompt_kv * distinct + prefill, prompt_kv * (evals + min(distinct, evals)) + prefill)
     phases = {"train": train, "rollout": rollout, "optimizer": n_train * state_bytes if cuda else 0}
     phase = max(phases, key=phases.get)
     parts |= {"activations": activations, "logits": logits, "kv_cache": kv, "rollout_logits": rollout_logits,

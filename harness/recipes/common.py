@@ -165,15 +165,19 @@ def log_start(s: Setup) -> int:
     """Resume from the last checkpoint if there is one; else log the step-0 evaluation. The start step."""
     start = checkpoint.restore(s.ctx.run_dir, s.model, s.optimizer, s.rng)
     if start == 0:
-        s.ctx.tracker.log(evaluate(s, 0), step=0)
+        metrics = evaluate(s, 0)
+        s.ctx.tracker.log(metrics | {"memory/peak_gib": metrics["memory/eval_peak_gib"]}, step=0)
     return start
 
 
 def evaluate(s: Setup, step: int) -> dict:
     """The held-out evaluation: greedy eval/reward and its prompt count eval/n (the eval's binomial error); with
-    eval.samples k, eval/avg@k and eval/pass@j too, from samples seeded by the run's seed and the step alone."""
+    eval.samples k, eval/avg@k and eval/pass@j too, from samples seeded by the run's seed and the step alone; and
+    memory/eval_peak_gib (the eval generates beside the trainer's state like a rollout, from more prompts)."""
     e = s.ctx.cfg.eval
-    return held_out_metrics(s.engine, s.task, s.task.eval, e.samples, e.temperature, eval_seed(s.ctx.cfg.seed, step))
+    s.memory.reset()
+    metrics = held_out_metrics(s.engine, s.task, s.task.eval, e.samples, e.temperature, eval_seed(s.ctx.cfg.seed, step))
+    return metrics | {"memory/eval_peak_gib": s.memory.peak_gib()}
 
 
 def end_step(s: Setup, step: int, metrics: dict, sampled: Sampled) -> None:
@@ -186,6 +190,7 @@ def end_step(s: Setup, step: int, metrics: dict, sampled: Sampled) -> None:
         raise NonFinite(f"non-finite {', '.join(bad)} at step {step}")
     if step % t.eval_every == 0 or step == t.steps:
         metrics |= evaluate(s, step)
+        metrics["memory/peak_gib"] = max(metrics.get("memory/peak_gib", 0.0), metrics["memory/eval_peak_gib"])
     tracker.log(metrics, step)
     if step in (1, t.steps):  # what the model wrote at the start and at the end, one per prompt
         picks = range(0, min(len(grouped), 4 * t.group_size), t.group_size)

@@ -135,7 +135,7 @@ def summarize_metrics(rows: list[dict]) -> dict:
     evals = [(r["step"], r["eval/reward"]) for r in rows if "eval/reward" in r]
     steps = [r for r in rows if r["step"] > 0]
     step_times = sorted(r["time/rollout_s"] + r["time/train_s"] for r in steps if "time/train_s" in r)
-    peaks = [r["memory/peak_gib"] for r in steps if "memory/peak_gib" in r]
+    peaks = [r["memory/peak_gib"] for r in rows if "memory/peak_gib" in r]  # step 0's: its held-out eval
     return {
         "steps_completed": max((r["step"] for r in rows), default=0),
         "eval_start": evals[0][1] if evals and evals[0][0] == 0 else None,

@@ -22,6 +22,9 @@ class RolloutEngine(Protocol):
     sleeps: bool
     """release() puts the engine to sleep, freeing its device memory, and the next generate() wakes it."""
 
+    eval_batch: int
+    """The most prompts one held-out generate() is given (rollout.hf.evaluate splits the held-out set by it)."""
+
     def sync(self) -> None:
         """Make the engine generate from the trainer's current weights (wake it first if it sleeps)."""
         ...

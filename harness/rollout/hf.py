@@ -91,37 +91,61 @@ def decode_completions(tokenizer, completion: torch.Tensor, mask: torch.Tensor) 
 
 
 @torch.no_grad()
-def shared_prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor, copy_of: torch.Tensor):
+def prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor, copy_of: torch.Tensor, rows: int):
     """The KV cache of every prompt but its last token, computed once per distinct prompt (encode_distinct's `ids`
-    and `mask`) and copied to each row of the batch (`copy_of`), for `generate` to continue from (it then runs the
-    last prompt token and the completion). A GRPO batch repeats each prompt group_size times: the prefill took every
-    copy through the model at once, and the H100's 7B rollout peaked there at 41 GiB where training took 24 (issue
-    23). The same computation, rounded otherwise: identical on a CPU in float32, log-probs ~3e-3 apart in nf4. None
-    where no prompt repeats (a held-out eval), the prompt is one token, or the model's cache cannot select rows
-    (linear-attention and state-space layers; their forward is then wasted, once a rollout). The model must be in
-    eval mode (a training forward keeps no cache under checkpointing)."""
-    if ids.shape[1] < 2 or len(ids) == len(copy_of):
+    and `mask`), at most `rows` prompts a forward, and copied to each row of the batch (`copy_of`), for `generate` to
+    continue from (it then runs the last prompt token and the completion). Generate's own prefill takes every row at
+    once: a GRPO batch repeats each prompt group_size times, and the H100's 7B rollout peaked there at 41 GiB where
+    training took 24 (issue 23); a held-out eval's distinct prompts would peak there too. With `rows` the
+    rollout's distinct prompts (HFEngine), no generation prefills more at once than a training rollout, which the
+    memory fit counts. The same computation, rounded otherwise: identical on a CPU in float32, log-probs ~3e-3 apart
+    in nf4. None where generate's own prefill is no larger (no prompt repeats and at most `rows` prompts), the
+    prompt is one token, or the model's cache cannot be filled or select rows (linear-attention and state-space
+    layers: generate then prefills the batch itself). The model must be in eval mode (a training forward keeps no
+    cache under checkpointing)."""
+    distinct = len(ids)
+    if ids.shape[1] < 2 or (distinct == len(copy_of) and distinct <= rows):
         return None
     ids, mask = ids[:, :-1], mask[:, :-1]
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate derives them
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache, full = None, []
     try:
-        out.past_key_values.batch_select_indices(copy_of)
-    except (AttributeError, NotImplementedError):  # no cache, or a layer kind that cannot select rows
+        for i in range(0, distinct, rows):
+            part = model(input_ids=ids[i : i + rows], attention_mask=mask[i : i + rows],
+                         position_ids=positions[i : i + rows], use_cache=True, logits_to_keep=1).past_key_values
+            if cache is None:  # the first part's cache becomes the whole one, each layer's tensors made U rows tall
+                cache = part
+                if distinct > rows:
+                    full = [(layer.keys.new_empty((distinct, *layer.keys.shape[1:])),
+                             layer.values.new_empty((distinct, *layer.values.shape[1:]))) for layer in cache.layers]
+            for (keys, values), layer in zip(full, part.layers):
+                keys[i : i + rows], values[i : i + rows] = layer.keys, layer.values
+            del part
+        for (keys, values), layer in zip(full, cache.layers):
+            layer.keys, layer.values = keys, values
+        if distinct != len(copy_of):
+            cache.batch_select_indices(copy_of)
+    except (AttributeError, NotImplementedError):  # no cache, or a layer kind without row-wise tensors
         return None
-    return out.past_key_values
+    return cache
 
 
 class HFEngine:
     """A rollout.base.RolloutEngine."""
 
     facts: dict
+    eval_batch: int  # a training rollout's rows (train.prompts_per_step x group_size)
+    prefill_rows: int  # a training rollout's distinct prompts: the most one prefill forward takes (prompt_cache)
     sleeps = False  # the trainer's own model: nothing to put to sleep
-    share_prompts = True  # shared_prompt_cache; bench/prompt_sharing.py turns it off to measure what it saves
+    share_prompts = True  # prompt_cache; bench/prompt_sharing.py turns it off to measure what it saves
 
     def __init__(self, model, tokenizer, cfg, device=None, workdir=None):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg.rollout
         self.facts = {"rollout_engine": "hf"}
+        # a held-out eval holds no more rows, and prefills no more prompts at once, than a training rollout: the
+        # memory fit counts it beside the rollout (it had taken its 500 prompts in one generate, uncounted)
+        self.prefill_rows = cfg.train.prompts_per_step
+        self.eval_batch = cfg.train.prompts_per_step * cfg.train.group_size
 
     def sync(self) -> None:
         pass  # the trainer's own model generates: nothing to push
@@ -162,8 +186,8 @@ class HFEngine:
         own, hf_model.generation_config = hf_model.generation_config, GenerationConfig()
         try:
             with seeded(device, seed):
-                cache = (shared_prompt_cache(self.model, distinct_ids, distinct_mask, copy_of) if self.share_prompts
-                         else None)
+                cache = (prompt_cache(self.model, distinct_ids, distinct_mask, copy_of, self.prefill_rows)
+                         if self.share_prompts else None)
                 out = self.model.generate(
                     input_ids=prompt_ids,
                     attention_mask=prompt_mask,
@@ -245,25 +269,25 @@ def seeded(device: torch.device, seed: int | None):
         yield
 
 
-def evaluate(engine: RolloutEngine, task, problems, batch_size: int = 512) -> float:
-    """Held-out accuracy: greedy decoding, mean reward."""
-    total = 0.0
-    for i in range(0, len(problems), batch_size):
-        chunk = problems[i : i + batch_size]
+def evaluate(engine: RolloutEngine, task, problems) -> float:
+    """Held-out accuracy: greedy decoding, mean reward; engine.eval_batch prompts a generate."""
+    total, batch = 0.0, engine.eval_batch
+    for i in range(0, len(problems), batch):
+        chunk = problems[i : i + batch]
         rollout = engine.generate([p.prompt for p in chunk], greedy=True)
         total += sum(task.reward(p, t) for p, t in zip(chunk, rollout.texts))
     return total / len(problems)
 
 
-def sampled_rewards(engine: RolloutEngine, task, problems, k: int, temperature: float, seed: int,
-                    batch_size: int = 512) -> list[list[float]]:
+def sampled_rewards(engine: RolloutEngine, task, problems, k: int, temperature: float, seed: int) -> list[list[float]]:
     """The rewards of k completions of each problem sampled at `temperature` (top_p 1), per problem. Row r of the
     k x problems draws from seed + r's generator where the engine has one per prompt (vLLM), from one seeded
     with seed + its batch's first row otherwise: the engine's own stream is not touched."""
     rows = [p for p in problems for _ in range(k)]
     rewards: list[float] = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
+    batch = engine.eval_batch
+    for i in range(0, len(rows), batch):
+        chunk = rows[i : i + batch]
         rollout = engine.generate([p.prompt for p in chunk], temperature=temperature, seed=seed + i)
         rewards += [task.reward(p, t) for p, t in zip(chunk, rollout.texts)]
     return [rewards[j * k : (j + 1) * k] for j in range(len(problems))]

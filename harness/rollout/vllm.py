@@ -67,6 +67,7 @@ class VLLMEngine:
 
     facts: dict
     sleeps: bool  # colocated on CUDA with rollout.sleep_mode
+    eval_batch = 512  # vLLM schedules the sequences within its own memory: a large batch costs it nothing more
 
     def __init__(self, model, tokenizer, cfg: RunConfig, device: torch.device, workdir: Path):
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
