@@ -240,3 +240,24 @@ def test_a_grouped_batch_prefills_each_distinct_prompt_once_and_samples_the_same
         hook.remove()
     assert runs[True][1] == [(4, width - 1), (2, width - 1), (6, 1)] and runs[False][1][0] == (6, width)
     assert runs[True][0] == runs[False][0]
+
+
+def test_a_hybrid_models_prompts_are_left_to_generates_own_prefill():
+    """Falcon-H1's layers keep convolution and recurrent states per row beside their keys and values: prompt_cache's
+    parts would leave those the first part's rows, and generate would then fail on mismatched sizes. It returns
+    None for such a cache, split or grouped, and generate prefills the batch itself."""
+    from transformers import FalconH1Config, FalconH1ForCausalLM
+
+    from harness.rollout.hf import prompt_cache
+
+    config = FalconH1Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, mamba_d_ssm=64, mamba_n_heads=4,
+                            mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=4)
+    torch.manual_seed(0)
+    model = FalconH1ForCausalLM(config).eval()
+    ids = torch.randint(2, 60, (5, 6))
+    mask = torch.ones_like(ids)
+    assert prompt_cache(model, ids, mask, torch.arange(5), rows=2) is None  # 5 distinct prompts, 2 a forward
+    assert prompt_cache(model, ids, mask, torch.arange(5).repeat(2), rows=8) is None  # grouped
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert out.shape == (5, 9)

@@ -276,13 +276,14 @@ def _meta_model(source: str):
 
 @functools.lru_cache(maxsize=16)
 def _longest_prompt(task, source: str) -> int:
-    """The longest training prompt in the model's tokens: a batch pads to its longest, and over a run's
-    steps the longest get sampled."""
+    """The longest prompt the run generates from, training or held out, in the model's tokens: a batch pads to its
+    longest, and over a run's steps the longest get sampled (the held-out ones are all evaluated)."""
     from harness.chat import model_task
     from harness.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(source)
-    prompts = [p.prompt for p in model_task(task, tokenizer, source).train]  # chat-rendered where the run's are
+    rendered = model_task(task, tokenizer, source)
+    prompts = [p.prompt for p in rendered.train + rendered.eval]  # chat-rendered where the run's are
     return max(map(len, tokenizer(prompts, add_special_tokens=False)["input_ids"]))
 
 

@@ -161,6 +161,9 @@ def _train_into(out: Path, recipe: dict, log) -> None:
     train, held_out = task.train, task.eval[:500]
     rollout = RolloutConfig(max_new_tokens=recipe.get("max_new_tokens", 4))
     engine = HFEngine(model, tokenizer, RunConfig(rollout=rollout))
+    # the held-out accuracy picks the checkpoint: one generate of the held-out prompts, as the shipped model was
+    # built, not batches sized by the train defaults (a batch's padding rounds its numbers, and so the pick)
+    engine.eval_batch = engine.prefill_rows = len(held_out)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"])
     rng = random.Random(recipe["seed"])
     history, best = [], None

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from harness.evals.passk import sample_metrics
@@ -90,6 +91,11 @@ def decode_completions(tokenizer, completion: torch.Tensor, mask: torch.Tensor) 
     return texts
 
 
+# cache layers whose per-row state is their keys and values alone ([rows, heads, tokens, dim]), by exact type: the
+# hybrid and indexed layers subclass them and keep more
+ROW_WISE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
+
+
 @torch.no_grad()
 def prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor, copy_of: torch.Tensor, rows: int):
     """The KV cache of every prompt but its last token, computed once per distinct prompt (encode_distinct's `ids`
@@ -100,34 +106,51 @@ def prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor, copy_of: torch.Te
     rollout's distinct prompts (HFEngine), no generation prefills more at once than a training rollout, which the
     memory fit counts. The same computation, rounded otherwise: identical on a CPU in float32, log-probs ~3e-3 apart
     in nf4. None where generate's own prefill is no larger (no prompt repeats and at most `rows` prompts), the
-    prompt is one token, or the model's cache cannot be filled or select rows (linear-attention and state-space
-    layers: generate then prefills the batch itself). The model must be in eval mode (a training forward keeps no
-    cache under checkpointing)."""
+    prompt is one token, or a cache layer keeps per-row state besides its keys and values (linear-attention,
+    state-space and indexer layers: generate then prefills the batch itself, and the first part's forward is
+    wasted). The model must be in eval mode (a training forward keeps no cache under checkpointing)."""
     distinct = len(ids)
     if ids.shape[1] < 2 or (distinct == len(copy_of) and distinct <= rows):
         return None
     ids, mask = ids[:, :-1], mask[:, :-1]
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate derives them
-    cache, full = None, []
-    try:
-        for i in range(0, distinct, rows):
-            part = model(input_ids=ids[i : i + rows], attention_mask=mask[i : i + rows],
-                         position_ids=positions[i : i + rows], use_cache=True, logits_to_keep=1).past_key_values
-            if cache is None:  # the first part's cache becomes the whole one, each layer's tensors made U rows tall
-                cache = part
-                if distinct > rows:
-                    full = [(layer.keys.new_empty((distinct, *layer.keys.shape[1:])),
-                             layer.values.new_empty((distinct, *layer.values.shape[1:]))) for layer in cache.layers]
-            for (keys, values), layer in zip(full, part.layers):
-                keys[i : i + rows], values[i : i + rows] = layer.keys, layer.values
-            del part
-        for (keys, values), layer in zip(full, cache.layers):
-            layer.keys, layer.values = keys, values
-        if distinct != len(copy_of):
-            cache.batch_select_indices(copy_of)
-    except (AttributeError, NotImplementedError):  # no cache, or a layer kind without row-wise tensors
-        return None
+    cache = None
+    for i in range(0, distinct, rows):
+        part = model(input_ids=ids[i : i + rows], attention_mask=mask[i : i + rows],
+                     position_ids=positions[i : i + rows], use_cache=True, logits_to_keep=1).past_key_values
+        if cache is None:
+            # only layers whose whole per-row state is keys and values: a hybrid layer's convolution and
+            # recurrent states, or an indexer's keys, would keep the first part's rows
+            if not all(type(layer) in ROW_WISE_LAYERS for layer in getattr(part, "layers", None) or [None]):
+                return None
+            cache = part
+            _grow_rows(cache, distinct)
+        else:
+            _write_rows(cache, part, i)
+        del part
+    if distinct != len(copy_of):
+        cache.batch_select_indices(copy_of)
     return cache
+
+
+def _grow_rows(cache, distinct: int) -> None:
+    """Make each layer's keys and values `distinct` rows tall, the first part's rows at the top; a layer at a time,
+    so the first part's cache is freed as the whole one is made."""
+    for layer in cache.layers:
+        if len(layer.keys) < distinct:
+            for name in ("keys", "values"):
+                part = getattr(layer, name)
+                whole = part.new_empty((distinct, *part.shape[1:]))
+                whole[: len(part)] = part
+                setattr(layer, name, whole)
+
+
+def _write_rows(cache, part, start: int) -> None:
+    """Copy a later part's keys and values into the rows from `start` (a function: no loop variable keeps the part's
+    last layer alive through the next part's forward)."""
+    for whole, piece in zip(cache.layers, part.layers):
+        whole.keys[start : start + len(piece.keys)] = piece.keys
+        whole.values[start : start + len(piece.values)] = piece.values
 
 
 class HFEngine:
