@@ -4,6 +4,8 @@ side's expected time, a row's peak memory, the tables)."""
 
 import sys
 
+import pytest
+
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -169,3 +171,25 @@ def test_the_harness_step_peak_is_the_larger_phase_peak():
     case = {"model": "shape:qwen2.5-7b", "quant": "bf16", "max_new": 256, "side": "harness", "status": "ok",
             "step_s_median": 47.26}
     assert "| 41.23 |" in scale_rows.markdown([case | harness])
+
+
+@pytest.mark.slow  # four processes loading the model, ~24 s of make test's 10 minutes: make test-slow runs it
+def test_decode_steps_counts_a_shared_prefill_apart_from_the_decode_steps(tmp_path):
+    """bench/decode_steps.py (the GPU profile of the in-process rollout) on a CPU: the harness's rollout runs one
+    forward more than it generates tokens (the prompt cache's prefill of 2 distinct prompts), TRL's call none;
+    every arm's decode steps are timed."""
+    import json
+    import subprocess
+
+    out = tmp_path / "steps.json"
+    cmd = [sys.executable, str(REPO / "bench" / "decode_steps.py"), "--model", "builtin:tiny-arith", "--task", "arith",
+           "--quant", "bf16", "--device", "cpu", "--prompts", "2", "--group", "2", "--max-new", "8",
+           "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = {r["arm"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"harness", "harness-noshare", "harness-sampler", "trl"}, rows
+    for arm, r in rows.items():
+        shared = arm in ("harness", "harness-sampler")
+        assert r["forwards"] == r["new_tokens"] + shared, (arm, r)
+        assert len(r["decode_ms_by_quarter"]) == min(4, r["new_tokens"] - 1), (arm, r)

@@ -1,0 +1,162 @@
+"""Where an in-process rollout's time goes, step by step: the harness's HFEngine.generate beside TRL's own call of
+`generate`, on the same policy, prompts and batch as bench/scale.py's `harness` and `trl` sides (issue 23).
+
+On an H100 (stop 40, one machine, one step each) the harness's in-process rollout at 7B nf4 with 1024 new tokens
+took 167.9 s against TRL's 119.5 s, where at 256 tokens (another H100) it had taken 24.4 against 32.0. Each arm
+runs in a fresh process (its own CUDA allocator) and times every forward of its rollout (a forward pre-hook on the
+model; `generate` waits for the device once a step, so the gaps are step times): the prefill, then the decode steps
+by quarter. A constant gap between arms is per-step overhead; a gap that grows with the quarter is the cache.
+
+Arms:
+  harness            HFEngine.generate, as the recipe's rollout calls it (shared prompt prefill, SamplerLogprobs)
+  harness-noshare    the same, generate prefilling every row itself (HFEngine.share_prompts off)
+  harness-sampler    generate's own sampler at temperature 1 (the sampled eval's call): no SamplerLogprobs
+  trl                TRL 1.16's in-process call: model in train mode, gradient checkpointing disabled around it,
+                     GenerationConfig(do_sample, top_k 0, disable_compile=True), every row prefilled by generate
+
+    python bench/decode_steps.py --model builtin:tiny-arith --task arith --quant bf16 --device cpu   # a CPU check
+    # the GPU machine (no TRL, vLLM or pyarrow needed), carry [".gpupyd", ".gpubnb", ".gpures"]; ~7 device minutes:
+    source bench/gpu_install.sh && gpu_install .gpupyd .gpubnb && PYTHONPATH=/tmp/site:$PWD QRL_CACHE=/tmp/qrlc \
+      python bench/decode_steps.py --data .gpures/gsm_symbolic.jsonl --max-new 1024 --out $OUT/decode_steps.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+ARMS = ("harness", "harness-noshare", "harness-sampler", "trl")
+
+
+def _gib(n: float) -> float:
+    return round(n / 2**30, 2)
+
+
+def measure(a: argparse.Namespace, arm: str) -> dict:
+    import torch
+    from transformers import GenerationConfig
+
+    from harness.chat import model_task
+    from harness.common.system import compute_dtype, device_name
+    from harness.config.run import RunConfig
+    from harness.models.loading import load_policy
+    from harness.rollout.hf import HFEngine, encode_prompts
+
+    device = torch.device(a.device)
+    task = {"name": a.task, "eval_size": 16} | ({"source": a.data} if a.data else {})
+    cfg = RunConfig(model=a.model, quant=a.quant, task=task, rollout={"max_new_tokens": a.max_new},
+                    train={"prompts_per_step": a.prompts, "group_size": a.group, "gradient_checkpointing": True})
+    torch.manual_seed(0)
+    model, tokenizer = load_policy(cfg, device, compute_dtype(device, cfg.train.dtype))
+    model.train()  # as the recipe leaves it between steps
+    problems = model_task(cfg.task, tokenizer, cfg.model).train[: a.prompts]
+    batch = [p.prompt for p in problems for _ in range(a.group)]
+
+    stamps: list[float] = []
+    base = model.get_base_model()
+    base.register_forward_pre_hook(lambda *_: stamps.append(time.perf_counter()))
+
+    engine = HFEngine(model, tokenizer, cfg)
+    engine.share_prompts = arm != "harness-noshare"
+
+    def trl_generate():
+        # trl/trainer/grpo_trainer.py (1.16): _generate_single_turn's transformers branch, and unwrap_model_for_
+        # generation's gradient_checkpointing_disable around it; the trainer's model stays in train mode
+        ids, mask = encode_prompts(tokenizer, batch, device)
+        config = GenerationConfig(max_new_tokens=a.max_new, do_sample=True, pad_token_id=tokenizer.pad_token_id,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=[tokenizer.eos_token_id],
+                                  temperature=1.0, top_p=1.0, top_k=0, min_p=None, repetition_penalty=1.0,
+                                  cache_implementation=None, disable_compile=True)
+        base.gradient_checkpointing_disable()
+        try:
+            with torch.no_grad():
+                sequences = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            return SimpleNamespace(completion_ids=sequences[:, ids.shape[1]:])
+        finally:
+            base.gradient_checkpointing_enable()
+
+    run = {"harness": lambda: engine.generate(batch), "harness-noshare": lambda: engine.generate(batch),
+           "harness-sampler": lambda: engine.generate(batch, temperature=1.0), "trl": trl_generate}[arm]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(a.warmup):
+        run()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    stamps.clear()
+    t0 = time.perf_counter()
+    out = run()
+    sync()
+    end = time.perf_counter()
+    # generate's forwards are the completion's tokens (its first takes what the prompt cache left); after that
+    # first, each is one decode step
+    tokens = out.completion_ids.shape[1]
+    steps = stamps[len(stamps) - tokens + 1:] + [end]
+    decode = [b - a_ for a_, b in zip(steps, steps[1:])]
+    quarters = [decode[i * len(decode) // 4:(i + 1) * len(decode) // 4] for i in range(4)]
+    row = {"arm": arm, "device": device_name(device), "rollout_s": round(end - t0, 2), "new_tokens": tokens,
+           "to_first_decode_s": round(steps[0] - t0, 3), "forwards": len(stamps),
+           "decode_ms_by_quarter": [round(1000 * statistics.mean(x), 2) for x in quarters if x]}
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        row |= {"peak_alloc_gib": _gib(torch.cuda.max_memory_allocated(device)),
+                "reserved_gib": _gib(torch.cuda.memory_reserved(device)), "device_used_gib": _gib(total - free)}
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="shape:qwen2.5-7b")
+    p.add_argument("--quant", default="nf4")
+    p.add_argument("--task", default="boxed")
+    p.add_argument("--data", help="the boxed task's JSONL (bench/shapes.py says how to make one)")
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--group", type=int, default=8)
+    p.add_argument("--max-new", type=int, default=1024, help="new tokens (a random policy never stops early)")
+    p.add_argument("--warmup", type=int, default=0, help="untimed rollouts first (bench/scale.py's calls used 0)")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", help="write the rows here as JSON too")
+    p.add_argument("--one", choices=ARMS, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.one:
+        print(json.dumps(measure(a, a.one)))
+        return
+    arms = a.arms.split(",")
+    if unknown := [x for x in arms if x not in ARMS]:
+        p.error(f"--arms: unknown {', '.join(unknown)}; valid: {', '.join(ARMS)}")
+    rows = []
+    for arm in arms:
+        done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", arm], capture_output=True, text=True,
+                              env=os.environ)
+        if done.returncode:
+            rows.append({"arm": arm, "error": done.stderr.strip().splitlines()[-1:]})
+        else:
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+        if a.out:
+            Path(a.out).write_text(json.dumps({"args": vars(a), "rows": rows}, indent=1))
+    print(f"\n{a.model} {a.quant}, {a.prompts} x {a.group} rows, {a.max_new} new tokens, warm-up {a.warmup}")
+    print("| arm | rollout s | s to 1st decode step | decode ms/step by quarter | peak alloc / reserved / device used GiB |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['arm']} | failed: {r['error']} | | | |")
+            continue
+        mem = " / ".join(str(r.get(k, "–")) for k in ("peak_alloc_gib", "reserved_gib", "device_used_gib"))
+        print(f"| {r['arm']} | {r['rollout_s']} | {r['to_first_decode_s']} | {' '.join(map(str, r['decode_ms_by_quarter']))}"
+              f" | {mem} |")
+
+
+if __name__ == "__main__":
+    main()
