@@ -13,11 +13,14 @@ Arms:
   harness-sampler    generate's own sampler at temperature 1 (the sampled eval's call): no SamplerLogprobs
   trl                TRL 1.16's in-process call: model in train mode, gradient checkpointing disabled around it,
                      GenerationConfig(do_sample, top_k 0, disable_compile=True), every row prefilled by generate
+  trl-eval           the same call in eval mode, as the harness generates: train mode's share of a gap
+An arm at 7B nf4 with 1024 new tokens takes ~3 minutes with its model load: two arms a device call.
 
     python bench/decode_steps.py --model builtin:tiny-arith --task arith --quant bf16 --device cpu   # a CPU check
-    # the GPU machine (no TRL, vLLM or pyarrow needed), carry [".gpupyd", ".gpubnb", ".gpures"]; ~7 device minutes:
+    # the GPU machine (no TRL, vLLM or pyarrow needed), carry [".gpupyd", ".gpubnb", ".gpures"]; ~6 device minutes;
+    # then --arms harness-noshare,harness-sampler, then --arms trl-eval, on the same machine:
     source bench/gpu_install.sh && gpu_install .gpupyd .gpubnb && PYTHONPATH=/tmp/site:$PWD QRL_CACHE=/tmp/qrlc \
-      python bench/decode_steps.py --data .gpures/gsm_symbolic.jsonl --max-new 1024 --out $OUT/decode_steps.json
+      python bench/decode_steps.py --data .gpures/gsm_symbolic.jsonl --arms harness,trl --out $OUT/decode_steps.json
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from types import SimpleNamespace
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-ARMS = ("harness", "harness-noshare", "harness-sampler", "trl")
+ARMS = ("harness", "harness-noshare", "harness-sampler", "trl", "trl-eval")
 
 
 def _gib(n: float) -> float:
@@ -78,15 +81,18 @@ def measure(a: argparse.Namespace, arm: str) -> dict:
                                   temperature=1.0, top_p=1.0, top_k=0, min_p=None, repetition_penalty=1.0,
                                   cache_implementation=None, disable_compile=True)
         base.gradient_checkpointing_disable()
+        model.train(arm == "trl")
         try:
             with torch.no_grad():
                 sequences = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
             return SimpleNamespace(completion_ids=sequences[:, ids.shape[1]:])
         finally:
             base.gradient_checkpointing_enable()
+            model.train()
 
     run = {"harness": lambda: engine.generate(batch), "harness-noshare": lambda: engine.generate(batch),
-           "harness-sampler": lambda: engine.generate(batch, temperature=1.0), "trl": trl_generate}[arm]
+           "harness-sampler": lambda: engine.generate(batch, temperature=1.0), "trl": trl_generate,
+           "trl-eval": trl_generate}[arm]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(a.warmup):
         run()
@@ -124,7 +130,7 @@ def main() -> None:
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--max-new", type=int, default=1024, help="new tokens (a random policy never stops early)")
     p.add_argument("--warmup", type=int, default=0, help="untimed rollouts first (bench/scale.py's calls used 0)")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
+    p.add_argument("--arms", default="harness,trl", help=f"comma-separated, of {', '.join(ARMS)}")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", help="write the rows here as JSON too")
     p.add_argument("--one", choices=ARMS, help=argparse.SUPPRESS)
