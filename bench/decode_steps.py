@@ -2,7 +2,9 @@
 `generate`, on the same policy, prompts and batch as bench/scale.py's `harness` and `trl` sides (issue 23).
 
 On an H100 (stop 40, one machine, one step each) the harness's in-process rollout at 7B nf4 with 1024 new tokens
-took 167.9 s against TRL's 119.5 s, where at 256 tokens (another H100) it had taken 24.4 against 32.0. Each arm
+took 167.9 s against TRL's 119.5 s, where at 256 tokens (another H100) it had taken 24.4 against 32.0; the sides had
+drawn different prompts, padded to 657 and 484 tokens (bench/scale.py gives TRL the harness's prompts since). Every
+arm here generates from the harness's first rollout's prompts (657 wide at qwen2.5 shapes, seed 0). Each arm
 runs in a fresh process (its own CUDA allocator) and times every forward of its rollout (a forward pre-hook on the
 model; `generate` waits for the device once a step, so the gaps are step times): the prefill, then the decode steps
 by quarter. A constant gap between arms is per-step overhead; a gap that grows with the quarter is the cache.
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -53,6 +56,7 @@ def measure(a: argparse.Namespace, arm: str) -> dict:
     from harness.common.system import compute_dtype, device_name
     from harness.config.run import RunConfig
     from harness.models.loading import load_policy
+    from harness.recipes.common import draw_problems
     from harness.rollout.hf import HFEngine, encode_prompts
 
     device = torch.device(a.device)
@@ -62,7 +66,8 @@ def measure(a: argparse.Namespace, arm: str) -> dict:
     torch.manual_seed(0)
     model, tokenizer = load_policy(cfg, device, compute_dtype(device, cfg.train.dtype))
     model.train()  # as the recipe leaves it between steps
-    problems = model_task(cfg.task, tokenizer, cfg.model).train[: a.prompts]
+    # the prompts of the recipe's first rollout (bench/scale.py's harness side with no warm-up draws the same)
+    problems = draw_problems(random.Random(cfg.seed), model_task(cfg.task, tokenizer, cfg.model).train, a.prompts)
     batch = [p.prompt for p in problems for _ in range(a.group)]
 
     stamps: list[float] = []
@@ -85,7 +90,7 @@ def measure(a: argparse.Namespace, arm: str) -> dict:
         try:
             with torch.no_grad():
                 sequences = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-            return SimpleNamespace(completion_ids=sequences[:, ids.shape[1]:])
+            return SimpleNamespace(prompt_ids=ids, completion_ids=sequences[:, ids.shape[1]:])
         finally:
             base.gradient_checkpointing_enable()
             model.train()
@@ -111,6 +116,7 @@ def measure(a: argparse.Namespace, arm: str) -> dict:
     decode = [b - a_ for a_, b in zip(steps, steps[1:])]
     quarters = [decode[i * len(decode) // 4:(i + 1) * len(decode) // 4] for i in range(4)]
     row = {"arm": arm, "device": device_name(device), "rollout_s": round(end - t0, 2), "new_tokens": tokens,
+           "prompt_width": out.prompt_ids.shape[1],
            "to_first_decode_s": round(steps[0] - t0, 3), "forwards": len(stamps),
            "decode_ms_by_quarter": [round(1000 * statistics.mean(x), 2) for x in quarters if x]}
     if device.type == "cuda":

@@ -20,7 +20,9 @@ A random policy rarely samples eos among 152k ids, so every completion runs to m
 Sides, each in a fresh process (`--one`): its own CUDA allocator and vLLM engine; the parent keeps their JSON
 rows and rewrites OUT/scale.json after each, so a killed bench keeps what it measured.
 - `harness`: the GRPO recipe (harness.recipes.grpo.run) with in-process HF generation.
-- `trl`: GRPOTrainer(use_vllm=False) on the model the harness's loader builds, with the same LoraConfig.
+- `trl`: GRPOTrainer(use_vllm=False) on the model the harness's loader builds, with the same LoraConfig, reading
+  each step the prompts the harness's recipe draws (scale_sides.harness_prompt_order; trl-vllm too): drawn apart,
+  the two sides' left-padded batches differed in width by chance.
 - `harness-vllm`, `harness-vllm-eager`: the recipe with colocated vLLM (harness.rollout.vllm), CUDA graphs on /
   off (rollout.enforce_eager false / true); vLLM sleeps at level 1 (weights to CPU) while the trainer trains,
   and each step hands vLLM the new adapter (a LoRARequest; base weights never move).

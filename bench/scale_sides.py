@@ -1,11 +1,11 @@
 """The sides of bench/scale.py, each run by `bench/scale.py --one SPEC` in a process of its own (a fresh CUDA
-allocator and vLLM engine per side). A side returns one row: its per-step lists, their medians over the timed
-steps, memory, setup and engine-start times, model FLOPs and MFU of the train phase. bench/scale.py's
-docstring says what each side does and how its numbers are defined.
+allocator and vLLM engine per side). A side returns one row: its per-step lists, their medians over the timed steps,
+memory, setup and engine-start times, model FLOPs and MFU of the train phase (bench/scale.py's docstring defines them).
 """
 
 from __future__ import annotations
 
+import random
 import statistics
 import sys
 import tempfile
@@ -296,6 +296,15 @@ class _Timer(gvt._StepTimer):
         setattr(obj, name, timed)
 
 
+def harness_prompt_order(cfg: RunConfig, n: int, steps: int) -> list[int]:
+    """The prompts (indices of the task's `n`) the harness's recipe draws in its first `steps` steps, in order (its
+    seeded recipes.common.draw_problems). TRL's RepeatSampler, unshuffled, reads them prompts_per_step at a time."""
+    from harness.recipes.common import draw_problems
+
+    rng = random.Random(cfg.seed)
+    return [i for _ in range(steps) for i in draw_problems(rng, list(range(n)), cfg.train.prompts_per_step)]
+
+
 def trl_side(spec: dict, device: torch.device) -> dict:
     """TRL's GRPOTrainer on the same work, set up as grpo_vs_trl.time_trl sets it up (the harness's loader, the
     same LoraConfig, trl_args), plus gradient checkpointing, this benchmark's task and, for trl-vllm, colocated vLLM."""
@@ -336,8 +345,11 @@ def trl_side(spec: dict, device: torch.device) -> dict:
     task = model_task(cfg.task, tokenizer, cfg.model)
     # workaround(datasets 5.2, Python 3.12): hashing a new table for its fingerprint fails in dill ("Can't pickle
     # <class 'MonthDayNano'>"); a fingerprint given skips the hashing
-    dataset = Dataset(InMemoryTable.from_pydict({"prompt": [p.prompt for p in task.train],
-                                                 "index": list(range(len(task.train)))}), fingerprint="scale-prompts")
+    # each step the harness's prompts (shuffle_dataset off): drawn apart, the sides' left-padded batches differed in
+    # width by chance (stop 40's 7B nf4 1024 pair: 657 against 484 tokens), and the decode's attention with them
+    order = harness_prompt_order(cfg, len(task.train), total)
+    dataset = Dataset(InMemoryTable.from_pydict({"prompt": [task.train[i].prompt for i in order], "index": order}),
+                      fingerprint=f"scale-prompts-{cfg.seed}-{total}")
 
     def reward(prompts, completion_ids, index, **_):
         # decoded as the harness decodes (up to eos, special tokens kept), then the task's own reward
@@ -348,7 +360,7 @@ def trl_side(spec: dict, device: torch.device) -> dict:
     n = spec["prompts"] * spec["group"]
     timer = _Timer(device, warmup)
     with tempfile.TemporaryDirectory(dir=spec["work"]) as tmp:
-        args = gvt.trl_args(cfg, device, total, tmp) | {"gradient_checkpointing": True}
+        args = gvt.trl_args(cfg, device, total, tmp) | {"gradient_checkpointing": True, "shuffle_dataset": False}
         if spec.get("micro_batch"):  # one generation of n completions per optimizer step, its gradient accumulated
             parts = n // spec["micro_batch"]
             args |= {"per_device_train_batch_size": spec["micro_batch"], "gradient_accumulation_steps": parts,

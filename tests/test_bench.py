@@ -189,7 +189,41 @@ def test_decode_steps_counts_a_shared_prefill_apart_from_the_decode_steps(tmp_pa
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = {r["arm"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"harness", "harness-noshare", "harness-sampler", "trl", "trl-eval"}, rows
+    assert len({r["prompt_width"] for r in rows.values()}) == 1, rows  # every arm generates from the same prompts
     for arm, r in rows.items():
         shared = arm in ("harness", "harness-sampler")
         assert r["forwards"] == r["new_tokens"] + shared, (arm, r)
         assert len(r["decode_ms_by_quarter"]) == min(4, r["new_tokens"] - 1), (arm, r)
+
+
+def test_trl_reads_the_prompts_the_harness_draws_step_by_step(tmp_path, monkeypatch):
+    """bench/scale_sides.harness_prompt_order replays the harness recipe's draws, the order TRL's side reads its
+    dataset in: each step both sides generate from the same prompts (drawn apart, stop 40's 7B nf4 1024 pair had
+    padded its batches to 657 and 484 tokens)."""
+    import grpo_vs_trl
+    import scale_sides
+    import torch
+
+    from harness.chat import model_task
+    from harness.models.loading import load_tokenizer, resolve
+    from harness.recipes import grpo
+    from harness.rollout.hf import HFEngine
+
+    spec = {"model": "builtin:tiny-arith", "task": "arith", "quant": "bf16", "max_new": 3, "side": "harness",
+            "warmup": 0, "steps": 3, "prompts": 4, "group": 2, "gpu_memory_utilization": 0.3}
+    cfg = scale_sides.config(spec)
+    drawn = []
+    generate = HFEngine.generate
+
+    def recording(self, prompts, greedy=False, temperature=None, seed=None):
+        if not greedy and temperature is None:  # a training rollout, not a held-out eval
+            drawn.append(prompts[:: cfg.train.group_size])
+        return generate(self, prompts, greedy, temperature, seed)
+
+    monkeypatch.setattr(HFEngine, "generate", recording)
+    grpo.run(cfg, tmp_path, grpo_vs_trl._Rows(), torch.device("cpu"))
+    train = model_task(cfg.task, load_tokenizer(resolve(cfg.model), cfg.model), cfg.model).train
+    order = scale_sides.harness_prompt_order(cfg, len(train), len(drawn))
+    assert len(drawn) == cfg.train.steps == 4
+    assert drawn == [[train[i].prompt for i in order[k * 4:(k + 1) * 4]] for k in range(4)]
+    assert len(set(order)) > 4  # the steps draw different prompts: a fixed order would not pass as the same draws

@@ -97,6 +97,13 @@ class Sampled:
     peak_gib: float
 
 
+def draw_problems(rng: random.Random, problems: list[Problem], k: int) -> list[Problem]:
+    """A step's k training problems, drawn without replacement from the run's stream (Setup.rng, seeded with the
+    run's seed). random.sample picks by position alone: bench/scale_sides.py replays the draws to give TRL the
+    same prompts in the same steps."""
+    return rng.sample(problems, k)
+
+
 def sample_groups(s: Setup) -> Sampled:
     """`prompts_per_step` training prompts, `group_size` completions each, scored by the task; then
     the engine hands the device back to the trainer."""
@@ -104,7 +111,7 @@ def sample_groups(s: Setup) -> Sampled:
     s.engine.sync()
     s.memory.reset()
     t0 = time.perf_counter()
-    problems = s.rng.sample(s.task.train, cfg.train.prompts_per_step)
+    problems = draw_problems(s.rng, s.task.train, cfg.train.prompts_per_step)
     grouped = [p for p in problems for _ in range(cfg.train.group_size)]
     batch = s.engine.generate([p.prompt for p in grouped])
     rewards = torch.tensor([s.task.reward(p, text) for p, text in zip(grouped, batch.texts)], device=device)
