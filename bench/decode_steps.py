@@ -4,7 +4,7 @@
 On an H100 (stop 40, one machine, one step each) the harness's in-process rollout at 7B nf4 with 1024 new tokens
 took 167.9 s against TRL's 119.5 s, where at 256 tokens (another H100) it had taken 24.4 against 32.0; the sides had
 drawn different prompts, padded to 657 and 484 tokens (bench/scale.py gives TRL the harness's prompts since). Every
-arm here generates from the harness's first rollout's prompts (657 wide at qwen2.5 shapes, seed 0). Each arm
+arm here generates from the prompts of one of the harness's rollouts (--draw; the first: 657 wide). Each arm
 runs in a fresh process (its own CUDA allocator) and times every forward of its rollout (a forward pre-hook on the
 model; `generate` waits for the device once a step, so the gaps are step times): the prefill, then the decode steps
 by quarter. A constant gap between arms is per-step overhead; a gap that grows with the quarter is the cache.
@@ -66,8 +66,9 @@ def measure(a: argparse.Namespace, arm: str) -> dict:
     torch.manual_seed(0)
     model, tokenizer = load_policy(cfg, device, compute_dtype(device, cfg.train.dtype))
     model.train()  # as the recipe leaves it between steps
-    # the prompts of the recipe's first rollout (bench/scale.py's harness side with no warm-up draws the same)
-    problems = draw_problems(random.Random(cfg.seed), model_task(cfg.task, tokenizer, cfg.model).train, a.prompts)
+    # the prompts of the recipe's rollout number --draw (bench/scale.py's sides generate from the same since stop 40)
+    train, rng = model_task(cfg.task, tokenizer, cfg.model).train, random.Random(cfg.seed)
+    problems = [draw_problems(rng, train, a.prompts) for _ in range(a.draw)][-1]
     batch = [p.prompt for p in problems for _ in range(a.group)]
 
     stamps: list[float] = []
@@ -135,6 +136,8 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--max-new", type=int, default=1024, help="new tokens (a random policy never stops early)")
+    p.add_argument("--draw", type=int, default=1, help="generate from the prompts of the recipe's rollout number "
+                   "DRAW (seed 0 at qwen2.5 shapes: 1 is 657 tokens wide, 3 is 456, the harness's slowest steps)")
     p.add_argument("--warmup", type=int, default=0, help="untimed rollouts first (bench/scale.py's calls used 0)")
     p.add_argument("--arms", default="harness,trl", help=f"comma-separated, of {', '.join(ARMS)}")
     p.add_argument("--device", default="cuda")
