@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -97,10 +98,13 @@ class Sampled:
     peak_gib: float
 
 
-def draw_problems(rng: random.Random, problems: list[Problem], k: int) -> list[Problem]:
+T = TypeVar("T")
+
+
+def draw_problems(rng: random.Random, problems: Sequence[T], k: int) -> list[T]:
     """A step's k training problems, drawn without replacement from the run's stream (Setup.rng, seeded with the
-    run's seed). random.sample picks by position alone: bench/scale_sides.py replays the draws to give TRL the
-    same prompts in the same steps."""
+    run's seed). random.sample picks by position alone: bench/scale_sides.py replays the draws on indices to give
+    TRL the same prompts in the same steps."""
     return rng.sample(problems, k)
 
 
