@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -39,37 +38,32 @@ from pathlib import Path
 from types import SimpleNamespace
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # scale_sides beside it, harness above
 
 ARMS = ("harness", "harness-noshare", "harness-sampler", "trl", "trl-eval")
 
 
-def _gib(n: float) -> float:
-    return round(n / 2**30, 2)
-
-
 def measure(a: argparse.Namespace, arm: str) -> dict:
     import torch
+    from scale_sides import config, harness_prompt_order
     from transformers import GenerationConfig
 
     from harness.chat import model_task
-    from harness.common.system import compute_dtype, device_name
-    from harness.config.run import RunConfig
+    from harness.common.system import GIB, compute_dtype, device_name
     from harness.models.loading import load_policy
-    from harness.recipes.common import draw_problems
     from harness.rollout.hf import HFEngine, encode_prompts
 
     device = torch.device(a.device)
-    task = {"name": a.task, "eval_size": 16} | ({"source": a.data} if a.data else {})
-    cfg = RunConfig(model=a.model, quant=a.quant, task=task, rollout={"max_new_tokens": a.max_new},
-                    train={"prompts_per_step": a.prompts, "group_size": a.group, "gradient_checkpointing": True})
-    torch.manual_seed(0)
+    # bench/scale.py's harness side's config of this work (every knob spelled out there)
+    cfg = config({"model": a.model, "quant": a.quant, "task": a.task, "data": a.data, "max_new": a.max_new,
+                  "side": "harness", "warmup": 0, "steps": 1, "prompts": a.prompts, "group": a.group,
+                  "gpu_memory_utilization": 0.3})
+    torch.manual_seed(cfg.seed)
     model, tokenizer = load_policy(cfg, device, compute_dtype(device, cfg.train.dtype))
     model.train()  # as the recipe leaves it between steps
     # the prompts of the recipe's rollout number --draw (bench/scale.py's sides generate from the same since stop 40)
-    train, rng = model_task(cfg.task, tokenizer, cfg.model).train, random.Random(cfg.seed)
-    problems = [draw_problems(rng, train, a.prompts) for _ in range(a.draw)][-1]
-    batch = [p.prompt for p in problems for _ in range(a.group)]
+    train = model_task(cfg.task, tokenizer, cfg.model).train
+    batch = [train[i].prompt for i in harness_prompt_order(cfg, len(train), a.draw)[-a.prompts:] for _ in range(a.group)]
 
     stamps: list[float] = []
     base = model.get_base_model()
@@ -122,8 +116,9 @@ def measure(a: argparse.Namespace, arm: str) -> dict:
            "decode_ms_by_quarter": [round(1000 * statistics.mean(x), 2) for x in quarters if x]}
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        row |= {"peak_alloc_gib": _gib(torch.cuda.max_memory_allocated(device)),
-                "reserved_gib": _gib(torch.cuda.memory_reserved(device)), "device_used_gib": _gib(total - free)}
+        row |= {"peak_alloc_gib": round(torch.cuda.max_memory_allocated(device) / GIB, 2),
+                "reserved_gib": round(torch.cuda.memory_reserved(device) / GIB, 2),
+                "device_used_gib": round((total - free) / GIB, 2)}
     return row
 
 
