@@ -67,7 +67,22 @@ def measure(a: argparse.Namespace, arm: str) -> dict:
 
     stamps: list[float] = []
     base = model.get_base_model()
-    base.register_forward_pre_hook(lambda *_: stamps.append(time.perf_counter()))
+    # --profile: torch.profiler over forwards [K, K + 4) of the timed rollout (the whole 1024-step rollout at 7B
+    # would be millions of kernel events); only the timed run counts (stamps is cleared before it)
+    profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                       + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))
+                if a.profile else None)
+
+    def stamp(*_):
+        stamps.append(time.perf_counter())
+        if profiler is not None and timed and len(stamps) == a.profile:
+            profiler.start()
+        elif profiler is not None and timed and len(stamps) == a.profile + 4:
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            profiler.stop()
+
+    timed = False
+    base.register_forward_pre_hook(stamp)
 
     engine = HFEngine(model, tokenizer, cfg)
     engine.share_prompts = arm != "harness-noshare"
@@ -100,10 +115,11 @@ def measure(a: argparse.Namespace, arm: str) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     stamps.clear()
-    t0 = time.perf_counter()
+    timed = True
+    t0, cpu0 = time.perf_counter(), time.process_time()
     out = run()
     sync()
-    end = time.perf_counter()
+    end, cpu = time.perf_counter(), time.process_time() - cpu0
     # generate's forwards are the completion's tokens (its first takes what the prompt cache left); after that
     # first, each is one decode step
     tokens = out.completion_ids.shape[1]
@@ -113,7 +129,14 @@ def measure(a: argparse.Namespace, arm: str) -> dict:
     row = {"arm": arm, "device": device_name(device), "rollout_s": round(end - t0, 2), "new_tokens": tokens,
            "prompt_width": out.prompt_ids.shape[1],
            "to_first_decode_s": round(steps[0] - t0, 3), "forwards": len(stamps),
+           # near rollout_s: the host's launches set the pace (a device-bound loop waits, which costs little CPU)
+           "cpu_s": round(cpu, 2),
            "decode_ms_by_quarter": [round(1000 * statistics.mean(x), 2) for x in quarters if x]}
+    if profiler is not None and len(stamps) >= a.profile + 4:
+        events = profiler.key_averages()
+        by = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+        row["profile"] = {"forwards": [a.profile, a.profile + 4], "by_device_time": events.table(sort_by=by, row_limit=25),
+                          "by_cpu_time": events.table(sort_by="self_cpu_time_total", row_limit=15)}
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         row |= {"peak_alloc_gib": round(torch.cuda.max_memory_allocated(device) / GIB, 2),
@@ -136,6 +159,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=0, help="untimed rollouts first (bench/scale.py's calls used 0)")
     p.add_argument("--arms", default="harness,trl", help=f"comma-separated, of {', '.join(ARMS)}")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--profile", type=int, default=0, metavar="K", help="torch.profiler over the timed rollout's "
+                   "forwards K to K+3 (the prefill is forward 1); the tables go into the row and are printed")
     p.add_argument("--out", help="write the rows here as JSON too")
     p.add_argument("--one", choices=ARMS, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -153,19 +178,24 @@ def main() -> None:
             rows.append({"arm": arm, "error": done.stderr.strip().splitlines()[-1:]})
         else:
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "profile"}), flush=True)
         if a.out:
             Path(a.out).write_text(json.dumps({"args": vars(a), "rows": rows}, indent=1))
     print(f"\n{a.model} {a.quant}, {a.prompts} x {a.group} rows, {a.max_new} new tokens, warm-up {a.warmup}")
-    print("| arm | rollout s | s to 1st decode step | decode ms/step by quarter | peak alloc / reserved / device used GiB |")
-    print("|---|---|---|---|---|")
+    print("| arm | rollout s | process CPU s | s to 1st decode step | decode ms/step by quarter "
+          "| peak alloc / reserved / device used GiB |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['arm']} | failed: {r['error']} | | | |")
+            print(f"| {r['arm']} | failed: {r['error']} | | | | |")
             continue
         mem = " / ".join(str(r.get(k, "–")) for k in ("peak_alloc_gib", "reserved_gib", "device_used_gib"))
-        print(f"| {r['arm']} | {r['rollout_s']} | {r['to_first_decode_s']} | {' '.join(map(str, r['decode_ms_by_quarter']))}"
-              f" | {mem} |")
+        quarters = " ".join(map(str, r["decode_ms_by_quarter"]))
+        print(f"| {r['arm']} | {r['rollout_s']} | {r.get('cpu_s', '–')} | {r['to_first_decode_s']} | {quarters} | {mem} |")
+    for r in rows:
+        if "profile" in r:
+            prof = r["profile"]
+            print(f"\n{r['arm']}: forwards {prof['forwards']}\n{prof['by_device_time']}\n{prof['by_cpu_time']}")
 
 
 if __name__ == "__main__":
