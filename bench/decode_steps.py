@@ -132,7 +132,9 @@ def measure(a: argparse.Namespace, arm: str) -> dict:
            # near rollout_s: the host's launches set the pace (a device-bound loop waits, which costs little CPU)
            "cpu_s": round(cpu, 2),
            "decode_ms_by_quarter": [round(1000 * statistics.mean(x), 2) for x in quarters if x]}
-    if profiler is not None and len(stamps) >= a.profile + 4:
+    if profiler is not None and a.profile <= len(stamps) < a.profile + 4:
+        profiler.stop()  # the rollout ended before four forwards were profiled: no table (a running one crashes exit)
+    elif profiler is not None and len(stamps) >= a.profile + 4:
         events = profiler.key_averages()
         by = "device_time_total" if device.type == "cuda" else "cpu_time_total"
         row["profile"] = {"forwards": [a.profile, a.profile + 4], "by_device_time": events.table(sort_by=by, row_limit=25),

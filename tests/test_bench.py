@@ -177,14 +177,14 @@ def test_the_harness_step_peak_is_the_larger_phase_peak():
 def test_decode_steps_counts_a_shared_prefill_apart_from_the_decode_steps(tmp_path):
     """bench/decode_steps.py (the GPU profile of the in-process rollout) on a CPU: the harness's rollout runs one
     forward more than it generates tokens (the prompt cache's prefill of 2 distinct prompts), TRL's call none;
-    every arm's decode steps are timed."""
+    every arm's decode steps are timed, its CPU time counted and four of its forwards profiled."""
     import json
     import subprocess
 
     out = tmp_path / "steps.json"
     cmd = [sys.executable, str(REPO / "bench" / "decode_steps.py"), "--model", "builtin:tiny-arith", "--task", "arith",
            "--quant", "bf16", "--device", "cpu", "--prompts", "2", "--group", "2", "--max-new", "8",
-           "--arms", "harness,harness-noshare,harness-sampler,trl,trl-eval", "--out", str(out)]
+           "--arms", "harness,harness-noshare,harness-sampler,trl,trl-eval", "--profile", "1", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = {r["arm"]: r for r in json.loads(out.read_text())["rows"]}
@@ -194,6 +194,11 @@ def test_decode_steps_counts_a_shared_prefill_apart_from_the_decode_steps(tmp_pa
         shared = arm in ("harness", "harness-sampler")
         assert r["forwards"] == r["new_tokens"] + shared, (arm, r)
         assert len(r["decode_ms_by_quarter"]) == min(4, r["new_tokens"] - 1), (arm, r)
+        assert r["cpu_s"] > 0, (arm, r)
+        # the profiler ran over forwards 1-4 of the timed rollout, where it had four
+        assert ("profile" in r) == (r["forwards"] >= 5), (arm, r)
+        if "profile" in r:
+            assert "aten::" in r["profile"]["by_device_time"], r["profile"]
 
 
 def test_trl_reads_the_prompts_the_harness_draws_step_by_step(tmp_path, monkeypatch):
