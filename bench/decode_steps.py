@@ -2,9 +2,14 @@
 `generate`, on the same policy, prompts and batch as bench/scale.py's `harness` and `trl` sides (issue 23).
 
 On an H100 (stop 40, one machine, one step each) the harness's in-process rollout at 7B nf4 with 1024 new tokens
-took 167.9 s against TRL's 119.5 s, where at 256 tokens (another H100) it had taken 24.4 against 32.0; the sides had
-drawn different prompts, padded to 657 and 484 tokens (bench/scale.py gives TRL the harness's prompts since). Every
-arm here generates from the prompts of one of the harness's rollouts (--draw; the first: 657 wide). Each arm
+took 167.9 s against TRL's 119.5 s; the sides had drawn different prompts, padded to 657 and 484 tokens
+(bench/scale.py gives TRL the harness's prompts since). Here (stop 41, another H100, 1.5B nf4, 1024 new tokens,
+the same 657-wide prompts) the two took 128.8 and 128.2 s, ~125 ms a decode step flat over the quarters, and each
+process spent as much CPU time as wall time: the decode is host-bound. `--profile 900` put ~54 ms of each step's
+host time in cuDNN attention (1.4-2.2 ms a call), which the harness has left out since (HFEngine.attention).
+The harness's arm also left 68.7 GiB of the card reserved against TRL's 16.6 (peak allocated 8.5 and 13.4 GiB):
+`--arms harness-noshare,trl-eval` tells whether the shared prompt prefill or eval mode holds it.
+Every arm generates from the prompts of one of the harness's rollouts (--draw; the first: 657 wide). Each arm
 runs in a fresh process (its own CUDA allocator) and times every forward of its rollout (a forward pre-hook on the
 model; `generate` waits for the device once a step, so the gaps are step times): the prefill, then the decode steps
 by quarter. A constant gap between arms is per-step overhead; a gap that grows with the quarter is the cache.
@@ -13,16 +18,19 @@ Arms:
   harness            HFEngine.generate, as the recipe's rollout calls it (shared prompt prefill, SamplerLogprobs)
   harness-noshare    the same, generate prefilling every row itself (HFEngine.share_prompts off)
   harness-sampler    generate's own sampler at temperature 1 (the sampled eval's call): no SamplerLogprobs
+  harness-cudnn      the harness with PyTorch's own choice of attention backend (cuDNN first on an H100), as it
+                     generated before stop 41 (HFEngine.attention None)
   trl                TRL 1.16's in-process call: model in train mode, gradient checkpointing disabled around it,
                      GenerationConfig(do_sample, top_k 0, disable_compile=True), every row prefilled by generate
   trl-eval           the same call in eval mode, as the harness generates: train mode's share of a gap
 An arm at 7B nf4 with 1024 new tokens takes ~3 minutes with its model load: two arms a device call.
 
     python bench/decode_steps.py --model builtin:tiny-arith --task arith --quant bf16 --device cpu   # a CPU check
-    # the GPU machine (no TRL, vLLM or pyarrow needed), carry [".gpupyd", ".gpubnb", ".gpures"]; ~6 device minutes;
-    # then --arms harness-noshare,harness-sampler, then --arms trl-eval, on the same machine:
+    # the GPU machine (no TRL, vLLM or pyarrow needed), carry [".gpupyd", ".gpubnb", ".gpures"]; ~5 device minutes
+    # at 1.5B (two arms), ~7 at 7B; then --arms harness-noshare,trl-eval (the rollout's reserved memory, below):
     source bench/gpu_install.sh && gpu_install .gpupyd .gpubnb && PYTHONPATH=/tmp/site:$PWD QRL_CACHE=/tmp/qrlc \
-      python bench/decode_steps.py --data .gpures/gsm_symbolic.jsonl --arms harness,trl --out $OUT/decode_steps.json
+      python bench/decode_steps.py --model shape:qwen2.5-1.5b --data .gpures/gsm_symbolic.jsonl \
+      --arms harness,harness-cudnn --profile 900 --out $OUT/decode_steps.json
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from types import SimpleNamespace
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # scale_sides beside it, harness above
 
-ARMS = ("harness", "harness-noshare", "harness-sampler", "trl", "trl-eval")
+ARMS = ("harness", "harness-noshare", "harness-sampler", "harness-cudnn", "trl", "trl-eval")
 
 
 def measure(a: argparse.Namespace, arm: str) -> dict:
@@ -86,6 +94,8 @@ def measure(a: argparse.Namespace, arm: str) -> dict:
 
     engine = HFEngine(model, tokenizer, cfg)
     engine.share_prompts = arm != "harness-noshare"
+    if arm == "harness-cudnn":
+        engine.attention = None
 
     def trl_generate():
         # trl/trainer/grpo_trainer.py (1.16): _generate_single_turn's transformers branch, and unwrap_model_for_
@@ -106,6 +116,7 @@ def measure(a: argparse.Namespace, arm: str) -> dict:
             model.train()
 
     run = {"harness": lambda: engine.generate(batch), "harness-noshare": lambda: engine.generate(batch),
+           "harness-cudnn": lambda: engine.generate(batch),
            "harness-sampler": lambda: engine.generate(batch, temperature=1.0), "trl": trl_generate,
            "trl-eval": trl_generate}[arm]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

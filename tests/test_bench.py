@@ -184,14 +184,14 @@ def test_decode_steps_counts_a_shared_prefill_apart_from_the_decode_steps(tmp_pa
     out = tmp_path / "steps.json"
     cmd = [sys.executable, str(REPO / "bench" / "decode_steps.py"), "--model", "builtin:tiny-arith", "--task", "arith",
            "--quant", "bf16", "--device", "cpu", "--prompts", "2", "--group", "2", "--max-new", "8",
-           "--arms", "harness,harness-noshare,harness-sampler,trl,trl-eval", "--profile", "1", "--out", str(out)]
+           "--arms", "harness,harness-noshare,harness-sampler,harness-cudnn,trl,trl-eval", "--profile", "1", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = {r["arm"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"harness", "harness-noshare", "harness-sampler", "trl", "trl-eval"}, rows
+    assert set(rows) == {"harness", "harness-noshare", "harness-sampler", "harness-cudnn", "trl", "trl-eval"}, rows
     assert len({r["prompt_width"] for r in rows.values()}) == 1, rows  # every arm generates from the same prompts
     for arm, r in rows.items():
-        shared = arm in ("harness", "harness-sampler")
+        shared = arm in ("harness", "harness-sampler", "harness-cudnn")
         assert r["forwards"] == r["new_tokens"] + shared, (arm, r)
         assert len(r["decode_ms_by_quarter"]) == min(4, r["new_tokens"] - 1), (arm, r)
         assert r["cpu_s"] > 0, (arm, r)

@@ -242,6 +242,33 @@ def test_a_grouped_batch_prefills_each_distinct_prompt_once_and_samples_the_same
     assert runs[True][0] == runs[False][0]
 
 
+def test_in_process_generation_leaves_cudnn_attention_out(tiny_model):
+    """PyTorch's SDPA picks cuDNN first on an H100, whose host cost was ~54 ms of each ~125 ms decode step (issue
+    23's profile): HFEngine.generate's forwards, the shared prompt prefill's too, run without it
+    (rollout.hf.DECODE_ATTENTION), and PyTorch's own choice is back after; `attention` None leaves the choice to
+    PyTorch. On a CPU (no cuDNN) the completions are the same either way."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from harness.rollout.hf import HFEngine
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    seen = []
+    model.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    engine = HFEngine(model, tokenizer, tiny_run_config())
+    prompts = [p for p in ("1+2=", "33+44=") for _ in range(4)]  # repeats: the shared prefill runs a forward first
+    texts = []
+    for cudnn in (False, True):  # a new engine's default, then PyTorch's choice
+        if cudnn:
+            engine.attention = None
+        seen.clear()
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        texts.append(engine.generate(prompts, greedy=True).texts)
+        assert len(seen) > 2 and set(seen) == {cudnn}, (cudnn, seen)
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    assert texts[0] == texts[1]
+
+
 def test_a_hybrid_models_prompts_are_left_to_generates_own_prefill():
     """Falcon-H1's layers keep convolution and recurrent states per row beside their keys and values: prompt_cache's
     parts would leave those the first part's rows, and generate would then fail on mismatched sizes. It returns

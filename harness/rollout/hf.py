@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -153,6 +154,14 @@ def _write_rows(cache, part, start: int) -> None:
         whole.values[start : start + len(piece.values)] = piece.values
 
 
+# The attention backends an in-process generation may use: PyTorch's SDPA but its cuDNN backend. PyTorch picks cuDNN
+# first on an H100, and there its host time was ~54 ms of each ~125 ms decode step (1.5B nf4, 128 rows, 1024 new
+# tokens: 1.4-2.2 ms a call, 28 calls a step) while the step was host-bound (process CPU time = wall time, the device
+# busy ~63 ms a step): bench/decode_steps.py's profile, issue 23. Flash and memory-efficient attention cost ~tens of
+# microseconds of host time a call. On a CPU the choice is what it was (no cuDNN there).
+DECODE_ATTENTION = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
 class HFEngine:
     """A rollout.base.RolloutEngine."""
 
@@ -161,6 +170,9 @@ class HFEngine:
     prefill_rows: int  # a training rollout's distinct prompts: the most one prefill forward takes (prompt_cache)
     sleeps = False  # the trainer's own model: nothing to put to sleep
     share_prompts = True  # prompt_cache; bench/prompt_sharing.py turns it off to measure what it saves
+    # SDPA backends generate() may use (DECODE_ATTENTION); None: PyTorch's own choice, which bench/decode_steps.py's
+    # harness-cudnn arm measures against it
+    attention: tuple[SDPBackend, ...] | None = DECODE_ATTENTION
 
     def __init__(self, model, tokenizer, cfg, device=None, workdir=None):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg.rollout
@@ -207,8 +219,9 @@ class HFEngine:
         # eval, but not the log-probs the trainer scores. Generate from transformers' defaults only.
         hf_model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         own, hf_model.generation_config = hf_model.generation_config, GenerationConfig()
+        backends = sdpa_kernel(list(self.attention)) if self.attention else contextlib.nullcontext()
         try:
-            with seeded(device, seed):
+            with seeded(device, seed), backends:
                 cache = (prompt_cache(self.model, distinct_ids, distinct_mask, copy_of, self.prefill_rows)
                          if self.share_prompts else None)
                 out = self.model.generate(
