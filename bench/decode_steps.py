@@ -8,7 +8,7 @@ the same 657-wide prompts) the two took 128.8 and 128.2 s, ~125 ms a decode step
 process spent as much CPU time as wall time: the decode is host-bound. `--profile 900` put ~54 ms of each step's
 host time in cuDNN attention (1.4-2.2 ms a call), which the harness has left out since (HFEngine.attention).
 The harness's arm also left 68.7 GiB of the card reserved against TRL's 16.6 (peak allocated 8.5 and 13.4 GiB):
-`--arms harness-noshare,trl-eval` tells whether the shared prompt prefill or eval mode holds it.
+`--arms harness-noshare,harness-expandable,trl-eval` tells whether the shared prompt prefill or eval mode holds it.
 Every arm generates from the prompts of one of the harness's rollouts (--draw; the first: 657 wide). Each arm
 runs in a fresh process (its own CUDA allocator) and times every forward of its rollout (a forward pre-hook on the
 model; `generate` waits for the device once a step, so the gaps are step times): the prefill, then the decode steps
@@ -20,6 +20,8 @@ Arms:
   harness-sampler    generate's own sampler at temperature 1 (the sampled eval's call): no SamplerLogprobs
   harness-cudnn      the harness with PyTorch's own choice of attention backend (cuDNN first on an H100), as it
                      generated before stop 41 (HFEngine.attention None)
+  harness-expandable the harness in a process whose CUDA allocator maps growing segments
+                     (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True): what the reserved memory is made of
   trl                TRL 1.16's in-process call: model in train mode, gradient checkpointing disabled around it,
                      GenerationConfig(do_sample, top_k 0, disable_compile=True), every row prefilled by generate
   trl-eval           the same call in eval mode, as the harness generates: train mode's share of a gap
@@ -27,7 +29,7 @@ An arm at 7B nf4 with 1024 new tokens takes ~3 minutes with its model load: two 
 
     python bench/decode_steps.py --model builtin:tiny-arith --task arith --quant bf16 --device cpu   # a CPU check
     # the GPU machine (no TRL, vLLM or pyarrow needed), carry [".gpupyd", ".gpubnb", ".gpures"]; ~5 device minutes
-    # at 1.5B (two arms), ~7 at 7B; then --arms harness-noshare,trl-eval (the rollout's reserved memory, below):
+    # at 1.5B (two arms), ~7 at 7B; then --arms harness-noshare,harness-expandable,trl-eval (the reserved memory):
     source bench/gpu_install.sh && gpu_install .gpupyd .gpubnb && PYTHONPATH=/tmp/site:$PWD QRL_CACHE=/tmp/qrlc \
       python bench/decode_steps.py --model shape:qwen2.5-1.5b --data .gpures/gsm_symbolic.jsonl \
       --arms harness,harness-cudnn --profile 900 --out $OUT/decode_steps.json
@@ -48,7 +50,9 @@ from types import SimpleNamespace
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # scale_sides beside it, harness above
 
-ARMS = ("harness", "harness-noshare", "harness-sampler", "harness-cudnn", "trl", "trl-eval")
+ARMS = ("harness", "harness-noshare", "harness-sampler", "harness-cudnn", "harness-expandable", "trl", "trl-eval")
+# an arm's environment beyond this one's (set before its process starts CUDA)
+ARM_ENV = {"harness-expandable": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}}
 
 
 def measure(a: argparse.Namespace, arm: str) -> dict:
@@ -116,7 +120,7 @@ def measure(a: argparse.Namespace, arm: str) -> dict:
             model.train()
 
     run = {"harness": lambda: engine.generate(batch), "harness-noshare": lambda: engine.generate(batch),
-           "harness-cudnn": lambda: engine.generate(batch),
+           "harness-cudnn": lambda: engine.generate(batch), "harness-expandable": lambda: engine.generate(batch),
            "harness-sampler": lambda: engine.generate(batch, temperature=1.0), "trl": trl_generate,
            "trl-eval": trl_generate}[arm]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -186,7 +190,7 @@ def main() -> None:
     rows = []
     for arm in arms:
         done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", arm], capture_output=True, text=True,
-                              env=os.environ)
+                              env=os.environ | ARM_ENV.get(arm, {}))
         if done.returncode:
             rows.append({"arm": arm, "error": done.stderr.strip().splitlines()[-1:]})
         else:

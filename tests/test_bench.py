@@ -173,7 +173,7 @@ def test_the_harness_step_peak_is_the_larger_phase_peak():
     assert "| 41.23 |" in scale_rows.markdown([case | harness])
 
 
-@pytest.mark.slow  # four processes loading the model, ~24 s of make test's 10 minutes: make test-slow runs it
+@pytest.mark.slow  # a process per arm loading the model, ~50 s of make test's 10 minutes: make test-slow runs it
 def test_decode_steps_counts_a_shared_prefill_apart_from_the_decode_steps(tmp_path):
     """bench/decode_steps.py (the GPU profile of the in-process rollout) on a CPU: the harness's rollout runs one
     forward more than it generates tokens (the prompt cache's prefill of 2 distinct prompts), TRL's call none;
@@ -181,17 +181,19 @@ def test_decode_steps_counts_a_shared_prefill_apart_from_the_decode_steps(tmp_pa
     import json
     import subprocess
 
+    import decode_steps
+
     out = tmp_path / "steps.json"
     cmd = [sys.executable, str(REPO / "bench" / "decode_steps.py"), "--model", "builtin:tiny-arith", "--task", "arith",
            "--quant", "bf16", "--device", "cpu", "--prompts", "2", "--group", "2", "--max-new", "8",
-           "--arms", "harness,harness-noshare,harness-sampler,harness-cudnn,trl,trl-eval", "--profile", "1", "--out", str(out)]
+           "--arms", ",".join(decode_steps.ARMS), "--profile", "1", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = {r["arm"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"harness", "harness-noshare", "harness-sampler", "harness-cudnn", "trl", "trl-eval"}, rows
+    assert set(rows) == set(decode_steps.ARMS), rows
     assert len({r["prompt_width"] for r in rows.values()}) == 1, rows  # every arm generates from the same prompts
     for arm, r in rows.items():
-        shared = arm in ("harness", "harness-sampler", "harness-cudnn")
+        shared = arm != "harness-noshare" and arm.startswith("harness")
         assert r["forwards"] == r["new_tokens"] + shared, (arm, r)
         assert len(r["decode_ms_by_quarter"]) == min(4, r["new_tokens"] - 1), (arm, r)
         assert r["cpu_s"] > 0, (arm, r)
