@@ -176,7 +176,11 @@ def freeze_when(runs: list[Path], ready, proc: subprocess.Popen, timeout: float 
                 continue
             for pid in workers_of(d):
                 os.kill(pid, signal.SIGSTOP)
-                wait_for(lambda pid=pid: state(pid) in "Tt", proc)  # stopped, not just signalled
+                # stopped, not just signalled; or exiting (a zombie, or gone), which a stop never reaches: a run
+                # seen only as it ends fails below as one that finished unseen, not as a wait on the sweep
+                wait_for(lambda pid=pid: state(pid) in "TtZX", proc)
+                if state(pid) in "ZX":
+                    continue
                 if ready(d):
                     frozen[d] = pid
                 else:
