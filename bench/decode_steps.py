@@ -51,6 +51,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # scale_sides beside it, harness above
 
 ARMS = ("harness", "harness-noshare", "harness-sampler", "harness-cudnn", "harness-expandable", "trl", "trl-eval")
+PROFILED = 4  # forwards --profile covers
 # an arm's environment beyond this one's (set before its process starts CUDA)
 ARM_ENV = {"harness-expandable": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}}
 
@@ -79,7 +80,7 @@ def measure(a: argparse.Namespace, arm: str) -> dict:
 
     stamps: list[float] = []
     base = model.get_base_model()
-    # --profile: torch.profiler over forwards [K, K + 4) of the timed rollout (the whole 1024-step rollout at 7B
+    # --profile: torch.profiler over forwards [K, K + PROFILED) of the timed rollout (the whole 1024-step rollout at 7B
     # would be millions of kernel events); only the timed run counts (stamps is cleared before it)
     profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
                                        + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))
@@ -89,7 +90,7 @@ def measure(a: argparse.Namespace, arm: str) -> dict:
         stamps.append(time.perf_counter())
         if profiler is not None and timed and len(stamps) == a.profile:
             profiler.start()
-        elif profiler is not None and timed and len(stamps) == a.profile + 4:
+        elif profiler is not None and timed and len(stamps) == a.profile + PROFILED:
             if device.type == "cuda":
                 torch.cuda.synchronize()  # the profiled forwards' kernels finish inside the window
             profiler.stop()
@@ -120,10 +121,10 @@ def measure(a: argparse.Namespace, arm: str) -> dict:
             base.gradient_checkpointing_enable()
             model.train()
 
-    run = {"harness": lambda: engine.generate(batch), "harness-noshare": lambda: engine.generate(batch),
-           "harness-cudnn": lambda: engine.generate(batch), "harness-expandable": lambda: engine.generate(batch),
-           "harness-sampler": lambda: engine.generate(batch, temperature=1.0), "trl": trl_generate,
-           "trl-eval": trl_generate}[arm]
+    # the harness arms differ in the engine's settings or the process's environment, set above; the sampler arm in
+    # the call (a temperature: generate samples, no SamplerLogprobs)
+    sampling = {"temperature": 1.0} if arm == "harness-sampler" else {}
+    run = trl_generate if arm.startswith("trl") else (lambda: engine.generate(batch, **sampling))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(a.warmup):
         run()
@@ -148,12 +149,12 @@ def measure(a: argparse.Namespace, arm: str) -> dict:
            # near rollout_s: the host's launches set the pace (a device-bound loop waits, which costs little CPU)
            "cpu_s": round(cpu, 2),
            "decode_ms_by_quarter": [round(1000 * statistics.mean(x), 2) for x in quarters if x]}
-    if profiler is not None and a.profile <= len(stamps) < a.profile + 4:
-        profiler.stop()  # the rollout ended before four forwards were profiled: no table (a running one crashes exit)
-    elif profiler is not None and len(stamps) >= a.profile + 4:
+    if profiler is not None and a.profile <= len(stamps) < a.profile + PROFILED:
+        profiler.stop()  # the rollout ended inside the window: no table (a profiler left running crashes the exit)
+    elif profiler is not None and len(stamps) >= a.profile + PROFILED:
         events = profiler.key_averages()
         by = "device_time_total" if device.type == "cuda" else "cpu_time_total"
-        row["profile"] = {"forwards": [a.profile, a.profile + 4], "by_device_time": events.table(sort_by=by, row_limit=25),
+        row["profile"] = {"forwards": [a.profile, a.profile + PROFILED], "by_device_time": events.table(sort_by=by, row_limit=25),
                           "by_cpu_time": events.table(sort_by="self_cpu_time_total", row_limit=15)}
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
@@ -178,7 +179,7 @@ def main() -> None:
     p.add_argument("--arms", default="harness,trl", help=f"comma-separated, of {', '.join(ARMS)}")
     p.add_argument("--device", default="cuda")
     p.add_argument("--profile", type=int, default=0, metavar="K", help="torch.profiler over the timed rollout's "
-                   "forwards K to K+3 (the prefill is forward 1); the tables go into the row and are printed")
+                   f"forwards K to K+{PROFILED - 1} (the prefill is forward 1); the tables go into the row and are printed")
     p.add_argument("--out", help="write the rows here as JSON too")
     p.add_argument("--one", choices=ARMS, help=argparse.SUPPRESS)
     a = p.parse_args()
