@@ -6,9 +6,11 @@ took 167.9 s against TRL's 119.5 s; the sides had drawn different prompts, padde
 (bench/scale.py gives TRL the harness's prompts since). Here (stop 41, another H100, 1.5B nf4, 1024 new tokens,
 the same 657-wide prompts) the two took 128.8 and 128.2 s, ~125 ms a decode step flat over the quarters, and each
 process spent as much CPU time as wall time: the decode is host-bound. `--profile 900` put ~54 ms of each step's
-host time in cuDNN attention (1.4-2.2 ms a call), which the harness has left out since (HFEngine.attention).
-The harness's arm also left 68.7 GiB of the card reserved against TRL's 16.6 (peak allocated 8.5 and 13.4 GiB):
-`--arms harness-noshare,harness-expandable,trl-eval` tells whether the shared prompt prefill or eval mode holds it.
+host time in cuDNN attention (1.4-2.2 ms a call), which the harness has left out since (HFEngine.attention): on
+another H100 (stop 42) its rollout took 97.65 s, 141.01 with cuDNN (`--arms harness,harness-cudnn`). The harness's
+arm also left 67.9 GiB of the card reserved against TRL's 15.9 (peak allocated 8.5 and 13.4 GiB): the caching
+allocator after the shared prompt prefill; 9.3 GiB with expandable segments, 15.9 when generate prefilled every row
+(`--arms harness-expandable`, `harness-noshare`; TRL's call reserved the same 15.9 in eval mode, `trl-eval`).
 Every arm generates from the prompts of one of the harness's rollouts (--draw; the first: 657 wide). Each arm
 runs in a fresh process (its own CUDA allocator) and times every forward of its rollout (a forward pre-hook on the
 model; `generate` waits for the device once a step, so the gaps are step times): the prefill, then the decode steps

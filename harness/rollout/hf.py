@@ -157,8 +157,9 @@ def _write_rows(cache, part, start: int) -> None:
 # The attention backends an in-process generation may use: PyTorch's SDPA but its cuDNN backend. PyTorch picks cuDNN
 # first on an H100, and there its host time was ~54 ms of each ~125 ms decode step (1.5B nf4, 128 rows, 1024 new
 # tokens: 1.4-2.2 ms a call, 28 calls a step) while the step was host-bound (process CPU time = wall time, the device
-# busy ~63 ms a step): bench/decode_steps.py's profile, issue 23. What the other backends cost there instead is that
-# script's `--arms harness,harness-cudnn` (not measured yet). On a CPU the choice is what it was (no cuDNN there).
+# busy ~63 ms a step): bench/decode_steps.py's profile, issue 23. Without it (the memory-efficient kernel there) the
+# same rollout took 97.65 s against 141.01 on another H100 (`--arms harness,harness-cudnn`). On a CPU the choice is
+# what it was (no cuDNN there).
 DECODE_ATTENTION = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 
 
