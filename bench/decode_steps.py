@@ -10,20 +10,24 @@ host time in cuDNN attention (1.4-2.2 ms a call), which the harness has left out
 another H100 (stop 42) its rollout took 97.65 s, 141.01 with cuDNN (`--arms harness,harness-cudnn`). The harness's
 arm also left 67.9 GiB of the card reserved against TRL's 15.9 (peak allocated 8.5 and 13.4 GiB): the caching
 allocator after the shared prompt prefill; 9.3 GiB with expandable segments, 15.9 when generate prefilled every row
-(`--arms harness-expandable`, `harness-noshare`; TRL's call reserved the same 15.9 in eval mode, `trl-eval`).
+(stop 42's arms harness-expandable and harness-noshare; TRL's call reserved the same 15.9 in eval mode, trl-eval).
+The harness's executors have started an in-process run's process with expandable segments since, as every harness
+arm but harness-cached is started here.
 Every arm generates from the prompts of one of the harness's rollouts (--draw; the first: 657 wide). Each arm
 runs in a fresh process (its own CUDA allocator) and times every forward of its rollout (a forward pre-hook on the
 model; `generate` waits for the device once a step, so the gaps are step times): the prefill, then the decode steps
 by quarter. A constant gap between arms is per-step overhead; a gap that grows with the quarter is the cache.
 
 Arms:
-  harness            HFEngine.generate, as the recipe's rollout calls it (shared prompt prefill, SamplerLogprobs)
+  harness            HFEngine.generate, as the recipe's rollout calls it (shared prompt prefill, SamplerLogprobs), in a
+                     process started as the harness's executors start an in-process run's (isolation.allocator_env:
+                     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True on a GPU), as every harness arm but the cached one
   harness-noshare    the same, generate prefilling every row itself (HFEngine.share_prompts off)
   harness-sampler    generate's own sampler at temperature 1 (the sampled eval's call): no SamplerLogprobs
   harness-cudnn      the harness with PyTorch's own choice of attention backend (cuDNN first on an H100), as it
                      generated before stop 41 (HFEngine.attention None)
-  harness-expandable the harness in a process whose CUDA allocator maps growing segments
-                     (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True): what the reserved memory is made of
+  harness-cached     the harness with PyTorch's default caching allocator, as it ran before stop 42 (stop 42
+                     measured that setting as the arm `harness-expandable` against the default `harness`)
   trl                TRL 1.16's in-process call: model in train mode, gradient checkpointing disabled around it,
                      GenerationConfig(do_sample, top_k 0, disable_compile=True), every row prefilled by generate
   trl-eval           the same call in eval mode, as the harness generates: train mode's share of a gap
@@ -31,7 +35,7 @@ An arm at 7B nf4 with 1024 new tokens takes ~3 minutes with its model load: two 
 
     python bench/decode_steps.py --model builtin:tiny-arith --task arith --quant bf16 --device cpu   # a CPU check
     # the GPU machine (no TRL, vLLM or pyarrow needed), carry [".gpupyd", ".gpubnb", ".gpures"]; ~5 device minutes
-    # at 1.5B (two arms), ~7 at 7B; then --arms harness-noshare,harness-expandable,trl-eval (the reserved memory):
+    # at 1.5B (two arms), ~7 at 7B; --arms harness,harness-cached: the allocator's setting (reserved memory):
     source bench/gpu_install.sh && gpu_install .gpupyd .gpubnb && PYTHONPATH=/tmp/site:$PWD QRL_CACHE=/tmp/qrlc \
       python bench/decode_steps.py --model shape:qwen2.5-1.5b --data .gpures/gsm_symbolic.jsonl \
       --arms harness,harness-cudnn --profile 900 --out $OUT/decode_steps.json
@@ -52,10 +56,17 @@ from types import SimpleNamespace
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # scale_sides beside it, harness above
 
-ARMS = ("harness", "harness-noshare", "harness-sampler", "harness-cudnn", "harness-expandable", "trl", "trl-eval")
+ARMS = ("harness", "harness-noshare", "harness-sampler", "harness-cudnn", "harness-cached", "trl", "trl-eval")
 PROFILED = 4  # forwards --profile covers
-# an arm's environment beyond this one's (set before its process starts CUDA)
-ARM_ENV = {"harness-expandable": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}}
+
+
+def arm_env(arm: str, device: str) -> dict[str, str]:
+    """An arm's environment beyond this one's, set before its process starts CUDA: a harness arm gets what the
+    harness's executors give an in-process run's process; TRL's arms and harness-cached get nothing."""
+    from harness.config.run import RunConfig
+    from harness.execution.isolation import allocator_env
+
+    return {} if arm in ("trl", "trl-eval", "harness-cached") else allocator_env(RunConfig(), device)
 
 
 def measure(a: argparse.Namespace, arm: str) -> dict:
@@ -149,7 +160,7 @@ def measure(a: argparse.Namespace, arm: str) -> dict:
            "prompt_width": out.prompt_ids.shape[1],
            "to_first_decode_s": round(steps[0] - t0, 3), "forwards": len(stamps),
            # near rollout_s: the host's launches set the pace (a device-bound loop waits, which costs little CPU)
-           "cpu_s": round(cpu, 2),
+           "cpu_s": round(cpu, 2), "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
            "decode_ms_by_quarter": [round(1000 * statistics.mean(x), 2) for x in quarters if x]}
     if profiler is not None and a.profile <= len(stamps) < a.profile + PROFILED:
         profiler.stop()  # the rollout ended inside the window: no table (a profiler left running crashes the exit)
@@ -194,7 +205,7 @@ def main() -> None:
     rows = []
     for arm in arms:
         done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", arm], capture_output=True, text=True,
-                              env=os.environ | ARM_ENV.get(arm, {}))
+                              env=os.environ | arm_env(arm, a.device))
         if done.returncode:
             rows.append({"arm": arm, "error": done.stderr.strip().splitlines()[-1:]})
         else:

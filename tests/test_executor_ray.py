@@ -138,3 +138,33 @@ def test_runs_per_gpu_asks_ray_for_a_fraction_of_a_gpu(ray_cluster_one_gpu):
         ray.shutdown()
     assert gpu_a == gpu_b == "0"
     assert start_a < end_b and start_b < end_a, "the two halves of the GPU ran one after the other"
+
+
+def test_an_in_process_runs_task_starts_with_expandable_segments(ray_cluster, monkeypatch):
+    """The allocator setting reaches the worker process of an in-process run's task, beside the job's own env_vars
+    (Ray merges a task's into them), and not a vLLM run's. "cuda" is the device the executor decides for; Ray is
+    asked for no GPU, and no task touches one."""
+    import ray
+
+    from harness.config.run import RunConfig
+    from harness.execution.jobs import Job
+    from harness.execution.ray import _task_for
+
+    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(var, raising=False)
+
+    def probe():  # defined here: Ray sends it by value (the worker cannot import a test module)
+        import os
+
+        return os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), os.environ.get("QRL_PROBE")
+
+    resources = {"num_cpus": 1, "num_gpus": 0}
+    in_process = Job(tiny_run_config(), Path("r"))
+    colocated = Job(RunConfig(rollout={"colocation": "colocated", "quantization": "bf16"}), Path("r"))
+    ray.init(address=ray_cluster, runtime_env={"env_vars": {"QRL_PROBE": "job"}}, logging_level="ERROR", log_to_driver=False)
+    try:
+        task = ray.remote(max_calls=1, max_retries=0)(probe)
+        got = ray.get([_task_for(task, resources, job, "cuda").remote() for job in (in_process, colocated)], timeout=300)
+    finally:
+        ray.shutdown()
+    assert got == [("expandable_segments:True", "job"), (None, "job")]

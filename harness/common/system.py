@@ -74,6 +74,8 @@ def device_identity(device: torch.device) -> dict:
     bus = [getattr(props, f"pci_{k}_id", None) for k in ("domain", "bus", "device")]
     return {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "gpu_uuid": f"GPU-{getattr(props, 'uuid', '?')}",
             "runs_per_gpu": int(os.environ.get("QRL_RUNS_PER_GPU") or 1),
+            # the CUDA allocator's setting (an executor gives an in-process run expandable segments: execution.isolation)
+            "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"),
             "gpu_pci_bus_id": f"{bus[0]:08X}:{bus[1]:02X}:{bus[2]:02X}.0" if None not in bus else None}
 
 

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 
 from harness.common.files import write_json_atomic
 from harness.execution.events import Ended, Note, OnEvent, Started, Stopped
+from harness.execution.isolation import allocator_env
 from harness.execution.jobs import ExecutorSettings, Job
 from harness.execution.lifecycle import record_lost, report_step
 from harness.execution.packing import Slot, describe, slots
@@ -67,11 +68,15 @@ def _least_shared(free: list[Slot], running: dict) -> Slot:
 def _start(job: Job, slot: Slot) -> subprocess.Popen:
     job.run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(job.run_dir / "job.json", job_payload(job, slot.device))
-    env = os.environ | slot.env | {"QRL_PARENT_PID": str(os.getpid())}
     with open(job.run_dir / "worker.log", "ab") as log:
         # its own session: the terminal's Ctrl-C reaches this process only, which stops runs in order
         return subprocess.Popen([sys.executable, "-m", "harness.execution.worker", str(job.run_dir)], stdout=log,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                stderr=subprocess.STDOUT, env=worker_env(job, slot), start_new_session=True)
+
+
+def worker_env(job: Job, slot: Slot) -> dict[str, str]:
+    """The run's process's environment: this one's, the slot's (its GPU, threads) and its CUDA allocator setting."""
+    return os.environ | slot.env | allocator_env(job.cfg, slot.device) | {"QRL_PARENT_PID": str(os.getpid())}
 
 
 def _outcome(job: Job, code: int) -> Ended | Stopped:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from harness.common.files import write_json_atomic
 from harness.execution.events import Ended, Note, OnEvent, Started
+from harness.execution.isolation import allocator_env
 from harness.execution.jobs import ExecutorSettings, Job
 from harness.execution.lifecycle import record_lost, report_step
 from harness.execution.packing import per_gpu
@@ -51,16 +52,23 @@ def run_ray(jobs: list[Job], settings: ExecutorSettings, on_event: OnEvent) -> N
     try:
         gpus = 0 if settings.device == "cpu" else ray.cluster_resources().get("GPU", 0)
         resources = task_resources(per_gpu(settings), gpus > 0)
-        task = ray.remote(max_calls=1, max_retries=0)(ray_task).options(**resources)
+        task = ray.remote(max_calls=1, max_retries=0)(ray_task)
         device = "cuda" if gpus else "cpu"
         share = f"{resources['num_gpus']} GPU and one CPU" if 0 < resources["num_gpus"] < 1 else f"one {device.upper()}"
         on_event(Note(f"ray: {ray.cluster_resources().get('CPU', 0):.0f} CPUs, {gpus:.0f} GPUs; {len(jobs)} runs, {share} each"))
         env = {"QRL_RUNS_PER_GPU": str(per_gpu(settings))} if gpus else {}  # recorded in env.json
-        _drive(ray, {task.remote(job_payload(job, device) | {"env": env}, str(marker), _snapshot(job.run_dir)): job
-                     for job in jobs}, on_event)
+        _drive(ray, {_task_for(task, resources, job, device).remote(job_payload(job, device) | {"env": env}, str(marker),
+                                                         _snapshot(job.run_dir)): job for job in jobs}, on_event)
     finally:
         marker.unlink(missing_ok=True)
         ray.shutdown()
+
+
+def _task_for(task, resources: dict, job: Job, device: str):
+    """The run's task: its resources, and the allocator setting its worker process must start with (torch reads it
+    once: ray_task's os.environ.update may come after that); Ray merges these env_vars into the job's."""
+    env = allocator_env(job.cfg, device)  # none where the driver's environment sets one, as the local executor
+    return task.options(**resources, **({"runtime_env": {"env_vars": env}} if env else {}))
 
 
 def task_resources(runs_per_gpu: int, cluster_has_gpus: bool) -> dict:
