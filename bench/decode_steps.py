@@ -7,12 +7,13 @@ took 167.9 s against TRL's 119.5 s; the sides had drawn different prompts, padde
 the same 657-wide prompts) the two took 128.8 and 128.2 s, ~125 ms a decode step flat over the quarters, and each
 process spent as much CPU time as wall time: the decode is host-bound. `--profile 900` put ~54 ms of each step's
 host time in cuDNN attention (1.4-2.2 ms a call), which the harness has left out since (HFEngine.attention): on
-another H100 (stop 42) its rollout took 97.65 s, 141.01 with cuDNN (`--arms harness,harness-cudnn`). The harness's
-arm also left 67.9 GiB of the card reserved against TRL's 15.9 (peak allocated 8.5 and 13.4 GiB): the caching
-allocator after the shared prompt prefill; 9.3 GiB with expandable segments, 15.9 when generate prefilled every row
-(stop 42's arms harness-expandable and harness-noshare; TRL's call reserved the same 15.9 in eval mode, trl-eval).
-The harness's executors have started an in-process run's process with expandable segments since, as every harness
-arm but harness-cached is started here.
+another H100 (stop 42, both arms with PyTorch's default allocator) its rollout took 97.65 s, 141.01 with cuDNN. The
+harness's arm also left 67.9 GiB of the card reserved against TRL's 15.9 (peak allocated 8.5 and 13.4 GiB): the
+caching allocator after the shared prompt prefill; 9.3 GiB with expandable segments, 15.9 when generate prefilled
+every row (stop 42's arms harness-expandable and harness-noshare, the latter with the default allocator; TRL's call
+reserved the same 15.9 in eval mode, trl-eval). The harness's executors have started an in-process run's process
+with expandable segments since, as every harness arm but harness-cached is started here: stop 42's `harness` and
+`harness-cudnn` rows are `harness-cached` and a cuDNN arm with the default allocator, which no arm is now.
 Every arm generates from the prompts of one of the harness's rollouts (--draw; the first: 657 wide). Each arm
 runs in a fresh process (its own CUDA allocator) and times every forward of its rollout (a forward pre-hook on the
 model; `generate` waits for the device once a step, so the gaps are step times): the prefill, then the decode steps
@@ -60,13 +61,16 @@ ARMS = ("harness", "harness-noshare", "harness-sampler", "harness-cudnn", "harne
 PROFILED = 4  # forwards --profile covers
 
 
-def arm_env(arm: str, device: str) -> dict[str, str]:
-    """An arm's environment beyond this one's, set before its process starts CUDA: a harness arm gets what the
-    harness's executors give an in-process run's process; TRL's arms and harness-cached get nothing."""
+def arm_env(arm: str, device: str, environ: dict[str, str] = os.environ) -> dict[str, str]:
+    """An arm's process's environment (set before it starts CUDA): this one's, and for a harness arm what the
+    harness's executors give an in-process run's process; harness-cached runs without any allocator setting."""
+    from harness.common.system import ALLOCATOR_VARS
     from harness.config.run import RunConfig
     from harness.execution.isolation import allocator_env
 
-    return {} if arm in ("trl", "trl-eval", "harness-cached") else allocator_env(RunConfig(), device)
+    if arm == "harness-cached":
+        return {k: v for k, v in environ.items() if k not in ALLOCATOR_VARS}
+    return dict(environ) | ({} if arm.startswith("trl") else allocator_env(RunConfig(), device, environ))
 
 
 def measure(a: argparse.Namespace, arm: str) -> dict:
@@ -75,7 +79,7 @@ def measure(a: argparse.Namespace, arm: str) -> dict:
     from transformers import GenerationConfig
 
     from harness.chat import model_task
-    from harness.common.system import GIB, compute_dtype, device_name
+    from harness.common.system import GIB, allocator_settings, compute_dtype, device_name
     from harness.models.loading import load_policy
     from harness.rollout.hf import HFEngine, encode_prompts
 
@@ -160,7 +164,7 @@ def measure(a: argparse.Namespace, arm: str) -> dict:
            "prompt_width": out.prompt_ids.shape[1],
            "to_first_decode_s": round(steps[0] - t0, 3), "forwards": len(stamps),
            # near rollout_s: the host's launches set the pace (a device-bound loop waits, which costs little CPU)
-           "cpu_s": round(cpu, 2), "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+           "cpu_s": round(cpu, 2), "alloc_conf": allocator_settings(),
            "decode_ms_by_quarter": [round(1000 * statistics.mean(x), 2) for x in quarters if x]}
     if profiler is not None and a.profile <= len(stamps) < a.profile + PROFILED:
         profiler.stop()  # the rollout ended inside the window: no table (a profiler left running crashes the exit)
@@ -205,7 +209,7 @@ def main() -> None:
     rows = []
     for arm in arms:
         done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", arm], capture_output=True, text=True,
-                              env=os.environ | arm_env(arm, a.device))
+                              env=arm_env(arm, a.device))
         if done.returncode:
             rows.append({"arm": arm, "error": done.stderr.strip().splitlines()[-1:]})
         else:

@@ -87,6 +87,7 @@ sys.path.insert(0, str(HERE))
 
 from scale_rows import MAX_NEW, QUANTS, SHAPES, SIDE_NAMES, expected_s, keep, key, markdown  # noqa: E402
 
+from harness.common.system import allocator_settings  # noqa: E402
 from harness.config.run import RunConfig  # noqa: E402
 from harness.execution.isolation import allocator_env  # noqa: E402
 
@@ -121,7 +122,8 @@ def run_side(spec: dict, timeout: float | None, log: Path) -> dict:
         tail = "\n".join(err.strip().splitlines()[-12:])
         row = base | {"status": "crashed" if code is not None else "stopped", "error": f"exit {code}: {tail}"[-1500:]}
     # a side can print its row and still exit non-zero (vLLM's teardown of a sleeping engine prints CUDA errors)
-    return row | {"wall_s": round(time.perf_counter() - t0, 1), "log": str(log), "exit_code": code}
+    return row | {"wall_s": round(time.perf_counter() - t0, 1), "log": str(log), "exit_code": code,
+                  "alloc_conf": allocator_settings(env)}  # rows before stop 42 have none: the default allocator
 
 
 def machine_id(device: str) -> str | None:

@@ -2,6 +2,7 @@
 bench/scale.py keeps of its rows and the calls that measured them (bench/scale_rows.py: which row a call keeps, a
 side's expected time, a row's peak memory, the tables)."""
 
+import os
 import sys
 
 import pytest
@@ -190,23 +191,30 @@ def test_scale_starts_the_harness_side_as_the_executors_start_an_in_process_run(
         return subprocess.CompletedProcess(cmd, 0, stdout='{"status": "ok"}\n', stderr="")
 
     monkeypatch.setattr(scale.subprocess, "run", started)
+    rows = {}
     for side in ("harness", "trl", "harness-vllm", "trl-vllm"):
         spec = {"model": "shape:qwen2.5-1.5b", "quant": "bf16", "max_new": 8, "side": side, "device": "cuda"}
-        assert scale.run_side(spec, None, tmp_path / f"{side}.log")["status"] == "ok"
+        rows[side] = scale.run_side(spec, None, tmp_path / f"{side}.log")
     assert seen == {"harness": "expandable_segments:True", "trl": None, "harness-vllm": None, "trl-vllm": None}
+    assert {side: r["alloc_conf"] for side, r in rows.items()} == {  # each row says how its side was started
+        side: {"PYTORCH_CUDA_ALLOC_CONF": v} if v else {} for side, v in seen.items()}
 
 
-def test_decode_steps_starts_the_harness_arms_as_the_executors_start_an_in_process_run(monkeypatch):
+def test_decode_steps_starts_the_harness_arms_as_the_executors_start_an_in_process_run():
     """Every harness arm of bench/decode_steps.py but harness-cached gets the allocator setting the harness's
-    executors give an in-process run's process on a GPU; TRL's arms, and a CPU, get none."""
+    executors give an in-process run's process on a GPU; TRL's arms, and a CPU, get none; harness-cached runs
+    without the user's own setting too (PyTorch's default allocator), the other arms with it."""
     import decode_steps
 
-    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
-        monkeypatch.delenv(var, raising=False)
-    expandable = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-    got = {arm: decode_steps.arm_env(arm, "cuda") for arm in decode_steps.ARMS}
-    assert got == {arm: {} if arm in ("harness-cached", "trl", "trl-eval") else expandable for arm in decode_steps.ARMS}
-    assert all(decode_steps.arm_env(arm, "cpu") == {} for arm in decode_steps.ARMS)
+    alloc = lambda arm, device, env: decode_steps.arm_env(arm, device, env).get("PYTORCH_CUDA_ALLOC_CONF")  # noqa: E731
+    got = {arm: alloc(arm, "cuda", {"PATH": "/bin"}) for arm in decode_steps.ARMS}
+    cached = ("harness-cached", "trl", "trl-eval")
+    assert got == {arm: None if arm in cached else "expandable_segments:True" for arm in decode_steps.ARMS}
+    assert all(alloc(arm, "cpu", {}) is None for arm in decode_steps.ARMS)
+    assert decode_steps.arm_env("harness", "cuda", {"PATH": "/bin"})["PATH"] == "/bin"
+    mine = {"PYTORCH_ALLOC_CONF": "garbage_collection_threshold:0.8"}
+    assert decode_steps.arm_env("harness-cached", "cuda", mine) == {}
+    assert all(decode_steps.arm_env(arm, "cuda", mine) == mine for arm in decode_steps.ARMS if arm != "harness-cached")
 
 
 @pytest.mark.slow  # a process per arm loading the model, ~50 s of make test's 10 minutes: make test-slow runs it
@@ -223,9 +231,14 @@ def test_decode_steps_counts_a_shared_prefill_apart_from_the_decode_steps(tmp_pa
     cmd = [sys.executable, str(REPO / "bench" / "decode_steps.py"), "--model", "builtin:tiny-arith", "--task", "arith",
            "--quant", "bf16", "--device", "cpu", "--prompts", "2", "--group", "2", "--max-new", "8",
            "--arms", ",".join(decode_steps.ARMS), "--profile", "1", "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    # a user's allocator setting (no effect on a CPU): every arm's process runs with it but harness-cached's
+    mine = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_ALLOC_CONF"} | mine
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = {r["arm"]: r for r in json.loads(out.read_text())["rows"]}
+    assert {arm: r["alloc_conf"] for arm, r in rows.items()} == {
+        arm: {} if arm == "harness-cached" else mine for arm in rows}
     assert set(rows) == set(decode_steps.ARMS), rows
     assert len({r["prompt_width"] for r in rows.values()}) == 1, rows  # every arm generates from the same prompts
     for arm, r in rows.items():

@@ -168,3 +168,29 @@ def test_an_in_process_runs_task_starts_with_expandable_segments(ray_cluster, mo
     finally:
         ray.shutdown()
     assert got == [("expandable_segments:True", "job"), (None, "job")]
+
+
+def test_the_drivers_allocator_setting_reaches_every_run_instead_of_the_harness_one(monkeypatch):
+    """A user's PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF goes to every run's worker with what a run reads
+    (job_env), and then no task adds expandable segments over it (_task_for asks allocator_env, which sees it)."""
+    from harness.execution.ray import job_env
+
+    env = {"QRL_CACHE": "/c", "PATH": "/bin", "WANDB_MODE": "offline", "PYTORCH_ALLOC_CONF": "a", "PYTORCH_CUDA_ALLOC_CONF": "b"}
+    assert job_env(env) == {"QRL_CACHE": "/c", "WANDB_MODE": "offline", "PYTORCH_ALLOC_CONF": "a", "PYTORCH_CUDA_ALLOC_CONF": "b"}
+    assert "PATH" not in job_env(env)
+
+    from harness.execution.jobs import Job
+    from harness.execution.ray import _task_for
+
+    class Options:  # a fake of Ray's remote function: what the run's task is asked with (a real one: the test above)
+        def options(self, **kw):
+            return kw
+
+    resources = {"num_cpus": 1, "num_gpus": 1}
+    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(var, raising=False)
+    job = Job(tiny_run_config(), Path("r"))
+    assert _task_for(Options(), resources, job, "cuda")["runtime_env"] == {
+        "env_vars": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}}
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "a")
+    assert _task_for(Options(), resources, job, "cuda") == resources

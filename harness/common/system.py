@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -64,6 +65,16 @@ def cpu_model() -> str:
     return ", ".join(filter(None, [name or platform.processor() or platform.machine(), " ".join(kinds[:2])]))
 
 
+# torch reads its CUDA allocator's settings from these, once per process (execution.isolation.allocator_env sets one
+# for a run's own process)
+ALLOCATOR_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+
+
+def allocator_settings(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The allocator variables `environ` sets (what env.json and the benchmarks record)."""
+    return {v: environ[v] for v in ALLOCATOR_VARS if v in environ}
+
+
 def device_identity(device: torch.device) -> dict:
     """Which GPU a run had (a sweep over several GPUs pins one per run): the slot's CUDA_VISIBLE_DEVICES,
     the device's UUID and PCI bus id, as nvidia-smi names them; and how many runs the executor packed
@@ -74,8 +85,8 @@ def device_identity(device: torch.device) -> dict:
     bus = [getattr(props, f"pci_{k}_id", None) for k in ("domain", "bus", "device")]
     return {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "gpu_uuid": f"GPU-{getattr(props, 'uuid', '?')}",
             "runs_per_gpu": int(os.environ.get("QRL_RUNS_PER_GPU") or 1),
-            # the CUDA allocator's setting (an executor gives an in-process run expandable segments: execution.isolation)
-            "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"),
+            # the CUDA allocator's settings (an executor gives an in-process run expandable segments: execution.isolation)
+            "cuda_alloc_conf": allocator_settings() or None,
             "gpu_pci_bus_id": f"{bus[0]:08X}:{bus[1]:02X}:{bus[2]:02X}.0" if None not in bus else None}
 
 

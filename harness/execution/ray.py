@@ -19,9 +19,11 @@ import tarfile
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 from harness.common.files import write_json_atomic
+from harness.common.system import allocator_settings
 from harness.execution.events import Ended, Note, OnEvent, Started
 from harness.execution.isolation import allocator_env
 from harness.execution.jobs import ExecutorSettings, Job
@@ -39,10 +41,8 @@ def run_ray(jobs: list[Job], settings: ExecutorSettings, on_event: OnEvent) -> N
         import ray
     except ImportError:
         raise RuntimeError("the ray executor needs Ray: pip install 'quant-rl-harness[ray]'") from None
-    # what a run reads from its environment
-    env = {k: v for k, v in os.environ.items() if k.startswith(("QRL_", "WANDB_", "HF_"))}
     try:
-        ray.init(address=settings.ray_address, runtime_env={"env_vars": env}, logging_level="ERROR", log_to_driver=False)
+        ray.init(address=settings.ray_address, runtime_env={"env_vars": job_env()}, logging_level="ERROR", log_to_driver=False)
     except ConnectionError as e:
         raise RuntimeError(f"no Ray cluster at --ray-address {settings.ray_address}: start one with `ray start --head` "
                            f"(or pass host:port of an existing one): {e}") from None
@@ -62,6 +62,12 @@ def run_ray(jobs: list[Job], settings: ExecutorSettings, on_event: OnEvent) -> N
     finally:
         marker.unlink(missing_ok=True)
         ray.shutdown()
+
+
+def job_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """What every run's worker gets of this process's environment: what a run reads (QRL_, WANDB_, HF_) and the CUDA
+    allocator's settings, which then stand for every run (allocator_env adds none over them)."""
+    return {k: v for k, v in environ.items() if k.startswith(("QRL_", "WANDB_", "HF_"))} | allocator_settings(environ)
 
 
 def _task_for(task, resources: dict, job: Job, device: str):
