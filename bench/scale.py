@@ -123,7 +123,7 @@ def run_side(spec: dict, timeout: float | None, log: Path) -> dict:
         row = base | {"status": "crashed" if code is not None else "stopped", "error": f"exit {code}: {tail}"[-1500:]}
     # a side can print its row and still exit non-zero (vLLM's teardown of a sleeping engine prints CUDA errors)
     return row | {"wall_s": round(time.perf_counter() - t0, 1), "log": str(log), "exit_code": code,
-                  "alloc_conf": allocator_settings(env)}  # rows before stop 42 have none: the default allocator
+                  "alloc_conf": allocator_settings(env)}  # rows without it (to call 25) ran on the default allocator
 
 
 def machine_id(device: str) -> str | None:
