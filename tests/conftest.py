@@ -20,6 +20,16 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+@pytest.fixture
+def no_allocator_setting(monkeypatch):
+    """An environment without the user's CUDA allocator variables (whatever the machine running the tests sets)."""
+    from harness.common.system import ALLOCATOR_VARS
+
+    for var in ALLOCATOR_VARS:
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     """builtin:tiny-arith: the model shipped with the package, checked against its sha256 list."""

@@ -174,7 +174,7 @@ def test_the_harness_step_peak_is_the_larger_phase_peak():
     assert "| 41.23 |" in scale_rows.markdown([case | harness])
 
 
-def test_scale_starts_the_harness_side_as_the_executors_start_an_in_process_run(monkeypatch, tmp_path):
+def test_scale_starts_the_harness_side_as_the_executors_start_an_in_process_run(no_allocator_setting, tmp_path):
     """bench/scale.py's in-process harness side runs in a process with the allocator setting the harness's executors
     give an in-process run on a GPU; TRL's sides and the harness's vLLM sides get none."""
     import json
@@ -182,15 +182,13 @@ def test_scale_starts_the_harness_side_as_the_executors_start_an_in_process_run(
 
     import scale
 
-    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
-        monkeypatch.delenv(var, raising=False)
     seen = {}
 
     def started(cmd, **kw):  # a fake side: this machine has no GPU to run one on; what it was started with is the point
         seen[json.loads(cmd[-1])["side"]] = kw["env"].get("PYTORCH_CUDA_ALLOC_CONF")
         return subprocess.CompletedProcess(cmd, 0, stdout='{"status": "ok"}\n', stderr="")
 
-    monkeypatch.setattr(scale.subprocess, "run", started)
+    no_allocator_setting.setattr(scale.subprocess, "run", started)
     rows = {}
     for side in ("harness", "trl", "harness-vllm", "trl-vllm"):
         spec = {"model": "shape:qwen2.5-1.5b", "quant": "bf16", "max_new": 8, "side": side, "device": "cuda"}

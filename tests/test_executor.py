@@ -77,7 +77,7 @@ def test_a_run_stopped_from_outside_leaves_the_bars_and_says_so(tmp_path):
     assert f"■ {job.label} [{job.cfg.run_id}] stopped before it finished; the next sweep resumes it" in console.export_text()
 
 
-def test_a_run_generating_in_process_on_a_gpu_starts_with_expandable_segments(monkeypatch):
+def test_a_run_generating_in_process_on_a_gpu_starts_with_expandable_segments(no_allocator_setting):
     """The local executor's worker environment: expandable segments for an in-process run on a GPU slot only, and
     never over the user's own allocator setting (which the worker inherits as it is)."""
     from harness.execution.isolation import allocator_env
@@ -85,8 +85,6 @@ def test_a_run_generating_in_process_on_a_gpu_starts_with_expandable_segments(mo
     from harness.execution.local import worker_env
     from harness.execution.packing import Slot
 
-    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
-        monkeypatch.delenv(var, raising=False)
     gpu, cpu = Slot("cuda", {"CUDA_VISIBLE_DEVICES": "1"}), Slot("cpu", {"OMP_NUM_THREADS": "2"})
     in_process = Job(RunConfig(), Path("r"))
     alloc = lambda job, slot: worker_env(job, slot).get("PYTORCH_CUDA_ALLOC_CONF")  # noqa: E731
@@ -95,7 +93,7 @@ def test_a_run_generating_in_process_on_a_gpu_starts_with_expandable_segments(mo
     assert alloc(in_process, cpu) is None
     for colocation in ("colocated", "server"):  # vLLM's sleep-mode allocator refuses expandable segments
         assert alloc(Job(RunConfig(rollout={"colocation": colocation, "quantization": "bf16"}), Path("r")), gpu) is None
-    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    no_allocator_setting.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
     assert alloc(in_process, gpu) == "max_split_size_mb:512"
     assert allocator_env(RunConfig(), "cuda", {"PYTORCH_ALLOC_CONF": "garbage_collection_threshold:0.8"}) == {}
     assert allocator_env(RunConfig(), "cuda:1", {}) == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}

@@ -140,57 +140,36 @@ def test_runs_per_gpu_asks_ray_for_a_fraction_of_a_gpu(ray_cluster_one_gpu):
     assert start_a < end_b and start_b < end_a, "the two halves of the GPU ran one after the other"
 
 
-def test_an_in_process_runs_task_starts_with_expandable_segments(ray_cluster, monkeypatch):
+def test_an_in_process_runs_task_starts_with_expandable_segments(ray_cluster, no_allocator_setting):
     """The allocator setting reaches the worker process of an in-process run's task, beside the job's own env_vars
-    (Ray merges a task's into them), and not a vLLM run's. "cuda" is the device the executor decides for; Ray is
-    asked for no GPU, and no task touches one."""
+    (Ray merges a task's into them), and not a vLLM run's. A driver that sets its own allocator variable gets it to
+    every run (job_env) and no task adds expandable segments over it. "cuda" is the device the executor decides for;
+    Ray is asked for no GPU, and no task touches one."""
     import ray
 
     from harness.config.run import RunConfig
     from harness.execution.jobs import Job
-    from harness.execution.ray import _task_for
-
-    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
-        monkeypatch.delenv(var, raising=False)
+    from harness.execution.ray import _task_for, job_env
 
     def probe():  # defined here: Ray sends it by value (the worker cannot import a test module)
         import os
 
-        return os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), os.environ.get("QRL_PROBE")
+        return os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), os.environ.get("PYTORCH_ALLOC_CONF"), os.environ.get("QRL_PROBE")
 
-    resources = {"num_cpus": 1, "num_gpus": 0}
+    def started(jobs: list[Job]) -> list:
+        ray.init(address=ray_cluster, runtime_env={"env_vars": job_env()}, logging_level="ERROR", log_to_driver=False)
+        try:
+            task = ray.remote(max_calls=1, max_retries=0)(probe)
+            return ray.get([_task_for(task, {"num_cpus": 1, "num_gpus": 0}, job, "cuda").remote() for job in jobs],
+                           timeout=300)
+        finally:
+            ray.shutdown()
+
     in_process = Job(tiny_run_config(), Path("r"))
     colocated = Job(RunConfig(rollout={"colocation": "colocated", "quantization": "bf16"}), Path("r"))
-    ray.init(address=ray_cluster, runtime_env={"env_vars": {"QRL_PROBE": "job"}}, logging_level="ERROR", log_to_driver=False)
-    try:
-        task = ray.remote(max_calls=1, max_retries=0)(probe)
-        got = ray.get([_task_for(task, resources, job, "cuda").remote() for job in (in_process, colocated)], timeout=300)
-    finally:
-        ray.shutdown()
-    assert got == [("expandable_segments:True", "job"), (None, "job")]
-
-
-def test_the_drivers_allocator_setting_reaches_every_run_instead_of_the_harness_one(monkeypatch):
-    """A user's PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF goes to every run's worker with what a run reads
-    (job_env), and then no task adds expandable segments over it (_task_for asks allocator_env, which sees it)."""
-    from harness.execution.ray import job_env
-
-    env = {"QRL_CACHE": "/c", "PATH": "/bin", "WANDB_MODE": "offline", "PYTORCH_ALLOC_CONF": "a", "PYTORCH_CUDA_ALLOC_CONF": "b"}
-    assert job_env(env) == {"QRL_CACHE": "/c", "WANDB_MODE": "offline", "PYTORCH_ALLOC_CONF": "a", "PYTORCH_CUDA_ALLOC_CONF": "b"}
-    assert "PATH" not in job_env(env)
-
-    from harness.execution.jobs import Job
-    from harness.execution.ray import _task_for
-
-    class Options:  # a fake of Ray's remote function: what the run's task is asked with (a real one: the test above)
-        def options(self, **kw):
-            return kw
-
-    resources = {"num_cpus": 1, "num_gpus": 1}
-    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
-        monkeypatch.delenv(var, raising=False)
-    job = Job(tiny_run_config(), Path("r"))
-    assert _task_for(Options(), resources, job, "cuda")["runtime_env"] == {
-        "env_vars": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}}
-    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "a")
-    assert _task_for(Options(), resources, job, "cuda") == resources
+    no_allocator_setting.setenv("QRL_PROBE", "job")
+    no_allocator_setting.setenv("PATH_PROBE", "not forwarded")
+    assert started([in_process, colocated]) == [("expandable_segments:True", None, "job"), (None, None, "job")]
+    no_allocator_setting.setenv("PYTORCH_ALLOC_CONF", "garbage_collection_threshold:0.8")
+    assert started([in_process]) == [(None, "garbage_collection_threshold:0.8", "job")]
+    assert "PATH_PROBE" not in job_env()
