@@ -113,7 +113,7 @@ def test_policy_weights_are_peft_own_merge(tiny_model):
 
     from harness.models.loading import load_policy
     from harness.rollout.engine_check import perturb
-    from harness.rollout.vllm import policy_weights
+    from harness.rollout.merged_weights import policy_weights
 
     cfg = tiny_run_config(dtype="float32")
     model, _ = load_policy(cfg, torch.device("cpu"), torch.float32)
@@ -140,7 +140,7 @@ def test_a_merged_sync_measures_the_update_its_dtype_loses(dtype, delta, lost):
     in bf16 rounds each weight's update to bf16's step at 1.0 (2^-7)."""
     import peft
 
-    from harness.rollout.vllm import merge_rel_err, policy_weights
+    from harness.rollout.merged_weights import merge_rel_err, policy_weights
 
     base = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False)).to(dtype)
     base[0].weight.data.fill_(1.0)
@@ -161,7 +161,7 @@ def test_a_merged_sync_refuses_an_adapter_on_a_tied_weight():
     import peft
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from harness.rollout.vllm import policy_weights
+    from harness.rollout.merged_weights import policy_weights
 
     config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                          num_key_value_heads=1, tie_word_embeddings=True)
