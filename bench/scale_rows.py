@@ -82,13 +82,33 @@ def _cell(row: dict | None, field: str, digits: int = 2) -> str:
     return _f(row.get(field), digits) if _ok(row) else _why(row)
 
 
+def prompt_tokens(row: dict) -> list[float] | None:
+    """Each timed step's prompt tokens, unpadded (its train tokens less its completion tokens), or None when a row
+    did not record both (raw vLLM, rows before train tokens were kept)."""
+    steps = row.get("per_step") or {}
+    train, completion = steps.get("train_tokens"), steps.get("completion_tokens")
+    if not train or not completion or len(train) != len(completion):
+        return None
+    return [t - c for t, c in zip(train, completion)]
+
+
+def same_prompts(a: dict, b: dict) -> bool | None:
+    """Whether two sides' timed steps generated from the same prompts, as far as their token counts tell: a side's
+    prompt width drives its prefill and every decode step's attention (stop 40's 7B nf4 in-process pair, 657 tokens
+    wide on the harness's side and 484 on TRL's, read 1.33; on the same prompts, 0.87)."""
+    pa, pb = prompt_tokens(a), prompt_tokens(b)
+    if pa is None or pb is None:
+        return None
+    return len(pa) == len(pb) and all(abs(x - y) < 0.5 for x, y in zip(pa, pb))
+
+
 def _ratio(a: dict | None, b: dict | None, field: str = "step_s_median") -> str:
     """a / b where both rows were measured on one machine (the same `machine`: a UUID, a stop's label, or none on a
-    CPU); else no ratio."""
+    CPU); else no ratio. A ratio of two sides that generated from different prompts says so."""
     if _ok(a) and _ok(b) and a.get(field) and b.get(field):
         if a.get("machine") != b.get("machine"):
             return "n/a (other machines)"
-        return f"{a[field] / b[field]:.2f}"
+        return f"{a[field] / b[field]:.2f}" + (" (different prompts)" if same_prompts(a, b) is False else "")
     return "n/a"
 
 
@@ -99,7 +119,8 @@ def markdown(rows: list[dict]) -> str:
     cases = sorted({key(r)[:3] for r in rows}, key=lambda c: (c[0], c[1], c[2]))
     devices = sorted({r["device"] for r in rows if r.get("device")})
     lines = [f"Device: {', '.join(devices) or 'unknown'}. Medians of the timed steps; s/step; "
-             "harness/TRL below 1: the harness is faster; a ratio pairs rows of one machine only.", "",
+             "harness/TRL below 1: the harness is faster; a ratio pairs rows of one machine only, and says when the two "
+             "sides generated from different prompts (their prompt tokens differ: not the same work).", "",
              "| model | quant | new tokens | harness in-process | TRL in-process | harness/TRL | harness vLLM "
              "(graphs) | TRL vLLM | harness/TRL (vLLM) | harness vLLM (eager) |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -142,6 +142,30 @@ def test_the_tables_pair_rows_of_one_machine_only():
     assert "1.09 of vllm-lora" in scale_rows.markdown([harness, limit | {"machine": "A"}, trl])
 
 
+def test_a_pair_that_generated_from_different_prompts_says_so():
+    """Prompt tokens are a step's train tokens less its completion tokens: equal on both sides, the ratio stands
+    alone; different (a TRL side that drew its own prompts, as before stop 40), the ratio says so; unknown (a row
+    without train tokens), nothing is claimed. The figures are stop 40's and stop 43's 7B nf4 rows."""
+    import scale_rows
+
+    case = {"model": "shape:qwen2.5-7b", "quant": "nf4", "max_new": 1024, "status": "ok", "machine": "A"}
+    harness = case | {"side": "harness", "step_s_median": 210.54,
+                      "per_step": {"train_tokens": [174616.0], "completion_tokens": [131072.0]}}
+    trl = case | {"side": "trl", "step_s_median": 158.67,
+                  "per_step": {"train_tokens": [172760], "completion_tokens": [131072.0]}}
+    assert scale_rows.prompt_tokens(harness) == [43544.0]
+    assert scale_rows.same_prompts(harness, trl) is False
+    assert "| 210.54 | 158.67 | 1.33 (different prompts) |" in scale_rows.markdown([harness, trl])
+    same = trl | {"step_s_median": 242.34, "per_step": {"train_tokens": [174616], "completion_tokens": [131072.0]}}
+    assert scale_rows.same_prompts(harness, same) is True
+    assert "| 210.54 | 242.34 | 0.87 |" in scale_rows.markdown([harness, same])
+    # a side that stopped early on end-of-text has fewer completion and train tokens, the same prompt tokens
+    early = harness | {"per_step": {"train_tokens": [173739.0], "completion_tokens": [130195.0]}}
+    assert scale_rows.same_prompts(early, same) is True
+    assert scale_rows.same_prompts(harness, trl | {"per_step": {"step_s": [158.67]}}) is None
+    assert "| 1.33 |" in scale_rows.markdown([harness, trl | {"per_step": {}}])
+
+
 def test_a_sides_expected_time_scales_its_earlier_run_to_this_calls_steps():
     """expected_s: the earlier run's wall time with its warm-up and timed steps swapped for this call's, at its
     median step: 100 s for 1 warm-up + 2 timed steps of 20 s is 120 s for 1 + 3; nothing from a failed row."""
