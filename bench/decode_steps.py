@@ -91,7 +91,7 @@ def measure(a: argparse.Namespace, arm: str) -> dict:
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_policy(cfg, device, compute_dtype(device, cfg.train.dtype))
     model.train()  # as the recipe leaves it between steps
-    # the prompts of the recipe's rollout number --draw (bench/scale.py's sides generate from the same since stop 40)
+    # the prompts of the recipe's rollout number --draw (bench/scale.py's sides generate from the same since stop 41)
     train = model_task(cfg.task, tokenizer, cfg.model).train
     batch = [train[i].prompt for i in harness_prompt_order(cfg, len(train), a.draw)[-a.prompts:] for _ in range(a.group)]
 

@@ -87,15 +87,15 @@ def prompt_tokens(row: dict) -> list[float] | None:
     did not record both (raw vLLM, rows before train tokens were kept)."""
     steps = row.get("per_step") or {}
     train, completion = steps.get("train_tokens"), steps.get("completion_tokens")
-    if not train or not completion or len(train) != len(completion):
+    if not train or not completion or len(train) != len(completion) or None in train or None in completion:
         return None
     return [t - c for t, c in zip(train, completion)]
 
 
 def same_prompts(a: dict, b: dict) -> bool | None:
-    """Whether two sides' timed steps generated from the same prompts, as far as their token counts tell: a side's
-    prompt width drives its prefill and every decode step's attention (stop 40's 7B nf4 in-process pair, 657 tokens
-    wide on the harness's side and 484 on TRL's, read 1.33; on the same prompts, 0.87)."""
+    """Whether two sides' timed steps generated from the same prompts, as far as their token counts tell (None: a
+    side did not record them). A pair is the same work only then: a batch's prompts set its prefill, its padded width
+    and the length every decode step attends over, and before stop 41 each TRL side drew its own."""
     pa, pb = prompt_tokens(a), prompt_tokens(b)
     if pa is None or pb is None:
         return None
@@ -119,8 +119,8 @@ def markdown(rows: list[dict]) -> str:
     cases = sorted({key(r)[:3] for r in rows}, key=lambda c: (c[0], c[1], c[2]))
     devices = sorted({r["device"] for r in rows if r.get("device")})
     lines = [f"Device: {', '.join(devices) or 'unknown'}. Medians of the timed steps; s/step; "
-             "harness/TRL below 1: the harness is faster; a ratio pairs rows of one machine only, and says when the two "
-             "sides generated from different prompts (their prompt tokens differ: not the same work).", "",
+             "harness/TRL below 1: the harness is faster; a ratio pairs rows of one machine only, and is marked (different "
+             "prompts) where the sides' recorded prompt tokens differ: not the same work.", "",
              "| model | quant | new tokens | harness in-process | TRL in-process | harness/TRL | harness vLLM "
              "(graphs) | TRL vLLM | harness/TRL (vLLM) | harness vLLM (eager) |",
              "|---|---|---|---|---|---|---|---|---|---|"]

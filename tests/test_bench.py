@@ -144,7 +144,7 @@ def test_the_tables_pair_rows_of_one_machine_only():
 
 def test_a_pair_that_generated_from_different_prompts_says_so():
     """Prompt tokens are a step's train tokens less its completion tokens: equal on both sides, the ratio stands
-    alone; different (a TRL side that drew its own prompts, as before stop 40), the ratio says so; unknown (a row
+    alone; different (a TRL side that drew its own prompts, as before stop 41), the ratio says so; unknown (a row
     without train tokens), nothing is claimed. The figures are stop 40's and stop 43's 7B nf4 rows."""
     import scale_rows
 
@@ -163,6 +163,7 @@ def test_a_pair_that_generated_from_different_prompts_says_so():
     early = harness | {"per_step": {"train_tokens": [173739.0], "completion_tokens": [130195.0]}}
     assert scale_rows.same_prompts(early, same) is True
     assert scale_rows.same_prompts(harness, trl | {"per_step": {"step_s": [158.67]}}) is None
+    assert scale_rows.same_prompts(harness, trl | {"per_step": {"train_tokens": [None], "completion_tokens": [1.0]}}) is None
     assert "| 1.33 |" in scale_rows.markdown([harness, trl | {"per_step": {}}])
 
 
