@@ -41,6 +41,9 @@ rows and rewrites OUT/scale.json after each, so a killed bench keeps what it mea
   the harness's 16 prompts x 8 as token ids, max_tokens and temperature 1 as the sides, ignore_eos, logprobs 0
   (the sampled token's, which the harness asks for); with a saved random r-16 adapter on every linear layer
   (enable_lora, a LoRARequest) or without, CUDA graphs on or off. A "step" is one generate call of all 128.
+- `harness-nocudnn`, `trl-nocudnn` (diagnostic, run only when named): `harness` and `trl` with no cuDNN attention
+  anywhere in the step (scale_sides.step_attention), as the harness's decode has none: what PyTorch's first choice
+  on an H100 costs the train phase.
 The harness sides skip the step-0 held-out evaluation (no step's work); TRL evaluates nothing.
 
 Rows record the card (`machine`: its CUDA UUID), and the tables pair rows of one machine only: of two H100s lent a
@@ -85,6 +88,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import scale_rows  # noqa: E402
 from scale_rows import MAX_NEW, QUANTS, SHAPES, SIDE_NAMES, expected_s, keep, key, markdown  # noqa: E402
 
 from harness.common.system import allocator_settings  # noqa: E402
@@ -99,7 +103,7 @@ def run_side(spec: dict, timeout: float | None, log: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(spec)]
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false")
     env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # else FlashInfer compiles its sampler with nvcc at start-up
-    if spec["side"] == "harness":  # an in-process run's own process, as the harness's executors start one
+    if spec["side"] in scale_rows.IN_PROCESS_HARNESS:  # an in-process run's own process, as the harness's executors start one
         env |= allocator_env(RunConfig(), spec["device"], env)
     base = {k: spec[k] for k in ("model", "quant", "max_new", "side")}
     t0 = time.perf_counter()
@@ -174,7 +178,8 @@ def main() -> None:
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--quants", default=",".join(QUANTS))
     p.add_argument("--max-new", default=",".join(map(str, MAX_NEW)))
-    p.add_argument("--sides", default=",".join(SIDE_NAMES))
+    p.add_argument("--sides", default=",".join(SIDE_NAMES), help="comma-separated sides (default: the grid's); the "
+                   "diagnostic harness-nocudnn and trl-nocudnn run only when named")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
@@ -208,9 +213,9 @@ def main() -> None:
         os._exit(0)  # an in-process vLLM engine's threads can keep a finished process alive
     t_start = time.perf_counter()
     redo = set(filter(None, a.redo.split(",")))
-    unknown = (set(a.sides.split(",")) | redo) - set(SIDE_NAMES)
+    unknown = (set(a.sides.split(",")) | redo) - set(scale_rows.ALL_SIDES)
     if unknown:
-        p.error(f"unknown sides {sorted(unknown)}; known: {', '.join(SIDE_NAMES)}")
+        p.error(f"unknown sides {sorted(unknown)}; known: {', '.join(scale_rows.ALL_SIDES)}")
     if a.task == "boxed" and not a.data:
         p.error("--data is required for task boxed")
     if a.device is None:
@@ -240,7 +245,7 @@ def main() -> None:
     result.pop("command", None), result.pop("config", None), result.pop("versions", None)  # kept per call since stop 33
     result.setdefault("calls", []).append({"command": sys.argv[1:], "versions": versions(), "config": common,
                                            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    order = [s for s in SIDE_NAMES if s in a.sides.split(",")]
+    order = [s for s in scale_rows.ALL_SIDES if s in a.sides.split(",")]
     if a.estimate:
         return print_estimates(common, models, a, order)
     for model in models:

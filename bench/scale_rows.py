@@ -11,10 +11,18 @@ QUANTS = ("bf16", "nf4")
 MAX_NEW = (256, 1024)
 SIDE_NAMES = ("vllm", "vllm-eager", "vllm-lora", "vllm-lora-eager", "harness", "trl", "harness-vllm",
               "harness-vllm-eager", "harness-vllm-merged", "trl-vllm")
+# diagnostic sides, run only when named (not grid cells): the in-process sides with no cuDNN attention anywhere in
+# the step, training included, as the harness's decode has none (rollout.hf.DECODE_ATTENTION): whether PyTorch's
+# first choice on an H100 costs the train phase (the harness's 1.5B train phase took 1.2-1.4x TRL's, stop 43)
+DIAGNOSTIC_SIDES = ("harness-nocudnn", "trl-nocudnn")
+ALL_SIDES = SIDE_NAMES + DIAGNOSTIC_SIDES
+# in-process harness sides: their process starts as the harness's executors start an in-process run's
+IN_PROCESS_HARNESS = ("harness", "harness-nocudnn")
 # the raw-vLLM variant each side's rollout tokens/s is held against: the same policy form (an unmerged LoRA,
 # or TRL's merged weights) and the same CUDA-graph setting; in-process sides against the best vLLM does
 LIMIT = {"harness": "vllm-lora", "trl": "vllm-lora", "harness-vllm": "vllm-lora",
-         "harness-vllm-eager": "vllm-lora-eager", "harness-vllm-merged": "vllm", "trl-vllm": "vllm"}
+         "harness-vllm-eager": "vllm-lora-eager", "harness-vllm-merged": "vllm", "trl-vllm": "vllm",
+         "harness-nocudnn": "vllm-lora", "trl-nocudnn": "vllm-lora"}
 
 
 def key(row: dict) -> tuple:
@@ -137,7 +145,7 @@ def markdown(rows: list[dict]) -> str:
               "| vs limit | MFU | peak alloc | device used | start s |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for case in cases:
-        for side in SIDE_NAMES:
+        for side in ALL_SIDES:
             r = by.get(case + (side,))
             head = f"| {case[0]} | {case[1]} | {case[2]} | {side} |"
             if r is None:

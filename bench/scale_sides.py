@@ -5,6 +5,7 @@ memory, setup and engine-start times, model FLOPs and MFU of the train phase (be
 
 from __future__ import annotations
 
+import contextlib
 import random
 import statistics
 import sys
@@ -34,6 +35,9 @@ SIDES = {
     # the adapter merged into vLLM's weights at each sync (rollout.lora_sync: merged): no LoRA kernels in the decode
     "harness-vllm-merged": ("harness", {"colocation": "colocated", "enforce_eager": False, "lora_sync": "merged"}),
     "trl-vllm": ("trl", {"vllm": True}),
+    # diagnostic (scale_rows.DIAGNOSTIC_SIDES): no cuDNN attention anywhere in the step (step_attention)
+    "harness-nocudnn": ("harness", {"colocation": "in_process", "attention": "no-cudnn"}),
+    "trl-nocudnn": ("trl", {"vllm": False, "attention": "no-cudnn"}),
     "vllm": ("raw", {"lora": False, "enforce_eager": False}),
     "vllm-eager": ("raw", {"lora": False, "enforce_eager": True}),
     "vllm-lora": ("raw", {"lora": True, "enforce_eager": False}),
@@ -46,6 +50,18 @@ PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H2
 def uses_vllm(side: str) -> bool:
     kind, opts = SIDES[side]
     return kind == "raw" or opts.get("vllm", False) or opts.get("colocation") == "colocated"
+
+
+def step_attention(side: str):
+    """The SDPA backends a side's whole step may use: PyTorch's own choice (cuDNN first on an H100) in training, or,
+    for the -nocudnn sides, the harness's decode set (rollout.hf.DECODE_ATTENTION) in training too."""
+    if SIDES[side][1].get("attention") != "no-cudnn":
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+
+    from harness.rollout.hf import DECODE_ATTENTION
+
+    return sdpa_kernel(list(DECODE_ATTENTION))
 
 
 def peak_flops(name: str) -> float | None:
@@ -226,7 +242,8 @@ def harness_side(spec: dict, device: torch.device) -> dict:
     grpo.setup, grpo.log_start = setup, log_start
     try:
         with tempfile.TemporaryDirectory(dir=spec["work"]) as tmp:
-            grpo.run(cfg, Path(tmp), tracker, device, progress)
+            with step_attention(spec["side"]):
+                grpo.run(cfg, Path(tmp), tracker, device, progress)
     except gvt._Done:
         pass
     finally:
@@ -386,7 +403,8 @@ def trl_side(spec: dict, device: torch.device) -> dict:
             timer.wrap(trainer.vllm_generation, "sync_weights", "_sync_s")
             # read before TRL puts vLLM back to sleep, inside its generate
             timer.wrap(trainer.vllm_generation.llm, "generate", None, after=lambda: timer.used.append(_device_used(device)))
-        trainer.train()
+        with step_attention(spec["side"]):
+            trainer.train()
     timed = slice(warmup, total)
     step_s = [e - b for b, e in zip(timer.begin, timer.end)][timed]
     gen, sync = timer.gen[timed], timer.sync[timed]

@@ -215,12 +215,40 @@ def test_scale_starts_the_harness_side_as_the_executors_start_an_in_process_run(
 
     no_allocator_setting.setattr(scale.subprocess, "run", started)
     rows = {}
-    for side in ("harness", "trl", "harness-vllm", "trl-vllm"):
+    for side in ("harness", "trl", "harness-vllm", "trl-vllm", "harness-nocudnn", "trl-nocudnn"):
         spec = {"model": "shape:qwen2.5-1.5b", "quant": "bf16", "max_new": 8, "side": side, "device": "cuda"}
         rows[side] = scale.run_side(spec, None, tmp_path / f"{side}.log")
-    assert seen == {"harness": "expandable_segments:True", "trl": None, "harness-vllm": None, "trl-vllm": None}
+    assert seen == {"harness": "expandable_segments:True", "trl": None, "harness-vllm": None, "trl-vllm": None,
+                    "harness-nocudnn": "expandable_segments:True", "trl-nocudnn": None}
     assert {side: r["alloc_conf"] for side, r in rows.items()} == {  # each row says how its side was started
         side: {"PYTORCH_CUDA_ALLOC_CONF": v} if v else {} for side, v in seen.items()}
+
+
+def test_the_nocudnn_sides_keep_every_attention_of_the_step_off_cudnn():
+    """The diagnostic sides (scale_rows.DIAGNOSTIC_SIDES) run their whole step, training included, with the SDPA
+    backends the harness decodes with, and leave PyTorch's settings as they were; every other side changes nothing.
+    They are no grid cells: named only, listed in the per-side table, never as "not run"."""
+    import scale_rows
+    import scale_sides
+    import torch
+
+    backends = (torch.backends.cuda.cudnn_sdp_enabled, torch.backends.cuda.flash_sdp_enabled,
+                torch.backends.cuda.mem_efficient_sdp_enabled, torch.backends.cuda.math_sdp_enabled)
+    before = [f() for f in backends]
+    assert before[0], "PyTorch's default allows cuDNN attention"
+    for side in ("harness-nocudnn", "trl-nocudnn"):
+        with scale_sides.step_attention(side):
+            assert [f() for f in backends] == [False, True, True, True], side
+        assert [f() for f in backends] == before
+    for side in ("harness", "trl", "harness-vllm"):
+        with scale_sides.step_attention(side):
+            assert [f() for f in backends] == before, side
+    assert scale_sides.config({"side": "harness-nocudnn", "model": "builtin:tiny-arith", "task": "arith", "quant": "bf16",
+                               "warmup": 0, "steps": 1, "max_new": 8, "gpu_memory_utilization": 0.3, "prompts": 2,
+                               "group": 2}).rollout.colocation == "in_process"
+    row = {"model": "m", "quant": "bf16", "max_new": 8, "side": "harness-nocudnn", "status": "ok", "step_s_median": 1.0}
+    text = scale_rows.markdown([row, row | {"side": "harness"}])
+    assert "| harness-nocudnn | 1.00 |" in text and "nocudnn" not in text.split("Not run")[-1]
 
 
 def test_decode_steps_starts_the_harness_arms_as_the_executors_start_an_in_process_run():
