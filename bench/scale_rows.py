@@ -16,8 +16,6 @@ SIDE_NAMES = ("vllm", "vllm-eager", "vllm-lora", "vllm-lora-eager", "harness", "
 # first choice on an H100 costs the train phase (the harness's 1.5B train phase took 1.2-1.4x TRL's, stop 43)
 DIAGNOSTIC_SIDES = ("harness-nocudnn", "trl-nocudnn")
 ALL_SIDES = SIDE_NAMES + DIAGNOSTIC_SIDES
-# in-process harness sides: their process starts as the harness's executors start an in-process run's
-IN_PROCESS_HARNESS = ("harness", "harness-nocudnn")
 # the raw-vLLM variant each side's rollout tokens/s is held against: the same policy form (an unmerged LoRA,
 # or TRL's merged weights) and the same CUDA-graph setting; in-process sides against the best vLLM does
 LIMIT = {"harness": "vllm-lora", "trl": "vllm-lora", "harness-vllm": "vllm-lora",
