@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 import torch
-from scale_sides import SIDES, _checkpoint, _device_used, _med, _peak_alloc, _reset_peak, config, gvt
+from scale_measure import device_used, median, peak_alloc, reset_peak, vllm_checkpoint
+from scale_sides import SIDES, config, gvt
 
 from harness.common.system import compute_dtype
 
@@ -57,7 +58,7 @@ def raw_side(spec: dict, device: torch.device) -> dict:
     _, opts = SIDES[spec["side"]]
     cfg = config(spec)
     dtype = compute_dtype(device, cfg.train.dtype)
-    args = engine_args(cfg, _checkpoint(cfg, device), dtype, sleep=False, device=device)
+    args = engine_args(cfg, vllm_checkpoint(cfg, device), dtype, sleep=False, device=device)
     if not opts["lora"]:
         for k in ("enable_lora", "max_lora_rank", "max_loras"):
             args.pop(k, None)
@@ -78,19 +79,19 @@ def raw_side(spec: dict, device: torch.device) -> dict:
     seconds, tokens, used = [], [], []
     for i in range(spec["warmup"] + spec["steps"]):
         if i == spec["warmup"]:
-            _reset_peak(device)
+            reset_peak(device)
         gvt._sync(device)
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, lora_request=request, use_tqdm=False)
         seconds.append(time.perf_counter() - t0)
         tokens.append(sum(len(o.outputs[0].token_ids) for o in outs))
-        used.append(_device_used(device))
+        used.append(device_used(device))
     timed = slice(spec["warmup"], None)
     steps = {"step_s": seconds[timed], "rollout_s": seconds[timed], "completion_tokens": tokens[timed]}
-    out = {"per_step": steps, "device_used_gib": max(used), "peak_alloc_gib": _peak_alloc(device),
-           "step_s_median": _med(steps["step_s"]), "rollout_s_median": _med(steps["rollout_s"]),
-           "completion_tokens_median": _med(tokens[timed]),
-           "rollout_tokens_per_s": _med([t / s for t, s in zip(tokens[timed], seconds[timed])])}
+    out = {"per_step": steps, "device_used_gib": max(used), "peak_alloc_gib": peak_alloc(device),
+           "step_s_median": median(steps["step_s"]), "rollout_s_median": median(steps["rollout_s"]),
+           "completion_tokens_median": median(tokens[timed]),
+           "rollout_tokens_per_s": median([t / s for t, s in zip(tokens[timed], seconds[timed])])}
     try:
         llm.llm_engine.engine_core.shutdown()
     except Exception:  # noqa: BLE001  the process ends next anyway

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -21,8 +20,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import grpo_vs_trl as gvt  # noqa: E402
+from scale_measure import device_used, reset_peak, summarize, vllm_checkpoint  # noqa: E402
 
-from harness.common.system import GIB, compute_dtype, device_name  # noqa: E402
+from harness.common.system import compute_dtype, device_name  # noqa: E402
 from harness.common.validation import validation_problems  # noqa: E402
 from harness.config.run import RunConfig  # noqa: E402
 
@@ -43,8 +43,7 @@ SIDES = {
     "vllm-lora": ("raw", {"lora": True, "enforce_eager": False}),
     "vllm-lora-eager": ("raw", {"lora": True, "enforce_eager": True}),
 }
-# bf16 dense peak FLOP/s by torch.cuda.get_device_name; the first key found in the name wins (PCIe and NVL first)
-PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+
 
 
 def uses_vllm(side: str) -> bool:
@@ -62,10 +61,6 @@ def step_attention(side: str):
     from harness.rollout.hf import DECODE_ATTENTION
 
     return sdpa_kernel(list(DECODE_ATTENTION))
-
-
-def peak_flops(name: str) -> float | None:
-    return next((v for key, v in PEAK_BF16 if key in name), None)
 
 
 def config(spec: dict) -> RunConfig:
@@ -129,79 +124,6 @@ def run(spec: dict) -> dict:
     return row
 
 
-# --- measurement helpers
-
-def _device_used(device: torch.device) -> float | None:
-    """The whole device's used memory (vLLM's own pool included, which torch's allocator does not see)."""
-    if device.type != "cuda":
-        return None
-    free, total = torch.cuda.mem_get_info(device)
-    return (total - free) / GIB
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_alloc(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
-
-
-def _checkpoint(cfg: RunConfig, device: torch.device) -> str:
-    """vLLM's weights folder for the model; for a shape written on first use (15 GB at 7B), so before any clock starts."""
-    from harness.models.loading import checkpoint, resolve
-
-    return checkpoint(resolve(cfg.model), device, compute_dtype(device, cfg.train.dtype))
-
-
-def _med(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
-def summarize(steps: dict[str, list], spec: dict, device: torch.device, used: list) -> dict:
-    """Medians of the per-step lists (already the timed steps only), MFU of the train phase."""
-    out = {"per_step": steps, "device_used_gib": max((u for u in used if u is not None), default=None),
-           "peak_alloc_gib": _peak_alloc(device)}
-    for key, values in steps.items():
-        out[f"{key}_median"] = _med(values)
-    tps = [c / r for c, r in zip(steps["completion_tokens"], steps["rollout_s"]) if r]
-    out["rollout_tokens_per_s"] = _med(tps)
-    flops = [model_flops(spec, t, c) for t, c in zip(steps["train_tokens"], steps["completion_tokens"])]
-    out["train_flops_median"] = _med(flops)
-    peak = peak_flops(device_name(device)) if device.type == "cuda" else None
-    mfu = [f / (s * peak) for f, s in zip(flops, steps["train_s"]) if peak and s]
-    out |= {"peak_bf16_flops": peak, "mfu": _med(mfu)}
-    return out
-
-
-_SIZES: dict[str, tuple] = {}
-
-
-def model_flops(spec: dict, tokens: float, completion_tokens: float) -> float:
-    """Model FLOPs of one train phase (bench/scale.py's docstring gives the formula): the policy's forward and its
-    backward (activation gradients only) and the reference's forward, 2 N FLOPs a token each, the LM head over the
-    completion tokens only, attention 4 L d s a token forward and twice that backward."""
-    if spec["model"] not in _SIZES:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        from harness.models.loading import resolve
-
-        cfg = AutoConfig.from_pretrained(resolve(spec["model"]))
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg)
-        head = model.get_output_embeddings()
-        body = sum(m.in_features * m.out_features for m in model.modules()
-                   if isinstance(m, torch.nn.Linear) and m is not head)
-        text = cfg.get_text_config()
-        d = text.num_attention_heads * (getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
-        _SIZES[spec["model"]] = (body, head.in_features * head.out_features, text.num_hidden_layers, d)
-    body, head, layers, d = _SIZES[spec["model"]]
-    seq = tokens / (spec["prompts"] * spec["group"])  # mean sequence length (prompt + completion)
-    return 3 * (2 * body * tokens + 2 * head * completion_tokens) + (4 + 8 + 4) * layers * d * seq * tokens
-
-
 # --- the sides
 
 def harness_side(spec: dict, device: torch.device) -> dict:
@@ -210,7 +132,7 @@ def harness_side(spec: dict, device: torch.device) -> dict:
 
     cfg = config(spec)
     if cfg.rollout.engine == "vllm":
-        _checkpoint(cfg, device)
+        vllm_checkpoint(cfg, device)
     warmup, total = spec["warmup"], spec["warmup"] + spec["steps"]
     stamps, used, facts, tracker = [], [], {}, gvt._Rows()
     original_setup, original_start = grpo.setup, grpo.log_start
@@ -225,7 +147,7 @@ def harness_side(spec: dict, device: torch.device) -> dict:
         # the step-0 held-out evaluation is no step's work and, greedy at 7B x 1024 tokens, minutes of device time;
         # a fresh folder has no checkpoint to resume, so there is nothing else log_start would do
         if warmup == 0:
-            _reset_peak(device)
+            reset_peak(device)
         gvt._sync(device)
         stamps.append(time.perf_counter())
         return 0
@@ -233,9 +155,9 @@ def harness_side(spec: dict, device: torch.device) -> dict:
     def progress(step, **_):
         gvt._sync(device)
         stamps.append(time.perf_counter())
-        used.append(_device_used(device))
+        used.append(device_used(device))
         if step == warmup:
-            _reset_peak(device)
+            reset_peak(device)
         if step == total:
             raise gvt._Done
 
@@ -278,7 +200,7 @@ class _Timer(gvt._StepTimer):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.warmup == 0:
-            _reset_peak(self.device)
+            reset_peak(self.device)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._gen = self._sync_s = 0.0
@@ -290,9 +212,9 @@ class _Timer(gvt._StepTimer):
         self.sync.append(self._sync_s)
         self.tokens.append(state.num_input_tokens_seen - self._seen)
         self._seen = state.num_input_tokens_seen
-        self.used.append(_device_used(self.device))
+        self.used.append(device_used(self.device))
         if len(self.end) == self.warmup:
-            _reset_peak(self.device)
+            reset_peak(self.device)
 
     def wrap(self, obj, name: str, slot: str | None, after=None) -> None:
         """obj.name timed into self.<slot> (summed over the step's calls); `after` runs when it returns."""
@@ -338,7 +260,7 @@ def trl_side(spec: dict, device: torch.device) -> dict:
     cfg = config(spec | {"side": "harness-vllm" if opts["vllm"] else "harness"})  # its engine settings, for trl-vllm
     warmup, total = spec["warmup"], spec["warmup"] + spec["steps"]
     source, dtype = resolve(cfg.model), compute_dtype(device, cfg.train.dtype)
-    weights = _checkpoint(cfg, device) if opts["vllm"] else None
+    weights = vllm_checkpoint(cfg, device) if opts["vllm"] else None
     engine = {}
     if opts["vllm"]:
         from trl.generation import vllm_generation
@@ -402,7 +324,7 @@ def trl_side(spec: dict, device: torch.device) -> dict:
         if opts["vllm"]:
             timer.wrap(trainer.vllm_generation, "sync_weights", "_sync_s")
             # read before TRL puts vLLM back to sleep, inside its generate
-            timer.wrap(trainer.vllm_generation.llm, "generate", None, after=lambda: timer.used.append(_device_used(device)))
+            timer.wrap(trainer.vllm_generation.llm, "generate", None, after=lambda: timer.used.append(device_used(device)))
         with step_attention(spec["side"]):
             trainer.train()
     timed = slice(warmup, total)

@@ -183,6 +183,27 @@ def test_a_sides_expected_time_scales_its_earlier_run_to_this_calls_steps():
     assert scale_rows.expected_s(None, calls, 1, 3) is None
 
 
+def test_the_train_phase_model_flops_and_mfu_are_the_docstrings_formula_on_the_released_shape():
+    """bench/scale.py's MFU, by hand for Qwen2.5-1.5B (hidden 1536, MLP 8960, 28 layers, 12 heads of 128, 2 KV heads,
+    vocabulary 151,936): per layer q and o 1536 x 1536, k and v 1536 x 256, gate, up and down 1536 x 8960."""
+    import scale_measure
+    import torch
+
+    body = 28 * (2 * 1536 * 1536 + 2 * 1536 * 256 + 3 * 1536 * 8960)  # 1,310,195,712: the LM head left out
+    head = 1536 * 151936
+    spec = {"model": "shape:qwen2.5-1.5b", "prompts": 16, "group": 8}
+    tokens, completion = 75_600, 32_768  # the 1.5B bf16 256-token pair's step: 42,832 prompt tokens
+    by_hand = 3 * (2 * body * tokens + 2 * head * completion) + 16 * 28 * 1536 * (tokens / 128) * tokens
+    assert scale_measure.model_flops(spec, tokens, completion) == pytest.approx(by_hand, rel=1e-12)
+    assert by_hand / (12.74 * 989e12) == pytest.approx(0.053, abs=5e-4)  # stop 43 H100 row: 5.3% for 12.74 s
+    steps = {"step_s": [2.0], "rollout_s": [1.0], "train_s": [1.0], "completion_tokens": [completion],
+             "train_tokens": [tokens]}
+    assert scale_measure.summarize(steps, spec, torch.device("cpu"), [])["mfu"] is None  # no peak known for a CPU
+    assert scale_measure.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert scale_measure.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert scale_measure.peak_flops("NVIDIA H200") == 989e12
+
+
 def test_the_harness_step_peak_is_the_larger_phase_peak():
     """The recipe resets the allocator's peak at each phase, so a harness row's own peak_alloc_gib is
     its last train phase's: the tables show the larger of the phases' peaks; a TRL row, without phases, its own."""
