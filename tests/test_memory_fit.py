@@ -102,6 +102,7 @@ def long_prompt_run(tiny_model, tmp_path: Path, eval_size: int) -> RunConfig:
                             "checkpoint_every": 25, "micro_batch_size": 2})
 
 
+@pytest.mark.slow  # a 16-micro-batch float32 train step, 45-50 s (make test took 8m57s with it, stop 44): make test-slow
 def test_a_long_prompt_rollout_peaks_at_its_prefill(tiny_model, tmp_path, fixed_mmap_threshold):
     """In-process generation's first forward takes every distinct prompt, padded, at once: its intermediate-wide
     temporaries are this run's peak (issue 23's 7B rollouts, which prefilled all 128 copies, peaked at 41 GiB where
