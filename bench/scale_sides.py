@@ -45,7 +45,6 @@ SIDES = {
 }
 
 
-
 def uses_vllm(side: str) -> bool:
     kind, opts = SIDES[side]
     return kind == "raw" or opts.get("vllm", False) or opts.get("colocation") == "colocated"

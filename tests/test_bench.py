@@ -2,6 +2,7 @@
 bench/scale.py keeps of its rows and the calls that measured them (bench/scale_rows.py: which row a call keeps, a
 side's expected time, a row's peak memory, the tables)."""
 
+import json
 import os
 import sys
 
@@ -195,7 +196,12 @@ def test_the_train_phase_model_flops_and_mfu_are_the_docstrings_formula_on_the_r
     tokens, completion = 75_600, 32_768  # the 1.5B bf16 256-token pair's step: 42,832 prompt tokens
     by_hand = 3 * (2 * body * tokens + 2 * head * completion) + 16 * 28 * 1536 * (tokens / 128) * tokens
     assert scale_measure.model_flops(spec, tokens, completion) == pytest.approx(by_hand, rel=1e-12)
-    assert by_hand / (12.74 * 989e12) == pytest.approx(0.053, abs=5e-4)  # stop 43 H100 row: 5.3% for 12.74 s
+    # and the committed H100 rows of that cell were computed with it: their MFU is these FLOPs over train s x the peak
+    rows = json.loads((REPO / "reports/bench-scale-h100/scale.json").read_text())["rows"]
+    row = next(r for r in rows if (r["model"], r["quant"], r["max_new"], r["side"]) == (spec["model"], "bf16", 256, "harness"))
+    step = row["per_step"]
+    assert (step["train_tokens"], step["completion_tokens"]) == ([tokens], [completion])
+    assert row["mfu"] == pytest.approx(by_hand / (step["train_s"][0] * 989e12), rel=1e-9)
     steps = {"step_s": [2.0], "rollout_s": [1.0], "train_s": [1.0], "completion_tokens": [completion],
              "train_tokens": [tokens]}
     assert scale_measure.summarize(steps, spec, torch.device("cpu"), [])["mfu"] is None  # no peak known for a CPU
