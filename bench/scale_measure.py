@@ -4,10 +4,9 @@ docstring defines them)."""
 
 from __future__ import annotations
 
-import statistics
-
 import torch
 
+from harness.common.numbers import median
 from harness.common.system import GIB, compute_dtype, device_name
 from harness.config.run import RunConfig
 
@@ -41,11 +40,6 @@ def vllm_checkpoint(cfg: RunConfig, device: torch.device) -> str:
     from harness.models.loading import checkpoint, resolve
 
     return checkpoint(resolve(cfg.model), device, compute_dtype(device, cfg.train.dtype))
-
-
-def median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
 
 
 def summarize(steps: dict[str, list], spec: dict, device: torch.device, used: list) -> dict:

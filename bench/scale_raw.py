@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 
 import torch
-from scale_measure import device_used, median, peak_alloc, reset_peak, vllm_checkpoint
+from scale_measure import device_used, peak_alloc, reset_peak, vllm_checkpoint
 from scale_sides import SIDES, config, gvt
 
+from harness.common.numbers import median
 from harness.common.system import compute_dtype
 
 
