@@ -36,9 +36,10 @@ gpu=$(gpu_model)
 [ -f ".gpures/scale-${gpu:-gpu}.json" ] && [ ! -f /tmp/scale/scale.json ] && cp ".gpures/scale-${gpu:-gpu}.json" /tmp/scale/scale.json
 # --micro-batch 16: 128 x 256 completions at once need 18.6 GiB for one float32 copy of the 152k-wide logits,
 # and the harness OOMs on an 80 GB H100 at 1.5B (given again after it, an argument of yours wins)
+# --copy-to: the rows reach $OUT after every side, so a call the device stops at its limit (the session's device
+# time left can be less than DEADLINE) still brings back the sides it finished
 python bench/scale.py --data .gpures/gsm_symbolic.jsonl --work /tmp/scale-work --out /tmp/scale --skip-done \
-  --micro-batch 16 --deadline "$(( ${DEADLINE:-540} - SECONDS ))" "$@" 2>&1 | grep -v "^\s*$" | tail -60
-cp /tmp/scale/scale.json /tmp/scale/tables.md "$OUT/"
+  --copy-to "$OUT" --micro-batch 16 --deadline "$(( ${DEADLINE:-540} - SECONDS ))" "$@" 2>&1 | grep -v "^\s*$" | tail -60
 # each side's output (its tail), one archive: what comes back from a call is limited in files too
 rm -rf /tmp/scale-logs && mkdir -p /tmp/scale-logs
 for f in /tmp/scale-work/logs/*.log; do [ -f "$f" ] && tail -c 20000 "$f" > "/tmp/scale-logs/${f##*/}"; done

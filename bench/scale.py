@@ -166,11 +166,12 @@ def versions() -> dict:
 
 # --- main
 
-def write(out: Path, result: dict) -> None:
+def write(outs: list[Path], result: dict) -> None:
     from harness.common.files import write_atomic
 
-    write_atomic(out / "scale.json", json.dumps(result, indent=1))
-    write_atomic(out / "tables.md", markdown(result["rows"]) + "\n")
+    for out in outs:
+        write_atomic(out / "scale.json", json.dumps(result, indent=1))
+        write_atomic(out / "tables.md", markdown(result["rows"]) + "\n")
 
 
 def main() -> None:
@@ -207,6 +208,8 @@ def main() -> None:
                    "on a GPU of this many GiB (an H200: 140.4), for the next call's sides, made before it")
     p.add_argument("--work", default="/tmp/scale-work")
     p.add_argument("--out", default="reports/scale")
+    p.add_argument("--copy-to", help="a second folder that gets scale.json and tables.md after every side: the GPU "
+                   "machine's $OUT, which comes back even from a call stopped at its time limit")
     p.add_argument("--one", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
@@ -234,7 +237,9 @@ def main() -> None:
     except RuntimeError as e:
         p.error(f"--skip-done keeps this card's rows only, and {e}")
     out, work = Path(a.out), Path(a.work)
-    out.mkdir(parents=True, exist_ok=True)
+    outs = [out] + ([Path(a.copy_to)] if a.copy_to else [])
+    for folder in outs:
+        folder.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     models = [a.model] if a.model else [f"shape:{s}" for s in a.shapes.split(",")]
     table = out / "scale.json"
@@ -267,7 +272,7 @@ def main() -> None:
                         left = a.deadline - (time.perf_counter() - t_start)
                         if left < 30:
                             print(f"deadline: {side} {model} {quant} {max_new} and later sides not started", flush=True)
-                            return finish(out, result)
+                            return finish(outs, result)
                         need = expected_s(done.get(key(spec)), result["calls"], a.warmup, a.steps)
                         if need is not None and need * 1.1 > left:  # it would be stopped: it and the later sides
                             # (its pair's other half among them) are left to the next call, as at the deadline
@@ -276,7 +281,7 @@ def main() -> None:
                                     if need * 1.1 > a.deadline else "")
                             print(f"deadline: {side} {model} {quant} {max_new} and later sides not started: an earlier "
                                   f"run of it takes {need:.0f} s, {left:.0f} s are left{hint}", flush=True)
-                            return finish(out, result)
+                            return finish(outs, result)
                         timeout = min(timeout or left, left)
                     slug = f"{model.replace(':', '-').replace('/', '-')}-{quant}-{max_new}-{side}"
                     row = run_side(spec, timeout, work / "logs" / f"{slug}.log") | {"call": len(result["calls"]) - 1}
@@ -288,8 +293,8 @@ def main() -> None:
                     result["device"] = row.get("device") or result.get("device")
                     if row.get("device"):  # the parent makes no CUDA context to ask; the first side's row tells
                         result["calls"][-1].setdefault("device", row["device"])
-                    write(out, result)  # after every side: a killed bench keeps what it measured
-    finish(out, result)
+                    write(outs, result)  # after every side: a killed bench keeps what it measured
+    finish(outs, result)
 
 
 def print_estimates(common: dict, models: list[str], a, order: list[str]) -> None:
@@ -317,8 +322,8 @@ def print_estimates(common: dict, models: list[str], a, order: list[str]) -> Non
                           f"rollout {phases['rollout']:.1f}, on a {a.estimate} GiB GPU", flush=True)
 
 
-def finish(out: Path, result: dict) -> None:
-    write(out, result)
+def finish(outs: list[Path], result: dict) -> None:
+    write(outs, result)
     print(markdown(result["rows"]))
 
 

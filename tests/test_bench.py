@@ -41,7 +41,8 @@ def test_scale_bench_keeps_rows_and_the_calls_that_measured_them(tmp_path):
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         return json.loads((tmp_path / "out" / "scale.json").read_text())
 
-    first = scale("--sides", "harness,harness-vllm")
+    first = scale("--sides", "harness,harness-vllm", "--copy-to", str(tmp_path / "copy"))
+    assert json.loads((tmp_path / "copy" / "scale.json").read_text()) == first  # the GPU machine's $OUT
     rows = {r["side"]: r for r in first["rows"]}
     assert rows["harness"]["status"] == "ok" and rows["harness"]["step_s_median"] > 0
     assert rows["harness"]["completion_tokens_median"] > 0 and rows["harness"]["call"] == 0
