@@ -169,9 +169,10 @@ def versions() -> dict:
 def write(outs: list[Path], result: dict) -> None:
     from harness.common.files import write_atomic
 
+    text, tables = json.dumps(result, indent=1), markdown(result["rows"]) + "\n"
     for out in outs:
-        write_atomic(out / "scale.json", json.dumps(result, indent=1))
-        write_atomic(out / "tables.md", markdown(result["rows"]) + "\n")
+        write_atomic(out / "scale.json", text)
+        write_atomic(out / "tables.md", tables)
 
 
 def main() -> None:
