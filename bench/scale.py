@@ -46,6 +46,12 @@ rows and rewrites OUT/scale.json after each, so a killed bench keeps what it mea
   on an H100 costs the train phase.
 The harness sides skip the step-0 held-out evaluation (no step's work); TRL evaluates nothing.
 
+`--profile-train` (harness sides only) runs each named side again under torch.profiler, from the end of each step's
+rollout to the end of its train phase, warm-up steps included: per step, the attention ops' host and device time,
+per input shape, with the first call of each op and shape in the process apart from the others
+(bench/scale_profile.py), and the costliest ops. The profiler slows every op, so such a run's row goes under
+scale.json's `profiles`, never into `rows` or the tables.
+
 Rows record the card (`machine`: its CUDA UUID), and the tables pair rows of one machine only: of two H100s lent a
 day apart, one took 1.47x as long for the same raw-vLLM call (bench-scale-h100, stop 37). So `--skip-done` keeps only
 this machine's rows: a call continues its machine's earlier calls; on a new machine every side named is measured again.
@@ -88,6 +94,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import scale_profile  # noqa: E402
 import scale_rows  # noqa: E402
 from scale_rows import MAX_NEW, QUANTS, SHAPES, SIDE_NAMES, expected_s, keep, key, markdown  # noqa: E402
 
@@ -207,6 +214,11 @@ def main() -> None:
     p.add_argument("--estimate", type=float, metavar="GPU_GIB", help="run nothing: print each harness side's "
                    "memory-fit estimate of its train and rollout peaks (train_peak_gib_median, rollout_peak_gib_median) "
                    "on a GPU of this many GiB (an H200: 140.4), for the next call's sides, made before it")
+    p.add_argument("--profile-train", action="store_true", help="profile every step's train phase, "
+                   "warm-up's too (bench/scale_profile.py: attention ops' host and device time per shape, the "
+                   "costliest ops); harness sides "
+                   "only, always measured (no --skip-done), kept under scale.json's `profiles`, not as rows: the "
+                   "profiler slows the step")
     p.add_argument("--work", default="/tmp/scale-work")
     p.add_argument("--out", default="reports/scale")
     p.add_argument("--copy-to", help="a second folder that gets scale.json and tables.md after every side: the GPU "
@@ -223,6 +235,12 @@ def main() -> None:
     unknown = (set(a.sides.split(",")) | redo) - set(scale_rows.ALL_SIDES)
     if unknown:
         p.error(f"unknown sides {sorted(unknown)}; known: {', '.join(scale_rows.ALL_SIDES)}")
+    if a.profile_train:
+        from scale_sides import SIDES
+
+        others = [s for s in a.sides.split(",") if SIDES[s][0] != "harness"]
+        if others:
+            p.error(f"--profile-train profiles the harness's train phase: {', '.join(others)} not harness sides")
     if a.task == "boxed" and not a.data:
         p.error("--data is required for task boxed")
     if a.device is None:
@@ -248,7 +266,7 @@ def main() -> None:
     common = {"task": a.task, "data": str(Path(a.data).resolve()) if a.data else None, "prompts": a.prompts,
               "group": a.group, "warmup": a.warmup, "steps": a.steps, "micro_batch": a.micro_batch or None,
               "gpu_memory_utilization": a.gpu_memory_utilization, "max_model_len": a.max_model_len, "device": a.device,
-              "work": str(work.resolve())}
+              "work": str(work.resolve())} | ({"profile_train": True} if a.profile_train else {})
     # every invocation that measured into this file, its rows pointing at it ("call"): the rows of one file come from
     # several calls (a call runs at most 10 minutes on the GPU machine)
     result.pop("command", None), result.pop("config", None), result.pop("versions", None)  # kept per call since stop 33
@@ -263,7 +281,8 @@ def main() -> None:
                 for side in order:
                     spec = common | {"model": model, "quant": quant, "max_new": max_new, "side": side}
                     done = {key(r): r for r in result["rows"]}
-                    if a.skip_done and side not in redo and done.get(key(spec), {}).get("status") == "ok":
+                    if (a.skip_done and side not in redo and not a.profile_train
+                            and done.get(key(spec), {}).get("status") == "ok"):
                         if done[key(spec)].get("machine") == machine:
                             continue
                         print(f"[{model} {quant} {max_new}] {side}: measured again, its row is another machine's",
@@ -290,7 +309,12 @@ def main() -> None:
                           + (f", {row['step_s_median']:.2f} s/step" if row.get("step_s_median") else "")
                           + (f", {row['rollout_tokens_per_s']:.0f} tok/s" if row.get("rollout_tokens_per_s") else "")
                           + (f" ({row.get('error', '')[:200]})" if row["status"] != "ok" else ""), flush=True)
-                    keep(result, row)
+                    if a.profile_train:  # a profiled step is slower: its figures stay out of the tables' rows
+                        result.setdefault("profiles", []).append(row)
+                        for step in row.get("profile") or []:
+                            print(f"  profile {scale_profile.line(step)}", flush=True)
+                    else:
+                        keep(result, row)
                     result["device"] = row.get("device") or result.get("device")
                     if row.get("device"):  # the parent makes no CUDA context to ask; the first side's row tells
                         result["calls"][-1].setdefault("device", row["device"])

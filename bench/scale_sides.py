@@ -20,6 +20,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import grpo_vs_trl as gvt  # noqa: E402
+import scale_profile  # noqa: E402
 from scale_measure import device_used, reset_peak, summarize, vllm_checkpoint  # noqa: E402
 
 from harness.common.system import compute_dtype, device_name  # noqa: E402
@@ -133,12 +134,12 @@ def harness_side(spec: dict, device: torch.device) -> dict:
     if cfg.rollout.engine == "vllm":
         vllm_checkpoint(cfg, device)
     warmup, total = spec["warmup"], spec["warmup"] + spec["steps"]
-    stamps, used, facts, tracker = [], [], {}, gvt._Rows()
-    original_setup, original_start = grpo.setup, grpo.log_start
+    stamps, used, facts, tracker, profiles = [], [], {}, gvt._Rows(), []
+    originals = {name: getattr(grpo, name) for name in ("setup", "log_start", "sample_groups", "end_train")}
 
     def setup(ctx):
         t0 = time.perf_counter()
-        s = original_setup(ctx)
+        s = originals["setup"](ctx)
         facts.update(s.facts, setup_s=time.perf_counter() - t0)  # run() never returns them: _Done stops it
         return s
 
@@ -160,7 +161,29 @@ def harness_side(spec: dict, device: torch.device) -> dict:
         if step == total:
             raise gvt._Done
 
-    grpo.setup, grpo.log_start = setup, log_start
+    running, seen = [], set()  # --profile-train: this step's profiler (rollout's end to end_train); shapes so far
+
+    def sample_groups(s):
+        sampled = originals["sample_groups"](s)
+        if spec.get("profile_train"):  # warm-up steps too: a shape's first call in the process may be one of theirs
+            gvt._sync(device)  # the rollout's kernels stay out of the train phase's profile
+            running.append(scale_profile.profiler(device))
+            running[-1].start()
+        return sampled
+
+    def end_train(s, step, t0):
+        train = originals["end_train"](s, step, t0)
+        if running:
+            gvt._sync(device)
+            prof = running.pop()
+            prof.stop()
+            profiles.append(scale_profile.summary(prof, step, train[0], step <= warmup, seen))
+            print(scale_profile.line(profiles[-1]), file=sys.stderr, flush=True)  # the side's log
+        return train
+
+    patched = {"setup": setup, "log_start": log_start, "sample_groups": sample_groups, "end_train": end_train}
+    for name, fn in patched.items():
+        setattr(grpo, name, fn)
     try:
         with tempfile.TemporaryDirectory(dir=spec["work"]) as tmp:
             with step_attention(spec["side"]):
@@ -168,7 +191,8 @@ def harness_side(spec: dict, device: torch.device) -> dict:
     except gvt._Done:
         pass
     finally:
-        grpo.setup, grpo.log_start = original_setup, original_start
+        for name, fn in originals.items():
+            setattr(grpo, name, fn)
     timed = range(warmup + 1, total + 1)
     rows = [tracker.rows[s] for s in timed]
     n = spec["prompts"] * spec["group"]
@@ -184,7 +208,8 @@ def harness_side(spec: dict, device: torch.device) -> dict:
     out = summarize(steps, spec, device, used)
     # the harness's own tokens/s (generation alone) is the same number from the same clock
     return out | {"setup_s": facts.get("setup_s"), "engine_start_s": facts.get("engine_start_s"),
-                  "hand_off": facts.get("hand_off"), "run_config": cfg.model_dump(mode="json")}
+                  "hand_off": facts.get("hand_off"), "run_config": cfg.model_dump(mode="json")} | (
+        {"profile": profiles} if spec.get("profile_train") else {})
 
 
 class _Timer(gvt._StepTimer):
