@@ -366,3 +366,11 @@ def test_trl_reads_the_prompts_the_harness_draws_step_by_step(tmp_path, monkeypa
     assert len(drawn) == cfg.train.steps == 4
     assert drawn == [[train[i].prompt for i in order[k * 4:(k + 1) * 4]] for k in range(4)]
     assert len(set(order)) > 4  # the steps draw different prompts: a fixed order would not pass as the same draws
+
+
+def test_the_scoring_benchmark_times_both_passes():
+    import scoring_time
+    import torch
+
+    out = scoring_time.measure(2, 3, 50, 1, torch.device("cpu"))
+    assert out["with_entropy_s"] > 0 and out["without_entropy_s"] > 0 and (out["n"], out["c"], out["v"]) == (2, 3, 50)

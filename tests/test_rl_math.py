@@ -201,6 +201,30 @@ def test_scores_in_pieces_are_the_whole_tensor_scores_bit_for_bit(monkeypatch, d
     assert not any(x.requires_grad for x in results[0][1:-1])
 
 
+def test_scores_without_the_entropy_are_the_same_scores_and_compute_none(monkeypatch):
+    """with_entropy=False (the reference's pass): None for the entropy, no rl_math.entropy call, and the log-probs,
+    truncated log-probs and gradients of the pass with it, bit for bit."""
+    import harness.recipes.rl_math as rl_math
+
+    calls = []
+    original = rl_math.entropy
+    monkeypatch.setattr(rl_math, "entropy", lambda x: calls.append(1) or original(x))
+    gen = torch.Generator().manual_seed(1)
+    start, tokens = 3 * torch.randn(4, 6, 40, generator=gen), torch.randint(0, 40, (4, 5), generator=gen)
+    ids = torch.zeros(4, 2, dtype=torch.long)
+    results = []
+    for with_entropy in (True, False):
+        leaf = start.clone().requires_grad_()
+        logp, entropy, truncated = rl_math.completion_logprobs(
+            FixedLogits(leaf), ids, torch.ones_like(ids), tokens, torch.ones_like(tokens), 0.7, (5, 0.9), with_entropy)
+        logp.sum().backward()
+        results.append((logp.detach(), truncated, leaf.grad))
+        assert (entropy is None) == (not with_entropy) and bool(calls) == with_entropy
+        calls.clear()
+    for got, expected in zip(*results):
+        assert torch.equal(got, expected)
+
+
 def test_scoring_refuses_logits_of_other_positions():
     """A model that ignores logits_to_keep and returns every position would have its first C positions scored."""
     from harness.recipes.rl_math import completion_logprobs

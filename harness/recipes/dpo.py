@@ -84,7 +84,7 @@ def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, p
             mismatch = {}
             if n_pairs:
                 with torch.no_grad(), reference(model) as ref:
-                    ref_logp, _ = completion_logprobs(ref, *args)
+                    ref_logp, _ = completion_logprobs(ref, *args, with_entropy=False)
                 model.train()
                 for _ in range(t.updates_per_batch):
                     # before the first update the trainer is the policy the engine sampled for: its side of the

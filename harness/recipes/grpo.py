@@ -94,20 +94,24 @@ def rows(args: tuple, part: slice) -> tuple:
     return prompt_ids[:, first:], prompt_mask[:, first:], completion_ids[:, :end], completion_mask[:, :end], args[-1]
 
 
-def part_logprobs(model, args: tuple, part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+def part_logprobs(model, args: tuple, part: slice, with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """completion_logprobs of the rows in `part`, padded back to the batch's completion width with zeros (masked
     positions, which no loss or metric reads)."""
-    return part_scores(model, args, part)[:2]
+    return part_scores(model, args, part, with_entropy=with_entropy)[:2]
 
 
-def part_scores(model, args: tuple, part: slice, truncation: tuple[int, float] | None = None):
+def part_scores(model, args: tuple, part: slice, truncation: tuple[int, float] | None = None, with_entropy: bool = True):
     """part_logprobs, and the same forward's log-probs under `truncation` (top_k, top_p; rl_math.truncated_logprobs),
     padded likewise; None without one."""
-    logp, entropy, *sampled = completion_logprobs(model, *rows(args, part), truncation=truncation)
+    logp, entropy, *sampled = completion_logprobs(model, *rows(args, part), truncation=truncation,
+                                                  with_entropy=with_entropy)
     sampled = sampled[0] if sampled else None
     width = args[2].shape[1] - logp.shape[1]
-    logp, entropy = torch.nn.functional.pad(logp, (0, width)), torch.nn.functional.pad(entropy, (0, width))
-    return logp, entropy, torch.nn.functional.pad(sampled, (0, width)) if sampled is not None else None
+
+    def pad(x):
+        return torch.nn.functional.pad(x, (0, width)) if x is not None else None
+
+    return pad(logp), pad(entropy), pad(sampled)
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -136,7 +140,7 @@ def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, p
             # parts' losses (each divided by the whole batch's counts) is the whole batch's
             parts = micro_batches(len(rewards), t.micro_batch_size)
             with torch.no_grad(), reference(model) as ref:
-                ref_logp = torch.cat([part_logprobs(ref, args, p)[0] for p in parts])
+                ref_logp = torch.cat([part_logprobs(ref, args, p, with_entropy=False)[0] for p in parts])
             model.train()
             buf = MetricBuffer()
             n_updates = t.updates_per_batch if mask.any() else 0  # every group dropped: no update, not a zero-gradient AdamW step
@@ -170,7 +174,7 @@ def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, p
                          "clip_ratio": clip_mean})
             if old_logp is None:  # no update: the sampled tokens scored for the mismatch metrics alone
                 with torch.no_grad():
-                    scored = [part_scores(model, args, p, truncation) for p in parts]
+                    scored = [part_scores(model, args, p, truncation, with_entropy=False) for p in parts]
                 old_logp = torch.cat([x[0] for x in scored])
                 old_sampled = torch.cat([x[2] if x[2] is not None else x[0] for x in scored])
                 del scored

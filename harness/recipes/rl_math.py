@@ -115,15 +115,18 @@ def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion
 
 
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0,
-                        truncation: tuple[int, float] | None = None):
+                        truncation: tuple[int, float] | None = None, with_entropy: bool = True):
     """(log-prob of each completion token, entropy of each position's distribution), both [N, C]; with `truncation`
     (top_k, top_p) a third, the same forward's truncated_logprobs (no gradient). Computed a few positions at a time
-    from the model's own logits (TokenScores): no float32 [N, C, V] copy is ever whole."""
+    from the model's own logits (TokenScores): no float32 [N, C, V] copy is ever whole. `with_entropy=False` gives
+    None for the entropy: a pass that only scores tokens (the reference's) skips an exp, a product and a sum over
+    the vocabulary, which doubled the scoring's time on a CPU at a 152k vocabulary."""
     logits = model_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
     if logits.shape[1] != completion_ids.shape[1] + 1:  # else the first C positions would be scored, silently
         raise ValueError(f"the model returned logits for {logits.shape[1]} positions, not the last "
                          f"{completion_ids.shape[1] + 1} asked for with logits_to_keep")
-    logp, entropy, truncated = TokenScores.apply(logits, completion_ids, temperature, truncation)
+    logp, entropy, truncated = TokenScores.apply(logits, completion_ids, temperature, truncation, with_entropy)
+    entropy = entropy if with_entropy else None
     return (logp, entropy) if truncation is None else (logp, entropy, truncated)
 
 
@@ -150,18 +153,20 @@ class TokenScores(torch.autograd.Function):
     more in it (the gradients into and out of log_softmax): 9.3 GiB each for 16 completions of 1024 tokens at a 152k
     vocabulary, the train phase's largest term (issue 23). This keeps the model's logits (half such a copy in bf16)
     and recomputes each piece's log_softmax in the backward. The entropy and the truncated log-probs come from the
-    same pieces, without a gradient (no loss has them)."""
+    same pieces, without a gradient (no loss has them); each only when asked for (else an empty tensor)."""
 
     @staticmethod
-    def forward(ctx, logits, tokens, temperature, truncation):
+    def forward(ctx, logits, tokens, temperature, truncation, with_entropy=True):
         n, c = tokens.shape
         logp = torch.zeros(n, c, dtype=torch.float32, device=logits.device)
-        ent, truncated = torch.zeros_like(logp), torch.zeros_like(logp) if truncation else logp.new_empty(0)
+        ent = torch.zeros_like(logp) if with_entropy else logp.new_empty(0)
+        truncated = torch.zeros_like(logp) if truncation else logp.new_empty(0)
         for rows, cols in pieces(n, c):
             x, tok = _scaled(logits[rows, cols], temperature), tokens[rows, cols].unsqueeze(-1)
             lp = torch.log_softmax(x, dim=-1)
             logp[rows, cols] = lp.gather(-1, tok).squeeze(-1)
-            ent[rows, cols] = entropy(lp)
+            if with_entropy:
+                ent[rows, cols] = entropy(lp)
             if truncation:
                 truncated[rows, cols] = truncated_logprobs(x, tok.squeeze(-1), *truncation)
         ctx.save_for_backward(logits, tokens)
@@ -179,7 +184,7 @@ class TokenScores(torch.autograd.Function):
             into = torch.zeros_like(lp).scatter_add_(-1, tokens[rows, cols].unsqueeze(-1), grad_logp[rows, cols].unsqueeze(-1))
             g = torch._log_softmax_backward_data(into, lp, -1, torch.float32)
             grad[rows, cols] = (g if ctx.temperature == 1.0 else g / ctx.temperature).to(logits.dtype)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -79,7 +79,7 @@ def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, p
             mask = batch.completion_mask
             args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, mask, cfg.rollout.temperature)
             with torch.no_grad(), reference(model) as ref:
-                ref_logp, _ = completion_logprobs(ref, *args)
+                ref_logp, _ = completion_logprobs(ref, *args, with_entropy=False)
             model.train()
             buf = MetricBuffer()
             old_logp = None

@@ -70,7 +70,7 @@ def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, p
             with torch.no_grad():  # measured apart from time/train_s, which is the SFT update alone
                 old_logp, entropy, *sampled_logp = completion_logprobs(model, *args, truncation=sampler_truncation(cfg))
                 with reference(model) as ref:
-                    ref_logp, _ = completion_logprobs(ref, *args)
+                    ref_logp, _ = completion_logprobs(ref, *args, with_entropy=False)
 
             # --- train: cross-entropy of the reference answers of the same prompts
             s.memory.reset()
@@ -79,7 +79,8 @@ def run(cfg: RunConfig, run_dir: Path, tracker: Tracker, device: torch.device, p
             model.train()
             buf = MetricBuffer()
             for _ in range(t.updates_per_batch):
-                logp, _ = completion_logprobs(model, *refs)  # the model itself (temperature 1) imitates the answers
+                # the model itself (temperature 1) imitates the answers
+                logp, _ = completion_logprobs(model, *refs, with_entropy=False)
                 loss_value = loss(logp, refs[3])
                 grad_norm = optimizer_step(s, loss_value, t.max_grad_norm)
                 buf.add({"loss": loss_value, "grad_norm": grad_norm})

@@ -136,9 +136,9 @@ def run_check(cfg: RunConfig, device: torch.device, workdir: Path, plant: str | 
         r = cfg.rollout
         truncation = (r.top_k, r.top_p) if r.top_k or r.top_p < 1 else None
         with torch.no_grad():
-            trainer_logp = completion_logprobs(model, *args, truncation=truncation)[-1 if truncation else 0]
+            trainer_logp = completion_logprobs(model, *args, truncation=truncation, with_entropy=False)[-1 if truncation else 0]
             with reference(model) as stale:
-                stale_logp = completion_logprobs(stale, *args, truncation=truncation)[-1 if truncation else 0]
+                stale_logp = completion_logprobs(stale, *args, truncation=truncation, with_entropy=False)[-1 if truncation else 0]
 
         def diff_from(logp):  # mean |Δ| per token; a token outside the trainer's nucleus is left out (-inf)
             return mismatch_metrics(logp, batch.sampler_logprobs, batch.completion_mask, 2.0)["mismatch/logprob_diff_mean"]

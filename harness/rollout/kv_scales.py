@@ -198,7 +198,8 @@ class KVScales:
         model, was_training = self.engine.model, self.engine.model.training
         model.eval()
         try:  # two rows at a time: [2, C, vocab] float32 logits
-            return torch.cat([completion_logprobs(model, p_ids[i:i + 2], p_mask[i:i + 2], c_ids[i:i + 2], c_mask[i:i + 2])
+            return torch.cat([completion_logprobs(model, p_ids[i:i + 2], p_mask[i:i + 2], c_ids[i:i + 2], c_mask[i:i + 2],
+                                                  with_entropy=False)
                               [0].float().cpu() for i in range(0, p_ids.shape[0], 2)])
         finally:
             model.train(was_training)
