@@ -77,19 +77,26 @@ def raw_side(spec: dict, device: torch.device) -> dict:
     # logprobs=0: the sampled token's log-prob, which the harness asks for too
     params = SamplingParams(max_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, top_p=1.0,
                             ignore_eos=True, logprobs=0)
-    seconds, tokens, used = [], [], []
+    seconds, tokens, used, cached = [], [], [], []
     for i in range(spec["warmup"] + spec["steps"]):
         if i == spec["warmup"]:
             reset_peak(device)
+        # a repeated batch would find its prompts' KV blocks cached by the call before (vLLM's prefix caching, on by
+        # default), as no RL step does: each draws new prompts and, in the harness, a new adapter. Within the call
+        # a group's copies still share their prompt's blocks, as the harness's do
+        llm.reset_prefix_cache()
         gvt._sync(device)
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, lora_request=request, use_tqdm=False)
         seconds.append(time.perf_counter() - t0)
         tokens.append(sum(len(o.outputs[0].token_ids) for o in outs))
+        cached.append(sum(o.num_cached_tokens or 0 for o in outs))  # prompt tokens served from cached KV blocks
         used.append(device_used(device))
     timed = slice(spec["warmup"], None)
-    steps = {"step_s": seconds[timed], "rollout_s": seconds[timed], "completion_tokens": tokens[timed]}
-    out = {"per_step": steps, "device_used_gib": max(used), "peak_alloc_gib": peak_alloc(device),
+    steps = {"step_s": seconds[timed], "rollout_s": seconds[timed], "completion_tokens": tokens[timed],
+             "cached_prompt_tokens": cached[timed]}
+    used = [u for u in used if u is not None]  # none on a CPU (tests/test_bench_vllm_limit.py runs it there)
+    out = {"per_step": steps, "device_used_gib": max(used, default=None), "peak_alloc_gib": peak_alloc(device),
            "step_s_median": median(steps["step_s"]), "rollout_s_median": median(steps["rollout_s"]),
            "completion_tokens_median": median(tokens[timed]),
            "rollout_tokens_per_s": median([t / s for t, s in zip(tokens[timed], seconds[timed])])}
@@ -97,4 +104,6 @@ def raw_side(spec: dict, device: torch.device) -> dict:
         llm.llm_engine.engine_core.shutdown()
     except Exception:  # noqa: BLE001  the process ends next anyway
         pass
-    return out | {"engine_start_s": start_s, "setup_s": start_s, "engine_args": args}
+    # rows without `prefix_cache` (to stop 46) timed each step after an identical call, on its cached prompt blocks
+    return out | {"engine_start_s": start_s, "setup_s": start_s, "engine_args": args,
+                  "prefix_cache": "reset before each step"}

@@ -137,8 +137,9 @@ def markdown(rows: list[dict]) -> str:
                      f"{_ratio(h, t)} | {_cell(hv, 'step_s_median')} | {_cell(tv, 'step_s_median')} | {_ratio(hv, tv)} | "
                      f"{_cell(he, 'step_s_median')} |")
     lines += ["", "Per side. Rollout tok/s: completion tokens / rollout s; vs limit: over the raw-vLLM variant named "
-              "(same policy form and CUDA-graph setting). MFU: train phase. Peak: torch max allocated / device used "
-              "(GiB). Start: setup s (engine start s).", "",
+              "(same policy form and CUDA-graph setting); (prompts cached): that limit timed each call after an identical "
+              "one, its prompts' KV blocks in vLLM's prefix cache, as no RL step has them (raw rows before stop 47). "
+              "MFU: train phase. Peak: torch max allocated / device used (GiB). Start: setup s (engine start s).", "",
               "| model | quant | new | side | step s | rollout s | sync s | train s | completion tok/step | rollout tok/s "
               "| vs limit | MFU | peak alloc | device used | start s |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -153,6 +154,8 @@ def markdown(rows: list[dict]) -> str:
                 continue
             limit = by.get(case + (LIMIT[side],)) if side in LIMIT else None
             vs = (f"{_ratio(r, limit, 'rollout_tokens_per_s')} of {LIMIT[side]}" if side in LIMIT else "(limit)")
+            if _ok(limit) and "prefix_cache" not in limit:  # scale_raw.raw_side: the limit's steps before stop 47
+                vs += " (prompts cached)"
             mfu = "–" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
             start = _f(r.get("setup_s"), 1) + (f" ({_f(r['engine_start_s'], 1)})" if r.get("engine_start_s") else "")
             lines.append(f"{head} {_f(r.get('step_s_median'))} | {_f(r.get('rollout_s_median'))} | "

@@ -142,7 +142,10 @@ def test_the_tables_pair_rows_of_one_machine_only():
     trl = case | {"side": "trl-vllm", "step_s_median": 10.0, "machine": "A"}
     text = scale_rows.markdown([harness, limit | {"machine": "B"}, trl])
     assert "| 9.00 | 10.00 | 0.90 |" in text and "n/a (other machines) of vllm-lora" in text
-    assert "1.09 of vllm-lora" in scale_rows.markdown([harness, limit | {"machine": "A"}, trl])
+    assert "1.09 of vllm-lora (prompts cached) |" in scale_rows.markdown([harness, limit | {"machine": "A"}, trl])
+    # a limit timed from an empty prefix cache each step (scale_raw, since stop 47) is the RL step's: no mark
+    fresh = limit | {"machine": "A", "prefix_cache": "reset before each step"}
+    assert "1.09 of vllm-lora |" in scale_rows.markdown([harness, fresh, trl])
 
 
 def test_a_pair_that_generated_from_different_prompts_says_so():
