@@ -294,6 +294,8 @@ def main() -> None:
                             print(f"deadline: {side} {model} {quant} {max_new} and later sides not started", flush=True)
                             return finish(outs, result)
                         need = expected_s(done.get(key(spec)), result["calls"], a.warmup, a.steps)
+                        if need is not None and a.profile_train:  # an allowance, not measured: the profiler's cost
+                            need = 1.5 * need + 30 * (a.warmup + a.steps)  # per op, and reading events back a step
                         if need is not None and need * 1.1 > left:  # it would be stopped: it and the later sides
                             # (its pair's other half among them) are left to the next call, as at the deadline
                             result["calls"][-1]["deferred"] = spec | {"expected_s": round(need), "left_s": round(left)}

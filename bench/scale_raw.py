@@ -84,7 +84,8 @@ def raw_side(spec: dict, device: torch.device) -> dict:
         # a repeated batch would find its prompts' KV blocks cached by the call before (vLLM's prefix caching, on by
         # default), as no RL step does: each draws new prompts and, in the harness, a new adapter. Within the call
         # a group's copies still share their prompt's blocks, as the harness's do
-        llm.reset_prefix_cache()
+        if not llm.reset_prefix_cache():  # vLLM refuses while requests run: none should be here
+            raise RuntimeError("vLLM did not reset its prefix cache before a timed generate")
         gvt._sync(device)
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, lora_request=request, use_tqdm=False)
@@ -104,6 +105,6 @@ def raw_side(spec: dict, device: torch.device) -> dict:
         llm.llm_engine.engine_core.shutdown()
     except Exception:  # noqa: BLE001  the process ends next anyway
         pass
-    # rows without `prefix_cache` (to stop 46) timed each step after an identical call, on its cached prompt blocks
+    # rows without `prefix_cache` (before stop 47) timed each step after an identical call, on its cached prompt blocks
     return out | {"engine_start_s": start_s, "setup_s": start_s, "engine_args": args,
                   "prefix_cache": "reset before each step"}

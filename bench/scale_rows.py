@@ -154,7 +154,7 @@ def markdown(rows: list[dict]) -> str:
                 continue
             limit = by.get(case + (LIMIT[side],)) if side in LIMIT else None
             vs = (f"{_ratio(r, limit, 'rollout_tokens_per_s')} of {LIMIT[side]}" if side in LIMIT else "(limit)")
-            if _ok(limit) and "prefix_cache" not in limit:  # scale_raw.raw_side: the limit's steps before stop 47
+            if _ok(limit) and "prefix_cache" not in limit and vs[0].isdigit():  # scale_raw: limits before stop 47
                 vs += " (prompts cached)"
             mfu = "–" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
             start = _f(r.get("setup_s"), 1) + (f" ({_f(r['engine_start_s'], 1)})" if r.get("engine_start_s") else "")

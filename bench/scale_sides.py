@@ -121,6 +121,8 @@ def run(spec: dict) -> dict:
         message = str(e) or f"at {'/'.join(Path(where.filename).parts[-3:])}:{where.lineno}: {where.line}"
         row |= {"status": "crashed", "error": f"{type(e).__name__}: {message}"[:600],
                 "traceback": "".join(trace.splitlines(keepends=True)[-12:])}
+        if getattr(e, "profiles", None):
+            row["profile"] = e.profiles
     return row
 
 
@@ -190,9 +192,14 @@ def harness_side(spec: dict, device: torch.device) -> dict:
                 grpo.run(cfg, Path(tmp), tracker, device, progress)
     except gvt._Done:
         pass
+    except Exception as e:
+        e.profiles = profiles  # run() keeps the finished steps' profiles in the crashed row
+        raise
     finally:
         for name, fn in originals.items():
             setattr(grpo, name, fn)
+        for prof in running:  # a train phase that raised: its profiler stops with it
+            prof.stop()
     timed = range(warmup + 1, total + 1)
     rows = [tracker.rows[s] for s in timed]
     n = spec["prompts"] * spec["group"]
