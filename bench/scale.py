@@ -48,7 +48,7 @@ The harness sides skip the step-0 held-out evaluation (no step's work); TRL eval
 
 `--profile-train` (harness sides only) runs each named side again under torch.profiler, from the end of each step's
 rollout to the end of its train phase, warm-up steps included: per step, the attention ops' host and device time,
-per input shape, with the first call of each op and shape in the process apart from the others
+per input shape, with the calls of an op and shape not seen in an earlier profiled step apart from the others
 (bench/scale_profile.py), and the costliest ops. The profiler slows every op, so such a run's row goes under
 scale.json's `profiles`, never into `rows` or the tables.
 
@@ -214,11 +214,10 @@ def main() -> None:
     p.add_argument("--estimate", type=float, metavar="GPU_GIB", help="run nothing: print each harness side's "
                    "memory-fit estimate of its train and rollout peaks (train_peak_gib_median, rollout_peak_gib_median) "
                    "on a GPU of this many GiB (an H200: 140.4), for the next call's sides, made before it")
-    p.add_argument("--profile-train", action="store_true", help="profile every step's train phase, "
-                   "warm-up's too (bench/scale_profile.py: attention ops' host and device time per shape, the "
-                   "costliest ops); harness sides "
-                   "only, always measured (no --skip-done), kept under scale.json's `profiles`, not as rows: the "
-                   "profiler slows the step")
+    p.add_argument("--profile-train", action="store_true", help="profile every step's train phase, the warm-up's "
+                   "too (bench/scale_profile.py: attention ops' host and device time per shape, the costliest ops); "
+                   "harness sides only, always measured (no --skip-done), kept under scale.json's `profiles`, not as "
+                   "rows: the profiler slows the step")
     p.add_argument("--work", default="/tmp/scale-work")
     p.add_argument("--out", default="reports/scale")
     p.add_argument("--copy-to", help="a second folder that gets scale.json and tables.md after every side: the GPU "

@@ -19,6 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from grpo_vs_trl import _sync  # noqa: E402
 
 from harness.common.system import device_name  # noqa: E402
 from harness.recipes.rl_math import completion_logprobs  # noqa: E402
@@ -43,13 +46,12 @@ def measure(n: int, c: int, v: int, repeat: int, device: torch.device) -> dict:
     model, times = _Logits(logits), {True: [], False: []}
     for _ in range(repeat):
         for with_entropy in (True, False):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            _sync(device)
             t0 = time.perf_counter()
             with torch.no_grad():
-                logp = completion_logprobs(model, ids, torch.ones_like(ids), tokens, torch.ones_like(tokens),
-                                           with_entropy=with_entropy)[0]
-            logp.sum().item()  # waits for the device
+                completion_logprobs(model, ids, torch.ones_like(ids), tokens, torch.ones_like(tokens),
+                                    with_entropy=with_entropy)
+            _sync(device)
             times[with_entropy].append(time.perf_counter() - t0)
     with_s, without_s = statistics.median(times[True]), statistics.median(times[False])
     return {"device": device_name(device), "threads": torch.get_num_threads(), "n": n, "c": c, "v": v,

@@ -43,7 +43,8 @@ def test_the_first_call_of_each_attention_op_and_shape_in_the_process_is_counted
 
 def test_one_attention_call_is_one_backend_event_on_every_backend():
     """Flash and efficient SDPA ops call a nested op (aten::_flash_attention_forward under
-    aten::_scaled_dot_product_flash_attention); cuDNN's and the CPU's do not. Only the outermost backend op counts."""
+    aten::_scaled_dot_product_flash_attention); cuDNN's and the CPU's do not. Only the outermost backend op counts.
+    The events are stand-ins: those backends run on GPUs only, so no profile made here has them."""
     from types import SimpleNamespace as Event
 
     dispatcher = Event(name=scale_profile.DISPATCHER, cpu_parent=None)
